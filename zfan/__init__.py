@@ -1,0 +1,47 @@
+"""zfan: brokerless fan-in / fan-out over ZeroMQ, with a SQLite ledger so nothing is lost."""
+
+from .config import ProducerSettings, SinkSettings, SubscriberSettings, Timing, WorkerSettings
+from .errors import (
+    AppError,
+    BindError,
+    Closed,
+    ConfigError,
+    DeliveryTimeout,
+    LedgerError,
+    ProtocolError,
+    SerializationError,
+    ZfanError,
+)
+from .nodes.producer import Producer
+from .nodes.sink import Sink
+from .nodes.status import query_status
+from .nodes.subscriber import Message, Subscriber
+from .nodes.worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # roles
+    "Producer",
+    "Sink",
+    "Worker",
+    "Subscriber",
+    "Message",
+    "query_status",
+    # settings
+    "SinkSettings",
+    "WorkerSettings",
+    "ProducerSettings",
+    "SubscriberSettings",
+    "Timing",
+    # errors
+    "ZfanError",
+    "ConfigError",
+    "BindError",
+    "LedgerError",
+    "AppError",
+    "ProtocolError",
+    "SerializationError",
+    "DeliveryTimeout",
+    "Closed",
+]

@@ -1,0 +1,151 @@
+"""Settings for every role, as keyword-only dataclasses.
+
+Nothing here reads the environment: the CLI does that, once, and passes values in.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+DEFAULT_INTAKE = "tcp://127.0.0.1:5557"
+DEFAULT_CONTROL = "tcp://127.0.0.1:5558"
+DEFAULT_RESULTS = "tcp://127.0.0.1:5559"
+
+_TCP = re.compile(r"^tcp://(?P<host>\*|\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(?P<port>\*|\d{1,5})$")
+_IPC = re.compile(r"^ipc://(?P<path>.+)$")
+
+
+def check_endpoint(endpoint: str, *, what: str = "endpoint") -> str:
+    """Return the endpoint if it is a tcp:// or ipc:// address zfan can use, else raise ConfigError."""
+    if not isinstance(endpoint, str):
+        raise ConfigError(f"{what} must be a string like tcp://127.0.0.1:5557, not {type(endpoint).__name__}")
+    m = _TCP.match(endpoint)
+    if m:
+        port = m.group("port")
+        if port != "*" and not 0 < int(port) < 65536:
+            raise ConfigError(f"{what} {endpoint!r}: port must be between 1 and 65535")
+        return endpoint
+    m = _IPC.match(endpoint)
+    if m and m.group("path").strip():
+        return endpoint
+    raise ConfigError(
+        f"{what} {endpoint!r} is not a valid endpoint: use tcp://HOST:PORT or ipc:///path/to/socket"
+    )
+
+
+def connect_address(bound: str) -> str:
+    """The address a local client uses to reach an endpoint bound on a wildcard host."""
+    m = _TCP.match(bound)
+    if m and m.group("host") in ("*", "0.0.0.0"):
+        return f"tcp://127.0.0.1:{m.group('port')}"
+    if m and m.group("host") in ("[::]",):
+        return f"tcp://[::1]:{m.group('port')}"
+    return bound
+
+
+def _positive(name: str, value: float, *, integer: bool = False) -> None:
+    if integer and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{name} must be a whole number, not {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be greater than 0, not {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Timing:
+    """Application heartbeats: a peer silent for heartbeat x liveness seconds is dead."""
+
+    heartbeat: float = 0.25
+    liveness: int = 3
+
+    def __post_init__(self) -> None:
+        _positive("heartbeat", self.heartbeat)
+        _positive("liveness", self.liveness, integer=True)
+
+    @property
+    def expiry(self) -> float:
+        return self.heartbeat * self.liveness
+
+
+@dataclass(frozen=True, kw_only=True)
+class SinkSettings:
+    intake: str = DEFAULT_INTAKE
+    control: str = DEFAULT_CONTROL
+    results: str = DEFAULT_RESULTS
+    ledger: str = "zfan.db"
+    fsync: str = "normal"
+    timing: Timing = field(default_factory=Timing)
+    max_attempts: int = 3
+    batch_timeout: float = 300.0
+    # Payloads of batches not yet leased are kept in memory up to this many bytes;
+    # beyond it they are read back from the ledger when leased.
+    cache_bytes: int = 256 * 1024 * 1024
+    # Results queued for subscribers before PUB drops (ZeroMQ's SNDHWM, in messages).
+    publish_hwm: int = 100_000
+
+    def __post_init__(self) -> None:
+        for name in ("intake", "control", "results"):
+            check_endpoint(getattr(self, name), what=f"{name} endpoint")
+        if self.fsync not in ("normal", "full"):
+            raise ConfigError(f"fsync must be 'normal' or 'full', not {self.fsync!r}")
+        _positive("max_attempts", self.max_attempts, integer=True)
+        _positive("batch_timeout", self.batch_timeout)
+        if not isinstance(self.ledger, str) or not self.ledger:
+            raise ConfigError("ledger must be a file path or ':memory:'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings:
+    control: str = DEFAULT_CONTROL
+    credit: int = 4
+    name: str = field(default_factory=lambda: f"worker-{uuid.uuid4().hex[:8]}")
+    timing: Timing = field(default_factory=Timing)
+
+    def __post_init__(self) -> None:
+        check_endpoint(self.control, what="control endpoint")
+        _positive("credit", self.credit, integer=True)
+        if self.credit > 1000:
+            raise ConfigError(f"credit must be at most 1000, not {self.credit}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProducerSettings:
+    intake: str = DEFAULT_INTAKE
+    control: str = DEFAULT_CONTROL
+    producer_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    topic: str = "default"
+    batch_size: int = 1000
+    linger_ms: float = 5.0
+    # Batches sent but not yet acknowledged; send() blocks when this many are out.
+    window: int = 64
+    # An unacknowledged batch is sent again after this many seconds.
+    resend_after: float = 2.0
+    timing: Timing = field(default_factory=Timing)
+
+    def __post_init__(self) -> None:
+        check_endpoint(self.intake, what="intake endpoint")
+        check_endpoint(self.control, what="control endpoint")
+        _positive("batch_size", self.batch_size, integer=True)
+        if not isinstance(self.linger_ms, (int, float)) or self.linger_ms < 0:
+            raise ConfigError(f"linger_ms must be 0 or more, not {self.linger_ms!r}")
+        _positive("window", self.window, integer=True)
+        _positive("resend_after", self.resend_after)
+        if not self.producer_id or len(self.producer_id) > 128:
+            raise ConfigError("producer_id must be 1 to 128 characters")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubscriberSettings:
+    results: str = DEFAULT_RESULTS
+    topics: tuple[str, ...] = ("",)
+    # Results queued on the subscriber's side before ZeroMQ drops (RCVHWM, in messages).
+    hwm: int = 100_000
+
+    def __post_init__(self) -> None:
+        check_endpoint(self.results, what="results endpoint")
+        if isinstance(self.topics, str):
+            raise ConfigError("topics must be a list of prefixes, not a single string")
+        _positive("hwm", self.hwm, integer=True)

@@ -1,0 +1,340 @@
+"""The sink's decisions, with no sockets: a state machine fed messages and a clock.
+
+It takes what the sink's sockets received (``intake()``, ``control()``), the passing of time
+(``tick()``) and failed sends (``unreachable()``), and at the end of each turn of the sink's
+loop (``end_turn()``) leases pending batches to workers with free credit, commits the ledger
+once, and returns what to send: acks, leases, heartbeats, replies, and results to publish.
+Nothing leaves before the commit that makes it true.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import protocol as p
+from .config import Timing
+from .errors import ProtocolError
+from .ledger import Ledger, Pending, Stored
+from .liveness import Beat, Tracker
+
+log = logging.getLogger(__name__)
+
+INTAKE_TYPES = frozenset({p.BATCH})
+CONTROL_TYPES = frozenset({p.HELLO, p.HEARTBEAT, p.RESULT, p.FAILED, p.STATUS, p.BYE})
+
+
+@dataclass
+class WorkerState:
+    rid: bytes
+    name: str
+    credit: int
+    # batch_id -> attempt for every batch this worker holds, including leases the sink has
+    # since revoked (timed out): the worker's credit returns only when it answers for them.
+    held: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def free(self) -> int:
+        return self.credit - len(self.held)
+
+
+@dataclass
+class Lease:
+    rid: bytes
+    attempt: int
+    deadline: float
+
+
+@dataclass
+class Outbox:
+    """What one turn decided to send, in order: peers first, then the results to publish."""
+
+    to_peers: list[tuple[bytes, list[bytes]]] = field(default_factory=list)
+    publish: list[list[bytes]] = field(default_factory=list)
+
+
+class SinkCore:
+    def __init__(self, ledger: Ledger, *, timing: Timing | None = None, max_attempts: int = 3,
+                 batch_timeout: float = 300.0, cache_bytes: int = 256 << 20,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ledger = ledger
+        self.timing = timing = timing or Timing()
+        self.max_attempts = max_attempts
+        self.batch_timeout = batch_timeout
+        self.clock = clock
+        self.epoch = ledger.next_epoch()
+        self.recovered = ledger.recover()
+        self.pending: deque[Pending] = deque(ledger.pending())
+        self.leases: dict[int, Lease] = {}
+        self.workers: dict[bytes, WorkerState] = {}
+        self.producers: dict[str, bytes] = {}
+        self.roles: dict[bytes, str] = {}
+        self.peers = Tracker(timing.expiry)
+        self.beat = Beat(timing.heartbeat, clock())
+        self.topic_seq: dict[str, int] = ledger.topic_seqs()
+        self.counts = ledger.counts()
+        self.stats: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.cache_bytes = cache_bytes
+        self._cache: dict[int, bytes] = {}
+        self._cached = 0
+        self._acks: dict[str, list[int]] = {}
+        self._out = Outbox()
+        # Results stored but not yet known to be published: an earlier sink's leftovers first.
+        self._to_publish: list[Stored] = list(ledger.results_after(ledger.published_upto()))
+        self._handlers: dict[str, Callable[[bytes, list[Any], list[bytes]], None]] = {
+            p.HELLO: self._hello, p.HEARTBEAT: self._heartbeat, p.RESULT: self._result,
+            p.FAILED: self._failed, p.STATUS: self._status, p.BYE: self._bye,
+        }
+
+    # --- events ----------------------------------------------------------------------------
+    def intake(self, frames: list[bytes]) -> None:
+        """A message from a producer's PUSH: a batch to store, dedup and acknowledge."""
+        try:
+            if len(frames) != 2:
+                raise ProtocolError("bad frame count", f"batch has {len(frames)} frames, expected 2")
+            _, (producer_id, seq, topic, count) = p.decode(frames[0], allowed=INTAKE_TYPES)
+            if topic.startswith("zfan."):
+                raise ProtocolError("reserved topic", topic)
+        except ProtocolError as exc:
+            self._reject(exc)
+            return
+        payload = frames[1]
+        batch_id = self.ledger.insert_batch(producer_id, seq, topic, count, payload)
+        if batch_id is None:
+            self.stats["duplicate batches"] += 1
+        else:
+            self.pending.append(Pending(batch_id, topic, count, 0))
+            self.counts["pending"] += 1
+            self.stats["batches in"] += 1
+            self.stats["records in"] += count
+            if self._cached + len(payload) <= self.cache_bytes:
+                self._cache[batch_id] = payload
+                self._cached += len(payload)
+        self._acks.setdefault(producer_id, []).append(seq)
+
+    def control(self, rid: bytes, frames: list[bytes]) -> None:
+        """A message from a DEALER on the control socket."""
+        try:
+            if not frames:
+                raise ProtocolError("bad frame count", "empty message")
+            mtype, fields = p.decode(frames[0], allowed=CONTROL_TYPES)
+        except ProtocolError as exc:
+            self._reject(exc)
+            return
+        if rid in self.roles:
+            self.peers.seen(rid, self.clock())
+        elif mtype not in (p.HELLO, p.STATUS):
+            # A peer this sink does not know (it was declared dead, or the sink restarted).
+            self._send(rid, p.encode(p.RESET, "unknown peer: send hello"))
+            self.stats["resets"] += 1
+            return
+        try:
+            self._handlers[mtype](rid, fields, frames[1:])
+        except ProtocolError as exc:
+            self._reject(exc)
+
+    def unreachable(self, rid: bytes) -> None:
+        """A send to this peer failed (ROUTER_MANDATORY): treat it as gone now."""
+        self.peers.forget(rid)
+        self._drop_peer(rid, "unreachable")
+
+    def tick(self) -> None:
+        now = self.clock()
+        for rid in self.peers.expired(now):
+            self._drop_peer(rid, "silent")  # type: ignore[arg-type]
+        for batch_id in [b for b, lease in self.leases.items() if lease.deadline <= now]:
+            lease = self.leases.pop(batch_id)
+            # The worker keeps the batch in `held` (its credit stays used) until it answers.
+            self.counts["leased"] -= 1
+            self._lease_ended(batch_id, lease.attempt,
+                              f"batch timeout: no result after {self.batch_timeout:g} s")
+            self.stats["batch timeouts"] += 1
+        if self.beat.due(now):
+            header = p.encode(p.HEARTBEAT, self.epoch)
+            for rid in self.peers.peers():
+                self._send(rid, header)  # type: ignore[arg-type]
+
+    def end_turn(self) -> Outbox:
+        """Lease what can be leased, commit, and hand back everything the commit made true."""
+        self._dispatch()
+        self.ledger.commit()
+        out, self._out = self._out, Outbox()
+        for producer_id, seqs in self._acks.items():
+            rid = self.producers.get(producer_id)
+            if rid is not None:
+                out.to_peers.append((rid, [p.encode(p.ACK, seqs)]))
+        self._acks.clear()
+        if self._to_publish:
+            out.publish.extend(self._publish_frames(s) for s in self._to_publish)
+            self.stats["published"] += len(self._to_publish)
+            # Committed with the next turn: a crash before then publishes these again with the
+            # same per-topic seq, and subscribers discard what they have seen.
+            self.ledger.mark_published(self._to_publish[-1].id)
+            self._to_publish = []
+        return out
+
+    def next_deadline(self) -> float:
+        """Seconds until tick() has something to do."""
+        now = self.clock()
+        return max(0.0, min(self.beat.next - now, self.timing.heartbeat))
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "epoch": self.epoch,
+            "workers": [
+                {"name": w.name, "credit": w.credit, "in_flight": len(w.held),
+                 "idle_ms": round(self.peers.idle(w.rid, now) * 1000) if w.rid in self.peers else None}
+                for w in self.workers.values()
+            ],
+            "producers": len(self.producers),
+            **self.counts,
+            "rejected": dict(self.rejected),
+            **{k.replace(" ", "_"): v for k, v in self.stats.items()},
+        }
+
+    # --- control handlers ------------------------------------------------------------------
+    def _hello(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
+        role, name, credit = fields
+        if role not in p.ROLES:
+            raise ProtocolError("bad role", role)
+        if role == "worker" and not 0 < credit <= p.MAX_CREDIT:
+            raise ProtocolError("bad credit", str(credit))
+        if rid in self.roles:
+            self._drop_peer(rid, "said hello again")
+        self.roles[rid] = role
+        self.peers.seen(rid, self.clock())
+        if role == "worker":
+            self.workers[rid] = WorkerState(rid, name, credit)
+            log.info("worker %s joined with credit %d", name, credit)
+        elif role == "producer":
+            self.producers[name] = rid
+        t = self.timing
+        self._send(rid, p.encode(p.WELCOME, self.epoch, round(t.heartbeat * 1000), t.liveness))
+
+    def _heartbeat(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
+        pass  # being heard from is all a heartbeat says
+
+    def _bye(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
+        self.peers.forget(rid)
+        self._drop_peer(rid, "said bye")
+
+    def _status(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
+        self._send(rid, p.encode(p.STATUS, self.status()))
+
+    def _result(self, rid: bytes, fields: list[Any], payloads: list[bytes]) -> None:
+        epoch, batch_id, attempt, topics, counts = fields
+        if len(topics) != len(counts) or len(payloads) != len(topics):
+            raise ProtocolError("bad frame count", "result needs one count and one payload per topic")
+        for topic in topics:
+            if topic.startswith("zfan."):
+                raise ProtocolError("reserved topic", topic)
+        if not self._settle(rid, epoch, batch_id, attempt):
+            return
+        rows = []
+        for topic, count, payload in zip(topics, counts, payloads, strict=True):
+            seq = self.topic_seq.get(topic, 0) + 1
+            self.topic_seq[topic] = seq
+            rows.append((topic, seq, count, payload))
+        self._to_publish.extend(self.ledger.store_results(batch_id, rows))
+        self.counts["done"] += 1
+        self.stats["batches done"] += 1
+
+    def _failed(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
+        epoch, batch_id, attempt, error = fields
+        if self._settle(rid, epoch, batch_id, attempt):
+            self.stats["batches failed"] += 1
+            self._lease_ended(batch_id, attempt, error)
+
+    def _settle(self, rid: bytes, epoch: int, batch_id: int, attempt: int) -> bool:
+        """Close the lease a worker answered for; False (and counted) if the answer is fenced."""
+        worker = self.workers.get(rid)
+        if worker is None:
+            raise ProtocolError("not a worker", "results come only from workers")
+        worker.held.pop(batch_id, None)  # its credit is back, whatever the verdict
+        lease = self.leases.get(batch_id)
+        if epoch != self.epoch or lease is None or lease.rid != rid or lease.attempt != attempt:
+            self.stats["fenced results"] += 1
+            return False
+        del self.leases[batch_id]
+        self.counts["leased"] -= 1
+        return True
+
+    # --- leases ----------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        if not self.pending or not self.workers:
+            return
+        now = self.clock()
+        workers = list(self.workers.values())
+        while self.pending:
+            worker = max(workers, key=lambda w: w.free)
+            if worker.free <= 0:
+                break
+            batch = self.pending.popleft()
+            attempt = batch.attempts + 1
+            payload = self._cache.pop(batch.batch_id, None)
+            if payload is None:
+                payload = self.ledger.payload(batch.batch_id)
+            else:
+                self._cached -= len(payload)
+            self.ledger.lease(batch.batch_id, worker.name, attempt)
+            worker.held[batch.batch_id] = attempt
+            self.leases[batch.batch_id] = Lease(worker.rid, attempt, now + self.batch_timeout)
+            self.counts["pending"] -= 1
+            self.counts["leased"] += 1
+            self._out.to_peers.append((worker.rid, [
+                p.encode(p.LEASE, self.epoch, batch.batch_id, attempt, batch.topic, batch.count), payload]))
+
+    def _lease_ended(self, batch_id: int, attempt: int, error: str) -> None:
+        """A lease ended without a result: replay the batch, or dead-letter it at max attempts."""
+        topic, count, _, _ = self.ledger.batch_info(batch_id)
+        if attempt >= self.max_attempts:
+            seq = self.topic_seq.get(p.DEAD_TOPIC, 0) + 1
+            self.topic_seq[p.DEAD_TOPIC] = seq
+            self._to_publish.append(self.ledger.dead_letter(batch_id, p.DEAD_TOPIC, seq, error))
+            self.counts["dead"] += 1
+            log.warning("batch %d dead-lettered after %d attempts: %s", batch_id, attempt,
+                        error.strip().splitlines()[-1] if error.strip() else "")
+        else:
+            self.ledger.release(batch_id, error)
+            # To the front: a replayed batch is the oldest work there is.
+            self.pending.appendleft(Pending(batch_id, topic, count, attempt))
+            self.counts["pending"] += 1
+            self.stats["replays"] += 1
+
+    def _drop_peer(self, rid: bytes, why: str) -> None:
+        role = self.roles.pop(rid, None)
+        worker = self.workers.pop(rid, None)
+        if role == "producer":
+            self.producers = {k: v for k, v in self.producers.items() if v != rid}
+        if worker is None:
+            return
+        (log.warning if worker.held else log.info)(
+            "worker %s gone (%s); replaying %d batch(es)", worker.name, why, len(worker.held))
+        for batch_id, attempt in worker.held.items():
+            lease = self.leases.get(batch_id)
+            if lease is not None and lease.rid == rid and lease.attempt == attempt:
+                del self.leases[batch_id]
+                self.counts["leased"] -= 1
+                self._lease_ended(batch_id, attempt, f"worker {worker.name} {why} (attempt {attempt})")
+
+    # --- helpers ---------------------------------------------------------------------------
+    def _send(self, rid: bytes, *frames: bytes) -> None:
+        self._out.to_peers.append((rid, list(frames)))
+
+    def _reject(self, exc: ProtocolError) -> None:
+        self.rejected[exc.reason] += 1
+        log.debug("rejected: %s", exc)
+
+    def _publish_frames(self, s: Stored) -> list[bytes]:
+        if s.kind == 0:
+            header = p.encode(p.PUBLISH, s.topic, s.seq, s.batch_id, s.count)
+        else:
+            source, _, attempts, error = self.ledger.batch_info(s.batch_id)
+            header = p.encode(p.DEAD, s.topic, s.seq, s.batch_id, attempts, error or "", source)
+        return [s.topic.encode(), header, s.payload]

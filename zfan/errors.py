@@ -1,0 +1,53 @@
+"""One error root for everything zfan raises on purpose.
+
+Each message is written for a person: one line saying what went wrong and what to do.
+"""
+
+from __future__ import annotations
+
+
+class ZfanError(Exception):
+    """Root of every error zfan raises on purpose."""
+
+
+class ConfigError(ZfanError):
+    """A setting is malformed: an endpoint, a number out of range, a bad combination."""
+
+
+class BindError(ZfanError):
+    """A socket could not bind: port in use, address not available, ipc path not writable."""
+
+
+class LedgerError(ZfanError):
+    """The ledger file cannot be opened, written or trusted."""
+
+
+class AppError(ZfanError):
+    """The user's processing function cannot be imported or called."""
+
+
+class ProtocolError(ZfanError):
+    """An inbound message does not follow docs/PROTOCOL.md. Carries a short reason."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class SerializationError(ZfanError):
+    """A record msgpack cannot encode."""
+
+
+class DeliveryTimeout(ZfanError):
+    """flush() or close() gave up with batches still unacknowledged by the sink."""
+
+    def __init__(self, unacked: int, timeout: float) -> None:
+        super().__init__(
+            f"{unacked} batch(es) not acknowledged by the sink after {timeout:g} s; "
+            "they are kept and will be resent if the producer stays open"
+        )
+        self.unacked = unacked
+
+
+class Closed(ZfanError):
+    """The object was used after close()."""

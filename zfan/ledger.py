@@ -1,0 +1,217 @@
+"""The sink's ledger: every batch, its lease, its result, in one SQLite file (WAL mode).
+
+Writes go into one open transaction that the sink commits once per turn of its loop (group
+commit); nothing is acknowledged or published before that commit.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from .errors import LedgerError
+
+PENDING, LEASED, DONE, DEAD = 0, 1, 2, 3
+STATE_NAMES = {PENDING: "pending", LEASED: "leased", DONE: "done", DEAD: "dead"}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY,
+    producer TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    payload BLOB,             -- dropped once the batch is done
+    state INTEGER NOT NULL,
+    worker TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    UNIQUE (producer, seq)
+);
+CREATE INDEX IF NOT EXISTS batches_open ON batches (state) WHERE state < 2;
+CREATE TABLE IF NOT EXISTS results (
+    id INTEGER PRIMARY KEY,   -- publish order
+    batch_id INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    seq INTEGER NOT NULL,     -- per-topic sequence, 1, 2, 3 ...
+    count INTEGER NOT NULL,
+    kind INTEGER NOT NULL,    -- 0 result, 1 dead letter
+    payload BLOB NOT NULL,
+    UNIQUE (topic, seq)
+);
+"""
+
+
+class Pending(NamedTuple):
+    batch_id: int
+    topic: str
+    count: int
+    attempts: int
+
+
+class Stored(NamedTuple):
+    """A result row as the sink publishes it."""
+
+    id: int
+    batch_id: int
+    topic: str
+    seq: int
+    count: int
+    kind: int
+    payload: bytes
+
+
+class Ledger:
+    def __init__(self, path: str = "zfan.db", *, fsync: str = "normal") -> None:
+        self.path = path
+        self._db = _open(path)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if fsync == 'full' else 'NORMAL'}")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise LedgerError(f"ledger {path} is not a zfan ledger or is corrupt ({exc}); "
+                              "it was left untouched: move it away or point --ledger elsewhere") from None
+        self._in_txn = False
+
+    # --- transaction -----------------------------------------------------------------------
+    def _write(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        if not self._in_txn:
+            self._db.execute("BEGIN")
+            self._in_txn = True
+        try:
+            return self._db.execute(sql, args)
+        except sqlite3.OperationalError as exc:
+            raise LedgerError(f"ledger {self.path}: write failed ({exc})") from None
+
+    def commit(self) -> None:
+        if self._in_txn:
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                raise LedgerError(f"ledger {self.path}: commit failed ({exc})") from None
+            self._in_txn = False
+
+    def close(self) -> None:
+        if self._in_txn:
+            self._db.execute("ROLLBACK")
+            self._in_txn = False
+        self._db.close()
+
+    # --- startup ---------------------------------------------------------------------------
+    def next_epoch(self) -> int:
+        """A number larger than any earlier start of a sink on this ledger."""
+        row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+        epoch = (row[0] if row else 0) + 1
+        self._write("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (epoch,))
+        self.commit()
+        return epoch
+
+    def recover(self) -> int:
+        """Put batches leased by an earlier sink back to pending; return how many."""
+        n = self._write("UPDATE batches SET state=?, worker=NULL WHERE state=?", (PENDING, LEASED)).rowcount
+        self.commit()
+        return n
+
+    def pending(self) -> list[Pending]:
+        rows = self._db.execute(
+            "SELECT id, topic, count, attempts FROM batches WHERE state=? ORDER BY id", (PENDING,))
+        return [Pending(*r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATE_NAMES.values(), 0)
+        for state, n in self._db.execute("SELECT state, count(*) FROM batches GROUP BY state"):
+            counts[STATE_NAMES[state]] = n
+        return counts
+
+    def topic_seqs(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT topic, max(seq) FROM results GROUP BY topic"))
+
+    def published_upto(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key='published'").fetchone()
+        return row[0] if row else 0
+
+    def results_after(self, result_id: int) -> Iterator[Stored]:
+        rows = self._db.execute(
+            "SELECT id, batch_id, topic, seq, count, kind, payload FROM results WHERE id > ? ORDER BY id",
+            (result_id,))
+        return (Stored(*r) for r in rows)
+
+    # --- the life of a batch ---------------------------------------------------------------
+    def insert_batch(self, producer: str, seq: int, topic: str, count: int, payload: bytes) -> int | None:
+        """Store a new batch as pending and return its id; None if (producer, seq) is stored already."""
+        cur = self._write(
+            "INSERT OR IGNORE INTO batches (producer, seq, topic, count, payload, state) VALUES (?,?,?,?,?,?)",
+            (producer, seq, topic, count, payload, PENDING))
+        return cur.lastrowid if cur.rowcount else None
+
+    def payload(self, batch_id: int) -> bytes:
+        row = self._db.execute("SELECT payload FROM batches WHERE id=?", (batch_id,)).fetchone()
+        if row is None or row[0] is None:
+            raise LedgerError(f"ledger {self.path}: batch {batch_id} has no payload")
+        return bytes(row[0])
+
+    def lease(self, batch_id: int, worker: str, attempt: int) -> None:
+        self._write("UPDATE batches SET state=?, worker=?, attempts=? WHERE id=?",
+                    (LEASED, worker, attempt, batch_id))
+
+    def release(self, batch_id: int, error: str | None = None) -> None:
+        """Back to pending, keeping the attempt count (and the last error, if any)."""
+        self._write("UPDATE batches SET state=?, worker=NULL, error=coalesce(?, error) WHERE id=?",
+                    (PENDING, error, batch_id))
+
+    def store_results(self, batch_id: int, rows: list[tuple[str, int, int, bytes]]) -> list[Stored]:
+        """Store a batch's results (topic, seq, count, payload) and mark the batch done."""
+        stored = []
+        for topic, seq, count, payload in rows:
+            rid = self._write(
+                "INSERT INTO results (batch_id, topic, seq, count, kind, payload) VALUES (?,?,?,?,0,?)",
+                (batch_id, topic, seq, count, payload)).lastrowid
+            assert rid is not None
+            stored.append(Stored(rid, batch_id, topic, seq, count, 0, payload))
+        self._write("UPDATE batches SET state=?, payload=NULL, error=NULL WHERE id=?", (DONE, batch_id))
+        return stored
+
+    def dead_letter(self, batch_id: int, topic: str, seq: int, error: str) -> Stored:
+        """Move a batch to the dead-letter state and store the message that announces it."""
+        producer_topic, count, payload = self._db.execute(
+            "SELECT topic, count, payload FROM batches WHERE id=?", (batch_id,)).fetchone()
+        self._write("UPDATE batches SET state=?, worker=NULL, error=? WHERE id=?", (DEAD, error, batch_id))
+        rid = self._write(
+            "INSERT INTO results (batch_id, topic, seq, count, kind, payload) VALUES (?,?,?,?,1,?)",
+            (batch_id, topic, seq, count, payload)).lastrowid
+        assert rid is not None
+        return Stored(rid, batch_id, topic, seq, count, 1, bytes(payload))
+
+    def batch_info(self, batch_id: int) -> tuple[str, int, int, str | None]:
+        """(topic, record count, attempts, last error) of a batch."""
+        row = self._db.execute(
+            "SELECT topic, count, attempts, error FROM batches WHERE id=?", (batch_id,)).fetchone()
+        if row is None:
+            raise LedgerError(f"ledger {self.path}: no batch {batch_id}")
+        return row
+
+    def mark_published(self, result_id: int) -> None:
+        self._write("INSERT OR REPLACE INTO meta (key, value) VALUES ('published', ?)", (result_id,))
+
+    def integrity_check(self) -> str:
+        return self._db.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def _open(path: str) -> sqlite3.Connection:
+    if path != ":memory:":
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise LedgerError(f"ledger {path}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            raise LedgerError(f"ledger {path} is not writable: choose a path you can write with --ledger")
+    try:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA user_version").fetchone()  # touches the file: fails here if not a database
+    except sqlite3.DatabaseError as exc:
+        raise LedgerError(f"ledger {path} cannot be opened ({exc}); it was left untouched") from None
+    return db

@@ -1,0 +1,55 @@
+"""Who is alive: the last time each peer was heard from, against a clock.
+
+Any message from a peer counts as a heartbeat (as in the zguide's Paranoid Pirate); a peer
+silent for longer than ``expiry`` seconds is dead. The clock is passed in, so tests drive it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+
+class Tracker:
+    def __init__(self, expiry: float) -> None:
+        self.expiry = expiry
+        self._last: dict[Hashable, float] = {}
+
+    def seen(self, peer: Hashable, now: float) -> None:
+        self._last[peer] = now
+
+    def forget(self, peer: Hashable) -> None:
+        self._last.pop(peer, None)
+
+    def __contains__(self, peer: Hashable) -> bool:
+        return peer in self._last
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def peers(self) -> list[Hashable]:
+        return list(self._last)
+
+    def idle(self, peer: Hashable, now: float) -> float:
+        return now - self._last[peer]
+
+    def expired(self, now: float) -> list[Hashable]:
+        """Peers silent past the expiry, forgotten as they are returned."""
+        dead = [p for p, t in self._last.items() if now - t > self.expiry]
+        for p in dead:
+            del self._last[p]
+        return dead
+
+
+class Beat:
+    """When to send the next heartbeat: every ``interval`` seconds."""
+
+    def __init__(self, interval: float, now: float) -> None:
+        self.interval = interval
+        self.next = now + interval
+
+    def due(self, now: float) -> bool:
+        if now < self.next:
+            return False
+        # Skip beats missed during a long stall instead of sending a burst.
+        self.next = max(self.next + self.interval, now + self.interval / 2)
+        return True

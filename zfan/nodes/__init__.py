@@ -1,0 +1,1 @@
+"""The roles: each module owns its sockets and drives the socket-free core."""

@@ -1,0 +1,215 @@
+"""`zfan up`: a whole local pipeline in one command, counted end to end.
+
+A sink (its ledger in a temporary folder) with local workers runs as a child process;
+producers stream synthetic sensor readings from threads of this process; a subscriber takes
+every roll-up. At the end the records each sensor sent are compared with the counts the
+roll-ups report for it: records lost and duplicated are counted, not assumed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import zmq
+
+from ..apps import readings
+from ..errors import ZfanError
+from .local import stop_processes
+from .producer import Producer
+from .status import query_status
+from .subscriber import Subscriber
+
+
+@dataclass
+class Progress:
+    elapsed: float
+    sent: int  # records handed to producers
+    acked: int  # records the sink has committed
+    delivered: int  # records accounted for by roll-ups received
+
+
+@dataclass
+class Report:
+    producers: int
+    workers: int
+    sent: int
+    acked: int
+    delivered: int
+    results: int  # published roll-ups received
+    topics: int
+    lost: int
+    duplicated: int
+    elapsed: float
+    ledger_stats: dict = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.delivered / self.elapsed if self.elapsed else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.duplicated == 0 and self.delivered == self.sent
+
+
+class _Tally:
+    """What the subscriber saw, per sensor, with repeats of a (batch, topic) counted apart."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Condition()  # notified at every result
+        self.per_sensor: Counter[str] = Counter()
+        self.seen: set[tuple[int, str]] = set()
+        self.results = 0
+        self.duplicated = 0
+        self.last = 0.0
+
+    @property
+    def delivered(self) -> int:
+        return sum(self.per_sensor.values())
+
+
+def run(*, seconds: float | None = 5.0, records: int | None = None, producers: int = 4, workers: int = 2,
+        sensors: int = 8, batch_size: int = 1000, settle: float = 30.0,
+        progress: Callable[[Progress], None] | None = None) -> Report:
+    if seconds is None and records is None:
+        raise ZfanError("zfan up needs --seconds or --records to know when to stop")
+    tmp = tempfile.mkdtemp(prefix="zfan-up-")
+    ends = {name: f"ipc://{tmp}/{name}" for name in ("intake", "control", "results")}
+    log_path = os.path.join(tmp, "sink.log")
+    ctx = zmq.Context()
+    sink = None
+    try:
+        with open(log_path, "w") as log_file:
+            sink = subprocess.Popen(
+                [sys.executable, "-m", "zfan", "sink", "--log-level", "warning", "--workers", str(workers),
+                 "--app", "zfan.apps:rollup", "--ledger", os.path.join(tmp, "zfan.db"),
+                 *(f"--{k}={v}" for k, v in ends.items())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file)
+        _wait_for_workers(sink, ends["control"], workers, log_path, ctx)
+        return _stream(ends, ctx, seconds=seconds, records=records, producers=producers, sensors=sensors,
+                       batch_size=batch_size, workers=workers, settle=settle, progress=progress)
+    finally:
+        if sink is not None:
+            stop_processes([sink], timeout=10)
+        ctx.term()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_for_workers(sink: subprocess.Popen, control: str, workers: int, log_path: str,
+                      ctx: zmq.Context, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sink.poll() is not None:
+            with open(log_path) as f:
+                raise ZfanError(f"the sink exited early: {f.read().strip()}")
+        try:
+            if len(query_status(control, timeout=0.5, context=ctx)["workers"]) >= workers:
+                return
+        except ZfanError:
+            pass
+    raise ZfanError(f"the sink and its {workers} workers did not come up within {timeout:g} s")
+
+
+def _stream(ends: dict[str, str], ctx: zmq.Context, *, seconds: float | None, records: int | None,
+            producers: int, sensors: int, batch_size: int, workers: int, settle: float,
+            progress: Callable[[Progress], None] | None) -> Report:
+    tally = _Tally()
+    stop_sub = threading.Event()
+    sub = Subscriber(results=ends["results"], topics=("sensor.",), context=ctx)
+    if not sub.wait_ready(10):
+        sub.close()
+        raise ZfanError("the subscriber could not reach the sink's results")
+    sub_thread = threading.Thread(target=_subscribe, args=(sub, tally, stop_sub), daemon=True)
+    sub_thread.start()
+
+    stop_producing = threading.Event()
+    prods = [Producer(intake=ends["intake"], control=ends["control"], producer_id=f"node{i}",
+                      topic="readings", batch_size=batch_size, context=ctx).start() for i in range(producers)]
+    sent: list[Counter[str]] = [Counter() for _ in prods]
+    errors: list[BaseException] = []
+    quota = None if records is None else [records // producers + (i < records % producers) for i in range(producers)]
+
+    def produce(i: int) -> None:
+        try:
+            for r in readings(None if quota is None else quota[i], sensors=sensors, source=f"node{i}", seed=i):
+                if stop_producing.is_set():
+                    break
+                prods[i].send(r)
+                sent[i][r["sensor"]] += 1
+            prods[i].flush(timeout=settle)
+        except BaseException as exc:
+            errors.append(exc)
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=produce, args=(i,), daemon=True) for i in range(producers)]
+    for t in threads:
+        t.start()
+
+    def report_progress() -> None:
+        if progress is not None:
+            progress(Progress(time.monotonic() - start, sum(p.sent_records for p in prods),
+                              sum(p.acked_records for p in prods), tally.delivered))
+
+    while any(t.is_alive() for t in threads):
+        if seconds is not None and time.monotonic() - start >= seconds:
+            stop_producing.set()
+        report_progress()
+        for t in threads:
+            t.join(0.2 / len(threads))
+    total = sum(sum(c.values()) for c in sent)
+    deadline = time.monotonic() + settle
+    while tally.delivered < total and time.monotonic() < deadline:
+        report_progress()
+        with tally.lock:
+            tally.lock.wait_for(lambda: tally.delivered >= total, timeout=0.2)
+    report_progress()
+    stop_sub.set()
+    sub_thread.join(5)
+    for prod in prods:
+        try:
+            prod.close(timeout=1)
+        except ZfanError as exc:
+            errors.append(exc)
+    try:
+        stats = query_status(ends["control"], timeout=2, context=ctx)
+    except ZfanError:
+        stats = {}
+    if errors:
+        raise errors[0] if isinstance(errors[0], ZfanError) else ZfanError(f"a producer failed: {errors[0]!r}")
+    expected: Counter[str] = sum(sent, Counter())
+    lost = sum(max(0, n - tally.per_sensor[s]) for s, n in expected.items())
+    extra = sum(max(0, tally.per_sensor[s] - expected[s]) for s in tally.per_sensor)
+    return Report(producers=producers, workers=workers, sent=total,
+                  acked=sum(p.acked_records for p in prods), delivered=tally.delivered,
+                  results=tally.results, topics=len(tally.per_sensor), lost=lost,
+                  duplicated=tally.duplicated + extra,
+                  elapsed=max(tally.last - start, 1e-9), ledger_stats=stats)
+
+
+def _subscribe(sub: Subscriber, tally: _Tally, stop: threading.Event) -> None:
+    try:
+        while not stop.is_set():
+            msg = sub.recv(timeout=0.1)
+            if msg is None:
+                continue
+            key = (msg.batch_id, msg.topic)
+            with tally.lock:
+                tally.results += 1
+                tally.last = time.monotonic()
+                if key in tally.seen:
+                    tally.duplicated += sum(r["count"] for r in msg.records)
+                    continue
+                tally.seen.add(key)
+                for r in msg.records:
+                    tally.per_sensor[r["sensor"]] += r["count"]
+                tally.lock.notify_all()
+    finally:
+        sub.close()

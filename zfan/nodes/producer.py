@@ -1,0 +1,230 @@
+"""The producer: batches records, PUSHes them to the sink's intake and keeps each batch until
+the sink acknowledges it on the control channel, after its ledger commit.
+
+send() runs on the caller's thread and only packs and batches; one I/O thread owns both
+sockets, sends, resends, heartbeats and takes acks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import msgpack
+import zmq
+
+from .. import protocol as p
+from ..batching import Batcher, Sent, Window
+from ..config import ProducerSettings
+from ..errors import Closed, DeliveryTimeout, ProtocolError, SerializationError, ZfanError
+from .service import Service
+from .transport import connect, drain, socket
+
+log = logging.getLogger(__name__)
+
+CONTROL_TYPES = frozenset({p.WELCOME, p.HEARTBEAT, p.ACK, p.RESET})
+
+
+class Producer(Service):
+    """``with Producer(intake=..., control=...) as prod: prod.send({"v": 1}, topic="t")``"""
+
+    role = "producer"
+
+    def __init__(self, settings: ProducerSettings | None = None, *, context: zmq.Context | None = None,
+                 **overrides: Any) -> None:
+        super().__init__(context)
+        s = self.settings = settings or ProducerSettings(**overrides)
+        self._lock = threading.Lock()  # guards the batcher, seq and the hand-off queue
+        self._batcher = Batcher(s.batch_size, s.linger_ms / 1000)
+        self._packer = msgpack.Packer()
+        self._seq = 0
+        self._handoff: deque[Sent] = deque()
+        self._slots = threading.Semaphore(s.window)  # free places in the window
+        self._acked = threading.Condition()
+        self._window = Window()
+        self._outstanding = 0  # handed off and not yet acked (under _acked)
+        self._closed = False
+        self._window_full = False  # a lingering batch waits for an ack before it can go
+        self.sent_records = 0
+        self.connected = threading.Event()
+
+    # --- the caller's side -----------------------------------------------------------------
+    def send(self, record: Any, topic: str | None = None) -> None:
+        """Queue one record. Blocks while the window of unacknowledged batches is full."""
+        if self._closed:
+            raise Closed("producer is closed")
+        topic = self.settings.topic if topic is None else topic
+        try:
+            packed = self._packer.pack(record)
+        except (TypeError, ValueError, OverflowError) as exc:
+            self._packer.reset()
+            raise SerializationError(
+                f"record of type {type(record).__name__} cannot be sent: {exc}") from None
+        with self._lock:
+            sealed = self._batcher.add(topic, packed, time.monotonic())
+            self.sent_records += 1
+        if sealed is not None:
+            self._hand_off(topic, sealed, block=True)
+
+    def send_many(self, records: Any, topic: str | None = None) -> None:
+        for record in records:
+            self.send(record, topic)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Return once every record sent so far is acknowledged; raise DeliveryTimeout if not."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                batch = self._batcher.take_any()
+            if batch is None:
+                break
+            self._hand_off(*batch, block=True, deadline=deadline)
+        with self._acked:
+            while self._outstanding:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.running:
+                    raise DeliveryTimeout(self._outstanding, timeout)
+                self._acked.wait(min(left, 0.1))
+
+    def close(self, timeout: float = 30.0) -> None:  # type: ignore[override]
+        """Flush, then stop. Raises DeliveryTimeout (after stopping) if the sink never acked."""
+        if self._closed:
+            return
+        try:
+            if self.running:
+                self.flush(timeout)
+        finally:
+            self._closed = True
+            super().close()
+
+    @property
+    def unacked(self) -> int:
+        return self._outstanding
+
+    @property
+    def acked_records(self) -> int:
+        return self._window.acked_records
+
+    def _hand_off(self, topic: str, packed: list[bytes], *, block: bool,
+                  deadline: float | None = None) -> bool:
+        """Give a sealed batch to the I/O thread once the window has room."""
+        if not block:
+            if not self._slots.acquire(blocking=False):
+                self._window_full = True
+                return False
+        while block and not self._slots.acquire(timeout=0.1):
+            if not self.running:
+                raise ZfanError("producer's I/O thread has stopped; batches cannot be sent")
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeliveryTimeout(self._outstanding, 0)
+        with self._lock:
+            self._seq += 1
+            header = p.encode(p.BATCH, self.settings.producer_id, self._seq, topic, len(packed))
+            self._handoff.append(Sent(self._seq, len(packed), [header, p.join_records(packed)], 0.0))
+        with self._acked:
+            self._outstanding += 1
+        self._wakeup.set()
+        return True
+
+    # --- the I/O thread --------------------------------------------------------------------
+    def _serve(self) -> None:
+        s = self.settings
+        push = socket(self._ctx, zmq.PUSH)
+        try:
+            connect(push, s.intake, "intake endpoint")
+            self._ready.set()
+            while not self._stopping.is_set():
+                self._session(push)
+                self._stopping.wait(s.timing.heartbeat)
+        finally:
+            push.close(linger=0)
+
+    def _session(self, push: zmq.Socket) -> None:
+        """One control connection, until the sink goes silent or we stop."""
+        s = self.settings
+        ctl = socket(self._ctx, zmq.DEALER)
+        connect(ctl, s.control, "control endpoint")
+        poller = zmq.Poller()
+        poller.register(ctl, zmq.POLLIN)
+        poller.register(self._wakeup.fileno(), zmq.POLLIN)
+        epoch = 0
+        heard = time.monotonic()
+        next_beat = heard + s.timing.heartbeat
+        ctl.send(p.encode(p.HELLO, "producer", s.producer_id, 0))
+        try:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                with self._lock:
+                    linger = None if self._window_full else self._batcher.next_due(now)
+                wait = next_beat - now if linger is None else min(linger, next_beat - now)
+                ready = dict(poller.poll(max(0.0, wait) * 1000))
+                now = time.monotonic()
+                if self._wakeup.fileno() in ready:
+                    self._wakeup.clear()
+                self._seal_lingering(now)
+                while self._handoff:
+                    self._window.add(self._handoff.popleft())
+                if ctl in ready:
+                    for frames in drain(ctl):
+                        heard = now
+                        epoch = self._control(frames, ctl, epoch)
+                if epoch:
+                    for sent in self._window.due(now, s.resend_after):
+                        try:
+                            push.send_multipart(sent.frames, zmq.NOBLOCK)
+                        except zmq.Again:
+                            break  # the sink's pipe is full: try again next turn
+                        sent.sent_at = now
+                if now - heard > s.timing.expiry:
+                    log.warning("sink %s silent for %.1f s; reconnecting", s.control, now - heard)
+                    self.connected.clear()
+                    return
+                if now >= next_beat:
+                    ctl.send(p.encode(p.HEARTBEAT, epoch))
+                    next_beat = now + s.timing.heartbeat
+        finally:
+            ctl.close(linger=0)
+
+    def _control(self, frames: list[bytes], ctl: zmq.Socket, epoch: int) -> int:
+        try:
+            mtype, fields = p.decode(frames[0], allowed=CONTROL_TYPES)
+        except ProtocolError as exc:
+            log.warning("ignored a message from the sink: %s", exc)
+            return epoch
+        if mtype == p.ACK:
+            n = self._window.ack(fields[0])
+            if n:
+                self._window_full = False
+                self._slots.release(n)
+                with self._acked:
+                    self._outstanding -= n
+                    self._acked.notify_all()
+        elif mtype == p.WELCOME:
+            if fields[0] != epoch:
+                # A sink we had not met (or one that restarted): everything unacked goes again.
+                for sent in self._window.all():
+                    sent.sent_at = 0.0
+            self.connected.set()
+            return int(fields[0])
+        elif mtype == p.RESET or (mtype == p.HEARTBEAT and epoch and fields[0] != epoch):
+            self.connected.clear()
+            ctl.send(p.encode(p.HELLO, "producer", self.settings.producer_id, 0))
+            return 0
+        return epoch
+
+    def _seal_lingering(self, now: float) -> None:
+        while True:
+            with self._lock:
+                due = self._batcher.take_due(now)
+            if due is None:
+                return
+            if not self._hand_off(*due, block=False):
+                with self._lock:  # window full: put it back and try after the next ack
+                    for packed in due[1]:
+                        self._batcher.add(due[0], packed, now - self._batcher.linger)
+                return
+            while self._handoff:
+                self._window.add(self._handoff.popleft())

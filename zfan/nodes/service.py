@@ -1,0 +1,94 @@
+"""The life of a role that runs its own I/O thread: start, ready, stop, close.
+
+The thread creates, uses and closes the role's sockets; other threads only call stop(), which
+sets a flag and writes to a wake-up pipe the loop polls (as pyzmq's ThreadAuthenticator is
+stopped by a message on its pipe).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import zmq
+
+from ..errors import ZfanError
+from .transport import Wakeup
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    role = "service"
+
+    def __init__(self, context: zmq.Context | None = None) -> None:
+        self._ctx = context or zmq.Context.instance()
+        self._stopping = threading.Event()
+        self._wakeup = Wakeup()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- for subclasses --------------------------------------------------------------------
+    def _serve(self) -> None:
+        """Open sockets, call self._ready.set(), loop until self._stopping, close sockets."""
+        raise NotImplementedError
+
+    # --- public ----------------------------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> Any:
+        """Start the I/O thread; return once the sockets are up, or raise why they are not."""
+        if self._thread is not None:
+            return self
+        self._thread = threading.Thread(target=self._main, name=f"zfan-{self.role}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise ZfanError(f"{self.role} did not start within {timeout:g} s")
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        """Ask the I/O thread to finish; returns at once (close() waits)."""
+        self._stopping.set()
+        self._wakeup.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the I/O thread ends; True if it has. Signals still run meanwhile."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.stop()
+        self.wait(timeout)
+        self._wakeup.close()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the I/O thread ended early, if it did."""
+        return self._error
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals -------------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # the thread's end must reach whoever waits on it
+            if not isinstance(exc, ZfanError):
+                log.exception("%s stopped by an unexpected error", self.role)
+            self._error = exc
+        finally:
+            self._ready.set()

@@ -1,0 +1,119 @@
+"""The sink: binds intake (PULL), control (ROUTER) and results (XPUB), and feeds what arrives
+to the socket-free SinkCore. One thread owns all three sockets."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import Any
+
+import zmq
+
+from .. import protocol as p
+from ..config import SinkSettings, connect_address
+from ..dispatch import SinkCore
+from ..ledger import Ledger
+from .local import LocalWorkers
+from .service import Service
+from .transport import bind, drain, socket
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Service):
+    """Receives batches from producers, records them in the ledger, leases them to workers and
+    publishes their results.
+
+    ``Sink(ledger="zfan.db", workers=2, app="zfan.apps:rollup")`` also runs two local worker
+    processes with that app; other workers may join over the network at any time.
+    """
+
+    role = "sink"
+
+    def __init__(self, settings: SinkSettings | None = None, *, workers: int = 0, app: str | None = None,
+                 worker_credit: int = 4, context: zmq.Context | None = None, **overrides: Any) -> None:
+        super().__init__(context)
+        self.settings = settings or SinkSettings(**overrides)
+        if workers and not app:
+            raise ValueError("local workers need app='module:function'")
+        self._local = (workers, app, worker_credit)
+        self._workers: LocalWorkers | None = None
+        self.intake = self.control = self.results = ""
+        self.epoch = 0
+
+    def _serve(self) -> None:
+        s = self.settings
+        ledger = Ledger(s.ledger, fsync=s.fsync)
+        pull = router = xpub = None
+        try:
+            core = SinkCore(ledger, timing=s.timing, max_attempts=s.max_attempts,
+                            batch_timeout=s.batch_timeout, cache_bytes=s.cache_bytes)
+            self.epoch = core.epoch
+            pull = socket(self._ctx, zmq.PULL)
+            router = socket(self._ctx, zmq.ROUTER)
+            router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            xpub = socket(self._ctx, zmq.XPUB)
+            xpub.setsockopt(zmq.SNDHWM, s.publish_hwm)
+            self.intake = connect_address(bind(pull, s.intake, "intake endpoint"))
+            self.control = connect_address(bind(router, s.control, "control endpoint"))
+            self.results = connect_address(bind(xpub, s.results, "results endpoint"))
+            workers, app, credit = self._local
+            if workers:
+                self._workers = LocalWorkers(workers, control=self.control, app=app or "", credit=credit,
+                                             timing=s.timing)
+            if core.recovered:
+                log.info("recovered %d leased batch(es) from the ledger", core.recovered)
+            self._ready.set()
+            self._loop(core, pull, router, xpub)
+        finally:
+            for sock in (pull, router, xpub):
+                if sock is not None:
+                    sock.close(linger=0)
+            if self._workers is not None:
+                self._workers.stop()
+            ledger.close()
+
+    def _loop(self, core: SinkCore, pull: zmq.Socket, router: zmq.Socket, xpub: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        for sock in (pull, router, xpub):
+            poller.register(sock, zmq.POLLIN)
+        poller.register(self._wakeup.fileno(), zmq.POLLIN)
+        while not self._stopping.is_set():
+            ready = dict(poller.poll(core.next_deadline() * 1000))
+            if pull in ready:
+                for frames in drain(pull):
+                    core.intake(frames)
+            if router in ready:
+                for rid, *frames in drain(router):
+                    core.control(rid, frames)
+            if xpub in ready:
+                self._subscriptions(xpub)
+            if self._wakeup.fileno() in ready:
+                self._wakeup.clear()
+            core.tick()
+            self._send(core, router, xpub)
+            if self._workers is not None:
+                self._workers.check()
+        self._send(core, router, xpub)  # acks for what the last turn committed
+
+    def _send(self, core: SinkCore, router: zmq.Socket, xpub: zmq.Socket) -> None:
+        out = core.end_turn()
+        for rid, frames in out.to_peers:
+            try:
+                router.send_multipart([rid, *frames], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                    raise
+                core.unreachable(rid)
+        for frames in out.publish:
+            xpub.send_multipart(frames)
+
+    def _subscriptions(self, xpub: zmq.Socket) -> None:
+        """A subscriber announces itself by subscribing to a private sync topic; since ZeroMQ
+        delivers a connection's subscriptions in order, answering on that topic tells it that
+        all its real subscriptions are in place."""
+        for frames in drain(xpub):
+            sub = frames[0]
+            if sub[:1] == b"\x01" and sub[1:].startswith(p.SYNC_PREFIX.encode()):
+                token = sub[1:].decode(errors="replace")
+                xpub.send_multipart([sub[1:], p.encode(p.SYNC, token[:p.MAX_TOPIC])])

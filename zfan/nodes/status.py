@@ -1,0 +1,31 @@
+"""Asking a running sink how it is doing, over its control channel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+
+from .. import protocol as p
+from ..errors import ProtocolError, ZfanError
+from .transport import connect, socket
+
+
+def query_status(control: str, *, timeout: float = 3.0, context: zmq.Context | None = None) -> dict[str, Any]:
+    sock = socket(context or zmq.Context.instance(), zmq.DEALER)
+    try:
+        connect(sock, control, "control endpoint")
+        sock.send(p.encode(p.STATUS))
+        if not sock.poll(timeout * 1000):
+            raise ZfanError(f"no answer from a sink at {control} within {timeout:g} s (is it running?)")
+        frames = sock.recv_multipart()
+        try:
+            mtype, fields = p.decode(frames[0], allowed=frozenset({p.STATUS}))
+        except ProtocolError as exc:
+            raise ZfanError(f"the sink at {control} answered something else: {exc}") from None
+        if not fields:
+            raise ZfanError(f"the sink at {control} sent an empty status")
+        info: dict[str, Any] = fields[0]
+        return info
+    finally:
+        sock.close(linger=0)

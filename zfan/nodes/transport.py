@@ -1,0 +1,89 @@
+"""Thin helpers every role uses around pyzmq: binding and connecting with errors a person
+can read, draining a socket, and a wake-up pipe a thread can poll next to its sockets."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+
+import zmq
+
+from ..errors import BindError, ConfigError
+
+# Messages taken from one socket per turn of a loop: enough to amortise a commit, few enough
+# that one busy socket cannot starve the others.
+DRAIN = 1000
+
+
+def socket(ctx: zmq.Context, kind: int, *, hwm: int | None = None) -> zmq.Socket:
+    s = ctx.socket(kind)
+    s.setsockopt(zmq.LINGER, 0)
+    if hwm is not None:
+        s.setsockopt(zmq.SNDHWM, hwm)
+        s.setsockopt(zmq.RCVHWM, hwm)
+    return s
+
+
+def bind(sock: zmq.Socket, endpoint: str, what: str) -> str:
+    """Bind and return the address actually bound (a tcp port of * becomes a number)."""
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise BindError(f"{what} {endpoint}: address already in use "
+                            "(is another sink running? choose another port)") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise BindError(f"{what} {endpoint}: address not available on this machine") from None
+        if exc.errno in (errno.ENOENT, errno.EACCES, errno.ENAMETOOLONG):
+            raise BindError(f"{what} {endpoint}: cannot create the socket file ({exc.strerror})") from None
+        raise BindError(f"{what} {endpoint}: cannot bind ({exc.strerror})") from None
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def connect(sock: zmq.Socket, endpoint: str, what: str) -> None:
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        raise ConfigError(f"{what} {endpoint}: cannot connect ({exc.strerror})") from None
+
+
+def drain(sock: zmq.Socket, limit: int = DRAIN) -> Iterator[list[bytes]]:
+    """Every message ready on the socket, up to ``limit``, without blocking."""
+    for _ in range(limit):
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+
+
+class Wakeup:
+    """A self-pipe: another thread calls set(); the owner polls fileno() and calls clear()."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+
+    def fileno(self) -> int:
+        return self._r
+
+    def set(self) -> None:
+        try:
+            os.write(self._w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # already full of wake-ups, or closed: either way nothing more to say
+
+    def clear(self) -> None:
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

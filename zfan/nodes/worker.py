@@ -1,0 +1,176 @@
+"""The worker: a DEALER on the sink's control socket, and the user's function.
+
+The I/O thread owns the socket, heartbeats and reconnects; the user's function runs on a
+second thread, so heartbeats keep flowing while a long batch runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from .. import protocol as p
+from ..config import WorkerSettings
+from ..errors import ProtocolError, SerializationError
+from .service import Service
+from .transport import connect, drain, socket
+
+log = logging.getLogger(__name__)
+
+Process = Callable[[list[Any]], "list[Any] | dict[str, list[Any]] | None"]
+CONTROL_TYPES = frozenset({p.WELCOME, p.HEARTBEAT, p.LEASE, p.RESET, p.STATUS})
+
+
+def run_batch(process: Process, epoch: int, batch_id: int, attempt: int, topic: str,
+              payload: bytes) -> list[bytes]:
+    """Run the function on one batch; return the RESULT or FAILED message to send back."""
+    try:
+        out = process(p.decode_records(payload))
+        topics, counts, payloads = _split(out, topic)
+    except Exception:
+        error = traceback.format_exc()[-p.MAX_ERROR // 2:]
+        return [p.encode(p.FAILED, epoch, batch_id, attempt, error)]
+    return [p.encode(p.RESULT, epoch, batch_id, attempt, topics, counts), *payloads]
+
+
+def _split(out: Any, topic: str) -> tuple[list[str], list[int], list[bytes]]:
+    """A list is published on the batch's topic; a dict maps topic -> records."""
+    if out is None:
+        return [], [], []
+    if isinstance(out, (list, tuple)):
+        out = {topic: out}
+    if not isinstance(out, dict):
+        raise TypeError(f"process() returned {type(out).__name__}; expected a list, "
+                        "a dict of topic -> list, or None")
+    topics, counts, payloads = [], [], []
+    for t, records in out.items():
+        if not isinstance(t, str) or not t or len(t.encode()) > p.MAX_TOPIC or t.startswith("zfan."):
+            raise ValueError(f"process() returned topic {t!r}; topics are non-empty strings of at most "
+                             f"{p.MAX_TOPIC} bytes, not starting with 'zfan.'")
+        if not isinstance(records, (list, tuple)):
+            raise TypeError(f"process() returned {type(records).__name__} for topic {t!r}; expected a list")
+        if records:
+            try:
+                payloads.append(p.encode_records(list(records)))
+            except SerializationError as exc:
+                raise TypeError(str(exc)) from None
+            topics.append(t)
+            counts.append(len(records))
+    return topics, counts, payloads
+
+
+class Worker(Service):
+    """Runs ``process(records) -> list | dict[str, list] | None`` on batches leased by a sink."""
+
+    role = "worker"
+
+    def __init__(self, process: Process, settings: WorkerSettings | None = None, *,
+                 context: zmq.Context | None = None, **overrides: Any) -> None:
+        if not callable(process):
+            raise TypeError(f"process must be callable, not {type(process).__name__}")
+        super().__init__(context)
+        self.settings = settings or WorkerSettings(**overrides)
+        self.process = process
+        self.processed = 0  # batches answered, successfully or not
+        self._jobs: queue.Queue[tuple[int, int, int, str, bytes] | None] = queue.Queue()
+        self._done: deque[tuple[int, list[bytes]]] = deque()
+
+    # --- the function's thread -------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            epoch = job[0]
+            self._done.append((epoch, run_batch(self.process, *job)))
+            self._wakeup.set()
+
+    # --- the I/O thread --------------------------------------------------------------------
+    def _serve(self) -> None:
+        worker_thread = threading.Thread(target=self._work, name="zfan-worker-process", daemon=True)
+        worker_thread.start()
+        try:
+            self._ready.set()
+            backoff = self.settings.timing.heartbeat
+            while not self._stopping.is_set():
+                if self._session():
+                    backoff = self.settings.timing.heartbeat  # we were welcomed: start over
+                else:
+                    backoff = min(backoff * 2, 8.0)
+                # Lost the sink: wait a little (with jitter) before reconnecting.
+                self._stopping.wait(backoff * random.uniform(0.5, 1.0))
+        finally:
+            self._jobs.put(None)
+
+    def _session(self) -> bool:
+        """One connection to the sink, until it goes silent or we stop. True if welcomed."""
+        s = self.settings
+        sock = socket(self._ctx, zmq.DEALER)
+        connect(sock, s.control, "control endpoint")
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wakeup.fileno(), zmq.POLLIN)
+        epoch = 0
+        welcomed = False
+        heard = time.monotonic()
+        next_beat = heard + s.timing.heartbeat
+        sock.send(p.encode(p.HELLO, "worker", s.name, s.credit))
+        try:
+            while not self._stopping.is_set():
+                ready = dict(poller.poll(max(0.0, next_beat - time.monotonic()) * 1000))
+                now = time.monotonic()
+                if self._wakeup.fileno() in ready:
+                    self._wakeup.clear()
+                while self._done:
+                    job_epoch, frames = self._done.popleft()
+                    self.processed += 1
+                    if job_epoch == epoch:
+                        sock.send_multipart(frames)
+                if sock in ready:
+                    for frames in drain(sock):
+                        heard = now
+                        try:
+                            mtype, fields = p.decode(frames[0], allowed=CONTROL_TYPES)
+                        except ProtocolError as exc:
+                            log.warning("ignored a message from the sink: %s", exc)
+                            continue
+                        if mtype == p.WELCOME:
+                            if welcomed and fields[0] != epoch:
+                                self._drop_jobs()
+                            epoch, welcomed = fields[0], True
+                            log.info("joined sink %s (epoch %d)", s.control, epoch)
+                        elif mtype == p.LEASE and len(frames) == 2 and fields[0] == epoch:
+                            self._jobs.put((*fields[:4], frames[1]))
+                        elif mtype == p.RESET or (mtype == p.HEARTBEAT and welcomed and fields[0] != epoch):
+                            # The sink forgot us or restarted: what we hold is fenced already.
+                            self._drop_jobs()
+                            welcomed = False
+                            sock.send(p.encode(p.HELLO, "worker", s.name, s.credit))
+                if now - heard > s.timing.expiry:
+                    log.warning("sink %s silent for %.1f s; reconnecting", s.control, now - heard)
+                    return welcomed
+                if now >= next_beat:
+                    sock.send(p.encode(p.HEARTBEAT, epoch))
+                    next_beat = now + s.timing.heartbeat
+            if welcomed:
+                sock.send(p.encode(p.BYE))  # lets the sink replay our batches at once
+            return welcomed
+        finally:
+            sock.close(linger=100 if welcomed else 0)
+
+    def _drop_jobs(self) -> None:
+        """Forget leases not yet started: the sink replays them."""
+        try:
+            while True:
+                self._jobs.get_nowait()
+        except queue.Empty:
+            pass

@@ -1,0 +1,182 @@
+"""The wire protocol: message types, their header fields, and safe decoding.
+
+Every message is a ZeroMQ multipart message whose header frame is a msgpack array
+``[VERSION, type, field, ...]``; batches and results carry their records as further frames of
+msgpack bytes, which the sink stores and forwards without decoding. docs/PROTOCOL.md is the
+specification; this module is its one implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from .errors import ProtocolError
+
+VERSION = 1
+
+# Sockets and who sends what on them.
+# intake:  producer PUSH -> sink PULL
+BATCH = "batch"
+# control: any DEALER -> sink ROUTER
+HELLO = "hello"
+HEARTBEAT = "heartbeat"
+RESULT = "result"
+FAILED = "failed"
+STATUS = "status"
+BYE = "bye"
+# control: sink ROUTER -> DEALER
+WELCOME = "welcome"
+ACK = "ack"
+LEASE = "lease"
+RESET = "reset"
+# results: sink XPUB -> SUB (first frame is the topic)
+PUBLISH = "publish"
+DEAD = "dead"
+SYNC = "sync"
+
+ROLES = ("producer", "worker", "subscriber", "client")
+DEAD_TOPIC = "zfan.dead"
+SYNC_PREFIX = "zfan.sync."
+
+# Limits on header fields; payload limits are in decode_records().
+MAX_HEADER_BYTES = 1 << 20
+MAX_NAME = 128  # producer ids, worker names
+MAX_TOPIC = 255  # bytes of UTF-8
+MAX_TOPICS = 10_000  # topics one result may fan out to
+MAX_ERROR = 64 * 1024  # traceback text of a failed batch
+MAX_SEQS = 100_000  # seqs one ack carries
+MAX_CREDIT = 1000
+MAX_UINT = (1 << 64) - 1
+
+_STR, _INT, _STRS, _INTS, _MAP = "str", "int", "list[str]", "list[int]", "map"
+
+# type -> the fields after [VERSION, type], in order.
+SCHEMA: dict[str, tuple[tuple[str, str], ...]] = {
+    BATCH: (("producer_id", _STR), ("seq", _INT), ("topic", _STR), ("count", _INT)),
+    HELLO: (("role", _STR), ("name", _STR), ("credit", _INT)),
+    HEARTBEAT: (("epoch", _INT),),
+    RESULT: (("epoch", _INT), ("batch_id", _INT), ("attempt", _INT), ("topics", _STRS), ("counts", _INTS)),
+    FAILED: (("epoch", _INT), ("batch_id", _INT), ("attempt", _INT), ("error", _STR)),
+    STATUS: (),
+    BYE: (),
+    WELCOME: (("epoch", _INT), ("heartbeat_ms", _INT), ("liveness", _INT)),
+    ACK: (("seqs", _INTS),),
+    LEASE: (("epoch", _INT), ("batch_id", _INT), ("attempt", _INT), ("topic", _STR), ("count", _INT)),
+    RESET: (("reason", _STR),),
+    PUBLISH: (("topic", _STR), ("seq", _INT), ("batch_id", _INT), ("count", _INT)),
+    DEAD: (("topic", _STR), ("seq", _INT), ("batch_id", _INT), ("attempts", _INT), ("error", _STR),
+           ("source_topic", _STR)),
+    SYNC: (("token", _STR),),
+}
+# The status reply reuses the STATUS type with one field, a map; requests have none.
+STATUS_REPLY_FIELDS = (("info", _MAP),)
+
+# How many payload frames follow the header, per type (RESULT: one per topic).
+PAYLOAD_FRAMES = {BATCH: 1, LEASE: 1, PUBLISH: 1, DEAD: 1}
+
+_STR_LIMITS = {"producer_id": MAX_NAME, "name": MAX_NAME, "topic": MAX_TOPIC, "source_topic": MAX_TOPIC,
+               "role": 16, "error": MAX_ERROR, "reason": 1024, "token": MAX_TOPIC}
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError("bad header", f"msgpack extension type {code} is not allowed")
+
+
+def encode(mtype: str, *fields: Any) -> bytes:
+    """The header frame for a message of this type. Callers pass fields in SCHEMA order."""
+    return msgpack.packb([VERSION, mtype, *fields])
+
+
+def decode(frame: bytes, *, allowed: frozenset[str] | None = None) -> tuple[str, list[Any]]:
+    """Decode and check a header frame: (type, fields). Raises ProtocolError with a short reason."""
+    if len(frame) > MAX_HEADER_BYTES:
+        raise ProtocolError("header too large", f"{len(frame)} bytes")
+    try:
+        msg = msgpack.unpackb(
+            frame, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True,
+            max_str_len=MAX_ERROR, max_bin_len=0, max_array_len=max(MAX_SEQS, MAX_TOPICS) + 8,
+            max_map_len=64,
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types on hostile bytes
+        raise ProtocolError("bad header", f"not msgpack ({type(exc).__name__})") from None
+    if not isinstance(msg, list) or len(msg) < 2:
+        raise ProtocolError("bad header", "not an array [version, type, ...]")
+    version, mtype, *fields = msg
+    if version != VERSION:
+        raise ProtocolError("bad version", repr(version)[:40])
+    if not isinstance(mtype, str) or mtype not in SCHEMA:
+        raise ProtocolError("unknown type", repr(mtype)[:40])
+    if allowed is not None and mtype not in allowed:
+        raise ProtocolError("unexpected type", mtype)
+    schema = SCHEMA[mtype]
+    if mtype == STATUS and len(fields) == 1:
+        schema = STATUS_REPLY_FIELDS
+    if len(fields) != len(schema):
+        raise ProtocolError("bad header", f"{mtype} takes {len(schema)} fields, got {len(fields)}")
+    for value, (name, kind) in zip(fields, schema, strict=True):
+        _check(mtype, name, kind, value)
+    return mtype, fields
+
+
+def _check(mtype: str, name: str, kind: str, value: Any) -> None:
+    if kind == _INT:
+        ok = type(value) is int and 0 <= value <= MAX_UINT
+    elif kind == _STR:
+        ok = type(value) is str and len(value.encode()) <= _STR_LIMITS.get(name, MAX_TOPIC)
+    elif kind == _INTS:
+        ok = type(value) is list and all(type(v) is int and 0 <= v <= MAX_UINT for v in value)
+    elif kind == _STRS:
+        ok = type(value) is list and len(value) <= MAX_TOPICS and all(
+            type(v) is str and len(v.encode()) <= MAX_TOPIC for v in value)
+    else:
+        ok = type(value) is dict
+    if not ok:
+        raise ProtocolError("bad field", f"{mtype}.{name}")
+
+
+# --- records ------------------------------------------------------------------------------
+
+# A payload is a msgpack array of records. Producers pack records one at a time (so that a
+# record msgpack cannot encode is refused at send()) and join them under an array header.
+
+
+def array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def join_records(packed: list[bytes]) -> bytes:
+    return array_header(len(packed)) + b"".join(packed)
+
+
+def encode_records(records: list[Any]) -> bytes:
+    try:
+        return msgpack.packb(records)
+    except (TypeError, ValueError, OverflowError) as exc:
+        from .errors import SerializationError
+
+        raise SerializationError(f"result cannot be encoded with msgpack: {exc}") from None
+
+
+def decode_records(payload: bytes, *, max_records: int = 10_000_000) -> list[Any]:
+    """Unpack a payload of records, refusing extension types and oversized containers."""
+    try:
+        records = msgpack.unpackb(
+            payload, raw=False, strict_map_key=False, ext_hook=_reject_ext,
+            max_array_len=max_records, max_bin_len=len(payload), max_str_len=len(payload),
+            max_map_len=len(payload),
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError("bad payload", f"not msgpack ({type(exc).__name__})") from None
+    if not isinstance(records, list):
+        raise ProtocolError("bad payload", "not an array of records")
+    return records
