@@ -26,8 +26,8 @@ def check_endpoint(endpoint: str, *, what: str = "endpoint") -> str:
     m = _TCP.match(endpoint)
     if m:
         port = m.group("port")
-        if port != "*" and not 0 < int(port) < 65536:
-            raise ConfigError(f"{what} {endpoint!r}: port must be between 1 and 65535")
+        if port != "*" and not 0 <= int(port) < 65536:
+            raise ConfigError(f"{what} {endpoint!r}: port must be at most 65535 (* or 0 binds any free port)")
         return endpoint
     m = _IPC.match(endpoint)
     if m and m.group("path").strip():

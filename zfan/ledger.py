@@ -69,13 +69,18 @@ class Ledger:
         self.path = path
         self._db = _open(path)
         try:
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if tables and "batches" not in tables:
+                raise _refuse(path, "it holds other tables")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if fsync == 'full' else 'NORMAL'}")
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             self._db.close()
-            raise LedgerError(f"ledger {path} is not a zfan ledger or is corrupt ({exc}); "
-                              "it was left untouched: move it away or point --ledger elsewhere") from None
+            raise _refuse(path, str(exc)) from None
+        except LedgerError:
+            self._db.close()
+            raise
         self._in_txn = False
 
     # --- transaction -----------------------------------------------------------------------
@@ -202,7 +207,14 @@ class Ledger:
         return self._db.execute("PRAGMA integrity_check").fetchone()[0]
 
 
+def _refuse(path: str, why: str) -> LedgerError:
+    return LedgerError(f"ledger {path} is not a zfan ledger or is corrupt ({why}); "
+                       "it was left untouched: move it away or point --ledger elsewhere")
+
+
 def _open(path: str) -> sqlite3.Connection:
+    if os.path.isdir(path):
+        raise LedgerError(f"ledger {path} is a directory: give a file path with --ledger")
     if path != ":memory:":
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
@@ -211,7 +223,14 @@ def _open(path: str) -> sqlite3.Connection:
             raise LedgerError(f"ledger {path} is not writable: choose a path you can write with --ledger")
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA user_version").fetchone()  # touches the file: fails here if not a database
+    except sqlite3.OperationalError as exc:
+        raise LedgerError(f"ledger {path} is not writable ({exc}): choose a path you can write with --ledger") from None
+    try:
+        db.execute("PRAGMA user_version").fetchone()  # reads the header: fails here if not a database
+    except sqlite3.OperationalError as exc:
+        db.close()
+        raise LedgerError(f"ledger {path} is not writable ({exc}): choose a path you can write with --ledger") from None
     except sqlite3.DatabaseError as exc:
-        raise LedgerError(f"ledger {path} cannot be opened ({exc}); it was left untouched") from None
+        db.close()
+        raise _refuse(path, str(exc)) from None
     return db

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import threading
+
+import pytest
+import zmq
+
+from zfan.ledger import Ledger
+from tests.helpers import Role
+
+
+class FakeClock:
+    """A monotonic clock that moves only when a test says so."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    led = Ledger(str(tmp_path / "ledger.db"))
+    yield led
+    led.close()
+
+
+@pytest.fixture
+def ctx():
+    """A context of the test's own: every socket is closed with linger 0, and term() must not
+    hang, which is how a leaked socket shows."""
+    context = zmq.Context()
+    yield context
+    done = threading.Event()
+
+    def term() -> None:
+        context.term()
+        done.set()
+
+    t = threading.Thread(target=term, daemon=True)
+    t.start()
+    if not done.wait(10):
+        pytest.fail("zmq context did not terminate within 10 s: a socket was left open")
+
+
+@pytest.fixture
+def ipc(tmp_path):
+    """Endpoints of a sink of the test's own, on ipc:// in the test's temporary folder."""
+    return {name: f"ipc://{tmp_path}/{name}" for name in ("intake", "control", "results")}
+
+
+@pytest.fixture
+def roles():
+    """Start `zfan` subprocesses with roles(...); every one is stopped and reaped at teardown."""
+    started: list[Role] = []
+
+    def start(*args: str, **kw) -> Role:
+        r = Role(*args, **kw)
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        r.kill()

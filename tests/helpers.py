@@ -1,0 +1,105 @@
+"""What the tests share: waiting on a condition, and real role processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+             what: str = "condition") -> Any:
+    """Poll ``condition`` until it is truthy; fail the test if the deadline passes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        threading.Event().wait(interval)
+
+
+class Role:
+    """A `zfan ...` subprocess: started, waited on for its readiness line, stopped and reaped.
+
+    stderr is read by a thread so the process never blocks on a full pipe; stdout is either
+    captured the same way or left to a file the test names.
+    """
+
+    def __init__(self, *args: str, stdin: Any = subprocess.DEVNULL, env: dict[str, str] | None = None,
+                 cwd: str | None = None) -> None:
+        self.args = args
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen([sys.executable, "-m", "zfan", *args], stdin=stdin,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=full_env, cwd=cwd or ROOT)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._threads = [threading.Thread(target=self._read, args=(s, buf), daemon=True)
+                         for s, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _read(stream: Any, buf: list[str]) -> None:
+        for line in stream:
+            buf.append(line)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.err)
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self.out)
+
+    def wait_ready(self, timeout: float = 15.0) -> str:
+        def line() -> str | None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"zfan {' '.join(self.args)} exited {self.proc.returncode}:\n{self.stderr}")
+            return next((x for x in self.err if ": ready " in x), None)
+
+        return wait_for(line, timeout, what=f"zfan {self.args[0]} to be ready")
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"zfan {' '.join(self.args)} still running after {timeout} s:\n{self.stderr}")
+        self._close()
+        return code
+
+    def _close(self) -> None:
+        for t in self._threads:
+            t.join(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._close()
+
+
+def run_cli(*args: str, timeout: float = 30.0, input: str | None = None,
+            cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `zfan ARGS` to completion."""
+    return subprocess.run([sys.executable, "-m", "zfan", *args], capture_output=True, text=True,
+                          timeout=timeout, input=input, cwd=cwd or ROOT,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})

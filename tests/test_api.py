@@ -1,0 +1,178 @@
+"""The embedded API over real sockets on 127.0.0.1 with random ports."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from datetime import datetime
+
+import pytest
+
+from tests.helpers import wait_for
+from zfan import (
+    DeliveryTimeout,
+    Producer,
+    SerializationError,
+    Sink,
+    Subscriber,
+    Timing,
+    Worker,
+    query_status,
+)
+from zfan.apps import readings, rollup
+
+pytestmark = pytest.mark.timeout(60)
+
+ANY = "tcp://127.0.0.1:*"
+
+
+@pytest.fixture
+def sink(tmp_path, ctx):
+    with Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), context=ctx) as s:
+        yield s
+
+
+def collect(sub: Subscriber, until, timeout: float = 30.0) -> list:
+    got: list = []
+    wait_for(lambda: (m := sub.recv(0.05)) is not None and got.append(m) or until(got), timeout,
+             what="results at the subscriber")
+    return got
+
+
+def by_parity(records):
+    """A fan-out app: even ids to one topic, odd to another."""
+    out: dict[str, list] = {}
+    for r in records:
+        out.setdefault("even" if r["id"] % 2 == 0 else "odd", []).append(r["id"])
+    return out
+
+
+def test_every_record_fanned_out_exactly_once(sink, ctx):
+    n = 20_000
+    with Worker(by_parity, control=sink.control, context=ctx), \
+            Worker(by_parity, control=sink.control, context=ctx), \
+            Subscriber(results=sink.results, context=ctx) as sub:
+        assert sub.wait_ready(5)
+        with Producer(intake=sink.intake, control=sink.control, batch_size=500, context=ctx) as prod:
+            prod.send_many(readings(n))
+            prod.flush()
+            assert prod.unacked == 0 and prod.acked_records == n
+        msgs = collect(sub, lambda ms: sum(len(m.records) for m in ms) >= n)
+    ids = Counter(i for m in msgs for i in m.records)
+    assert sorted(ids) == list(range(n)) and max(ids.values()) == 1
+    for topic, parity in (("even", 0), ("odd", 1)):
+        mine = [m for m in msgs if m.topic == topic]
+        assert all(i % 2 == parity for m in mine for i in m.records)
+        assert [m.seq for m in mine] == list(range(1, len(mine) + 1)), f"{topic} seqs without gaps"
+    info = query_status(sink.control, context=ctx)
+    assert info["done"] == n // 500 and info["pending"] == 0 and info["leased"] == 0
+
+
+def test_topic_prefix_filter_and_callback_form(sink, ctx):
+    with Worker(rollup, control=sink.control, context=ctx), \
+            Subscriber(results=sink.results, topics=["sensor.p-001"], context=ctx) as sub:
+        assert sub.wait_ready(5)
+        with Producer(intake=sink.intake, control=sink.control, topic="p", context=ctx) as prod:
+            prod.send_many(readings(3000, sensors=4, source="p"))
+        got = []
+        assert sub.run(got.append, count=3, timeout=10) == 3
+    assert {m.topic for m in got} == {"sensor.p-001"}
+    assert all(m.records[0]["sensor"] == "p-001" and m.records[0]["count"] > 0 for m in got)
+
+
+def test_a_failing_function_is_dead_lettered_and_the_rest_flows(sink, ctx):
+    def picky(records):
+        if any(r["id"] == 1234 for r in records):
+            raise ValueError("record 1234 is poison")
+        return [r["id"] for r in records]
+
+    n = 5000
+    with Worker(picky, control=sink.control, context=ctx), \
+            Subscriber(results=sink.results, context=ctx) as sub:
+        assert sub.wait_ready(5)
+        with Producer(intake=sink.intake, control=sink.control, batch_size=100, context=ctx) as prod:
+            prod.send_many(readings(n))
+        msgs = collect(sub, lambda ms: sum(len(m.records) for m in ms) >= n)
+    dead = [m for m in msgs if m.dead]
+    assert len(dead) == 1
+    assert dead[0].topic == "zfan.dead" and dead[0].attempts == 3
+    assert "ValueError: record 1234 is poison" in dead[0].error
+    assert [r["id"] for r in dead[0].records] == list(range(1200, 1300))
+    delivered = sorted(i for m in msgs if not m.dead for i in m.records)
+    assert delivered == [i for i in range(n) if not 1200 <= i < 1300]
+    info = query_status(sink.control, context=ctx)
+    assert info["dead"] == 1 and info["done"] == n // 100 - 1
+
+
+def test_heartbeats_flow_while_a_long_batch_runs(tmp_path, ctx):
+    release = threading.Event()
+    timing = Timing(heartbeat=0.05, liveness=3)  # a silent worker would be dead after 150 ms
+
+    def slow(records):
+        release.wait(10)
+        return records
+
+    with Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), timing=timing,
+              context=ctx) as sink, \
+            Worker(slow, control=sink.control, timing=timing, context=ctx), \
+            Subscriber(results=sink.results, context=ctx) as sub:
+        assert sub.wait_ready(5)
+        with Producer(intake=sink.intake, control=sink.control, timing=timing, context=ctx) as prod:
+            prod.send_many(range(10))
+        wait_for(lambda: query_status(sink.control, context=ctx)["leased"] == 1, what="the batch leased")
+        # The point of this test is time passing: hold the batch for ten times the expiry.
+        threading.Event().wait(1.5)
+        info = query_status(sink.control, context=ctx)
+        assert len(info["workers"]) == 1 and info["leased"] == 1 and "replays" not in info
+        release.set()
+        msgs = collect(sub, lambda ms: len(ms) == 1)
+        assert msgs[0].records == list(range(10))
+
+
+def test_producer_blocks_on_a_full_window_and_resends_when_the_sink_comes(tmp_path, ipc, ctx):
+    intake, control, results = ipc["intake"], ipc["control"], ipc["results"]
+    sent = threading.Event()
+    with Producer(intake=intake, control=control, batch_size=10, window=2, context=ctx) as prod:
+        def send():
+            prod.send_many(range(35))
+            sent.set()
+
+        t = threading.Thread(target=send, daemon=True)
+        t.start()
+        wait_for(lambda: prod.unacked == 2, what="two batches in the window")
+        assert not sent.wait(0.3), "the third batch must wait for room in the window"
+        with pytest.raises(DeliveryTimeout, match=r"2 batch\(es\) not acknowledged by the sink after 0.2 s"):
+            prod.flush(timeout=0.2)
+        with Sink(intake=intake, control=control, results=results, ledger=str(tmp_path / "z.db"),
+                  context=ctx) as sink:
+            assert sent.wait(10)
+            prod.flush(timeout=10)
+            assert prod.acked_records == 35
+            info = query_status(sink.control, context=ctx)
+            assert info["records_in"] == 35 and info["batches_in"] == 4
+        t.join(5)
+
+
+def test_a_record_msgpack_cannot_encode_is_refused_at_send(sink, ctx):
+    with Worker(lambda rs: rs, control=sink.control, context=ctx), \
+            Subscriber(results=sink.results, context=ctx) as sub:
+        assert sub.wait_ready(5)
+        with Producer(intake=sink.intake, control=sink.control, context=ctx) as prod:
+            prod.send({"ok": 1})
+            with pytest.raises(SerializationError, match="record of type datetime cannot be sent"):
+                prod.send(datetime(2026, 1, 1))
+            with pytest.raises(SerializationError, match="record of type dict cannot be sent"):
+                prod.send({"when": object()})
+            prod.send({"ok": 2})
+        msgs = collect(sub, lambda ms: len(ms) == 1)
+    assert msgs[0].records == [{"ok": 1}, {"ok": 2}]
+
+
+def test_what_a_worker_function_returns_wrongly_is_reported(sink, ctx):
+    with Worker(lambda rs: 42, control=sink.control, context=ctx), \
+            Subscriber(results=sink.results, topics=["zfan.dead"], context=ctx) as sub:
+        assert sub.wait_ready(5)
+        with Producer(intake=sink.intake, control=sink.control, context=ctx) as prod:
+            prod.send({"x": 1})
+        msgs = collect(sub, lambda ms: len(ms) == 1)
+    assert "process() returned int; expected a list, a dict of topic -> list, or None" in msgs[0].error
