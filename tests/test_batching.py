@@ -1,0 +1,174 @@
+"""The producer's bookkeeping: when a batch is sealed, and which unacknowledged batches are
+sent again."""
+
+from __future__ import annotations
+
+import pytest
+
+from zfan.batching import Batcher, Sent, Window
+
+pytestmark = pytest.mark.timeout(30)
+
+T0 = 1000.0
+
+
+# --- Batcher --------------------------------------------------------------------------------
+
+def test_batch_is_sealed_exactly_at_batch_size():
+    b = Batcher(batch_size=3, linger=10.0)
+    assert b.add("t", b"1", T0) is None
+    assert b.add("t", b"2", T0) is None
+    assert len(b) == 2
+    assert b.add("t", b"3", T0) == [b"1", b"2", b"3"]
+    assert len(b) == 0
+    assert b.take_any() is None
+    # The next record opens a new batch.
+    assert b.add("t", b"4", T0) is None
+    assert len(b) == 1
+
+
+def test_batch_size_one_seals_every_record():
+    b = Batcher(batch_size=1, linger=10.0)
+    assert b.add("t", b"a", T0) == [b"a"]
+    assert b.add("t", b"b", T0) == [b"b"]
+    assert len(b) == 0
+
+
+def test_topics_are_batched_separately():
+    b = Batcher(batch_size=2, linger=10.0)
+    assert b.add("a", b"a1", T0) is None
+    assert b.add("b", b"b1", T0) is None
+    assert b.add("a", b"a2", T0) == [b"a1", b"a2"]
+    assert len(b) == 1
+    assert b.add("b", b"b2", T0) == [b"b1", b"b2"]
+
+
+def test_take_due_only_after_linger():
+    b = Batcher(batch_size=100, linger=0.5)
+    assert b.take_due(T0) is None  # nothing open
+    b.add("t", b"1", T0)
+    b.add("t", b"2", T0 + 0.3)
+    assert b.take_due(T0) is None
+    assert b.take_due(T0 + 0.49) is None
+    assert b.take_due(T0 + 0.5) == ("t", [b"1", b"2"])
+    assert b.take_due(T0 + 10) is None  # taken once
+    assert len(b) == 0
+
+
+def test_linger_counts_from_the_first_record_of_the_batch():
+    b = Batcher(batch_size=100, linger=1.0)
+    b.add("t", b"1", T0)
+    b.add("t", b"2", T0 + 0.9)
+    assert b.take_due(T0 + 1.0) == ("t", [b"1", b"2"])
+
+
+def test_take_due_returns_the_oldest_batch_first():
+    b = Batcher(batch_size=100, linger=1.0)
+    b.add("young", b"y", T0 + 0.5)
+    b.add("old", b"o", T0)
+    assert b.take_due(T0 + 1.2) == ("old", [b"o"])
+    assert b.take_due(T0 + 1.2) is None  # "young" is only 0.7 s old
+    assert b.take_due(T0 + 1.5) == ("young", [b"y"])
+
+
+def test_zero_linger_makes_a_batch_due_at_once():
+    b = Batcher(batch_size=100, linger=0.0)
+    b.add("t", b"1", T0)
+    assert b.take_due(T0) == ("t", [b"1"])
+
+
+def test_next_due():
+    b = Batcher(batch_size=100, linger=2.0)
+    assert b.next_due(T0) is None
+    b.add("a", b"1", T0)
+    assert b.next_due(T0) == pytest.approx(2.0)
+    assert b.next_due(T0 + 0.5) == pytest.approx(1.5)
+    b.add("b", b"1", T0 + 1.0)
+    assert b.next_due(T0 + 1.0) == pytest.approx(1.0)  # the oldest batch decides
+    assert b.next_due(T0 + 5.0) == 0.0  # overdue is never negative
+    b.take_due(T0 + 5.0)
+    assert b.next_due(T0 + 1.5) == pytest.approx(1.5)  # now "b" is the oldest
+    b.take_due(T0 + 5.0)
+    assert b.next_due(T0 + 5.0) is None
+
+
+def test_sealing_at_batch_size_resets_the_linger_clock():
+    b = Batcher(batch_size=2, linger=1.0)
+    b.add("t", b"1", T0)
+    b.add("t", b"2", T0)  # sealed
+    b.add("t", b"3", T0 + 0.8)
+    assert b.take_due(T0 + 1.0) is None
+    assert b.next_due(T0 + 1.0) == pytest.approx(0.8)
+
+
+def test_take_any_drains_everything_for_flush():
+    b = Batcher(batch_size=100, linger=60.0)
+    b.add("a", b"a1", T0)
+    b.add("b", b"b1", T0)
+    b.add("a", b"a2", T0)
+    taken = {}
+    while (batch := b.take_any()) is not None:
+        topic, records = batch
+        taken[topic] = records
+    assert taken == {"a": [b"a1", b"a2"], "b": [b"b1"]}
+    assert len(b) == 0
+
+
+# --- Window ---------------------------------------------------------------------------------
+
+def sent(seq: int, count: int = 1, at: float = T0) -> Sent:
+    return Sent(seq=seq, count=count, frames=[f"h{seq}".encode(), b"payload"], sent_at=at)
+
+
+def test_ack_forgets_batches_and_counts_records():
+    w = Window()
+    w.add(sent(1, count=10))
+    w.add(sent(2, count=5))
+    w.add(sent(3, count=1))
+    assert len(w) == 3
+    assert w.ack([1, 3]) == 2
+    assert len(w) == 1
+    assert [s.seq for s in w.all()] == [2]
+    assert w.acked_records == 11
+    assert w.acked_batches == 2
+
+
+def test_repeated_and_unknown_acks_are_ignored():
+    w = Window()
+    w.add(sent(1, count=4))
+    assert w.ack([1]) == 1
+    assert w.ack([1, 1, 99]) == 0
+    assert w.ack([]) == 0
+    assert w.acked_records == 4
+    assert w.acked_batches == 1
+    assert len(w) == 0
+
+
+def test_due_returns_unsent_and_overdue_batches_only():
+    w = Window()
+    w.add(sent(1, at=0))          # never sent
+    w.add(sent(2, at=T0))         # just sent
+    w.add(sent(3, at=T0 - 2.0))   # sent 2 s ago
+    assert sorted(s.seq for s in w.due(T0, resend_after=2.0)) == [1, 3]
+    assert sorted(s.seq for s in w.due(T0 + 1.99, resend_after=2.0)) == [1, 3]
+    assert sorted(s.seq for s in w.due(T0 + 2.0, resend_after=2.0)) == [1, 2, 3]
+
+
+def test_resend_after_updating_sent_at_waits_again():
+    w = Window()
+    s = sent(1, at=T0)
+    w.add(s)
+    due = w.due(T0 + 2.0, resend_after=2.0)
+    assert due == [s]
+    due[0].sent_at = T0 + 2.0  # the producer sends it again
+    assert w.due(T0 + 3.0, resend_after=2.0) == []
+    assert w.due(T0 + 4.0, resend_after=2.0) == [s]
+    w.ack([1])
+    assert w.due(T0 + 100.0, resend_after=2.0) == []
+
+
+def test_due_keeps_the_frames_to_resend():
+    w = Window()
+    w.add(sent(7, at=0))
+    (s,) = w.due(T0, resend_after=2.0)
+    assert s.frames == [b"h7", b"payload"]
