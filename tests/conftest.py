@@ -5,8 +5,8 @@ import threading
 import pytest
 import zmq
 
-from zfan.ledger import Ledger
 from tests.helpers import Role
+from zfan.ledger import Ledger
 
 
 class FakeClock:

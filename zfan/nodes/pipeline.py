@@ -118,6 +118,63 @@ def _wait_for_workers(sink: subprocess.Popen, control: str, workers: int, log_pa
     raise ZfanError(f"the sink and its {workers} workers did not come up within {timeout:g} s")
 
 
+class _Fleet:
+    """Producer threads streaming sensor readings, each counting what it sent per sensor."""
+
+    def __init__(self, ends: dict[str, str], ctx: zmq.Context, *, producers: int, sensors: int,
+                 batch_size: int, records: int | None, settle: float) -> None:
+        self.prods = [Producer(intake=ends["intake"], control=ends["control"], producer_id=f"node{i}",
+                               topic="readings", batch_size=batch_size, context=ctx).start()
+                      for i in range(producers)]
+        self.sent: list[Counter[str]] = [Counter() for _ in self.prods]
+        self.errors: list[BaseException] = []
+        self.stopping = threading.Event()
+        self._quota = None if records is None else [
+            records // producers + (i < records % producers) for i in range(producers)]
+        self._sensors = sensors
+        self._settle = settle
+        self._threads = [threading.Thread(target=self._produce, args=(i,), daemon=True) for i in range(producers)]
+        for t in self._threads:
+            t.start()
+
+    def _produce(self, i: int) -> None:
+        try:
+            quota = None if self._quota is None else self._quota[i]
+            for r in readings(quota, sensors=self._sensors, source=f"node{i}", seed=i):
+                if self.stopping.is_set():
+                    break
+                self.prods[i].send(r)
+                self.sent[i][r["sensor"]] += 1
+            self.prods[i].flush(timeout=self._settle)
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def join(self, timeout: float) -> None:
+        for t in self._threads:
+            t.join(timeout / len(self._threads))
+
+    @property
+    def records_sent(self) -> int:
+        return sum(p.sent_records for p in self.prods)
+
+    @property
+    def records_acked(self) -> int:
+        return sum(p.acked_records for p in self.prods)
+
+    def per_sensor(self) -> Counter[str]:
+        return sum(self.sent, Counter())
+
+    def close(self) -> None:
+        for prod in self.prods:
+            try:
+                prod.close(timeout=1)
+            except ZfanError as exc:
+                self.errors.append(exc)
+
+
 def _stream(ends: dict[str, str], ctx: zmq.Context, *, seconds: float | None, records: int | None,
             producers: int, sensors: int, batch_size: int, workers: int, settle: float,
             progress: Callable[[Progress], None] | None) -> Report:
@@ -130,41 +187,21 @@ def _stream(ends: dict[str, str], ctx: zmq.Context, *, seconds: float | None, re
     sub_thread = threading.Thread(target=_subscribe, args=(sub, tally, stop_sub), daemon=True)
     sub_thread.start()
 
-    stop_producing = threading.Event()
-    prods = [Producer(intake=ends["intake"], control=ends["control"], producer_id=f"node{i}",
-                      topic="readings", batch_size=batch_size, context=ctx).start() for i in range(producers)]
-    sent: list[Counter[str]] = [Counter() for _ in prods]
-    errors: list[BaseException] = []
-    quota = None if records is None else [records // producers + (i < records % producers) for i in range(producers)]
-
-    def produce(i: int) -> None:
-        try:
-            for r in readings(None if quota is None else quota[i], sensors=sensors, source=f"node{i}", seed=i):
-                if stop_producing.is_set():
-                    break
-                prods[i].send(r)
-                sent[i][r["sensor"]] += 1
-            prods[i].flush(timeout=settle)
-        except BaseException as exc:
-            errors.append(exc)
-
     start = time.monotonic()
-    threads = [threading.Thread(target=produce, args=(i,), daemon=True) for i in range(producers)]
-    for t in threads:
-        t.start()
+    fleet = _Fleet(ends, ctx, producers=producers, sensors=sensors, batch_size=batch_size, records=records,
+                   settle=settle)
 
     def report_progress() -> None:
         if progress is not None:
-            progress(Progress(time.monotonic() - start, sum(p.sent_records for p in prods),
-                              sum(p.acked_records for p in prods), tally.delivered))
+            progress(Progress(time.monotonic() - start, fleet.records_sent, fleet.records_acked, tally.delivered))
 
-    while any(t.is_alive() for t in threads):
+    while fleet.alive():
         if seconds is not None and time.monotonic() - start >= seconds:
-            stop_producing.set()
+            fleet.stopping.set()
         report_progress()
-        for t in threads:
-            t.join(0.2 / len(threads))
-    total = sum(sum(c.values()) for c in sent)
+        fleet.join(0.2)
+    expected = fleet.per_sensor()
+    total = sum(expected.values())
     deadline = time.monotonic() + settle
     while tally.delivered < total and time.monotonic() < deadline:
         report_progress()
@@ -173,25 +210,19 @@ def _stream(ends: dict[str, str], ctx: zmq.Context, *, seconds: float | None, re
     report_progress()
     stop_sub.set()
     sub_thread.join(5)
-    for prod in prods:
-        try:
-            prod.close(timeout=1)
-        except ZfanError as exc:
-            errors.append(exc)
+    fleet.close()
     try:
         stats = query_status(ends["control"], timeout=2, context=ctx)
     except ZfanError:
         stats = {}
-    if errors:
-        raise errors[0] if isinstance(errors[0], ZfanError) else ZfanError(f"a producer failed: {errors[0]!r}")
-    expected: Counter[str] = sum(sent, Counter())
+    if fleet.errors:
+        err = fleet.errors[0]
+        raise err if isinstance(err, ZfanError) else ZfanError(f"a producer failed: {err!r}")
     lost = sum(max(0, n - tally.per_sensor[s]) for s, n in expected.items())
     extra = sum(max(0, tally.per_sensor[s] - expected[s]) for s in tally.per_sensor)
-    return Report(producers=producers, workers=workers, sent=total,
-                  acked=sum(p.acked_records for p in prods), delivered=tally.delivered,
-                  results=tally.results, topics=len(tally.per_sensor), lost=lost,
-                  duplicated=tally.duplicated + extra,
-                  elapsed=max(tally.last - start, 1e-9), ledger_stats=stats)
+    return Report(producers=producers, workers=workers, sent=total, acked=fleet.records_acked,
+                  delivered=tally.delivered, results=tally.results, topics=len(tally.per_sensor), lost=lost,
+                  duplicated=tally.duplicated + extra, elapsed=max(tally.last - start, 1e-9), ledger_stats=stats)
 
 
 def _subscribe(sub: Subscriber, tally: _Tally, stop: threading.Event) -> None:

@@ -83,6 +83,8 @@ class Worker(Service):
         self.processed = 0  # batches answered, successfully or not
         self._jobs: queue.Queue[tuple[int, int, int, str, bytes] | None] = queue.Queue()
         self._done: deque[tuple[int, list[bytes]]] = deque()
+        self._epoch = 0  # the sink's, from its welcome; state of the I/O thread only
+        self._welcomed = False
 
     # --- the function's thread -------------------------------------------------------------
     def _work(self) -> None:
@@ -119,8 +121,7 @@ class Worker(Service):
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wakeup.fileno(), zmq.POLLIN)
-        epoch = 0
-        welcomed = False
+        self._epoch, self._welcomed = 0, False
         heard = time.monotonic()
         next_beat = heard + s.timing.heartbeat
         sock.send(p.encode(p.HELLO, "worker", s.name, s.credit))
@@ -130,42 +131,49 @@ class Worker(Service):
                 now = time.monotonic()
                 if self._wakeup.fileno() in ready:
                     self._wakeup.clear()
-                while self._done:
-                    job_epoch, frames = self._done.popleft()
-                    self.processed += 1
-                    if job_epoch == epoch:
-                        sock.send_multipart(frames)
+                self._send_done(sock)
                 if sock in ready:
                     for frames in drain(sock):
                         heard = now
-                        try:
-                            mtype, fields = p.decode(frames[0], allowed=CONTROL_TYPES)
-                        except ProtocolError as exc:
-                            log.warning("ignored a message from the sink: %s", exc)
-                            continue
-                        if mtype == p.WELCOME:
-                            if welcomed and fields[0] != epoch:
-                                self._drop_jobs()
-                            epoch, welcomed = fields[0], True
-                            log.info("joined sink %s (epoch %d)", s.control, epoch)
-                        elif mtype == p.LEASE and len(frames) == 2 and fields[0] == epoch:
-                            self._jobs.put((*fields[:4], frames[1]))
-                        elif mtype == p.RESET or (mtype == p.HEARTBEAT and welcomed and fields[0] != epoch):
-                            # The sink forgot us or restarted: what we hold is fenced already.
-                            self._drop_jobs()
-                            welcomed = False
-                            sock.send(p.encode(p.HELLO, "worker", s.name, s.credit))
+                        self._on_message(sock, frames)
                 if now - heard > s.timing.expiry:
                     log.warning("sink %s silent for %.1f s; reconnecting", s.control, now - heard)
-                    return welcomed
+                    return self._welcomed
                 if now >= next_beat:
-                    sock.send(p.encode(p.HEARTBEAT, epoch))
+                    sock.send(p.encode(p.HEARTBEAT, self._epoch))
                     next_beat = now + s.timing.heartbeat
-            if welcomed:
+            if self._welcomed:
                 sock.send(p.encode(p.BYE))  # lets the sink replay our batches at once
-            return welcomed
+            return self._welcomed
         finally:
-            sock.close(linger=100 if welcomed else 0)
+            sock.close(linger=100 if self._welcomed else 0)
+
+    def _send_done(self, sock: zmq.Socket) -> None:
+        while self._done:
+            epoch, frames = self._done.popleft()
+            self.processed += 1
+            if epoch == self._epoch:  # an older sink's lease is fenced: not worth sending
+                sock.send_multipart(frames)
+
+    def _on_message(self, sock: zmq.Socket, frames: list[bytes]) -> None:
+        try:
+            mtype, fields = p.decode(frames[0], allowed=CONTROL_TYPES)
+        except ProtocolError as exc:
+            log.warning("ignored a message from the sink: %s", exc)
+            return
+        if mtype == p.WELCOME:
+            if self._welcomed and fields[0] != self._epoch:
+                self._drop_jobs()
+            self._epoch, self._welcomed = fields[0], True
+            log.info("joined sink %s (epoch %d)", self.settings.control, self._epoch)
+        elif mtype == p.LEASE and len(frames) == 2 and fields[0] == self._epoch:
+            self._jobs.put((*fields[:4], frames[1]))
+        elif mtype == p.RESET or (mtype == p.HEARTBEAT and self._welcomed and fields[0] != self._epoch):
+            # The sink forgot us or restarted: what we hold is fenced already.
+            self._drop_jobs()
+            self._welcomed = False
+            s = self.settings
+            sock.send(p.encode(p.HELLO, "worker", s.name, s.credit))
 
     def _drop_jobs(self) -> None:
         """Forget leases not yet started: the sink replays them."""

@@ -1,0 +1,242 @@
+"""The SQLite ledger: WAL, one row per (producer, seq), group commit, and a clear refusal of
+files it must not touch."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from contextlib import closing
+
+import pytest
+
+from zfan.errors import LedgerError
+from zfan.ledger import DEAD, DONE, LEASED, PENDING, Ledger, Pending
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def peek(path: str, sql: str, args: tuple = ()) -> list[tuple]:
+    """What another process would read: committed data only."""
+    with closing(sqlite3.connect(path)) as db:
+        return db.execute(sql, args).fetchall()
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """A folder this process truly cannot create files in (chmod does not stop root)."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o500)
+    candidates = [str(folder), "/proc/sys"]
+    try:
+        for candidate in candidates:
+            try:
+                with open(os.path.join(candidate, "probe.zfan"), "wb"):
+                    pass
+            except OSError:
+                yield candidate
+                return
+            os.unlink(os.path.join(candidate, "probe.zfan"))
+        pytest.skip("no folder this process cannot write to")
+    finally:
+        folder.chmod(0o700)
+
+
+def test_ledger_is_in_wal_mode(ledger):
+    assert peek(ledger.path, "PRAGMA journal_mode") == [("wal",)]
+
+
+def test_new_ledger_passes_integrity_check(ledger):
+    assert ledger.integrity_check() == "ok"
+    ledger.insert_batch("prod", 1, "t", 2, b"\x92\x01\x02")
+    ledger.commit()
+    assert ledger.integrity_check() == "ok"
+
+
+def test_a_batch_is_stored_once_per_producer_and_seq(ledger):
+    first = ledger.insert_batch("prod", 1, "t", 2, b"one")
+    assert isinstance(first, int)
+    assert ledger.insert_batch("prod", 1, "t", 2, b"one again") is None
+    assert ledger.insert_batch("prod", 1, "other", 5, b"different") is None
+    other_producer = ledger.insert_batch("prod-2", 1, "t", 2, b"two")
+    next_seq = ledger.insert_batch("prod", 2, "t", 2, b"three")
+    assert len({first, other_producer, next_seq}) == 3
+    ledger.commit()
+    assert peek(ledger.path, "SELECT producer, seq, payload FROM batches ORDER BY id") == [
+        ("prod", 1, b"one"), ("prod-2", 1, b"two"), ("prod", 2, b"three")]
+    assert ledger.payload(first) == b"one"
+
+
+def test_unique_constraint_is_in_the_file(ledger):
+    ledger.insert_batch("prod", 1, "t", 1, b"x")
+    ledger.commit()
+    with closing(sqlite3.connect(ledger.path)) as db, pytest.raises(sqlite3.IntegrityError):
+        db.execute("INSERT INTO batches (producer, seq, topic, count, payload, state) "
+                   "VALUES ('prod', 1, 't', 1, x'00', 0)")
+
+
+def test_writes_are_invisible_until_commit(ledger):
+    ledger.insert_batch("prod", 1, "t", 1, b"x")
+    assert peek(ledger.path, "SELECT count(*) FROM batches") == [(0,)]
+    ledger.commit()
+    assert peek(ledger.path, "SELECT count(*) FROM batches") == [(1,)]
+
+
+def test_close_rolls_back_what_was_not_committed(tmp_path):
+    path = str(tmp_path / "l.db")
+    led = Ledger(path)
+    led.insert_batch("prod", 1, "t", 1, b"kept")
+    led.commit()
+    led.insert_batch("prod", 2, "t", 1, b"lost")
+    led.close()
+    led = Ledger(path)
+    try:
+        assert [p.batch_id for p in led.pending()] == [1]
+    finally:
+        led.close()
+
+
+def test_the_life_of_a_batch(ledger):
+    bid = ledger.insert_batch("prod", 1, "in", 3, b"payload")
+    assert ledger.pending() == [Pending(bid, "in", 3, 0)]
+    ledger.lease(bid, "w1", 1)
+    ledger.commit()
+    assert peek(ledger.path, "SELECT state, worker, attempts FROM batches") == [(LEASED, "w1", 1)]
+    ledger.release(bid, "boom")
+    assert ledger.batch_info(bid) == ("in", 3, 1, "boom")
+    assert ledger.pending() == [Pending(bid, "in", 3, 1)]
+    ledger.lease(bid, "w2", 2)
+    stored = ledger.store_results(bid, [("out", 1, 2, b"r1"), ("other", 1, 1, b"r2")])
+    ledger.commit()
+    assert [(s.topic, s.seq, s.count, s.kind, s.payload) for s in stored] == [
+        ("out", 1, 2, 0, b"r1"), ("other", 1, 1, 0, b"r2")]
+    assert peek(ledger.path, "SELECT state, payload, error FROM batches") == [(DONE, None, None)]
+    assert ledger.counts() == {"pending": 0, "leased": 0, "done": 1, "dead": 0}
+    assert ledger.topic_seqs() == {"out": 1, "other": 1}
+    with pytest.raises(LedgerError, match=f"batch {bid} has no payload"):
+        ledger.payload(bid)
+
+
+def test_dead_letter_keeps_the_payload_and_the_error(ledger):
+    bid = ledger.insert_batch("prod", 1, "in", 3, b"payload")
+    ledger.lease(bid, "w1", 1)
+    stored = ledger.dead_letter(bid, "zfan.dead", 1, "ValueError: bad")
+    ledger.commit()
+    assert (stored.topic, stored.seq, stored.kind, stored.payload, stored.count) == (
+        "zfan.dead", 1, 1, b"payload", 3)
+    assert peek(ledger.path, "SELECT state, error FROM batches") == [(DEAD, "ValueError: bad")]
+    assert ledger.counts()["dead"] == 1
+    assert ledger.pending() == []
+
+
+def test_recover_puts_leased_batches_back_keeping_attempts(ledger):
+    a = ledger.insert_batch("prod", 1, "t", 1, b"a")
+    b = ledger.insert_batch("prod", 2, "t", 1, b"b")
+    ledger.lease(a, "w1", 2)
+    ledger.commit()
+    assert ledger.recover() == 1
+    assert ledger.pending() == [Pending(a, "t", 1, 2), Pending(b, "t", 1, 0)]
+    assert peek(ledger.path, "SELECT state, worker FROM batches WHERE id=?", (a,)) == [(PENDING, None)]
+
+
+def test_epochs_grow_across_opens(tmp_path):
+    path = str(tmp_path / "l.db")
+    epochs = []
+    for _ in range(3):
+        led = Ledger(path)
+        epochs.append(led.next_epoch())
+        led.close()
+    assert epochs == [1, 2, 3]
+
+
+def test_published_mark_and_results_after(ledger):
+    a = ledger.insert_batch("prod", 1, "t", 1, b"a")
+    stored = ledger.store_results(a, [("out", 1, 1, b"r1"), ("out", 2, 1, b"r2"), ("out", 3, 1, b"r3")])
+    ledger.commit()
+    assert ledger.published_upto() == 0
+    assert list(ledger.results_after(0)) == stored
+    ledger.mark_published(stored[1].id)
+    ledger.commit()
+    assert ledger.published_upto() == stored[1].id
+    assert list(ledger.results_after(ledger.published_upto())) == [stored[2]]
+
+
+def test_results_are_unique_per_topic_and_seq(ledger):
+    a = ledger.insert_batch("prod", 1, "t", 1, b"a")
+    ledger.store_results(a, [("out", 1, 1, b"r1")])
+    ledger.commit()
+    with closing(sqlite3.connect(ledger.path)) as db, pytest.raises(sqlite3.IntegrityError):
+        db.execute("INSERT INTO results (batch_id, topic, seq, count, kind, payload) "
+                   "VALUES (1, 'out', 1, 1, 0, x'00')")
+
+
+@pytest.mark.parametrize("content", [
+    b"this is not a database\n" * 200,
+    b"hello",
+    b"\x00" * 4096,
+    b"SQLite format 3\x00" + b"\xff" * 200,
+])
+def test_a_non_database_file_is_refused_and_left_untouched(tmp_path, content):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    with pytest.raises(LedgerError) as info:
+        Ledger(str(path))
+    message = str(info.value)
+    assert str(path) in message
+    assert "untouched" in message
+    assert path.read_bytes() == content
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]  # no -wal or -shm left behind
+
+
+@pytest.mark.xfail(strict=True, reason="Ledger.__init__ switches the file to WAL and creates the meta table "
+                                       "(autocommitted) before the schema fails, yet says 'left untouched'")
+def test_a_foreign_sqlite_database_is_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "app.db"
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE batches (x)")
+        db.commit()
+    before = path.read_bytes()
+    with pytest.raises(LedgerError, match="not a zfan ledger"):
+        Ledger(str(path))
+    assert path.read_bytes() == before
+    assert peek(str(path), "SELECT name FROM sqlite_master") == [("batches",)]
+
+
+def test_a_missing_folder_is_refused(tmp_path):
+    path = tmp_path / "nope" / "ledger.db"
+    with pytest.raises(LedgerError, match="does not exist"):
+        Ledger(str(path))
+    assert not (tmp_path / "nope").exists()
+
+
+def test_an_unwritable_folder_is_refused(unwritable_folder):
+    path = os.path.join(unwritable_folder, "ledger.db")
+    with pytest.raises(LedgerError) as info:
+        Ledger(path)
+    assert path in str(info.value)
+    assert "writ" in str(info.value)
+    assert not os.path.exists(path)
+
+
+def test_a_read_only_ledger_file_is_refused(tmp_path):
+    path = tmp_path / "ledger.db"
+    Ledger(str(path)).close()
+    path.chmod(0o400)
+    try:
+        if os.access(path, os.W_OK):
+            pytest.skip("running as root: a read-only mode does not stop writes")
+        with pytest.raises(LedgerError, match="not writable"):
+            Ledger(str(path))
+    finally:
+        path.chmod(0o600)
+
+
+def test_memory_ledger_works(tmp_path):
+    led = Ledger(":memory:")
+    try:
+        assert led.next_epoch() == 1
+        bid = led.insert_batch("prod", 1, "t", 1, b"x")
+        led.commit()
+        assert led.pending() == [Pending(bid, "t", 1, 0)]
+    finally:
+        led.close()
