@@ -74,7 +74,8 @@ class Role:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"zfan {' '.join(self.args)} still running after {timeout} s:\n{self.stderr}") from None
+            raise AssertionError(
+                f"zfan {' '.join(self.args)} still running after {timeout} s:\n{self.stderr}") from None
         self._close()
         return code
 
