@@ -176,3 +176,34 @@ def test_what_a_worker_function_returns_wrongly_is_reported(sink, ctx):
             prod.send({"x": 1})
         msgs = collect(sub, lambda ms: len(ms) == 1)
     assert "process() returned int; expected a list, a dict of topic -> list, or None" in msgs[0].error
+
+
+def test_a_wide_subscriber_does_not_count_other_handshakes_as_rejects(sink, ctx):
+    with Subscriber(results=sink.results, context=ctx) as wide:
+        assert wide.wait_ready(5)
+        for _ in range(3):
+            with Subscriber(results=sink.results, context=ctx) as other:
+                assert other.wait_ready(5)
+        with Worker(lambda rs: rs, control=sink.control, context=ctx), \
+                Producer(intake=sink.intake, control=sink.control, context=ctx) as prod:
+            prod.send({"x": 1})
+            prod.flush()
+            msg = wide.recv(timeout=10)
+    assert msg is not None and msg.records == [{"x": 1}]
+    assert not wide.rejected
+
+
+def test_peers_beat_at_the_pace_the_sink_asks_for(tmp_path, ctx):
+    fast = Timing(heartbeat=0.05, liveness=3)  # the sink drops a peer silent for 150 ms
+    slow = Timing(heartbeat=2.0, liveness=3)  # what the peers were configured with
+    with Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), timing=fast,
+              context=ctx) as sink, \
+            Worker(lambda rs: rs, control=sink.control, timing=slow, context=ctx), \
+            Producer(intake=sink.intake, control=sink.control, timing=slow, context=ctx) as prod:
+        assert prod.connected.wait(5)
+        wait_for(lambda: len(query_status(sink.control, context=ctx)["workers"]) == 1)
+        # The point of this test is time passing: ten of the sink's expiries.
+        threading.Event().wait(1.5)
+        info = query_status(sink.control, context=ctx)
+        assert len(info["workers"]) == 1 and info["producers"] == 1
+        assert "resets" not in info

@@ -188,9 +188,20 @@ def test_a_non_database_file_is_refused_and_left_untouched(tmp_path, content):
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]  # no -wal or -shm left behind
 
 
-@pytest.mark.xfail(strict=True, reason="Ledger.__init__ switches the file to WAL and creates the meta table "
-                                       "(autocommitted) before the schema fails, yet says 'left untouched'")
-def test_a_foreign_sqlite_database_is_refused_and_left_untouched(tmp_path):
+def test_a_database_with_other_tables_is_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "app.db"
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+        db.commit()
+    before = path.read_bytes()
+    with pytest.raises(LedgerError, match="not a zfan ledger") as info:
+        Ledger(str(path))
+    assert "untouched" in str(info.value)
+    assert path.read_bytes() == before
+    assert peek(str(path), "SELECT name FROM sqlite_master") == [("customers",)]
+
+
+def test_a_foreign_database_with_a_batches_table_is_refused_and_left_untouched(tmp_path):
     path = tmp_path / "app.db"
     with closing(sqlite3.connect(path)) as db:
         db.execute("CREATE TABLE batches (x)")
@@ -200,6 +211,11 @@ def test_a_foreign_sqlite_database_is_refused_and_left_untouched(tmp_path):
         Ledger(str(path))
     assert path.read_bytes() == before
     assert peek(str(path), "SELECT name FROM sqlite_master") == [("batches",)]
+
+
+def test_a_directory_is_refused(tmp_path):
+    with pytest.raises(LedgerError, match="is a directory"):
+        Ledger(str(tmp_path))
 
 
 def test_a_missing_folder_is_refused(tmp_path):

@@ -47,6 +47,17 @@ def connect_address(bound: str) -> str:
     return bound
 
 
+def check_name(what: str, value: str, limit: int = 128) -> None:
+    if not isinstance(value, str) or not value or len(value.encode()) > limit:
+        raise ConfigError(f"{what} must be 1 to {limit} bytes of text, not {value!r}")
+
+
+def check_topic(topic: str) -> None:
+    check_name("topic", topic, 255)
+    if topic.startswith("zfan."):
+        raise ConfigError(f"topic {topic!r}: topics starting with 'zfan.' are reserved")
+
+
 def _positive(name: str, value: float, *, integer: bool = False) -> None:
     if integer and (not isinstance(value, int) or isinstance(value, bool)):
         raise ConfigError(f"{name} must be a whole number, not {value!r}")
@@ -109,6 +120,7 @@ class WorkerSettings:
         _positive("credit", self.credit, integer=True)
         if self.credit > 1000:
             raise ConfigError(f"credit must be at most 1000, not {self.credit}")
+        check_name("worker name", self.name)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,8 +145,8 @@ class ProducerSettings:
             raise ConfigError(f"linger_ms must be 0 or more, not {self.linger_ms!r}")
         _positive("window", self.window, integer=True)
         _positive("resend_after", self.resend_after)
-        if not self.producer_id or len(self.producer_id) > 128:
-            raise ConfigError("producer_id must be 1 to 128 characters")
+        check_name("producer_id", self.producer_id)
+        check_topic(self.topic)
 
 
 @dataclass(frozen=True, kw_only=True)

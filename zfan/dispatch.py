@@ -33,9 +33,9 @@ class WorkerState:
     rid: bytes
     name: str
     credit: int
-    # batch_id -> attempt for every batch this worker holds, including leases the sink has
-    # since revoked (timed out): the worker's credit returns only when it answers for them.
-    held: dict[int, int] = field(default_factory=dict)
+    # (batch_id, attempt) of every lease this worker holds, including leases the sink has since
+    # revoked (timed out): the worker's credit returns only when it answers for that attempt.
+    held: set[tuple[int, int]] = field(default_factory=set)
 
     @property
     def free(self) -> int:
@@ -256,7 +256,7 @@ class SinkCore:
         worker = self.workers.get(rid)
         if worker is None:
             raise ProtocolError("not a worker", "results come only from workers")
-        worker.held.pop(batch_id, None)  # its credit is back, whatever the verdict
+        worker.held.discard((batch_id, attempt))  # its credit is back, whatever the verdict
         lease = self.leases.get(batch_id)
         if epoch != self.epoch or lease is None or lease.rid != rid or lease.attempt != attempt:
             self.stats["fenced results"] += 1
@@ -283,7 +283,7 @@ class SinkCore:
             else:
                 self._cached -= len(payload)
             self.ledger.lease(batch.batch_id, worker.name, attempt)
-            worker.held[batch.batch_id] = attempt
+            worker.held.add((batch.batch_id, attempt))
             self.leases[batch.batch_id] = Lease(worker.rid, attempt, now + self.batch_timeout)
             self.counts["pending"] -= 1
             self.counts["leased"] += 1
@@ -316,7 +316,8 @@ class SinkCore:
             return
         (log.warning if worker.held else log.info)(
             "worker %s gone (%s); replaying %d batch(es)", worker.name, why, len(worker.held))
-        for batch_id, attempt in worker.held.items():
+        # Newest first, since each goes to the front of the queue: they end up oldest first.
+        for batch_id, attempt in sorted(worker.held, reverse=True):
             lease = self.leases.get(batch_id)
             if lease is not None and lease.rid == rid and lease.attempt == attempt:
                 del self.leases[batch_id]

@@ -14,6 +14,8 @@ from typing import NamedTuple
 from .errors import LedgerError
 
 PENDING, LEASED, DONE, DEAD = 0, 1, 2, 3
+# Stamped in the SQLite header of every ledger ("zfan"), so that no other database is taken over.
+APPLICATION_ID = 0x7A66616E
 STATE_NAMES = {PENDING: "pending", LEASED: "leased", DONE: "done", DEAD: "dead"}
 
 _SCHEMA = """
@@ -69,9 +71,11 @@ class Ledger:
         self.path = path
         self._db = _open(path)
         try:
-            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if tables and "batches" not in tables:
-                raise _refuse(path, "it holds other tables")
+            app_id = self._db.execute("PRAGMA application_id").fetchone()[0]
+            if app_id != APPLICATION_ID:
+                if self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                    raise _refuse(path, "it holds other tables")
+                self._db.execute(f"PRAGMA application_id={APPLICATION_ID}")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if fsync == 'full' else 'NORMAL'}")
             self._db.executescript(_SCHEMA)

@@ -48,7 +48,8 @@ MAX_TOPICS = 10_000  # topics one result may fan out to
 MAX_ERROR = 64 * 1024  # traceback text of a failed batch
 MAX_SEQS = 100_000  # seqs one ack carries
 MAX_CREDIT = 1000
-MAX_UINT = (1 << 64) - 1
+# Integers are unsigned and below 2**63: SQLite stores signed 64-bit integers.
+MAX_INT = (1 << 63) - 1
 
 _STR, _INT, _STRS, _INTS, _MAP = "str", "int", "list[str]", "list[int]", "map"
 
@@ -76,6 +77,7 @@ STATUS_REPLY_FIELDS = (("info", _MAP),)
 # How many payload frames follow the header, per type (RESULT: one per topic).
 PAYLOAD_FRAMES = {BATCH: 1, LEASE: 1, PUBLISH: 1, DEAD: 1}
 
+_NON_EMPTY = frozenset({"producer_id", "name", "topic", "source_topic", "role", "token"})
 _STR_LIMITS = {"producer_id": MAX_NAME, "name": MAX_NAME, "topic": MAX_TOPIC, "source_topic": MAX_TOPIC,
                "role": 16, "error": MAX_ERROR, "reason": 1024, "token": MAX_TOPIC}
 
@@ -106,7 +108,7 @@ def decode(frame: bytes, *, allowed: frozenset[str] | None = None) -> tuple[str,
     if not isinstance(msg, list) or len(msg) < 2:
         raise ProtocolError("bad header", "not an array [version, type, ...]")
     version, mtype, *fields = msg
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:
         raise ProtocolError("bad version", repr(version)[:40])
     if not isinstance(mtype, str) or mtype not in SCHEMA:
         raise ProtocolError("unknown type", repr(mtype)[:40])
@@ -124,18 +126,35 @@ def decode(frame: bytes, *, allowed: frozenset[str] | None = None) -> tuple[str,
 
 def _check(mtype: str, name: str, kind: str, value: Any) -> None:
     if kind == _INT:
-        ok = type(value) is int and 0 <= value <= MAX_UINT
+        ok = type(value) is int and 0 <= value <= MAX_INT
     elif kind == _STR:
         ok = type(value) is str and len(value.encode()) <= _STR_LIMITS.get(name, MAX_TOPIC)
+        if ok and name in _NON_EMPTY:
+            ok = bool(value)
     elif kind == _INTS:
-        ok = type(value) is list and all(type(v) is int and 0 <= v <= MAX_UINT for v in value)
+        ok = type(value) is list and len(value) <= max(MAX_SEQS, MAX_TOPICS) and all(
+            type(v) is int and 0 <= v <= MAX_INT for v in value)
     elif kind == _STRS:
         ok = type(value) is list and len(value) <= MAX_TOPICS and all(
-            type(v) is str and len(v.encode()) <= MAX_TOPIC for v in value)
+            type(v) is str and v and len(v.encode()) <= MAX_TOPIC for v in value)
     else:
-        ok = type(value) is dict
+        ok = type(value) is dict and _plain(value)
     if not ok:
         raise ProtocolError("bad field", f"{mtype}.{name}")
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Only msgpack's own types, a few levels deep: msgpack decodes its Timestamp extension
+    without asking ext_hook, so a map field is checked by walking it."""
+    if depth > 4:
+        return False
+    if value is None or type(value) in (bool, int, float, str):
+        return True
+    if type(value) is list:
+        return all(_plain(v, depth + 1) for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and _plain(v, depth + 1) for k, v in value.items())
+    return False
 
 
 # --- records ------------------------------------------------------------------------------

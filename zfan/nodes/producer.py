@@ -18,10 +18,10 @@ import zmq
 
 from .. import protocol as p
 from ..batching import Batcher, Sent, Window
-from ..config import ProducerSettings
+from ..config import ProducerSettings, check_topic
 from ..errors import Closed, DeliveryTimeout, ProtocolError, SerializationError, ZfanError
 from .service import Service
-from .transport import connect, drain, socket
+from .transport import connect, drain, socket, welcome_timing
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class Producer(Service):
         self._acked = threading.Condition()
         self._window = Window()
         self._outstanding = 0  # handed off and not yet acked (under _acked)
+        self._topics: set[str] = set()
+        self._beat = self._expiry = 0.0  # the sink's heartbeat timing, from its welcome (I/O thread)
         self._closed = False
         self._window_full = False  # a lingering batch waits for an ack before it can go
         self.sent_records = 0
@@ -56,7 +58,11 @@ class Producer(Service):
         """Queue one record. Blocks while the window of unacknowledged batches is full."""
         if self._closed:
             raise Closed("producer is closed")
-        topic = self.settings.topic if topic is None else topic
+        if topic is None:
+            topic = self.settings.topic
+        elif topic not in self._topics:
+            check_topic(topic)  # once per topic: send() is the hot path
+            self._topics.add(topic)
         try:
             packed = self._packer.pack(record)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -151,8 +157,9 @@ class Producer(Service):
         poller.register(ctl, zmq.POLLIN)
         poller.register(self._wakeup.fileno(), zmq.POLLIN)
         epoch = 0
+        self._beat, self._expiry = s.timing.heartbeat, s.timing.expiry  # until the sink says its own
         heard = time.monotonic()
-        next_beat = heard + s.timing.heartbeat
+        next_beat = heard + self._beat
         ctl.send(p.encode(p.HELLO, "producer", s.producer_id, 0))
         try:
             while not self._stopping.is_set():
@@ -171,6 +178,7 @@ class Producer(Service):
                     for frames in drain(ctl):
                         heard = now
                         epoch = self._control(frames, ctl, epoch)
+                    next_beat = min(next_beat, now + self._beat)  # a welcome may ask for a faster pace
                 if epoch:
                     for sent in self._window.due(now, s.resend_after):
                         try:
@@ -178,13 +186,13 @@ class Producer(Service):
                         except zmq.Again:
                             break  # the sink's pipe is full: try again next turn
                         sent.sent_at = now
-                if now - heard > s.timing.expiry:
+                if now - heard > self._expiry:
                     log.warning("sink %s silent for %.1f s; reconnecting", s.control, now - heard)
                     self.connected.clear()
                     return
                 if now >= next_beat:
                     ctl.send(p.encode(p.HEARTBEAT, epoch))
-                    next_beat = now + s.timing.heartbeat
+                    next_beat = now + self._beat
         finally:
             ctl.close(linger=0)
 
@@ -207,6 +215,7 @@ class Producer(Service):
                 # A sink we had not met (or one that restarted): everything unacked goes again.
                 for sent in self._window.all():
                     sent.sent_at = 0.0
+            self._beat, self._expiry = welcome_timing(fields, self.settings.timing)
             self.connected.set()
             return int(fields[0])
         elif mtype == p.RESET or (mtype == p.HEARTBEAT and epoch and fields[0] != epoch):

@@ -114,6 +114,10 @@ class Sink(Service):
         all its real subscriptions are in place."""
         for frames in drain(xpub):
             sub = frames[0]
-            if sub[:1] == b"\x01" and sub[1:].startswith(p.SYNC_PREFIX.encode()):
-                token = sub[1:].decode(errors="replace")
-                xpub.send_multipart([sub[1:], p.encode(p.SYNC, token[:p.MAX_TOPIC])])
+            topic = sub[1:]
+            if sub[:1] == b"\x01" and topic.startswith(p.SYNC_PREFIX.encode()) and len(topic) <= p.MAX_TOPIC:
+                try:
+                    token = topic.decode()
+                except UnicodeDecodeError:
+                    continue
+                xpub.send_multipart([topic, p.encode(p.SYNC, token)])

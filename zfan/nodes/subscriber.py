@@ -24,7 +24,8 @@ from .transport import connect, socket
 
 log = logging.getLogger(__name__)
 
-RESULT_TYPES = frozenset({p.PUBLISH, p.DEAD, p.SYNC})
+RESULT_TYPES = frozenset({p.PUBLISH, p.DEAD})
+SYNC_TOPIC = p.SYNC_PREFIX.encode()
 
 
 @dataclass(frozen=True)
@@ -144,12 +145,12 @@ class Subscriber:
         return True
 
     def _accept(self, frames: list[bytes]) -> Message | None:
+        if frames[0].startswith(SYNC_TOPIC):
+            return None  # another subscriber's handshake, seen through a wide prefix
         try:
             if len(frames) != 3:
                 raise ProtocolError("bad frame count", f"{len(frames)} frames")
             mtype, fields = p.decode(frames[1], allowed=RESULT_TYPES)
-            if mtype == p.SYNC:
-                return None  # another subscriber's handshake, seen through a wide prefix
             topic, seq, batch_id = fields[0], fields[1], fields[2]
             if frames[0] != topic.encode():
                 raise ProtocolError("bad header", "topic frame and header disagree")

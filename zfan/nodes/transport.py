@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import zmq
 
+from ..config import Timing
 from ..errors import BindError, ConfigError
 
 # Messages taken from one socket per turn of a loop: enough to amortise a commit, few enough
@@ -55,6 +56,15 @@ def drain(sock: zmq.Socket, limit: int = DRAIN) -> Iterator[list[bytes]]:
             yield sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return
+
+
+def welcome_timing(welcome: list, own: Timing) -> tuple[float, float]:
+    """(heartbeat interval, expiry) for a session, from a WELCOME's heartbeat_ms and liveness:
+    beat as often as the sink expects, and give it the silence it allows itself."""
+    _, heartbeat_ms, liveness = welcome
+    if not heartbeat_ms or not liveness:
+        return own.heartbeat, own.expiry
+    return heartbeat_ms / 1000, heartbeat_ms / 1000 * liveness
 
 
 class Wakeup:

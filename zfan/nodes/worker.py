@@ -22,7 +22,7 @@ from .. import protocol as p
 from ..config import WorkerSettings
 from ..errors import ProtocolError, SerializationError
 from .service import Service
-from .transport import connect, drain, socket
+from .transport import connect, drain, socket, welcome_timing
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ def run_batch(process: Process, epoch: int, batch_id: int, attempt: int, topic: 
         out = process(p.decode_records(payload))
         topics, counts, payloads = _split(out, topic)
     except Exception:
-        error = traceback.format_exc()[-p.MAX_ERROR // 2:]
+        # The end of a traceback says most; cut by bytes, since the limit is in bytes.
+        error = traceback.format_exc().encode()[-p.MAX_ERROR:].decode(errors="ignore")
         return [p.encode(p.FAILED, epoch, batch_id, attempt, error)]
     return [p.encode(p.RESULT, epoch, batch_id, attempt, topics, counts), *payloads]
 
@@ -83,8 +84,10 @@ class Worker(Service):
         self.processed = 0  # batches answered, successfully or not
         self._jobs: queue.Queue[tuple[int, int, int, str, bytes] | None] = queue.Queue()
         self._done: deque[tuple[int, list[bytes]]] = deque()
-        self._epoch = 0  # the sink's, from its welcome; state of the I/O thread only
+        # State of the I/O thread only: the sink's epoch and heartbeat timing, from its welcome.
+        self._epoch = 0
         self._welcomed = False
+        self._beat = self._expiry = 0.0
 
     # --- the function's thread -------------------------------------------------------------
     def _work(self) -> None:
@@ -122,8 +125,9 @@ class Worker(Service):
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wakeup.fileno(), zmq.POLLIN)
         self._epoch, self._welcomed = 0, False
+        self._beat, self._expiry = s.timing.heartbeat, s.timing.expiry  # until the sink says its own
         heard = time.monotonic()
-        next_beat = heard + s.timing.heartbeat
+        next_beat = heard + self._beat
         sock.send(p.encode(p.HELLO, "worker", s.name, s.credit))
         try:
             while not self._stopping.is_set():
@@ -136,12 +140,13 @@ class Worker(Service):
                     for frames in drain(sock):
                         heard = now
                         self._on_message(sock, frames)
-                if now - heard > s.timing.expiry:
+                    next_beat = min(next_beat, now + self._beat)  # a welcome may ask for a faster pace
+                if now - heard > self._expiry:
                     log.warning("sink %s silent for %.1f s; reconnecting", s.control, now - heard)
                     return self._welcomed
                 if now >= next_beat:
                     sock.send(p.encode(p.HEARTBEAT, self._epoch))
-                    next_beat = now + s.timing.heartbeat
+                    next_beat = now + self._beat
             if self._welcomed:
                 sock.send(p.encode(p.BYE))  # lets the sink replay our batches at once
             return self._welcomed
@@ -165,6 +170,7 @@ class Worker(Service):
             if self._welcomed and fields[0] != self._epoch:
                 self._drop_jobs()
             self._epoch, self._welcomed = fields[0], True
+            self._beat, self._expiry = welcome_timing(fields, self.settings.timing)
             log.info("joined sink %s (epoch %d)", self.settings.control, self._epoch)
         elif mtype == p.LEASE and len(frames) == 2 and fields[0] == self._epoch:
             self._jobs.put((*fields[:4], frames[1]))
