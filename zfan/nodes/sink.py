@@ -12,6 +12,7 @@ import zmq
 from .. import protocol as p
 from ..config import SinkSettings, connect_address
 from ..dispatch import SinkCore
+from ..errors import ConfigError
 from ..ledger import Ledger
 from .local import LocalWorkers
 from .service import Service
@@ -35,7 +36,7 @@ class Sink(Service):
         super().__init__(context)
         self.settings = settings or SinkSettings(**overrides)
         if workers and not app:
-            raise ValueError("local workers need app='module:function'")
+            raise ConfigError("local workers need app='module:function', e.g. app='zfan.apps:rollup'")
         self._local = (workers, app, worker_credit)
         self._workers: LocalWorkers | None = None
         self.intake = self.control = self.results = ""
