@@ -8,10 +8,10 @@ import signal
 import socket
 import sqlite3
 import stat
-from collections import Counter
 
 import pytest
 
+from tests.checker import check, from_json_lines
 from tests.helpers import run_cli, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -26,21 +26,17 @@ def test_four_processes_deliver_every_record_exactly_once(tmp_path, ipc, roles):
     sink = roles("sink", "--workers", "2", "--app", "zfan.apps:echo", "--ledger", str(tmp_path / "z.db"),
                  *endpoint_args(ipc, "intake", "control", "results"))
     sink.wait_ready()
-    sub = roles("subscribe", *endpoint_args(ipc, "results"), "--topic", "readings")
+    sub = roles("subscribe", *endpoint_args(ipc, "results", "control"), "--topic", "readings")
     sub.wait_ready()
     prod = roles("produce", "--count", str(n), *endpoint_args(ipc, "intake", "control"))
     assert prod.wait(90) == 0, prod.stderr
     assert f"{n} record(s) sent and acknowledged" in prod.stderr
 
-    def ids() -> Counter[int]:
-        return Counter(r["id"] for line in list(sub.out) for r in json.loads(line)["records"])
-
-    wait_for(lambda: sum(ids().values()) >= n, timeout=60, what=f"{n} records at the subscriber")
-    got = ids()
-    assert sorted(got) == list(range(n)), "every record's result arrived"
-    assert max(got.values()) == 1, "no record's result arrived twice"
-    seqs = [json.loads(line)["seq"] for line in sub.out]
-    assert seqs == list(range(1, len(seqs) + 1)), "per-topic seqs run 1..n without gaps"
+    wait_for(lambda: len(from_json_lines(list(sub.out))[0]) >= n, timeout=60, what=f"{n} records at the subscriber")
+    ids, seqs = from_json_lines(list(sub.out))
+    verdict = check(range(n), ids, seqs)
+    assert verdict.ok, verdict
+    assert seqs["readings"][0] == 1
 
     status = run_cli("status", *endpoint_args(ipc, "control"), "--json")
     assert status.returncode == 0, status.stderr
@@ -68,7 +64,7 @@ def test_status_table_and_subscribe_count(tmp_path, ipc, roles):
     sink = roles("sink", "--workers", "1", "--ledger", str(tmp_path / "z.db"),
                  *endpoint_args(ipc, "intake", "control", "results"))
     sink.wait_ready()
-    sub = roles("subscribe", *endpoint_args(ipc, "results"), "--topic", "sensor.", "--count", "3")
+    sub = roles("subscribe", *endpoint_args(ipc, "results", "control"), "--topic", "sensor.", "--count", "3")
     sub.wait_ready()
     prod = run_cli("produce", "--count", "5000", "--sensors", "4", *endpoint_args(ipc, "intake", "control"))
     assert prod.returncode == 0, prod.stderr
@@ -88,7 +84,7 @@ def test_produce_reads_json_lines_and_skips_bad_ones(tmp_path, ipc, roles):
     sink = roles("sink", "--workers", "1", "--app", "zfan.apps:echo", "--ledger", str(tmp_path / "z.db"),
                  *endpoint_args(ipc, "intake", "control", "results"))
     sink.wait_ready()
-    sub = roles("subscribe", *endpoint_args(ipc, "results"), "--count", "1")
+    sub = roles("subscribe", *endpoint_args(ipc, "results", "control"), "--count", "1")
     sub.wait_ready()
     lines = '{"a": 1}\nnot json\n\n{"a": 2}\n'
     res = run_cli("produce", *endpoint_args(ipc, "intake", "control"), input=lines)
@@ -112,7 +108,7 @@ def test_roles_stop_cleanly_on_signals(tmp_path, ipc, roles, sig):
     sink.wait_ready()
     worker = roles("worker", *endpoint_args(ipc, "control"))
     worker.wait_ready()
-    sub = roles("subscribe", *endpoint_args(ipc, "results"))
+    sub = roles("subscribe", *endpoint_args(ipc, "results", "control"))
     sub.wait_ready()
     wait_for(lambda: len(json.loads(run_cli("status", *endpoint_args(ipc, "control"), "--json").stdout)
                          ["workers"]) == 2, what="two workers")

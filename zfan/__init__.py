@@ -17,6 +17,7 @@ from .nodes.sink import Sink
 from .nodes.status import query_status
 from .nodes.subscriber import Message, Subscriber
 from .nodes.worker import Worker
+from .sequencing import RetentionGap
 
 __version__ = "0.1.0"
 
@@ -44,4 +45,5 @@ __all__ = [
     "SerializationError",
     "DeliveryTimeout",
     "Closed",
+    "RetentionGap",
 ]

@@ -58,6 +58,24 @@ def check_topic(topic: str) -> None:
         raise ConfigError(f"topic {topic!r}: topics starting with 'zfan.' are reserved")
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_retention(text: str) -> tuple[int | None, float | None]:
+    """'100000' keeps that many results; '30m', '12h', '7d' keeps results that young."""
+    text = text.strip().lower()
+    try:
+        if text[-1:] in _UNITS:
+            age = float(text[:-1]) * _UNITS[text[-1]]
+            if age > 0:
+                return None, age
+        elif int(text) > 0:
+            return int(text), None
+    except ValueError:
+        pass
+    raise ConfigError(f"retention {text!r}: give a number of results (100000) or an age (30m, 12h, 7d)")
+
+
 def _positive(name: str, value: float, *, integer: bool = False) -> None:
     if integer and (not isinstance(value, int) or isinstance(value, bool)):
         raise ConfigError(f"{name} must be a whole number, not {value!r}")
@@ -96,6 +114,10 @@ class SinkSettings:
     cache_bytes: int = 256 * 1024 * 1024
     # Results queued for subscribers before PUB drops (ZeroMQ's SNDHWM, in messages).
     publish_hwm: int = 100_000
+    # Published results kept in the ledger for subscribers to repair gaps and replay from:
+    # the newest `retain_count`, and (if set) none older than `retain_age` seconds.
+    retain_count: int | None = 100_000
+    retain_age: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("intake", "control", "results"):
@@ -104,6 +126,10 @@ class SinkSettings:
             raise ConfigError(f"fsync must be 'normal' or 'full', not {self.fsync!r}")
         _positive("max_attempts", self.max_attempts, integer=True)
         _positive("batch_timeout", self.batch_timeout)
+        if self.retain_count is not None:
+            _positive("retain_count", self.retain_count, integer=True)
+        if self.retain_age is not None:
+            _positive("retain_age", self.retain_age)
         if not isinstance(self.ledger, str) or not self.ledger:
             raise ConfigError("ledger must be a file path or ':memory:'")
 
@@ -152,12 +178,22 @@ class ProducerSettings:
 @dataclass(frozen=True, kw_only=True)
 class SubscriberSettings:
     results: str = DEFAULT_RESULTS
+    # The sink's control endpoint: with it, gaps are repaired from the sink's ledger.
+    control: str | None = None
     topics: tuple[str, ...] = ("",)
+    # Keep the position at the sink under this name, to resume after a restart.
+    durable: str | None = None
     # Results queued on the subscriber's side before ZeroMQ drops (RCVHWM, in messages).
     hwm: int = 100_000
 
     def __post_init__(self) -> None:
         check_endpoint(self.results, what="results endpoint")
+        if self.control is not None:
+            check_endpoint(self.control, what="control endpoint")
+        if self.durable is not None:
+            check_name("durable name", self.durable)
+            if self.control is None:
+                raise ConfigError("a durable subscriber needs the sink's control endpoint")
         if isinstance(self.topics, str):
             raise ConfigError("topics must be a list of prefixes, not a single string")
         _positive("hwm", self.hwm, integer=True)

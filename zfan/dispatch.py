@@ -25,7 +25,13 @@ from .liveness import Beat, Tracker
 log = logging.getLogger(__name__)
 
 INTAKE_TYPES = frozenset({p.BATCH})
-CONTROL_TYPES = frozenset({p.HELLO, p.HEARTBEAT, p.RESULT, p.FAILED, p.STATUS, p.BYE})
+CONTROL_TYPES = frozenset({p.HELLO, p.HEARTBEAT, p.RESULT, p.FAILED, p.STATUS, p.BYE,
+                           p.REPLAY, p.HEADS, p.GET_CURSOR, p.COMMIT})
+# Requests any peer may make without a hello: they change no peer's state.
+STATELESS = frozenset({p.HELLO, p.STATUS, p.REPLAY, p.HEADS, p.GET_CURSOR, p.COMMIT})
+# Results sent for one replay request; the subscriber asks again for the rest.
+REPLAY_CHUNK = 1000
+PRUNE_EVERY = 1.0  # seconds between retention passes
 
 
 @dataclass
@@ -60,12 +66,16 @@ class Outbox:
 class SinkCore:
     def __init__(self, ledger: Ledger, *, timing: Timing | None = None, max_attempts: int = 3,
                  batch_timeout: float = 300.0, cache_bytes: int = 256 << 20,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 retain_count: int | None = None, retain_age: float | None = None,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.ledger = ledger
         self.timing = timing = timing or Timing()
         self.max_attempts = max_attempts
         self.batch_timeout = batch_timeout
         self.clock = clock
+        self.wall = wall
+        self.retain = (retain_count, retain_age)
+        self._next_prune = clock() + PRUNE_EVERY
         self.epoch = ledger.next_epoch()
         self.recovered = ledger.recover()
         self.pending: deque[Pending] = deque(ledger.pending())
@@ -89,6 +99,7 @@ class SinkCore:
         self._handlers: dict[str, Callable[[bytes, list[Any], list[bytes]], None]] = {
             p.HELLO: self._hello, p.HEARTBEAT: self._heartbeat, p.RESULT: self._result,
             p.FAILED: self._failed, p.STATUS: self._status, p.BYE: self._bye,
+            p.REPLAY: self._replay, p.HEADS: self._heads, p.GET_CURSOR: self._get_cursor, p.COMMIT: self._commit,
         }
 
     # --- events ----------------------------------------------------------------------------
@@ -128,7 +139,7 @@ class SinkCore:
             return
         if rid in self.roles:
             self.peers.seen(rid, self.clock())
-        elif mtype not in (p.HELLO, p.STATUS):
+        elif mtype not in STATELESS:
             # A peer this sink does not know (it was declared dead, or the sink restarted).
             self._send(rid, p.encode(p.RESET, "unknown peer: send hello"))
             self.stats["resets"] += 1
@@ -158,6 +169,11 @@ class SinkCore:
             header = p.encode(p.HEARTBEAT, self.epoch)
             for rid in self.peers.peers():
                 self._send(rid, header)  # type: ignore[arg-type]
+        if now >= self._next_prune:
+            self._next_prune = now + PRUNE_EVERY
+            keep, max_age = self.retain
+            if keep is not None or max_age is not None:
+                self.stats["results pruned"] += self.ledger.prune(keep=keep, max_age=max_age, now=self.wall())
 
     def end_turn(self) -> Outbox:
         """Lease what can be leased, commit, and hand back everything the commit made true."""
@@ -179,9 +195,15 @@ class SinkCore:
         return out
 
     def next_deadline(self) -> float:
-        """Seconds until tick() has something to do."""
+        """Seconds until tick() has something to do: a heartbeat, a peer's or a lease's expiry."""
         now = self.clock()
-        return max(0.0, min(self.beat.next - now, self.timing.heartbeat))
+        due = [self.beat.next, now + self.timing.heartbeat]
+        expiry = self.peers.next_expiry()
+        if expiry is not None:
+            due.append(expiry + 1e-3)  # just past it: a peer is dead only once silent for *more* than expiry
+        if self.leases:
+            due.append(min(lease.deadline for lease in self.leases.values()))
+        return max(0.0, min(due) - now)
 
     def status(self) -> dict[str, Any]:
         now = self.clock()
@@ -264,6 +286,35 @@ class SinkCore:
         del self.leases[batch_id]
         self.counts["leased"] -= 1
         return True
+
+    # --- subscribers: replay, topic heads, durable cursors ---------------------------------
+    def _replay(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
+        topic, first, last = fields
+        last = min(last, self.topic_seq.get(topic, 0))
+        if first > last:
+            return  # nothing published there yet
+        rows = self.ledger.results_range(topic, first, last, REPLAY_CHUNK)
+        if not rows or rows[0].seq > first:
+            gap_end = rows[0].seq - 1 if rows else last
+            self._send(rid, p.encode(p.MISSING, topic, first, gap_end, "no longer retained by the sink"))
+            self.stats["replays refused"] += 1
+        for stored in rows:
+            self._send(rid, *self._publish_frames(stored)[1:])
+        self.stats["results replayed"] += len(rows)
+
+    def _heads(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
+        prefixes = tuple(fields[0])
+        heads = [(t, s) for t, s in self.topic_seq.items() if t.startswith(prefixes)][:p.MAX_TOPICS]
+        self._send(rid, p.encode(p.TOPICS, [t for t, _ in heads], [s for _, s in heads]))
+
+    def _get_cursor(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
+        name = fields[0]
+        cursor = self.ledger.cursor(name)
+        self._send(rid, p.encode(p.CURSOR, name, list(cursor), list(cursor.values())))
+
+    def _commit(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
+        name, topics, seqs = fields
+        self.ledger.save_cursor(name, dict(zip(topics, seqs, strict=True)))
 
     # --- leases ----------------------------------------------------------------------------
     def _dispatch(self) -> None:

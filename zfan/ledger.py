@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -42,7 +43,14 @@ CREATE TABLE IF NOT EXISTS results (
     count INTEGER NOT NULL,
     kind INTEGER NOT NULL,    -- 0 result, 1 dead letter
     payload BLOB NOT NULL,
+    created REAL NOT NULL,    -- wall-clock seconds, for retention by age
     UNIQUE (topic, seq)
+);
+CREATE TABLE IF NOT EXISTS cursors (
+    name TEXT NOT NULL,       -- a durable subscriber
+    topic TEXT NOT NULL,
+    seq INTEGER NOT NULL,     -- the last seq it has taken on this topic
+    PRIMARY KEY (name, topic)
 );
 """
 
@@ -178,8 +186,8 @@ class Ledger:
         stored = []
         for topic, seq, count, payload in rows:
             rid = self._write(
-                "INSERT INTO results (batch_id, topic, seq, count, kind, payload) VALUES (?,?,?,?,0,?)",
-                (batch_id, topic, seq, count, payload)).lastrowid
+                "INSERT INTO results (batch_id, topic, seq, count, kind, payload, created) VALUES (?,?,?,?,0,?,?)",
+                (batch_id, topic, seq, count, payload, time.time())).lastrowid
             assert rid is not None
             stored.append(Stored(rid, batch_id, topic, seq, count, 0, payload))
         self._write("UPDATE batches SET state=?, payload=NULL, error=NULL WHERE id=?", (DONE, batch_id))
@@ -191,8 +199,8 @@ class Ledger:
             "SELECT topic, count, payload FROM batches WHERE id=?", (batch_id,)).fetchone()
         self._write("UPDATE batches SET state=?, worker=NULL, error=? WHERE id=?", (DEAD, error, batch_id))
         rid = self._write(
-            "INSERT INTO results (batch_id, topic, seq, count, kind, payload) VALUES (?,?,?,?,1,?)",
-            (batch_id, topic, seq, count, payload)).lastrowid
+            "INSERT INTO results (batch_id, topic, seq, count, kind, payload, created) VALUES (?,?,?,?,1,?,?)",
+            (batch_id, topic, seq, count, payload, time.time())).lastrowid
         assert rid is not None
         return Stored(rid, batch_id, topic, seq, count, 1, bytes(payload))
 
@@ -206,6 +214,39 @@ class Ledger:
 
     def mark_published(self, result_id: int) -> None:
         self._write("INSERT OR REPLACE INTO meta (key, value) VALUES ('published', ?)", (result_id,))
+
+    # --- for subscribers --------------------------------------------------------------------
+    def results_range(self, topic: str, first: int, last: int, limit: int) -> list[Stored]:
+        rows = self._db.execute(
+            "SELECT id, batch_id, topic, seq, count, kind, payload FROM results "
+            "WHERE topic=? AND seq BETWEEN ? AND ? ORDER BY seq LIMIT ?", (topic, first, last, limit))
+        return [Stored(*r) for r in rows]
+
+    def cursor(self, name: str) -> dict[str, int]:
+        return dict(self._db.execute("SELECT topic, seq FROM cursors WHERE name=?", (name,)))
+
+    def save_cursor(self, name: str, positions: dict[str, int]) -> None:
+        for topic, seq in positions.items():
+            self._write("INSERT INTO cursors (name, topic, seq) VALUES (?,?,?) "
+                        "ON CONFLICT (name, topic) DO UPDATE SET seq=max(seq, excluded.seq)", (name, topic, seq))
+
+    def prune(self, *, keep: int | None, max_age: float | None, now: float) -> int:
+        """Drop published results beyond the retention, and the finished batches before them.
+        Returns how many results went."""
+        upto = self.published_upto()
+        dropped = 0
+        if keep is not None:
+            dropped += self._write("DELETE FROM results WHERE id <= min(?, (SELECT max(id) FROM results) - ?)",
+                                   (upto, keep)).rowcount
+        if max_age is not None:
+            dropped += self._write("DELETE FROM results WHERE id <= ? AND created < ?",
+                                   (upto, now - max_age)).rowcount
+        if dropped:
+            # A finished batch is kept while any result of its era is: its row is what makes a
+            # late resend of it a duplicate.
+            self._write("DELETE FROM batches WHERE state=? AND id < coalesce((SELECT min(batch_id) FROM results), 0)",
+                        (DONE,))
+        return dropped
 
     def integrity_check(self) -> str:
         return self._db.execute("PRAGMA integrity_check").fetchone()[0]

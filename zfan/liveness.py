@@ -32,6 +32,10 @@ class Tracker:
     def idle(self, peer: Hashable, now: float) -> float:
         return now - self._last[peer]
 
+    def next_expiry(self) -> float | None:
+        """When the quietest peer will have been silent too long (None with no peers)."""
+        return min(self._last.values()) + self.expiry if self._last else None
+
     def expired(self, now: float) -> list[Hashable]:
         """Peers silent past the expiry, forgotten as they are returned."""
         dead = [p for p, t in self._last.items() if now - t > self.expiry]

@@ -26,6 +26,14 @@ RESULT = "result"
 FAILED = "failed"
 STATUS = "status"
 BYE = "bye"
+# control: a subscriber's DEALER -> sink ROUTER (no hello needed), and the answers
+REPLAY = "replay"
+HEADS = "heads"
+GET_CURSOR = "get_cursor"
+COMMIT = "commit"
+MISSING = "missing"
+TOPICS = "topics"
+CURSOR = "cursor"
 # control: sink ROUTER -> DEALER
 WELCOME = "welcome"
 ACK = "ack"
@@ -52,6 +60,7 @@ MAX_CREDIT = 1000
 MAX_INT = (1 << 63) - 1
 
 _STR, _INT, _STRS, _INTS, _MAP = "str", "int", "list[str]", "list[int]", "map"
+_PREFIXES = "list[prefix]"  # topic prefixes: strings that may be empty (the empty one matches all)
 
 # type -> the fields after [VERSION, type], in order.
 SCHEMA: dict[str, tuple[tuple[str, str], ...]] = {
@@ -70,7 +79,16 @@ SCHEMA: dict[str, tuple[tuple[str, str], ...]] = {
     DEAD: (("topic", _STR), ("seq", _INT), ("batch_id", _INT), ("attempts", _INT), ("error", _STR),
            ("source_topic", _STR)),
     SYNC: (("token", _STR),),
+    REPLAY: (("topic", _STR), ("first", _INT), ("last", _INT)),
+    MISSING: (("topic", _STR), ("first", _INT), ("last", _INT), ("reason", _STR)),
+    HEADS: (("prefixes", _PREFIXES),),
+    TOPICS: (("topics", _STRS), ("seqs", _INTS)),
+    GET_CURSOR: (("name", _STR),),
+    CURSOR: (("name", _STR), ("topics", _STRS), ("seqs", _INTS)),
+    COMMIT: (("name", _STR), ("topics", _STRS), ("seqs", _INTS)),
 }
+# Messages that carry parallel lists must have them of equal length.
+PARALLEL = {TOPICS: (0, 1), CURSOR: (1, 2), COMMIT: (1, 2)}
 # The status reply reuses the STATUS type with one field, a map; requests have none.
 STATUS_REPLY_FIELDS = (("info", _MAP),)
 
@@ -121,6 +139,9 @@ def decode(frame: bytes, *, allowed: frozenset[str] | None = None) -> tuple[str,
         raise ProtocolError("bad header", f"{mtype} takes {len(schema)} fields, got {len(fields)}")
     for value, (name, kind) in zip(fields, schema, strict=True):
         _check(mtype, name, kind, value)
+    pair = PARALLEL.get(mtype)
+    if pair and len(fields[pair[0]]) != len(fields[pair[1]]):
+        raise ProtocolError("bad field", f"{mtype}: lists of different lengths")
     return mtype, fields
 
 
@@ -137,6 +158,9 @@ def _check(mtype: str, name: str, kind: str, value: Any) -> None:
     elif kind == _STRS:
         ok = type(value) is list and len(value) <= MAX_TOPICS and all(
             type(v) is str and v and len(v.encode()) <= MAX_TOPIC for v in value)
+    elif kind == _PREFIXES:
+        ok = type(value) is list and len(value) <= MAX_TOPICS and all(
+            type(v) is str and len(v.encode()) <= MAX_TOPIC for v in value)
     else:
         ok = type(value) is dict and _plain(value)
     if not ok:

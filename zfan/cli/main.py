@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -12,7 +13,7 @@ import click
 
 from .. import __version__
 from ..apps import readings
-from ..config import ProducerSettings, SinkSettings, SubscriberSettings, Timing, WorkerSettings
+from ..config import ProducerSettings, SinkSettings, SubscriberSettings, Timing, WorkerSettings, parse_retention
 from ..errors import ConfigError
 from ..feeds import JsonLines
 from ..loading import load_app
@@ -22,6 +23,7 @@ from ..nodes.sink import Sink
 from ..nodes.status import query_status
 from ..nodes.subscriber import Subscriber
 from ..nodes.worker import Worker
+from ..sequencing import RetentionGap
 from .options import RET_ERROR, RET_OK, endpoints, on_stop, ready, role, timing
 from .show import Live, status_table, summary
 
@@ -51,15 +53,20 @@ def cli() -> None:
               help="failed attempts before a batch is dead-lettered on topic zfan.dead")
 @click.option("--batch-timeout", type=click.FloatRange(min=0.001), default=300.0, show_default=True,
               help="seconds a worker may hold a batch before it is replayed elsewhere")
+@click.option("--retain", default="100000", show_default=True, metavar="COUNT|AGE",
+              help="published results kept for subscribers to repair gaps and replay: "
+                   "a count (100000) or an age (30m, 12h, 7d)")
 @timing
 @role("sink")
 def sink(intake: str, control: str, results: str, ledger: str, fsync: str, workers: int, app: str,
-         credit: int, max_attempts: int, batch_timeout: float, timing: Timing) -> int:
+         credit: int, max_attempts: int, batch_timeout: float, retain: str, timing: Timing) -> int:
     """Receive batches, record them in the ledger, lease them to workers, publish results."""
+    retain_count, retain_age = parse_retention(retain)
     if workers:
         load_app(app)  # fail here, once and clearly, rather than in every worker
     settings = SinkSettings(intake=intake, control=control, results=results, ledger=ledger, fsync=fsync,
-                            timing=timing, max_attempts=max_attempts, batch_timeout=batch_timeout)
+                            timing=timing, max_attempts=max_attempts, batch_timeout=batch_timeout,
+                            retain_count=retain_count, retain_age=retain_age)
     node = Sink(settings, workers=workers, app=app, worker_credit=credit)
     node.start()
     on_stop(node.stop)
@@ -147,25 +154,38 @@ def produce(intake: str, control: str, path: TextIO | None, count: int | None, s
 
 
 @cli.command()
-@endpoints("results")
+@endpoints("results", "control")
 @click.option("--topic", "topics", multiple=True, default=[""], metavar="PREFIX",
               help="topic prefix to receive (repeatable) [default: everything]")
+@click.option("--durable", default=None, metavar="NAME",
+              help="keep this subscriber's position at the sink and resume from it next time "
+                   "(the first time: from the oldest result the sink retains)")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="exit after this many results")
 @click.option("--idle-timeout", type=click.FloatRange(min=0), default=None,
               help="exit after this many seconds without a result")
 @role("subscribe")
-def subscribe(results: str, topics: tuple[str, ...], count: int | None, idle_timeout: float | None) -> int:
-    """Print published results as JSON lines on stdout."""
+def subscribe(results: str, control: str, topics: tuple[str, ...], durable: str | None, count: int | None,
+              idle_timeout: float | None) -> int:
+    """Print published results as JSON lines on stdout, each topic in order, gaps repaired."""
     stopping = threading.Event()
     on_stop(stopping.set)
-    with Subscriber(SubscriberSettings(results=results, topics=topics)) as sub:
+    with Subscriber(SubscriberSettings(results=results, control=control, topics=topics, durable=durable)) as sub:
+        waited = 0
         while not sub.wait_ready(1.0):
             if stopping.is_set():
                 return RET_OK
-        ready("subscribe", results=results, topics=",".join(topics) or "*")
+            waited += 1
+            if waited == 5:
+                logging.getLogger("zfan").warning("no answer yet from a sink at results=%s control=%s; waiting",
+                                                  results, control)
+        ready("subscribe", results=results, topics=",".join(topics) or "*", durable=durable or "-")
         n, last = 0, time.monotonic()
         while not stopping.is_set() and (count is None or n < count):
-            msg = sub.recv(timeout=0.25)
+            try:
+                msg = sub.recv(timeout=0.25)
+            except RetentionGap as gap:
+                click.echo(f"zfan subscribe: error: {gap}; skipped", err=True)
+                continue
             if msg is None:
                 if idle_timeout is not None and time.monotonic() - last >= idle_timeout:
                     break

@@ -180,7 +180,7 @@ def _stream(ends: dict[str, str], ctx: zmq.Context, *, seconds: float | None, re
             progress: Callable[[Progress], None] | None) -> Report:
     tally = _Tally()
     stop_sub = threading.Event()
-    sub = Subscriber(results=ends["results"], topics=("sensor.",), context=ctx)
+    sub = Subscriber(results=ends["results"], control=ends["control"], topics=("sensor.",), context=ctx)
     if not sub.wait_ready(10):
         sub.close()
         raise ZfanError("the subscriber could not reach the sink's results")

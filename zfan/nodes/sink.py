@@ -48,7 +48,8 @@ class Sink(Service):
         pull = router = xpub = None
         try:
             core = SinkCore(ledger, timing=s.timing, max_attempts=s.max_attempts,
-                            batch_timeout=s.batch_timeout, cache_bytes=s.cache_bytes)
+                            batch_timeout=s.batch_timeout, cache_bytes=s.cache_bytes,
+                            retain_count=s.retain_count, retain_age=s.retain_age)
             self.epoch = core.epoch
             pull = socket(self._ctx, zmq.PULL)
             router = socket(self._ctx, zmq.ROUTER)

@@ -1,8 +1,10 @@
-"""The subscriber: a SUB on the sink's results, filtered by topic prefix.
+"""The subscriber: a SUB on the sink's results, filtered by topic prefix, and (given the
+sink's control endpoint) a DEALER to repair gaps from the sink's ledger.
 
 It is used from the caller's thread (an iterator, recv(), or run() with a callback), which
-then owns its socket. Every result carries its topic's sequence number; the subscriber drops
-repeats and counts gaps.
+then owns both sockets. Each topic's results are delivered once and in seq order: a result
+dropped by ZeroMQ, missed across a reconnect, or published before a late start is asked for
+again; see zfan.sequencing.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,12 +22,16 @@ import zmq
 from .. import protocol as p
 from ..config import SubscriberSettings
 from ..errors import Closed, ProtocolError
-from .transport import connect, socket
+from ..sequencing import Sequencer
+from .transport import connect, drain, socket
 
 log = logging.getLogger(__name__)
 
 RESULT_TYPES = frozenset({p.PUBLISH, p.DEAD})
+CONTROL_TYPES = frozenset({p.PUBLISH, p.DEAD, p.MISSING, p.TOPICS, p.CURSOR, p.RESET})
 SYNC_TOPIC = p.SYNC_PREFIX.encode()
+POLL_HEADS = 1.0  # seconds between asking the sink for its topics' latest seqs
+COMMIT_EVERY = 1.0  # seconds between saving a durable subscriber's position
 
 
 @dataclass(frozen=True)
@@ -51,59 +57,97 @@ class Message:
 
 
 class Subscriber:
-    """``for msg in Subscriber(results=..., topics=["sensor."]): ...``"""
+    """``for msg in Subscriber(results=..., control=..., topics=["sensor."]): ...``
+
+    With ``control`` (the sink's control endpoint) gaps are repaired from the sink's ledger;
+    with ``durable="name"`` as well, the position is saved at the sink, so that a subscriber
+    of that name resumes where the last one stopped (or, the first time, from the oldest
+    result the sink retains).
+    """
 
     def __init__(self, settings: SubscriberSettings | None = None, *, context: zmq.Context | None = None,
                  **overrides: Any) -> None:
         if isinstance(overrides.get("topics"), list):
             overrides["topics"] = tuple(overrides["topics"])
         self.settings = s = settings or SubscriberSettings(**overrides)
-        self._sock = socket(context or zmq.Context.instance(), zmq.SUB)
-        self._sock.setsockopt(zmq.RCVHWM, s.hwm)
-        connect(self._sock, s.results, "results endpoint")
+        ctx = context or zmq.Context.instance()
+        self._sub = socket(ctx, zmq.SUB)
+        self._sub.setsockopt(zmq.RCVHWM, s.hwm)
+        connect(self._sub, s.results, "results endpoint")
         for prefix in s.topics:
-            self._sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
-        self._token = f"{p.SYNC_PREFIX}{uuid.uuid4().hex}"
-        self._sock.setsockopt(zmq.SUBSCRIBE, self._token.encode())
+            self._sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+        self._token = f"{p.SYNC_PREFIX}{uuid.uuid4().hex}".encode()
+        self._sub.setsockopt(zmq.SUBSCRIBE, self._token)
+        self._ctl: zmq.Socket | None = None
+        if s.control is not None:
+            self._ctl = socket(ctx, zmq.DEALER)
+            self._ctl.setsockopt(zmq.RCVHWM, 10 * s.hwm)
+            connect(self._ctl, s.control, "control endpoint")
+        self._poller = zmq.Poller()
+        for sock in (self._sub, self._ctl):
+            if sock is not None:
+                self._poller.register(sock, zmq.POLLIN)
+        self._seq: Sequencer[Message] = Sequencer(clock=time.monotonic, repair=s.control is not None)
         self.synced = False
-        self._early: deque[list[bytes]] = deque()
-        self._last: dict[str, int] = {}
-        self.received = 0
-        self.gaps = 0  # results known to be missing (a seq jumped)
-        self.duplicates = 0
+        self._started = s.control is None  # with a control channel: once heads (and cursor) are in
+        self._cursor_pending = s.durable is not None
+        self._asked_start = 0.0
+        self._next_heads = 0.0
+        self._next_commit = time.monotonic() + COMMIT_EVERY
+        self._taken: dict[str, int] = {}  # last seq handed to the caller, per topic
+        self._committed: dict[str, int] = {}
+        self.received = 0  # results handed to the caller
+        self.replayed = 0  # results that came from the ledger, not the live stream
         self.rejected: Counter[str] = Counter()
         self._closed = False
 
+    # --- counters ------------------------------------------------------------------------------
+    @property
+    def duplicates(self) -> int:
+        return self._seq.duplicates
+
+    @property
+    def lost(self) -> int:
+        """Results skipped because the sink no longer retained them."""
+        return self._seq.lost
+
+    @property
+    def gaps(self) -> int:
+        """Results known to exist and not received: skipped (without a control channel) or
+        still being repaired."""
+        pending = sum(max(0, self._seq.want.get(t, 0) - n + 1) for t, n in self._seq.next.items())
+        return self._seq.skipped + pending
+
+    # --- the caller's side -------------------------------------------------------------------
     def wait_ready(self, timeout: float = 10.0) -> bool:
-        """Wait until the sink has our subscriptions; True if it has within the timeout."""
+        """Wait until the sink has our subscriptions (and, with a control channel, until we know
+        where each topic starts); True if that happened within the timeout."""
         deadline = time.monotonic() + timeout
-        while not self.synced:
+        while not (self.synced and self._started):
             left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(left * 1000):
+            if left <= 0:
                 return False
-            frames = self._sock.recv_multipart()
-            if not self._is_sync(frames):
-                self._early.append(frames)
+            self._turn(min(left, 0.25))
         return True
 
     def recv(self, timeout: float | None = None) -> Message | None:
-        """The next new result, or None if none arrives within the timeout (seconds)."""
+        """The next result in order, or None if none comes within the timeout (seconds).
+        Raises RetentionGap (once per gap) for results the sink no longer has."""
         if self._closed:
             raise Closed("subscriber is closed")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self._early:
-                frames = self._early.popleft()
-            else:
-                wait = None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
-                if not self._sock.poll(wait):
-                    return None
-                frames = self._sock.recv_multipart()
-            if self._is_sync(frames):
-                continue
-            msg = self._accept(frames)
-            if msg is not None:
+            if self._seq.errors:
+                raise self._seq.errors.popleft()
+            if self._seq.ready and self.synced and self._started:
+                msg = self._seq.ready.popleft()
+                self._taken[msg.topic] = msg.seq
+                self.received += 1
                 return msg
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            self._turn(0.25 if left is None else min(left, 0.25))
 
     def __iter__(self) -> Iterator[Message]:
         while True:
@@ -124,10 +168,24 @@ class Subscriber:
             n += 1
         return n
 
+    def commit(self) -> None:
+        """Save a durable subscriber's position at the sink now (it is also saved every second
+        and on close)."""
+        s = self.settings
+        changed = {t: q for t, q in self._taken.items() if self._committed.get(t) != q}
+        if s.durable is None or self._ctl is None or not changed:
+            return
+        self._ctl.send(p.encode(p.COMMIT, s.durable, list(changed), list(changed.values())))
+        self._committed.update(changed)
+
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._sock.close(linger=0)
+        if self._closed:
+            return
+        self._closed = True
+        self._sub.close(linger=0)
+        if self._ctl is not None:
+            self.commit()
+            self._ctl.close(linger=1000)  # a position committed is a position owed
 
     def __enter__(self) -> Subscriber:
         return self
@@ -135,39 +193,95 @@ class Subscriber:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # --- internals -------------------------------------------------------------------------
-    def _is_sync(self, frames: list[bytes]) -> bool:
-        if frames[0] != self._token.encode():
-            return False
-        if not self.synced:
-            self.synced = True
-            self._sock.setsockopt(zmq.UNSUBSCRIBE, self._token.encode())
-        return True
+    # --- one turn: read what is there, ask for what is missing -------------------------------
+    def _turn(self, wait: float) -> None:
+        self._ask()
+        ready = dict(self._poller.poll(wait * 1000))
+        if self._sub in ready:
+            for frames in drain(self._sub):
+                self._from_stream(frames)
+        if self._ctl is not None and self._ctl in ready:
+            for frames in drain(self._ctl):
+                self._from_control(frames)
 
-    def _accept(self, frames: list[bytes]) -> Message | None:
+    def _ask(self) -> None:
+        if self._ctl is None or not self.synced:
+            return
+        now = time.monotonic()
+        s = self.settings
+        if not self._started:
+            if now >= self._asked_start:  # ask again if the answer got lost
+                self._asked_start = now + POLL_HEADS
+                if self._cursor_pending and s.durable is not None:
+                    self._ctl.send(p.encode(p.GET_CURSOR, s.durable))
+                self._ctl.send(p.encode(p.HEADS, list(s.topics)))
+            return
+        if now >= self._next_heads:  # catches what was dropped at the end of a stream
+            self._next_heads = now + POLL_HEADS
+            self._ctl.send(p.encode(p.HEADS, list(s.topics)))
+        for topic, first, last in self._seq.requests():
+            self._ctl.send(p.encode(p.REPLAY, topic, first, last))
+        if now >= self._next_commit:
+            self._next_commit = now + COMMIT_EVERY
+            self.commit()
+
+    def _from_stream(self, frames: list[bytes]) -> None:
+        if frames[0] == self._token:
+            if not self.synced:
+                self.synced = True
+                self._sub.setsockopt(zmq.UNSUBSCRIBE, self._token)
+            return
         if frames[0].startswith(SYNC_TOPIC):
-            return None  # another subscriber's handshake, seen through a wide prefix
+            return  # another subscriber's handshake, seen through a wide prefix
         try:
             if len(frames) != 3:
                 raise ProtocolError("bad frame count", f"{len(frames)} frames")
-            mtype, fields = p.decode(frames[1], allowed=RESULT_TYPES)
-            topic, seq, batch_id = fields[0], fields[1], fields[2]
-            if frames[0] != topic.encode():
+            msg = self._message(frames[1], frames[2])
+            if frames[0] != msg.topic.encode():
                 raise ProtocolError("bad header", "topic frame and header disagree")
-            last = self._last.get(topic)
-            if last is not None and seq <= last:
-                self.duplicates += 1
-                return None
-            records = p.decode_records(frames[2])
         except ProtocolError as exc:
-            self.rejected[exc.reason] += 1
-            log.debug("rejected a published message: %s", exc)
-            return None
-        if last is not None and seq > last + 1:
-            self.gaps += seq - last - 1
-        self._last[topic] = seq
-        self.received += 1
+            self._reject(exc)
+            return
+        self._seq.offer(msg)
+
+    def _from_control(self, frames: list[bytes]) -> None:
+        try:
+            mtype, fields = p.decode(frames[0], allowed=CONTROL_TYPES)
+            if mtype in RESULT_TYPES:
+                if len(frames) != 2:
+                    raise ProtocolError("bad frame count", f"replayed result has {len(frames)} frames")
+                if self._seq.offer(self._message(frames[0], frames[1])):
+                    self.replayed += 1
+            elif mtype == p.MISSING:
+                self._seq.missing(*fields)
+            elif mtype == p.TOPICS:
+                self._heads(dict(zip(fields[0], fields[1], strict=True)))
+            elif mtype == p.CURSOR and fields[0] == self.settings.durable:
+                self._seq.start_at(dict(zip(fields[1], fields[2], strict=True)))
+                self._committed.update(self._seq.positions())
+                self._cursor_pending = False
+        except ProtocolError as exc:
+            self._reject(exc)
+
+    def _heads(self, heads: dict[str, int]) -> None:
+        if not self._started:
+            if self._cursor_pending:
+                return  # the cursor says where to start; ask for heads again once it is in
+            if self.settings.durable is None:
+                self._seq.start_at(heads)  # a plain subscriber starts now
+            self._started = True
+        for topic, seq in heads.items():
+            self._seq.head(topic, seq)
+
+    def _message(self, header: bytes, payload: bytes) -> Message:
+        mtype, fields = p.decode(header, allowed=RESULT_TYPES)
+        topic, seq, batch_id = fields[0], fields[1], fields[2]
+        records = p.decode_records(payload)
         if mtype == p.DEAD:
             attempts, error, source = fields[3], fields[4], fields[5]
             return Message(topic, seq, batch_id, records, True, error, source, attempts)
         return Message(topic, seq, batch_id, records)
+
+    def _reject(self, exc: ProtocolError) -> None:
+        self.rejected[exc.reason] += 1
+        log.debug("rejected a message: %s", exc)

@@ -1,0 +1,138 @@
+"""A subscriber's bookkeeping, with no sockets: deliver each topic's results once, in seq
+order, and say which ranges to ask the sink to replay.
+
+Results arrive from the PUB socket (where ZeroMQ may drop some) and from replays on the control
+channel; both are offered here. A result past a gap is held until the gap is filled, or until
+the sink says the gap is no longer retained, which is reported as an error and skipped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from .errors import ZfanError
+
+
+class RetentionGap(ZfanError):
+    """Results a subscriber missed are no longer kept by the sink (see `zfan sink --retain`)."""
+
+    def __init__(self, topic: str, first: int, last: int, reason: str) -> None:
+        super().__init__(f"results {topic} seq {first} to {last} are lost to this subscriber: {reason}")
+        self.topic, self.first, self.last = topic, first, last
+
+
+class Sequenced(Protocol):
+    topic: str
+    seq: int
+
+
+M = TypeVar("M", bound=Sequenced)
+
+
+@dataclass
+class _Ask:
+    first: int
+    last: int
+    at: float
+
+
+class Sequencer(Generic[M]):
+    def __init__(self, *, clock: Callable[[], float], repair: bool = True, ask_every: float = 1.0,
+                 hold_limit: int = 100_000) -> None:
+        self.clock = clock
+        self.repair = repair  # without a way to ask for replays, a gap is counted and skipped
+        self.ask_every = ask_every
+        self.hold_limit = hold_limit
+        self.next: dict[str, int] = {}  # next seq to deliver, per topic
+        self.want: dict[str, int] = {}  # highest seq known to exist, per topic
+        self.held: dict[str, dict[int, M]] = {}
+        self._held = 0
+        self._asked: dict[str, _Ask] = {}
+        self.ready: deque[M] = deque()
+        self.errors: deque[RetentionGap] = deque()
+        self.duplicates = 0
+        self.skipped = 0  # results jumped over, when not repairing
+        self.lost = 0  # results skipped because the sink no longer had them
+
+    def start_at(self, positions: dict[str, int]) -> None:
+        """Begin each topic after the given seq (what was taken before, or the head now)."""
+        for topic, seq in positions.items():
+            if topic not in self.next:
+                self.next[topic] = seq + 1
+                self.want[topic] = max(self.want.get(topic, 0), seq)
+
+    def offer(self, msg: M) -> bool:
+        """Take a result; False if it was seen before."""
+        topic, seq = msg.topic, msg.seq
+        nxt = self.next.setdefault(topic, 1)
+        held = self.held.setdefault(topic, {})
+        if seq < nxt or seq in held:
+            self.duplicates += 1
+            return False
+        if seq > self.want.get(topic, 0):
+            self.want[topic] = seq
+        if seq > nxt and not self.repair:
+            self.skipped += seq - nxt
+            nxt = seq
+        if seq != nxt:
+            if self._held < self.hold_limit:  # past the limit it is simply asked for again later
+                held[seq] = msg
+                self._held += 1
+            return True
+        self.ready.append(msg)
+        self._advance(topic, seq + 1)
+        return True
+
+    def head(self, topic: str, seq: int) -> None:
+        """The sink says `topic` has results up to `seq`."""
+        self.next.setdefault(topic, 1)
+        if seq > self.want.get(topic, 0):
+            self.want[topic] = seq
+
+    def missing(self, topic: str, first: int, last: int, reason: str) -> None:
+        """The sink no longer has `first`..`last` of `topic`: report it and move past it."""
+        nxt = self.next.setdefault(topic, 1)
+        if last < nxt:
+            return
+        first = max(first, nxt)
+        self.lost += last - first + 1
+        self.errors.append(RetentionGap(topic, first, last, reason))
+        for seq in [s for s in self.held.get(topic, {}) if s <= last]:
+            del self.held[topic][seq]
+            self._held -= 1
+        self._advance(topic, last + 1)
+
+    def requests(self) -> list[tuple[str, int, int]]:
+        """Ranges to ask the sink for now: (topic, first, last)."""
+        now = self.clock()
+        out = []
+        for topic, nxt in self.next.items():
+            want = self.want.get(topic, 0)
+            if nxt > want:
+                continue
+            asked = self._asked.get(topic)
+            if asked is not None and nxt <= asked.last and now - asked.at < self.ask_every:
+                continue  # an answer is on its way
+            held = self.held.get(topic)
+            last = min(held) - 1 if held else want
+            self._asked[topic] = _Ask(nxt, last, now)
+            out.append((topic, nxt, last))
+        return out
+
+    def positions(self) -> dict[str, int]:
+        return {t: n - 1 for t, n in self.next.items() if n > 1}
+
+    def _advance(self, topic: str, nxt: int) -> None:
+        """Deliver what was held behind the gap, in order."""
+        held = self.held.get(topic, {})
+        while nxt in held:
+            self.ready.append(held.pop(nxt))
+            self._held -= 1
+            nxt += 1
+        self.next[topic] = nxt
+        asked = self._asked.get(topic)
+        if asked is not None and nxt > asked.last:
+            del self._asked[topic]
