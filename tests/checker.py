@@ -49,7 +49,7 @@ def check(sent: Iterable[Any], received: Iterable[Any],
     verdict.duplicated = {k: n for k, n in got.items() if n > want.get(k, 0) and k in want}
     verdict.unexpected = [k for k in got if k not in want]
     for topic, order in (seqs or {}).items():
-        bad = [(a, b) for a, b in zip(order, order[1:]) if b != a + 1]
+        bad = [(a, b) for a, b in zip(order, order[1:], strict=False) if b != a + 1]
         if bad:
             verdict.out_of_order[topic] = bad
     return verdict

@@ -70,4 +70,9 @@ def roles():
 
     yield start
     for r in started:
+        if r.proc.poll() is None:
+            try:
+                r.stop(timeout=10)  # a clean stop first: a sink stops its own workers
+            except AssertionError:
+                pass
         r.kill()

@@ -38,9 +38,10 @@ class Role:
                  cwd: str | None = None) -> None:
         self.args = args
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # A process group of its own, so that kill() also reaches whatever it started.
         self.proc = subprocess.Popen([sys.executable, "-m", "zfan", *args], stdin=stdin,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=full_env, cwd=cwd or ROOT)
+                                     env=full_env, cwd=cwd or ROOT, start_new_session=True)
         self.out: list[str] = []
         self.err: list[str] = []
         self._threads = [threading.Thread(target=self._read, args=(s, buf), daemon=True)
@@ -92,8 +93,11 @@ class Role:
         return self.wait(timeout)
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        """SIGKILL the process and everything in its group."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.wait()
         self._close()
 

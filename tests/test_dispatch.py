@@ -890,9 +890,11 @@ def test_restart_has_a_larger_epoch_and_puts_leases_back(ledger, clock, reopen):
     assert status_counts(core) == {"pending": 2, "leased": 0, "done": 1, "dead": 0}
     assert peek(ledger.path, "SELECT id, state, worker FROM batches ORDER BY id") == [
         (first.batch_id, 2, "w1"), (second.batch_id, 0, None), (third.batch_id, 0, None)]
-    # The old worker's result is refused until it says hello, and then fenced by the epoch.
+    # The old worker's result is refused (and counted as fenced) until it says hello, and then
+    # fenced by the epoch.
     send_result(core, b"w1", second, epoch=old.epoch)
     assert Turn(core).of(p.RESET, b"w1")
+    assert core.stats["fenced results"] == 1
     hello_worker(core, b"w1", 2)
     turn = Turn(core)
     assert [(le.batch_id, le.attempt, le.epoch) for le in turn.leases] == [
@@ -900,7 +902,7 @@ def test_restart_has_a_larger_epoch_and_puts_leases_back(ledger, clock, reopen):
     assert [le.payload for le in turn.leases] == [second.payload, third.payload]
     send_result(core, b"w1", second, epoch=old.epoch)
     assert Turn(core).pubs == []
-    assert core.stats["fenced results"] == 1
+    assert core.stats["fenced results"] == 2
 
 
 def test_restart_republishes_unmarked_results_with_the_same_seq(ledger, clock, reopen):

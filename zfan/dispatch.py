@@ -86,6 +86,7 @@ class SinkCore:
         self.peers = Tracker(timing.expiry)
         self.beat = Beat(timing.heartbeat, clock())
         self.topic_seq: dict[str, int] = ledger.topic_seqs()
+        self._heads_changed: set[str] = set()
         self.counts = ledger.counts()
         self.stats: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
@@ -141,6 +142,8 @@ class SinkCore:
             self.peers.seen(rid, self.clock())
         elif mtype not in STATELESS:
             # A peer this sink does not know (it was declared dead, or the sink restarted).
+            if mtype in (p.RESULT, p.FAILED):
+                self.stats["fenced results"] += 1  # its lease went to another worker
             self._send(rid, p.encode(p.RESET, "unknown peer: send hello"))
             self.stats["resets"] += 1
             return
@@ -178,6 +181,10 @@ class SinkCore:
     def end_turn(self) -> Outbox:
         """Lease what can be leased, commit, and hand back everything the commit made true."""
         self._dispatch()
+        if self._heads_changed:
+            # Kept apart from the results, so that numbering goes on after retention drops them all.
+            self.ledger.save_heads({t: self.topic_seq[t] for t in self._heads_changed})
+            self._heads_changed.clear()
         self.ledger.commit()
         out, self._out = self._out, Outbox()
         for producer_id, seqs in self._acks.items():
@@ -203,6 +210,8 @@ class SinkCore:
             due.append(expiry + 1e-3)  # just past it: a peer is dead only once silent for *more* than expiry
         if self.leases:
             due.append(min(lease.deadline for lease in self.leases.values()))
+        if self.pending and any(w.free > 0 for w in self.workers.values()):
+            return 0.0  # batches went back to pending after this turn's leasing (a send failed)
         return max(0.0, min(due) - now)
 
     def status(self) -> dict[str, Any]:
@@ -260,9 +269,7 @@ class SinkCore:
             return
         rows = []
         for topic, count, payload in zip(topics, counts, payloads, strict=True):
-            seq = self.topic_seq.get(topic, 0) + 1
-            self.topic_seq[topic] = seq
-            rows.append((topic, seq, count, payload))
+            rows.append((topic, self._next_seq(topic), count, payload))
         self._to_publish.extend(self.ledger.store_results(batch_id, rows))
         self.counts["done"] += 1
         self.stats["batches done"] += 1
@@ -345,8 +352,7 @@ class SinkCore:
         """A lease ended without a result: replay the batch, or dead-letter it at max attempts."""
         topic, count, _, _ = self.ledger.batch_info(batch_id)
         if attempt >= self.max_attempts:
-            seq = self.topic_seq.get(p.DEAD_TOPIC, 0) + 1
-            self.topic_seq[p.DEAD_TOPIC] = seq
+            seq = self._next_seq(p.DEAD_TOPIC)
             self._to_publish.append(self.ledger.dead_letter(batch_id, p.DEAD_TOPIC, seq, error))
             self.counts["dead"] += 1
             log.warning("batch %d dead-lettered after %d attempts: %s", batch_id, attempt,
@@ -376,6 +382,12 @@ class SinkCore:
                 self._lease_ended(batch_id, attempt, f"worker {worker.name} {why} (attempt {attempt})")
 
     # --- helpers ---------------------------------------------------------------------------
+    def _next_seq(self, topic: str) -> int:
+        seq = self.topic_seq.get(topic, 0) + 1
+        self.topic_seq[topic] = seq
+        self._heads_changed.add(topic)
+        return seq
+
     def _send(self, rid: bytes, *frames: bytes) -> None:
         self._out.to_peers.append((rid, list(frames)))
 

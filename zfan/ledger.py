@@ -46,6 +46,10 @@ CREATE TABLE IF NOT EXISTS results (
     created REAL NOT NULL,    -- wall-clock seconds, for retention by age
     UNIQUE (topic, seq)
 );
+CREATE TABLE IF NOT EXISTS topics (
+    topic TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL      -- the last seq given on this topic, whatever retention dropped
+);
 CREATE TABLE IF NOT EXISTS cursors (
     name TEXT NOT NULL,       -- a durable subscriber
     topic TEXT NOT NULL,
@@ -146,7 +150,15 @@ class Ledger:
         return counts
 
     def topic_seqs(self) -> dict[str, int]:
-        return dict(self._db.execute("SELECT topic, max(seq) FROM results GROUP BY topic"))
+        heads = dict(self._db.execute("SELECT topic, seq FROM topics"))
+        for topic, seq in self._db.execute("SELECT topic, max(seq) FROM results GROUP BY topic"):
+            heads[topic] = max(seq, heads.get(topic, 0))
+        return heads
+
+    def save_heads(self, heads: dict[str, int]) -> None:
+        for topic, seq in heads.items():
+            self._write("INSERT INTO topics (topic, seq) VALUES (?,?) "
+                        "ON CONFLICT (topic) DO UPDATE SET seq=max(seq, excluded.seq)", (topic, seq))
 
     def published_upto(self) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key='published'").fetchone()

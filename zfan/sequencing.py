@@ -92,14 +92,16 @@ class Sequencer(Generic[M]):
         if seq > self.want.get(topic, 0):
             self.want[topic] = seq
 
-    def missing(self, topic: str, first: int, last: int, reason: str) -> None:
-        """The sink no longer has `first`..`last` of `topic`: report it and move past it."""
+    def missing(self, topic: str, first: int, last: int, reason: str, *, report: bool = True) -> None:
+        """The sink no longer has `first`..`last` of `topic`: report it (unless told that the
+        range was never wanted) and move past it."""
         nxt = self.next.setdefault(topic, 1)
         if last < nxt:
             return
         first = max(first, nxt)
-        self.lost += last - first + 1
-        self.errors.append(RetentionGap(topic, first, last, reason))
+        if report:
+            self.lost += last - first + 1
+            self.errors.append(RetentionGap(topic, first, last, reason))
         for seq in [s for s in self.held.get(topic, {}) if s <= last]:
             del self.held[topic][seq]
             self._held -= 1

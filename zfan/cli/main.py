@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..feeds import JsonLines
 from ..loading import load_app
 from ..nodes import pipeline
+from ..nodes.local import die_with_parent
 from ..nodes.producer import Producer
 from ..nodes.sink import Sink
 from ..nodes.status import query_status
@@ -82,10 +83,13 @@ def sink(intake: str, control: str, results: str, ledger: str, fsync: str, worke
 @click.option("--credit", type=click.IntRange(1, 1000), default=4, show_default=True,
               help="batches to hold at once")
 @click.option("--name", default=None, help="how the sink names this worker [default: random]")
+@click.option("--parent", type=int, default=None, hidden=True, help="end when this process does")
 @timing
 @role("worker")
-def worker(control: str, app: str, credit: int, name: str | None, timing: Timing) -> int:
+def worker(control: str, app: str, credit: int, name: str | None, parent: int | None, timing: Timing) -> int:
     """Run an app on batches leased by a sink."""
+    if parent is not None:
+        die_with_parent(parent)
     process = load_app(app)
     extra = {"name": name} if name else {}
     node = Worker(process, WorkerSettings(control=control, credit=credit, timing=timing, **extra))

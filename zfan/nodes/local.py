@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +14,8 @@ import time
 from ..config import Timing
 
 log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
 
 
 class LocalWorkers:
@@ -25,8 +30,8 @@ class LocalWorkers:
         self.restarts = 0
 
     def _spawn(self, i: int) -> subprocess.Popen:
-        return subprocess.Popen([*self._cmd, "--name", f"local-{i + 1}", "--log-level", "warning"],
-                                stdin=subprocess.DEVNULL)
+        return subprocess.Popen([*self._cmd, "--name", f"local-{i + 1}", "--log-level", "warning",
+                                 "--parent", str(os.getpid())], stdin=subprocess.DEVNULL)
 
     def check(self) -> None:
         now = time.monotonic()
@@ -39,6 +44,19 @@ class LocalWorkers:
 
     def stop(self, timeout: float = 5.0) -> None:
         stop_processes(self.procs, timeout)
+
+
+def die_with_parent(parent: int) -> None:
+    """Make this process end when `parent` does, even by SIGKILL: a sink's local workers are
+    its own, and must not outlive it to join the next sink as extras (Linux only; elsewhere a
+    no-op)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def stop_processes(procs: list[subprocess.Popen], timeout: float = 5.0) -> None:

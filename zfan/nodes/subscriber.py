@@ -91,6 +91,8 @@ class Subscriber:
         self.synced = False
         self._started = s.control is None  # with a control channel: once heads (and cursor) are in
         self._cursor_pending = s.durable is not None
+        self._first_run = False  # a durable name the sink has no position for yet
+        self._early: list[Message] = []
         self._asked_start = 0.0
         self._next_heads = 0.0
         self._next_commit = time.monotonic() + COMMIT_EVERY
@@ -242,7 +244,10 @@ class Subscriber:
         except ProtocolError as exc:
             self._reject(exc)
             return
-        self._seq.offer(msg)
+        if self._started:
+            self._seq.offer(msg)
+        else:
+            self._early.append(msg)  # offered once we know where each topic starts
 
     def _from_control(self, frames: list[bytes]) -> None:
         try:
@@ -253,10 +258,15 @@ class Subscriber:
                 if self._seq.offer(self._message(frames[0], frames[1])):
                     self.replayed += 1
             elif mtype == p.MISSING:
-                self._seq.missing(*fields)
+                topic, first = fields[0], fields[1]
+                # A durable subscriber's first run starts at the oldest result retained:
+                # what is older was never owed to it.
+                owed = not (self._first_run and first == 1 and topic not in self._taken)
+                self._seq.missing(*fields, report=owed)
             elif mtype == p.TOPICS:
                 self._heads(dict(zip(fields[0], fields[1], strict=True)))
             elif mtype == p.CURSOR and fields[0] == self.settings.durable:
+                self._first_run = not fields[1]
                 self._seq.start_at(dict(zip(fields[1], fields[2], strict=True)))
                 self._committed.update(self._seq.positions())
                 self._cursor_pending = False
@@ -268,8 +278,16 @@ class Subscriber:
             if self._cursor_pending:
                 return  # the cursor says where to start; ask for heads again once it is in
             if self.settings.durable is None:
-                self._seq.start_at(heads)  # a plain subscriber starts now
+                # A plain subscriber starts now: with what its stream brought since it
+                # subscribed, else after the head the sink reports.
+                start = dict(heads)
+                for msg in self._early:
+                    start[msg.topic] = min(start.get(msg.topic, msg.seq), msg.seq - 1)
+                self._seq.start_at(start)
             self._started = True
+            for msg in self._early:
+                self._seq.offer(msg)
+            self._early.clear()
         for topic, seq in heads.items():
             self._seq.head(topic, seq)
 

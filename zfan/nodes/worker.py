@@ -110,7 +110,7 @@ class Worker(Service):
                 if self._session():
                     backoff = self.settings.timing.heartbeat  # we were welcomed: start over
                 else:
-                    backoff = min(backoff * 2, 8.0)
+                    backoff = min(backoff * 2, 4.0)
                 # Lost the sink: wait a little (with jitter) before reconnecting.
                 self._stopping.wait(backoff * random.uniform(0.5, 1.0))
         finally:

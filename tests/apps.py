@@ -1,0 +1,29 @@
+"""Apps the fault tests run in real worker processes (`--app tests.apps:NAME`)."""
+
+from __future__ import annotations
+
+import time
+
+
+def ids(records):
+    """One result per record: its id."""
+    return [r["id"] for r in records]
+
+
+def slow_ids(records):
+    """Like ids(), taking long enough that a kill lands mid-batch."""
+    time.sleep(0.03)
+    return [r["id"] for r in records]
+
+
+def hold(records):
+    """Holds each batch half a second: a worker stopped now is stopped mid-batch."""
+    time.sleep(0.5)
+    return [r["id"] for r in records]
+
+
+def poison(records):
+    """Fails on one particular record, every time."""
+    if any(r["id"] == 1234 for r in records):
+        raise ValueError("record 1234 is poison")
+    return [r["id"] for r in records]
