@@ -129,13 +129,13 @@ def test_dead_letter_keeps_the_payload_and_the_error(ledger):
     assert ledger.pending() == []
 
 
-def test_recover_puts_leased_batches_back_keeping_attempts(ledger):
+def test_recover_puts_leased_batches_back_without_counting_the_interrupted_lease(ledger):
     a = ledger.insert_batch("prod", 1, "t", 1, b"a")
     b = ledger.insert_batch("prod", 2, "t", 1, b"b")
-    ledger.lease(a, "w1", 2)
+    ledger.lease(a, "w1", 2)  # its second attempt, cut short by the sink's own death
     ledger.commit()
     assert ledger.recover() == 1
-    assert ledger.pending() == [Pending(a, "t", 1, 2), Pending(b, "t", 1, 0)]
+    assert ledger.pending() == [Pending(a, "t", 1, 1), Pending(b, "t", 1, 0)]
     assert peek(ledger.path, "SELECT state, worker FROM batches WHERE id=?", (a,)) == [(PENDING, None)]
 
 

@@ -133,8 +133,10 @@ class Ledger:
         return epoch
 
     def recover(self) -> int:
-        """Put batches leased by an earlier sink back to pending; return how many."""
-        n = self._write("UPDATE batches SET state=?, worker=NULL WHERE state=?", (PENDING, LEASED)).rowcount
+        """Put batches leased by an earlier sink back to pending; return how many. The sink's
+        own death is no fault of the batch: that lease does not count as an attempt."""
+        n = self._write("UPDATE batches SET state=?, worker=NULL, attempts=max(attempts - 1, 0) WHERE state=?",
+                        (PENDING, LEASED)).rowcount
         self.commit()
         return n
 
