@@ -248,3 +248,17 @@ def test_memory_ledger_works(tmp_path):
         assert led.pending() == [Pending(bid, "t", 1, 0)]
     finally:
         led.close()
+
+
+def test_deduplication_outlives_the_results_retention(ledger):
+    ids = [ledger.insert_batch("prod", seq, "t", 1, b"x") for seq in range(1, 11)]
+    for seq, batch_id in enumerate(ids, 1):
+        ledger.lease(batch_id, "w", 1)
+        ledger.store_results(batch_id, [("t", seq, 1, b"r")])
+    ledger.mark_published(10)
+    ledger.commit()
+    results, batches = ledger.prune(keep=2, max_age=None, now=0.0, keep_batches=5)
+    ledger.commit()
+    assert (results, batches) == (8, 5)
+    assert ledger.insert_batch("prod", 10, "t", 1, b"x") is None, "a late resend is still a duplicate"
+    assert ledger.insert_batch("prod", 1, "t", 1, b"x") is not None, "beyond keep_batches it is forgotten"

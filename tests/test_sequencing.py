@@ -146,6 +146,26 @@ def test_requests_per_topic(clock):
 
 # --- where a subscriber starts ----------------------------------------------------------------
 
+def test_a_long_gap_is_asked_for_one_sink_answer_at_a_time(clock):
+    from zfan.protocol import MAX_REPLAY
+
+    seq = Sequencer(clock=clock)
+    seq.head("t", 2500)
+    assert seq.requests() == [("t", 1, MAX_REPLAY)]
+    for i in range(1, MAX_REPLAY + 1):
+        seq.offer(M("t", i))
+    assert seq.requests() == [("t", MAX_REPLAY + 1, 2 * MAX_REPLAY)], "the next chunk at once, not after ask_every"
+
+
+def test_without_repair_a_topic_starts_where_it_was_joined(clock):
+    seq = Sequencer(clock=clock, repair=False)
+    seq.offer(M("t", 50))
+    seq.offer(M("t", 51))
+    seq.offer(M("t", 54))
+    assert [m.seq for m in seq.ready] == [50, 51, 54]
+    assert seq.skipped == 2, "only what went missing after joining counts"
+
+
 def test_start_at_sets_the_baseline(clock):
     s = make(clock)
     s.start_at({"t": 10, "u": 0})

@@ -303,6 +303,33 @@ def test_a_new_durable_subscriber_starts_at_the_oldest_retained_result_without_a
     assert sub.lost == 0
 
 
+def test_a_durable_subscriber_skips_quietly_only_on_its_first_run(tmp_path, ctx):
+    """A topic whose every result was pruned before the first run is saved as skipped with
+    that run's position: the next run neither asks for it again nor reports it lost."""
+    with Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), retain_count=20,
+              context=ctx) as sink, \
+            Worker(echo, control=sink.control, context=ctx), \
+            Producer(intake=sink.intake, control=sink.control, batch_size=1, context=ctx) as prod:
+        prod.send_many(numbered(0, 30), "gone")
+        prod.send_many(numbered(30, 60), "kept")
+        prod.flush()
+        wait_for(lambda: query_status(sink.control, context=ctx).get("results_pruned", 0) >= 40,
+                 what="every result of topic 'gone' pruned")
+        with Subscriber(results=sink.results, control=sink.control, durable="d", context=ctx) as first:
+            assert first.wait_ready(5)
+            got = take(first, 20)
+            assert first.recv(0.5) is None and first.lost == 0
+        assert seqs_of(got) == {"kept": list(range(11, 31))}
+        prod.send_many(numbered(60, 62), "kept")
+        prod.flush()
+        with Subscriber(results=sink.results, control=sink.control, durable="d", context=ctx) as second:
+            assert second.wait_ready(5)
+            more = take(second, 2)
+            assert second.recv(0.5) is None, "nothing else is owed"
+            assert second.lost == 0
+    assert seqs_of(more) == {"kept": [31, 32]}
+
+
 # --- 5. zfan sink --retain ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value", ["garbage", "0", "-3h", "10x"])

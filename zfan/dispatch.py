@@ -29,8 +29,6 @@ CONTROL_TYPES = frozenset({p.HELLO, p.HEARTBEAT, p.RESULT, p.FAILED, p.STATUS, p
                            p.REPLAY, p.HEADS, p.GET_CURSOR, p.COMMIT})
 # Requests any peer may make without a hello: they change no peer's state.
 STATELESS = frozenset({p.HELLO, p.STATUS, p.REPLAY, p.HEADS, p.GET_CURSOR, p.COMMIT})
-# Results sent for one replay request; the subscriber asks again for the rest.
-REPLAY_CHUNK = 1000
 PRUNE_EVERY = 1.0  # seconds between retention passes
 
 
@@ -176,7 +174,12 @@ class SinkCore:
             self._next_prune = now + PRUNE_EVERY
             keep, max_age = self.retain
             if keep is not None or max_age is not None:
-                self.stats["results pruned"] += self.ledger.prune(keep=keep, max_age=max_age, now=self.wall())
+                results, batches = self.ledger.prune(keep=keep, max_age=max_age, now=self.wall())
+                if results:
+                    self.stats["results pruned"] += results
+                if batches:
+                    self.stats["batches pruned"] += batches
+                    self.counts["done"] -= batches
 
     def end_turn(self) -> Outbox:
         """Lease what can be leased, commit, and hand back everything the commit made true."""
@@ -297,17 +300,18 @@ class SinkCore:
     # --- subscribers: replay, topic heads, durable cursors ---------------------------------
     def _replay(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
         topic, first, last = fields
-        last = min(last, self.topic_seq.get(topic, 0))
+        first, last = max(first, 1), min(last, self.topic_seq.get(topic, 0))
         if first > last:
             return  # nothing published there yet
-        rows = self.ledger.results_range(topic, first, last, REPLAY_CHUNK)
+        rows = self.ledger.results_range(topic, first, last, p.MAX_REPLAY)
         if not rows or rows[0].seq > first:
             gap_end = rows[0].seq - 1 if rows else last
             self._send(rid, p.encode(p.MISSING, topic, first, gap_end, "no longer retained by the sink"))
             self.stats["replays refused"] += 1
         for stored in rows:
             self._send(rid, *self._publish_frames(stored)[1:])
-        self.stats["results replayed"] += len(rows)
+        if rows:
+            self.stats["results replayed"] += len(rows)
 
     def _heads(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
         prefixes = tuple(fields[0])
@@ -316,12 +320,15 @@ class SinkCore:
 
     def _get_cursor(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
         name = fields[0]
-        cursor = self.ledger.cursor(name)
-        self._send(rid, p.encode(p.CURSOR, name, list(cursor), list(cursor.values())))
+        cursor = list(self.ledger.cursor(name).items())[:p.MAX_TOPICS]
+        self._send(rid, p.encode(p.CURSOR, name, [t for t, _ in cursor], [s for _, s in cursor]))
 
     def _commit(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
         name, topics, seqs = fields
-        self.ledger.save_cursor(name, dict(zip(topics, seqs, strict=True)))
+        positions: dict[str, int] = {}
+        for topic, seq in zip(topics, seqs, strict=True):
+            positions[topic] = max(seq, positions.get(topic, 0))
+        self.ledger.save_cursor(name, positions)
 
     # --- leases ----------------------------------------------------------------------------
     def _dispatch(self) -> None:

@@ -17,6 +17,8 @@ from .errors import LedgerError
 PENDING, LEASED, DONE, DEAD = 0, 1, 2, 3
 # Stamped in the SQLite header of every ledger ("zfan"), so that no other database is taken over.
 APPLICATION_ID = 0x7A66616E
+# Finished batches remembered for deduplication, whatever the results' retention.
+KEEP_BATCHES = 1_000_000
 STATE_NAMES = {PENDING: "pending", LEASED: "leased", DONE: "done", DEAD: "dead"}
 
 _SCHEMA = """
@@ -244,9 +246,10 @@ class Ledger:
             self._write("INSERT INTO cursors (name, topic, seq) VALUES (?,?,?) "
                         "ON CONFLICT (name, topic) DO UPDATE SET seq=max(seq, excluded.seq)", (name, topic, seq))
 
-    def prune(self, *, keep: int | None, max_age: float | None, now: float) -> int:
-        """Drop published results beyond the retention, and the finished batches before them.
-        Returns how many results went."""
+    def prune(self, *, keep: int | None, max_age: float | None, now: float,
+              keep_batches: int = KEEP_BATCHES) -> tuple[int, int]:
+        """Drop published results beyond the retention, and finished batches beyond the newest
+        `keep_batches`. Returns how many results and batches went."""
         upto = self.published_upto()
         dropped = 0
         if keep is not None:
@@ -255,12 +258,11 @@ class Ledger:
         if max_age is not None:
             dropped += self._write("DELETE FROM results WHERE id <= ? AND created < ?",
                                    (upto, now - max_age)).rowcount
-        if dropped:
-            # A finished batch is kept while any result of its era is: its row is what makes a
-            # late resend of it a duplicate.
-            self._write("DELETE FROM batches WHERE state=? AND id < coalesce((SELECT min(batch_id) FROM results), 0)",
-                        (DONE,))
-        return dropped
+        # A finished batch's row (without its payload) is what makes a late resend of it a
+        # duplicate; resends come within seconds or minutes, so the newest ones are what counts.
+        batches = self._write("DELETE FROM batches WHERE state=? AND id <= (SELECT max(id) FROM batches) - ?",
+                              (DONE, keep_batches)).rowcount
+        return dropped, batches
 
     def integrity_check(self) -> str:
         return self._db.execute("PRAGMA integrity_check").fetchone()[0]

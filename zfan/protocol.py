@@ -56,6 +56,7 @@ MAX_TOPICS = 10_000  # topics one result may fan out to
 MAX_ERROR = 64 * 1024  # traceback text of a failed batch
 MAX_SEQS = 100_000  # seqs one ack carries
 MAX_CREDIT = 1000
+MAX_REPLAY = 1000  # results the sink sends for one replay request
 # Integers are unsigned and below 2**63: SQLite stores signed 64-bit integers.
 MAX_INT = (1 << 63) - 1
 

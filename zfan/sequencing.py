@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from .errors import ZfanError
+from .protocol import MAX_REPLAY
 
 
 class RetentionGap(ZfanError):
@@ -67,7 +68,8 @@ class Sequencer(Generic[M]):
     def offer(self, msg: M) -> bool:
         """Take a result; False if it was seen before."""
         topic, seq = msg.topic, msg.seq
-        nxt = self.next.setdefault(topic, 1)
+        # A topic starts at 1, unless nothing can be asked for: then where it was joined.
+        nxt = self.next.setdefault(topic, 1 if self.repair else seq)
         held = self.held.setdefault(topic, {})
         if seq < nxt or seq in held:
             self.duplicates += 1
@@ -120,6 +122,8 @@ class Sequencer(Generic[M]):
                 continue  # an answer is on its way
             held = self.held.get(topic)
             last = min(held) - 1 if held else want
+            # No more than the sink sends for one request: once it is in, the next is asked at once.
+            last = min(last, nxt + MAX_REPLAY - 1)
             self._asked[topic] = _Ask(nxt, last, now)
             out.append((topic, nxt, last))
         return out

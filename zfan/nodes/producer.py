@@ -21,7 +21,7 @@ from ..batching import Batcher, Sent, Window
 from ..config import ProducerSettings, check_topic
 from ..errors import Closed, DeliveryTimeout, ProtocolError, SerializationError, ZfanError
 from .service import Service
-from .transport import connect, drain, socket, welcome_timing
+from .transport import Backoff, connect, drain, socket, welcome_timing
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +142,16 @@ class Producer(Service):
         try:
             connect(push, s.intake, "intake endpoint")
             self._ready.set()
+            backoff = Backoff(s.timing.heartbeat)
             while not self._stopping.is_set():
-                self._session(push)
-                self._stopping.wait(s.timing.heartbeat)
+                if self._session(push):
+                    backoff.reset()
+                self._stopping.wait(backoff.next())
         finally:
             push.close(linger=0)
 
-    def _session(self, push: zmq.Socket) -> None:
-        """One control connection, until the sink goes silent or we stop."""
+    def _session(self, push: zmq.Socket) -> bool:
+        """One control connection, until the sink goes silent or we stop. True if welcomed."""
         s = self.settings
         ctl = socket(self._ctx, zmq.DEALER)
         connect(ctl, s.control, "control endpoint")
@@ -157,6 +159,7 @@ class Producer(Service):
         poller.register(ctl, zmq.POLLIN)
         poller.register(self._wakeup.fileno(), zmq.POLLIN)
         epoch = 0
+        welcomed = False
         self._beat, self._expiry = s.timing.heartbeat, s.timing.expiry  # until the sink says its own
         heard = time.monotonic()
         next_beat = heard + self._beat
@@ -189,10 +192,12 @@ class Producer(Service):
                 if now - heard > self._expiry:
                     log.warning("sink %s silent for %.1f s; reconnecting", s.control, now - heard)
                     self.connected.clear()
-                    return
+                    return welcomed
+                welcomed = welcomed or bool(epoch)
                 if now >= next_beat:
                     ctl.send(p.encode(p.HEARTBEAT, epoch))
                     next_beat = now + self._beat
+            return welcomed
         finally:
             ctl.close(linger=0)
 

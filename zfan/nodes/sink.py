@@ -54,6 +54,7 @@ class Sink(Service):
             pull = socket(self._ctx, zmq.PULL)
             router = socket(self._ctx, zmq.ROUTER)
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            router.setsockopt(zmq.SNDHWM, 20 * p.MAX_REPLAY)  # room for several replay answers at once
             xpub = socket(self._ctx, zmq.XPUB)
             xpub.setsockopt(zmq.SNDHWM, s.publish_hwm)
             self.intake = connect_address(bind(pull, s.intake, "intake endpoint"))

@@ -177,7 +177,10 @@ class Subscriber:
         changed = {t: q for t, q in self._taken.items() if self._committed.get(t) != q}
         if s.durable is None or self._ctl is None or not changed:
             return
-        self._ctl.send(p.encode(p.COMMIT, s.durable, list(changed), list(changed.values())))
+        items = list(changed.items())
+        for i in range(0, len(items), p.MAX_TOPICS):
+            part = items[i:i + p.MAX_TOPICS]
+            self._ctl.send(p.encode(p.COMMIT, s.durable, [t for t, _ in part], [q for _, q in part]))
         self._committed.update(changed)
 
     def close(self) -> None:
@@ -263,6 +266,8 @@ class Subscriber:
                 # what is older was never owed to it.
                 owed = not (self._first_run and first == 1 and topic not in self._taken)
                 self._seq.missing(*fields, report=owed)
+                if not owed:  # saved with the position, so the next run does not ask again
+                    self._taken[topic] = max(self._taken.get(topic, 0), fields[2])
             elif mtype == p.TOPICS:
                 self._heads(dict(zip(fields[0], fields[1], strict=True)))
             elif mtype == p.CURSOR and fields[0] == self.settings.durable:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 from collections.abc import Iterator
 
 import zmq
@@ -65,6 +66,23 @@ def welcome_timing(welcome: list, own: Timing) -> tuple[float, float]:
     if not heartbeat_ms or not liveness:
         return own.heartbeat, own.expiry
     return heartbeat_ms / 1000, heartbeat_ms / 1000 * liveness
+
+
+class Backoff:
+    """Waits between reconnects: from `first`, doubling up to `cap`, with jitter so that many
+    peers of a restarted sink do not all come back at once; reset once a session got going."""
+
+    def __init__(self, first: float, cap: float = 4.0) -> None:
+        self.first, self.cap = first, cap
+        self._next = first
+
+    def reset(self) -> None:
+        self._next = self.first
+
+    def next(self) -> float:
+        wait = self._next * random.uniform(0.5, 1.0)
+        self._next = min(self._next * 2, self.cap)
+        return wait
 
 
 class Wakeup:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import random
 import threading
 import time
 import traceback
@@ -22,7 +21,7 @@ from .. import protocol as p
 from ..config import WorkerSettings
 from ..errors import ProtocolError, SerializationError
 from .service import Service
-from .transport import connect, drain, socket, welcome_timing
+from .transport import Backoff, connect, drain, socket, welcome_timing
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +104,11 @@ class Worker(Service):
         worker_thread.start()
         try:
             self._ready.set()
-            backoff = self.settings.timing.heartbeat
+            backoff = Backoff(self.settings.timing.heartbeat)
             while not self._stopping.is_set():
                 if self._session():
-                    backoff = self.settings.timing.heartbeat  # we were welcomed: start over
-                else:
-                    backoff = min(backoff * 2, 4.0)
-                # Lost the sink: wait a little (with jitter) before reconnecting.
-                self._stopping.wait(backoff * random.uniform(0.5, 1.0))
+                    backoff.reset()  # we were welcomed: a fresh loss starts over
+                self._stopping.wait(backoff.next())
         finally:
             self._jobs.put(None)
 
