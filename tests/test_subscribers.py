@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 
 import pytest
 
@@ -253,11 +254,19 @@ def test_cli_durable_subscribe_twice_takes_every_result_once(tmp_path, ipc, role
 
 # --- 4. retention ----------------------------------------------------------------------------------------
 
-def test_a_durable_subscriber_behind_the_retention_is_told_what_it_lost_and_goes_on(tmp_path, ctx):
-    with Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), retain_count=20,
+@contextmanager
+def retaining(results: int, tmp_path, ctx):
+    """A sink that keeps only the newest `results` results, an echo worker, and a producer of
+    one record per batch."""
+    with Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), retain_count=results,
               context=ctx) as sink, \
             Worker(echo, control=sink.control, context=ctx), \
             Producer(intake=sink.intake, control=sink.control, batch_size=1, context=ctx) as prod:
+        yield sink, prod
+
+
+def test_a_durable_subscriber_behind_the_retention_is_told_what_it_lost_and_goes_on(tmp_path, ctx):
+    with retaining(20, tmp_path, ctx) as (sink, prod):
         # One record per batch, one producer, one worker: result seq k holds record k - 1.
         with Subscriber(results=sink.results, control=sink.control, durable="d", context=ctx) as sub:
             assert sub.wait_ready(5)
@@ -286,10 +295,7 @@ def test_a_durable_subscriber_behind_the_retention_is_told_what_it_lost_and_goes
 
 
 def test_a_new_durable_subscriber_starts_at_the_oldest_retained_result_without_an_error(tmp_path, ctx):
-    with Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), retain_count=20,
-              context=ctx) as sink, \
-            Worker(echo, control=sink.control, context=ctx), \
-            Producer(intake=sink.intake, control=sink.control, batch_size=1, context=ctx) as prod:
+    with retaining(20, tmp_path, ctx) as (sink, prod):
         prod.send_many(numbered(0, 100), "t")
         prod.flush()
         wait_for(lambda: query_status(sink.control, context=ctx).get("results_pruned", 0) >= 80,
@@ -306,10 +312,7 @@ def test_a_new_durable_subscriber_starts_at_the_oldest_retained_result_without_a
 def test_a_durable_subscriber_skips_quietly_only_on_its_first_run(tmp_path, ctx):
     """A topic whose every result was pruned before the first run is saved as skipped with
     that run's position: the next run neither asks for it again nor reports it lost."""
-    with Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), retain_count=20,
-              context=ctx) as sink, \
-            Worker(echo, control=sink.control, context=ctx), \
-            Producer(intake=sink.intake, control=sink.control, batch_size=1, context=ctx) as prod:
+    with retaining(20, tmp_path, ctx) as (sink, prod):
         prod.send_many(numbered(0, 30), "gone")
         prod.send_many(numbered(30, 60), "kept")
         prod.flush()
