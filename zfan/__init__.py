@@ -1,8 +1,9 @@
 """zfan: brokerless fan-in / fan-out over ZeroMQ, with a SQLite ledger so nothing is lost."""
 
-from .config import ProducerSettings, SinkSettings, SubscriberSettings, Timing, WorkerSettings
+from .config import Curve, ProducerSettings, SinkSettings, SubscriberSettings, Timing, WorkerSettings
 from .errors import (
     AppError,
+    AuthError,
     BindError,
     Closed,
     ConfigError,
@@ -35,12 +36,14 @@ __all__ = [
     "ProducerSettings",
     "SubscriberSettings",
     "Timing",
+    "Curve",
     # errors
     "ZfanError",
     "ConfigError",
     "BindError",
     "LedgerError",
     "AppError",
+    "AuthError",
     "ProtocolError",
     "SerializationError",
     "DeliveryTimeout",

@@ -100,6 +100,16 @@ class Timing:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Curve:
+    """CURVE keys for one node: its own secret key file, and either the sink's public key file
+    (a client) or a folder of the client public keys it lets in (the sink)."""
+
+    secret_file: str
+    server_key: str | None = None
+    allow_keys: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class SinkSettings:
     intake: str = DEFAULT_INTAKE
     control: str = DEFAULT_CONTROL
@@ -118,6 +128,7 @@ class SinkSettings:
     # the newest `retain_count`, and (if set) none older than `retain_age` seconds.
     retain_count: int | None = 100_000
     retain_age: float | None = None
+    curve: Curve | None = None
 
     def __post_init__(self) -> None:
         for name in ("intake", "control", "results"):
@@ -140,6 +151,7 @@ class WorkerSettings:
     credit: int = 4
     name: str = field(default_factory=lambda: f"worker-{uuid.uuid4().hex[:8]}")
     timing: Timing = field(default_factory=Timing)
+    curve: Curve | None = None
 
     def __post_init__(self) -> None:
         check_endpoint(self.control, what="control endpoint")
@@ -162,6 +174,7 @@ class ProducerSettings:
     # An unacknowledged batch is sent again after this many seconds.
     resend_after: float = 2.0
     timing: Timing = field(default_factory=Timing)
+    curve: Curve | None = None
 
     def __post_init__(self) -> None:
         check_endpoint(self.intake, what="intake endpoint")
@@ -185,6 +198,7 @@ class SubscriberSettings:
     durable: str | None = None
     # Results queued on the subscriber's side before ZeroMQ drops (RCVHWM, in messages).
     hwm: int = 100_000
+    curve: Curve | None = None
 
     def __post_init__(self) -> None:
         check_endpoint(self.results, what="results endpoint")

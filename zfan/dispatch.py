@@ -85,6 +85,8 @@ class SinkCore:
         self.beat = Beat(timing.heartbeat, clock())
         self.topic_seq: dict[str, int] = ledger.topic_seqs()
         self._heads_changed: set[str] = set()
+        self._keys: dict[str, str] = {}  # producer id -> the CURVE key it is bound to
+        self._key: str | None = None  # the key of the control message being handled
         self.counts = ledger.counts()
         self.stats: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
@@ -102,14 +104,17 @@ class SinkCore:
         }
 
     # --- events ----------------------------------------------------------------------------
-    def intake(self, frames: list[bytes]) -> None:
-        """A message from a producer's PUSH: a batch to store, dedup and acknowledge."""
+    def intake(self, frames: list[bytes], key: str | None = None) -> None:
+        """A message from a producer's PUSH: a batch to store, dedup and acknowledge. With CURVE,
+        `key` is the sender's public key, which must be the one its producer id is bound to."""
         try:
             if len(frames) != 2:
                 raise ProtocolError("bad frame count", f"batch has {len(frames)} frames, expected 2")
             _, (producer_id, seq, topic, count) = p.decode(frames[0], allowed=INTAKE_TYPES)
             if topic.startswith("zfan."):
                 raise ProtocolError("reserved topic", topic)
+            if key is not None and self._keys.get(producer_id) != key:
+                raise ProtocolError("producer id of another key", producer_id)
         except ProtocolError as exc:
             self._reject(exc)
             return
@@ -127,8 +132,9 @@ class SinkCore:
                 self._cached += len(payload)
         self._acks.setdefault(producer_id, []).append(seq)
 
-    def control(self, rid: bytes, frames: list[bytes]) -> None:
-        """A message from a DEALER on the control socket."""
+    def control(self, rid: bytes, frames: list[bytes], key: str | None = None) -> None:
+        """A message from a DEALER on the control socket (with CURVE, `key` is the sender's)."""
+        self._key = key
         try:
             if not frames:
                 raise ProtocolError("bad frame count", "empty message")
@@ -239,6 +245,11 @@ class SinkCore:
             raise ProtocolError("bad role", role)
         if role == "worker" and not 0 < credit <= p.MAX_CREDIT:
             raise ProtocolError("bad credit", str(credit))
+        if role == "producer" and self._key is not None:
+            # With CURVE a producer id belongs to the first key that says hello with it, so that
+            # no other node can send batches or take acks in its name.
+            if self._keys.setdefault(name, self._key) != self._key:
+                raise ProtocolError("producer id of another key", name)
         if rid in self.roles:
             self._drop_peer(rid, "said hello again")
         self.roles[rid] = role

@@ -18,6 +18,10 @@ class BindError(ZfanError):
     """A socket could not bind: port in use, address not available, ipc path not writable."""
 
 
+class AuthError(ZfanError):
+    """An encrypted handshake failed: a key refused, a wrong server key, CURVE on one side only."""
+
+
 class LedgerError(ZfanError):
     """The ledger file cannot be opened, written or trusted."""
 

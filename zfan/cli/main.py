@@ -13,11 +13,11 @@ import click
 
 from .. import __version__
 from ..apps import readings
-from ..config import ProducerSettings, SinkSettings, SubscriberSettings, Timing, WorkerSettings, parse_retention
+from ..config import Curve, ProducerSettings, SinkSettings, SubscriberSettings, Timing, WorkerSettings, parse_retention
 from ..errors import ConfigError
 from ..feeds import JsonLines
 from ..loading import load_app
-from ..nodes import pipeline
+from ..nodes import pipeline, security
 from ..nodes.local import die_with_parent
 from ..nodes.producer import Producer
 from ..nodes.sink import Sink
@@ -25,7 +25,7 @@ from ..nodes.status import query_status
 from ..nodes.subscriber import Subscriber
 from ..nodes.worker import Worker
 from ..sequencing import RetentionGap
-from .options import RET_ERROR, RET_OK, endpoints, on_stop, ready, role, timing
+from .options import RET_ERROR, RET_OK, curve, endpoints, on_stop, ready, role, timing
 from .show import Live, status_table, summary
 
 
@@ -39,6 +39,7 @@ def cli() -> None:
 
 
 @cli.command()
+@role("sink")
 @endpoints("intake", "control", "results")
 @click.option("--ledger", default="zfan.db", show_default=True, envvar="ZFAN_LEDGER",
               help="SQLite ledger file (':memory:' keeps nothing across restarts)")
@@ -58,25 +59,27 @@ def cli() -> None:
               help="published results kept for subscribers to repair gaps and replay: "
                    "a count (100000) or an age (30m, 12h, 7d)")
 @timing
-@role("sink")
+@curve(server=True)
 def sink(intake: str, control: str, results: str, ledger: str, fsync: str, workers: int, app: str,
-         credit: int, max_attempts: int, batch_timeout: float, retain: str, timing: Timing) -> int:
+         credit: int, max_attempts: int, batch_timeout: float, retain: str, timing: Timing,
+         curve: Curve | None) -> int:
     """Receive batches, record them in the ledger, lease them to workers, publish results."""
     retain_count, retain_age = parse_retention(retain)
     if workers:
         load_app(app)  # fail here, once and clearly, rather than in every worker
     settings = SinkSettings(intake=intake, control=control, results=results, ledger=ledger, fsync=fsync,
                             timing=timing, max_attempts=max_attempts, batch_timeout=batch_timeout,
-                            retain_count=retain_count, retain_age=retain_age)
+                            retain_count=retain_count, retain_age=retain_age, curve=curve)
     node = Sink(settings, workers=workers, app=app, worker_credit=credit)
     node.start()
     on_stop(node.stop)
     ready("sink", intake=node.intake, control=node.control, results=node.results, ledger=ledger,
-          epoch=node.epoch, workers=workers)
+          epoch=node.epoch, workers=workers, curve="on" if curve else "off")
     return _wait(node)
 
 
 @cli.command()
+@role("worker")
 @endpoints("control")
 @click.option("--app", default="zfan.apps:rollup", show_default=True, metavar="MODULE:FUNCTION",
               help="the function to run on each batch: process(records) -> list | dict[topic, list]")
@@ -85,14 +88,15 @@ def sink(intake: str, control: str, results: str, ledger: str, fsync: str, worke
 @click.option("--name", default=None, help="how the sink names this worker [default: random]")
 @click.option("--parent", type=int, default=None, hidden=True, help="end when this process does")
 @timing
-@role("worker")
-def worker(control: str, app: str, credit: int, name: str | None, parent: int | None, timing: Timing) -> int:
+@curve(server=False)
+def worker(control: str, app: str, credit: int, name: str | None, parent: int | None, timing: Timing,
+           curve: Curve | None) -> int:
     """Run an app on batches leased by a sink."""
     if parent is not None:
         die_with_parent(parent)
     process = load_app(app)
     extra = {"name": name} if name else {}
-    node = Worker(process, WorkerSettings(control=control, credit=credit, timing=timing, **extra))
+    node = Worker(process, WorkerSettings(control=control, credit=credit, timing=timing, curve=curve, **extra))
     node.start()
     on_stop(node.stop)
     ready("worker", control=control, app=app, name=node.settings.name, credit=credit)
@@ -100,6 +104,7 @@ def worker(control: str, app: str, credit: int, name: str | None, parent: int | 
 
 
 @cli.command()
+@role("produce")
 @endpoints("intake", "control")
 @click.option("--file", "path", type=click.File("r"), default=None, help="JSON lines to send [default: stdin]")
 @click.option("--count", type=click.IntRange(min=0), default=None,
@@ -120,10 +125,10 @@ def worker(control: str, app: str, credit: int, name: str | None, parent: int | 
               help="seconds to wait at the end for the sink to acknowledge everything")
 @click.option("--progress/--no-progress", default=None, help="[default: on a terminal]")
 @timing
-@role("produce")
+@curve(server=False)
 def produce(intake: str, control: str, path: TextIO | None, count: int | None, start: int, sensors: int,
             topic: str, batch_size: int, linger_ms: float, window: int, producer_id: str | None,
-            strict: bool, timeout: float, progress: bool | None, timing: Timing) -> int:
+            strict: bool, timeout: float, progress: bool | None, timing: Timing, curve: Curve | None) -> int:
     """Send records to a sink; exit 0 once the sink has acknowledged every one."""
     if count is not None and path is not None:
         raise ConfigError("give --count or --file, not both")
@@ -134,7 +139,7 @@ def produce(intake: str, control: str, path: TextIO | None, count: int | None, s
         source = JsonLines(path or sys.stdin, strict=strict, name=getattr(path, "name", "stdin"))
     extra = {"producer_id": producer_id} if producer_id else {}
     settings = ProducerSettings(intake=intake, control=control, topic=topic, batch_size=batch_size,
-                                linger_ms=linger_ms, window=window, timing=timing, **extra)
+                                linger_ms=linger_ms, window=window, timing=timing, curve=curve, **extra)
     node = Producer(settings)
     node.start()
     stopping = threading.Event()
@@ -158,6 +163,7 @@ def produce(intake: str, control: str, path: TextIO | None, count: int | None, s
 
 
 @cli.command()
+@role("subscribe")
 @endpoints("results", "control")
 @click.option("--topic", "topics", multiple=True, default=[""], metavar="PREFIX",
               help="topic prefix to receive (repeatable) [default: everything]")
@@ -167,13 +173,14 @@ def produce(intake: str, control: str, path: TextIO | None, count: int | None, s
 @click.option("--count", type=click.IntRange(min=1), default=None, help="exit after this many results")
 @click.option("--idle-timeout", type=click.FloatRange(min=0), default=None,
               help="exit after this many seconds without a result")
-@role("subscribe")
+@curve(server=False)
 def subscribe(results: str, control: str, topics: tuple[str, ...], durable: str | None, count: int | None,
-              idle_timeout: float | None) -> int:
+              idle_timeout: float | None, curve: Curve | None) -> int:
     """Print published results as JSON lines on stdout, each topic in order, gaps repaired."""
     stopping = threading.Event()
     on_stop(stopping.set)
-    with Subscriber(SubscriberSettings(results=results, control=control, topics=topics, durable=durable)) as sub:
+    settings = SubscriberSettings(results=results, control=control, topics=topics, durable=durable, curve=curve)
+    with Subscriber(settings) as sub:
         waited = 0
         while not sub.wait_ready(1.0):
             if stopping.is_set():
@@ -202,18 +209,20 @@ def subscribe(results: str, control: str, topics: tuple[str, ...], durable: str 
 
 
 @cli.command()
+@role("status")
 @endpoints("control")
 @click.option("--json", "as_json", is_flag=True, help="print the status as one JSON object")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=3.0, show_default=True)
-@role("status")
-def status(control: str, as_json: bool, timeout: float) -> int:
+@curve(server=False)
+def status(control: str, as_json: bool, timeout: float, curve: Curve | None) -> int:
     """Ask a running sink for its workers and batch counts."""
-    info = query_status(control, timeout=timeout)
+    info = query_status(control, timeout=timeout, curve=curve)
     click.echo(json.dumps(info, indent=2) if as_json else status_table(info))
     return RET_OK
 
 
 @cli.command()
+@role("up")
 @click.option("--seconds", type=click.FloatRange(min=0.1), default=None,
               help="stream for this long [default: 5 unless --records is given]")
 @click.option("--records", type=click.IntRange(min=1), default=None, help="stream this many records")
@@ -223,7 +232,6 @@ def status(control: str, as_json: bool, timeout: float) -> int:
               help="sensors per producer; each is a topic sensor.<id>")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--progress/--no-progress", default=None, help="[default: on a terminal]")
-@role("up")
 def up(seconds: float | None, records: int | None, producers: int, workers: int, sensors: int,
        batch_size: int, progress: bool | None) -> int:
     """Run a whole local pipeline (sink, workers, producers, subscriber) and count the result."""
@@ -236,6 +244,22 @@ def up(seconds: float | None, records: int | None, producers: int, workers: int,
     live.done(report.sent, report.acked, report.delivered, report.elapsed)
     click.echo(summary(report))
     return RET_OK if report.ok else RET_ERROR
+
+
+@cli.group()
+def keys() -> None:
+    """CURVE keypairs for an encrypted pipeline."""
+
+
+@keys.command("generate")
+@role("keys")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("name")
+def keys_generate(folder: str, name: str) -> int:
+    """Write FOLDER/NAME.key (public: give it out) and FOLDER/NAME.key_secret (keep it)."""
+    public, secret = security.generate(folder, name)
+    click.echo(f"public key: {public}\nsecret key: {secret}")
+    return RET_OK
 
 
 def _wait(node: Any) -> int:

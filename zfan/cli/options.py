@@ -12,8 +12,9 @@ from typing import Any
 
 import click
 
-from ..config import DEFAULT_CONTROL, DEFAULT_INTAKE, DEFAULT_RESULTS, Timing
-from ..errors import AppError, BindError, ConfigError, DeliveryTimeout, LedgerError, ZfanError
+from ..config import DEFAULT_CONTROL, DEFAULT_INTAKE, DEFAULT_RESULTS, Curve, Timing
+from ..errors import AppError, AuthError, BindError, ConfigError, DeliveryTimeout, LedgerError, ZfanError
+from ..nodes import security
 
 # Exit codes, named (as dramatiq's CLI does).
 RET_OK = 0
@@ -23,10 +24,11 @@ RET_APP = 3  # --app cannot be imported or called
 RET_BIND = 4  # an endpoint cannot be bound
 RET_LEDGER = 5  # the ledger cannot be opened or written
 RET_TIMEOUT = 6  # the sink did not answer or acknowledge in time
+RET_AUTH = 7  # the encrypted handshake failed: a key refused or wrong
 
 _CODES: list[tuple[type[ZfanError], int]] = [
     (ConfigError, RET_USAGE), (AppError, RET_APP), (BindError, RET_BIND),
-    (LedgerError, RET_LEDGER), (DeliveryTimeout, RET_TIMEOUT),
+    (LedgerError, RET_LEDGER), (DeliveryTimeout, RET_TIMEOUT), (AuthError, RET_AUTH),
 ]
 
 ENDPOINTS = {
@@ -61,6 +63,36 @@ def timing(f: Callable[..., Any]) -> Callable[..., Any]:
         return f(*args, timing=Timing(heartbeat=heartbeat, liveness=liveness), **kwargs)
 
     return wrapper
+
+
+def curve(*, server: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the CURVE options (a server's: --curve-secret, --allow-keys; a client's:
+    --curve-secret, --curve-server-key), passed on as one `curve` (None when not given)."""
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        @click.option("--curve-secret", envvar="ZFAN_CURVE_SECRET", default=None, metavar="FILE",
+                      help="this node's secret key file (from `zfan keys generate`): encrypt and authenticate")
+        @functools.wraps(f)
+        def wrapper(*args: Any, curve_secret: str | None, curve_other: str | None, **kwargs: Any) -> Any:
+            if curve_secret is None and curve_other is None:
+                return f(*args, curve=None, **kwargs)
+            if curve_secret is None:
+                raise ConfigError(f"{other_flag} needs --curve-secret too")
+            keys = Curve(secret_file=curve_secret, **{other_field: curve_other})
+            security.validate(keys, server=server)
+            return f(*args, curve=keys, **kwargs)
+
+        if server:
+            other_flag, other_field = "--allow-keys", "allow_keys"
+            option = click.option("--allow-keys", "curve_other", envvar="ZFAN_ALLOW_KEYS", default=None,
+                                  metavar="FOLDER", help="folder of the client public keys (*.key) let in")
+        else:
+            other_flag, other_field = "--curve-server-key", "server_key"
+            option = click.option("--curve-server-key", "curve_other", envvar="ZFAN_CURVE_SERVER_KEY",
+                                  default=None, metavar="FILE", help="the sink's public key file")
+        return option(wrapper)
+
+    return decorate
 
 
 def role(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from ..config import Timing
+from ..config import Curve, Timing
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +21,14 @@ _PR_SET_PDEATHSIG = 1
 class LocalWorkers:
     """N worker processes; one that exits is started again, no more than once a second each."""
 
-    def __init__(self, n: int, *, control: str, app: str, credit: int, timing: Timing) -> None:
+    def __init__(self, n: int, *, control: str, app: str, credit: int, timing: Timing,
+                 curve: Curve | None = None) -> None:
         self._cmd = [sys.executable, "-m", "zfan", "worker", "--control", control, "--app", app,
                      "--credit", str(credit), "--heartbeat", str(timing.heartbeat),
                      "--liveness", str(timing.liveness)]
+        if curve is not None:
+            # Local workers hold the sink's own keypair, which the sink lets in.
+            self._cmd += ["--curve-secret", curve.secret_file, "--curve-server-key", curve.secret_file]
         self.procs = [self._spawn(i) for i in range(n)]
         self._started = [time.monotonic()] * n
         self.restarts = 0

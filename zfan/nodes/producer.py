@@ -20,6 +20,7 @@ from .. import protocol as p
 from ..batching import Batcher, Sent, Window
 from ..config import ProducerSettings, check_topic
 from ..errors import Closed, DeliveryTimeout, ProtocolError, SerializationError, ZfanError
+from .security import check_handshakes, secure_client
 from .service import Service
 from .transport import Backoff, connect, drain, socket, welcome_timing
 
@@ -47,6 +48,7 @@ class Producer(Service):
         self._window = Window()
         self._outstanding = 0  # handed off and not yet acked (under _acked)
         self._topics: set[str] = set()
+        self._push_watch = None  # set by the I/O thread: the intake socket's handshakes
         self._beat = self._expiry = 0.0  # the sink's heartbeat timing, from its welcome (I/O thread)
         self._closed = False
         self._window_full = False  # a lingering batch waits for an ack before it can go
@@ -91,7 +93,9 @@ class Producer(Service):
         with self._acked:
             while self._outstanding:
                 left = deadline - time.monotonic()
-                if left <= 0 or not self.running:
+                if not self.running:
+                    raise self._stopped_error()
+                if left <= 0:
                     raise DeliveryTimeout(self._outstanding, timeout)
                 self._acked.wait(min(left, 0.1))
 
@@ -105,6 +109,11 @@ class Producer(Service):
         finally:
             self._closed = True
             super().close()
+
+    def _stopped_error(self) -> ZfanError:
+        if isinstance(self.error, ZfanError):
+            return self.error
+        return ZfanError(f"producer's I/O thread has stopped; {self._outstanding} batch(es) unacknowledged")
 
     @property
     def unacked(self) -> int:
@@ -123,7 +132,7 @@ class Producer(Service):
                 return False
         while block and not self._slots.acquire(timeout=0.1):
             if not self.running:
-                raise ZfanError("producer's I/O thread has stopped; batches cannot be sent")
+                raise self._stopped_error()
             if deadline is not None and time.monotonic() > deadline:
                 raise DeliveryTimeout(self._outstanding, 0)
         with self._lock:
@@ -139,6 +148,7 @@ class Producer(Service):
     def _serve(self) -> None:
         s = self.settings
         push = socket(self._ctx, zmq.PUSH)
+        self._push_watch = secure_client(push, s.curve, s.intake)
         try:
             connect(push, s.intake, "intake endpoint")
             self._ready.set()
@@ -148,12 +158,15 @@ class Producer(Service):
                     backoff.reset()
                 self._stopping.wait(backoff.next())
         finally:
+            if self._push_watch is not None:
+                self._push_watch.close()
             push.close(linger=0)
 
     def _session(self, push: zmq.Socket) -> bool:
         """One control connection, until the sink goes silent or we stop. True if welcomed."""
         s = self.settings
         ctl = socket(self._ctx, zmq.DEALER)
+        watch = secure_client(ctl, s.curve, s.control)
         connect(ctl, s.control, "control endpoint")
         poller = zmq.Poller()
         poller.register(ctl, zmq.POLLIN)
@@ -166,12 +179,9 @@ class Producer(Service):
         ctl.send(p.encode(p.HELLO, "producer", s.producer_id, 0))
         try:
             while not self._stopping.is_set():
+                ready = dict(poller.poll(self._wait(next_beat) * 1000))
                 now = time.monotonic()
-                with self._lock:
-                    linger = None if self._window_full else self._batcher.next_due(now)
-                wait = next_beat - now if linger is None else min(linger, next_beat - now)
-                ready = dict(poller.poll(max(0.0, wait) * 1000))
-                now = time.monotonic()
+                check_handshakes(watch, self._push_watch)
                 if self._wakeup.fileno() in ready:
                     self._wakeup.clear()
                 self._seal_lingering(now)
@@ -183,12 +193,7 @@ class Producer(Service):
                         epoch = self._control(frames, ctl, epoch)
                     next_beat = min(next_beat, now + self._beat)  # a welcome may ask for a faster pace
                 if epoch:
-                    for sent in self._window.due(now, s.resend_after):
-                        try:
-                            push.send_multipart(sent.frames, zmq.NOBLOCK)
-                        except zmq.Again:
-                            break  # the sink's pipe is full: try again next turn
-                        sent.sent_at = now
+                    self._send_due(push, now)
                 if now - heard > self._expiry:
                     log.warning("sink %s silent for %.1f s; reconnecting", s.control, now - heard)
                     self.connected.clear()
@@ -199,7 +204,26 @@ class Producer(Service):
                     next_beat = now + self._beat
             return welcomed
         finally:
+            if watch is not None:
+                watch.close()
             ctl.close(linger=0)
+
+    def _wait(self, next_beat: float) -> float:
+        """Seconds to poll: until the next heartbeat, or the oldest open batch's linger."""
+        now = time.monotonic()
+        with self._lock:
+            linger = None if self._window_full else self._batcher.next_due(now)
+        wait = next_beat - now if linger is None else min(linger, next_beat - now)
+        return max(0.0, wait)
+
+    def _send_due(self, push: zmq.Socket, now: float) -> None:
+        """Push batches never sent, and those unacknowledged for `resend_after`."""
+        for sent in self._window.due(now, self.settings.resend_after):
+            try:
+                push.send_multipart(sent.frames, zmq.NOBLOCK)
+            except zmq.Again:
+                return  # the sink's pipe is full: try again next turn
+            sent.sent_at = now
 
     def _control(self, frames: list[bytes], ctl: zmq.Socket, epoch: int) -> int:
         try:

@@ -15,8 +15,9 @@ from ..dispatch import SinkCore
 from ..errors import ConfigError
 from ..ledger import Ledger
 from .local import LocalWorkers
+from .security import make_server, start_authenticator
 from .service import Service
-from .transport import bind, drain, socket
+from .transport import bind, drain, drain_keyed, socket
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,10 @@ class Sink(Service):
 
     def __init__(self, settings: SinkSettings | None = None, *, workers: int = 0, app: str | None = None,
                  worker_credit: int = 4, context: zmq.Context | None = None, **overrides: Any) -> None:
-        super().__init__(context)
         self.settings = settings or SinkSettings(**overrides)
+        # The ZAP authenticator is one per context: an encrypted sink gets a context of its own.
+        self._own_ctx = context is None and self.settings.curve is not None
+        super().__init__(zmq.Context() if self._own_ctx else context)
         if workers and not app:
             raise ConfigError("local workers need app='module:function', e.g. app='zfan.apps:rollup'")
         self._local = (workers, app, worker_credit)
@@ -44,7 +47,12 @@ class Sink(Service):
 
     def _serve(self) -> None:
         s = self.settings
-        ledger = Ledger(s.ledger, fsync=s.fsync)
+        auth = start_authenticator(self._ctx, s.curve) if s.curve is not None else None
+        try:
+            ledger = Ledger(s.ledger, fsync=s.fsync)
+        except BaseException:
+            self._stop_auth(auth)
+            raise
         pull = router = xpub = None
         try:
             core = SinkCore(ledger, timing=s.timing, max_attempts=s.max_attempts,
@@ -57,13 +65,16 @@ class Sink(Service):
             router.setsockopt(zmq.SNDHWM, 20 * p.MAX_REPLAY)  # room for several replay answers at once
             xpub = socket(self._ctx, zmq.XPUB)
             xpub.setsockopt(zmq.SNDHWM, s.publish_hwm)
+            if s.curve is not None:
+                for sock in (pull, router, xpub):
+                    make_server(sock, s.curve)
             self.intake = connect_address(bind(pull, s.intake, "intake endpoint"))
             self.control = connect_address(bind(router, s.control, "control endpoint"))
             self.results = connect_address(bind(xpub, s.results, "results endpoint"))
             workers, app, credit = self._local
             if workers:
                 self._workers = LocalWorkers(workers, control=self.control, app=app or "", credit=credit,
-                                             timing=s.timing)
+                                             timing=s.timing, curve=s.curve)
             if core.recovered:
                 log.info("recovered %d leased batch(es) from the ledger", core.recovered)
             self._ready.set()
@@ -75,8 +86,16 @@ class Sink(Service):
             if self._workers is not None:
                 self._workers.stop()
             ledger.close()
+            self._stop_auth(auth)
+
+    def _stop_auth(self, auth: Any) -> None:
+        if auth is not None:
+            auth.stop()
+        if self._own_ctx:
+            self._ctx.term()
 
     def _loop(self, core: SinkCore, pull: zmq.Socket, router: zmq.Socket, xpub: zmq.Socket) -> None:
+        curve = self.settings.curve is not None
         poller = zmq.Poller()
         for sock in (pull, router, xpub):
             poller.register(sock, zmq.POLLIN)
@@ -84,11 +103,11 @@ class Sink(Service):
         while not self._stopping.is_set():
             ready = dict(poller.poll(core.next_deadline() * 1000))
             if pull in ready:
-                for frames in drain(pull):
-                    core.intake(frames)
+                for frames, key in drain_keyed(pull, curve):
+                    core.intake(frames, key)
             if router in ready:
-                for rid, *frames in drain(router):
-                    core.control(rid, frames)
+                for (rid, *frames), key in drain_keyed(router, curve):
+                    core.control(rid, frames, key)
             if xpub in ready:
                 self._subscriptions(xpub)
             if self._wakeup.fileno() in ready:

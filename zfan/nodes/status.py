@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import zmq
 
 from .. import protocol as p
+from ..config import Curve
 from ..errors import ProtocolError, ZfanError
+from .security import secure_client
 from .transport import connect, socket
 
 
-def query_status(control: str, *, timeout: float = 3.0, context: zmq.Context | None = None) -> dict[str, Any]:
+def query_status(control: str, *, timeout: float = 3.0, context: zmq.Context | None = None,
+                 curve: Curve | None = None) -> dict[str, Any]:
     sock = socket(context or zmq.Context.instance(), zmq.DEALER)
+    watch = secure_client(sock, curve, control)
     try:
         connect(sock, control, "control endpoint")
         sock.send(p.encode(p.STATUS))
-        if not sock.poll(timeout * 1000):
-            raise ZfanError(f"no answer from a sink at {control} within {timeout:g} s (is it running?)")
+        deadline = time.monotonic() + timeout
+        while not sock.poll(50):
+            if watch is not None:
+                watch.check()
+            if time.monotonic() > deadline:
+                raise ZfanError(f"no answer from a sink at {control} within {timeout:g} s (is it running?)")
         frames = sock.recv_multipart()
         try:
             mtype, fields = p.decode(frames[0], allowed=frozenset({p.STATUS}))
@@ -28,4 +37,6 @@ def query_status(control: str, *, timeout: float = 3.0, context: zmq.Context | N
         info: dict[str, Any] = fields[0]
         return info
     finally:
+        if watch is not None:
+            watch.close()
         sock.close(linger=0)

@@ -23,6 +23,7 @@ from .. import protocol as p
 from ..config import SubscriberSettings
 from ..errors import Closed, ProtocolError
 from ..sequencing import Sequencer
+from .security import secure_client
 from .transport import connect, drain, socket
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class Subscriber:
         ctx = context or zmq.Context.instance()
         self._sub = socket(ctx, zmq.SUB)
         self._sub.setsockopt(zmq.RCVHWM, s.hwm)
+        self._watches = [w for w in [secure_client(self._sub, s.curve, s.results)] if w is not None]
         connect(self._sub, s.results, "results endpoint")
         for prefix in s.topics:
             self._sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
@@ -82,6 +84,9 @@ class Subscriber:
         if s.control is not None:
             self._ctl = socket(ctx, zmq.DEALER)
             self._ctl.setsockopt(zmq.RCVHWM, 10 * s.hwm)
+            watch = secure_client(self._ctl, s.curve, s.control)
+            if watch is not None:
+                self._watches.append(watch)
             connect(self._ctl, s.control, "control endpoint")
         self._poller = zmq.Poller()
         for sock in (self._sub, self._ctl):
@@ -187,6 +192,8 @@ class Subscriber:
         if self._closed:
             return
         self._closed = True
+        for watch in self._watches:
+            watch.close()
         self._sub.close(linger=0)
         if self._ctl is not None:
             self.commit()
@@ -200,6 +207,8 @@ class Subscriber:
 
     # --- one turn: read what is there, ask for what is missing -------------------------------
     def _turn(self, wait: float) -> None:
+        for watch in self._watches:
+            watch.check()
         self._ask()
         ready = dict(self._poller.poll(wait * 1000))
         if self._sub in ready:

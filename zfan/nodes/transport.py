@@ -68,6 +68,20 @@ def welcome_timing(welcome: list, own: Timing) -> tuple[float, float]:
     return heartbeat_ms / 1000, heartbeat_ms / 1000 * liveness
 
 
+def drain_keyed(sock: zmq.Socket, keyed: bool, limit: int = DRAIN) -> Iterator[tuple[list[bytes], str | None]]:
+    """Like drain(), with the CURVE key each message came with (ZAP's User-Id) when `keyed`."""
+    if not keyed:
+        for frames in drain(sock, limit):
+            yield frames, None
+        return
+    for _ in range(limit):
+        try:
+            parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        yield [f.bytes for f in parts], parts[-1].get("User-Id")
+
+
 class Backoff:
     """Waits between reconnects: from `first`, doubling up to `cap`, with jitter so that many
     peers of a restarted sink do not all come back at once; reset once a session got going."""

@@ -20,6 +20,7 @@ import zmq
 from .. import protocol as p
 from ..config import WorkerSettings
 from ..errors import ProtocolError, SerializationError
+from .security import secure_client
 from .service import Service
 from .transport import Backoff, connect, drain, socket, welcome_timing
 
@@ -116,6 +117,7 @@ class Worker(Service):
         """One connection to the sink, until it goes silent or we stop. True if welcomed."""
         s = self.settings
         sock = socket(self._ctx, zmq.DEALER)
+        watch = secure_client(sock, s.curve, s.control)
         connect(sock, s.control, "control endpoint")
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -129,6 +131,8 @@ class Worker(Service):
             while not self._stopping.is_set():
                 ready = dict(poller.poll(max(0.0, next_beat - time.monotonic()) * 1000))
                 now = time.monotonic()
+                if watch is not None:
+                    watch.check()
                 if self._wakeup.fileno() in ready:
                     self._wakeup.clear()
                 self._send_done(sock)
@@ -147,6 +151,8 @@ class Worker(Service):
                 sock.send(p.encode(p.BYE))  # lets the sink replay our batches at once
             return self._welcomed
         finally:
+            if watch is not None:
+                watch.close()
             sock.close(linger=100 if self._welcomed else 0)
 
     def _send_done(self, sock: zmq.Socket) -> None:

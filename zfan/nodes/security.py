@@ -1,0 +1,225 @@
+"""CURVE encryption and authentication for every socket that crosses a network.
+
+The sink is the CURVE server on all three of its sockets, with a ZAP authenticator (pyzmq's)
+that lets in only the public keys found in its allow folder; every other role is a client
+holding its own keypair and the sink's public key. A client watches its socket's monitor so
+that a refused handshake is an error a person reads, not a silent hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
+
+from ..config import Curve
+from ..errors import AuthError, ConfigError
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "zfan"  # the ZAP domain every zfan server socket sets and enforces
+LOG_EVERY = 10.0  # seconds between two log lines about refused keys
+
+
+def generate(folder: str, name: str) -> tuple[str, str]:
+    """Write NAME.key (public) and NAME.key_secret (secret) into folder; return their paths."""
+    if not name or os.sep in name or name.startswith("."):
+        raise ConfigError(f"key name {name!r}: use a plain name such as 'sink' or 'node-7'")
+    os.makedirs(folder, exist_ok=True)
+    for suffix in (".key", ".key_secret"):
+        path = os.path.join(folder, name + suffix)
+        if os.path.exists(path):
+            raise ConfigError(f"{path} exists already: not overwritten (remove it, or choose another name)")
+    try:
+        public, secret = zmq.auth.create_certificates(folder, name)
+        os.chmod(secret, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot write keys into {folder}: {exc.strerror}") from None
+    return public, secret
+
+
+def load_secret(path: str) -> tuple[bytes, bytes]:
+    """(public, secret) from a NAME.key_secret file."""
+    public, secret = _load(path, "--curve-secret")
+    if secret is None:
+        raise ConfigError(f"--curve-secret {path}: holds no secret key (give the .key_secret file)")
+    return public, secret
+
+
+def load_public(path: str, what: str = "--curve-server-key") -> bytes:
+    return _load(path, what)[0]
+
+
+def _load(path: str, what: str) -> tuple[bytes, bytes | None]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} {path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{what} {path}: not readable")
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {path}: not a key file made by `zfan keys generate` ({exc})") from None
+    return public, secret
+
+
+def check_allow_folder(folder: str) -> int:
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--allow-keys {folder}: no such folder")
+    keys = [f for f in os.listdir(folder) if f.endswith(".key")]
+    if not keys:
+        raise ConfigError(f"--allow-keys {folder}: holds no public keys (*.key); no client could connect")
+    return len(keys)
+
+
+def validate(curve: Curve, *, server: bool) -> None:
+    """Read every key file now, so that a missing or wrong one is one clear error at start."""
+    load_secret(curve.secret_file)
+    if server:
+        if curve.allow_keys is None:
+            raise ConfigError("a sink with --curve-secret also needs --allow-keys FOLDER (the public keys it lets in)")
+        check_allow_folder(curve.allow_keys)
+    else:
+        if curve.server_key is None:
+            raise ConfigError("with --curve-secret, a client also needs --curve-server-key (the sink's public key)")
+        load_public(curve.server_key)
+
+
+def make_server(sock: zmq.Socket, curve: Curve) -> None:
+    public, secret = load_secret(curve.secret_file)
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
+    sock.zap_domain = DOMAIN.encode()
+    # Without an authenticator answering for this domain a CURVE server lets any key in:
+    # enforce the domain so that it never does.
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+
+
+def make_client(sock: zmq.Socket, curve: Curve) -> None:
+    if curve.server_key is None:
+        raise ConfigError("with --curve-secret, a client also needs --curve-server-key (the sink's public key)")
+    public, secret = load_secret(curve.secret_file)
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_serverkey = load_public(curve.server_key)
+
+
+class _RefusalLog:
+    """The authenticator's log, with refusals raised to warnings at most once per interval."""
+
+    def __init__(self) -> None:
+        self._last = 0.0
+        self.refused = 0
+
+    def debug(self, msg: str, *args: Any) -> None:
+        text = msg % args if args else msg
+        if "DENIED" in text:
+            self.refused += 1
+            now = time.monotonic()
+            if now - self._last >= LOG_EVERY:
+                self._last = now
+                log.warning("refused a connection: %s (%d refused so far)", text, self.refused)
+
+    def info(self, msg: str, *args: Any) -> None:
+        self.debug(msg, *args)
+
+    def warning(self, msg: str, *args: Any) -> None:
+        log.warning(msg, *args)
+
+    error = exception = warning
+
+
+class AllowList:
+    """The public keys in the allow folder, read again (at most once a second) when an unknown
+    key knocks, so that a key added to the folder is let in without a restart; plus the sink's
+    own key, which its local workers use."""
+
+    def __init__(self, folder: str, own_public: bytes) -> None:
+        self.folder = folder
+        self._own = own_public
+        self._keys = self._read()
+        self._read_at = time.monotonic()
+
+    def _read(self) -> set[bytes]:
+        try:
+            return set(zmq.auth.load_certificates(self.folder)) | {self._own}
+        except OSError:
+            return {self._own}
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key in self._keys:
+            return True
+        if time.monotonic() - self._read_at >= 1.0:
+            self._keys, self._read_at = self._read(), time.monotonic()
+        return key in self._keys
+
+
+def start_authenticator(ctx: zmq.Context, curve: Curve) -> ThreadAuthenticator:
+    if curve.allow_keys is None:
+        raise ConfigError("a sink with --curve-secret also needs --allow-keys FOLDER (the public keys it lets in)")
+    check_allow_folder(curve.allow_keys)
+    public, _ = load_secret(curve.secret_file)
+    auth = ThreadAuthenticator(ctx, log=_RefusalLog())  # type: ignore[arg-type]
+    auth.start()
+    auth.configure_curve_callback(domain=DOMAIN, credentials_provider=AllowList(curve.allow_keys, public))
+    return auth
+
+
+_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the sink refused this node's key (it is not in the sink's --allow-keys)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the sink and this node disagree on encryption (one uses CURVE, "
+                                         "the other does not)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the encrypted handshake failed: is --curve-server-key the sink's "
+                                          "public key?",
+}
+
+
+def check_handshakes(*watches: HandshakeWatch | None) -> None:
+    for watch in watches:
+        if watch is not None:
+            watch.check()
+
+
+def secure_client(sock: zmq.Socket, curve: Curve | None, endpoint: str) -> HandshakeWatch:
+    """Make `sock` a CURVE client if given keys (before it connects), and watch its handshakes
+    either way: a plaintext client of an encrypted sink must say so too."""
+    if curve is not None:
+        make_client(sock, curve)
+    return HandshakeWatch(sock, endpoint, encrypted=curve is not None)
+
+
+class HandshakeWatch:
+    """Reads a socket's monitor and turns a failed handshake into an AuthError."""
+
+    def __init__(self, sock: zmq.Socket, endpoint: str, *, encrypted: bool = True) -> None:
+        self.endpoint = endpoint
+        self.encrypted = encrypted
+        self.monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._sock = sock
+        self.succeeded = False
+
+    def check(self) -> None:
+        """Raise AuthError if the monitor reports a failed handshake; never blocks."""
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.succeeded = True
+            elif event in _FAILURES:
+                why = _FAILURES[event] if self.encrypted else (
+                    "the sink requires encryption: give --curve-secret and --curve-server-key")
+                raise AuthError(f"cannot connect to {self.endpoint}: {why}")
+
+    def close(self) -> None:
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(linger=0)
