@@ -141,7 +141,8 @@ def test_cli_refused_key_exits_with_one_line_and_the_sink_logs_it(keys, ipc, tmp
      "a client also needs --curve-server-key"),
     (["produce", "--count", "1", "--curve-server-key", "{k}/sink.key"], "--curve-server-key needs --curve-secret too"),
     (["sink", "--curve-secret", "{k}/sink.key_secret"], "also needs --allow-keys FOLDER"),
-    (["sink", "--curve-secret", "{k}/sink.key_secret", "--allow-keys", "{k}/nowhere"], "--allow-keys {k}/nowhere: no such folder"),
+    (["sink", "--curve-secret", "{k}/sink.key_secret", "--allow-keys", "{k}/nowhere"],
+     "--allow-keys {k}/nowhere: no such folder"),
     (["keys", "generate", "{k}", "node1"], "node1.key exists already: not overwritten"),
 ])
 def test_key_mistakes_get_one_clear_line(keys, args, message):
