@@ -241,3 +241,31 @@ def test_bad_flag_is_a_usage_error():
     assert res.returncode == 2
     assert "Invalid value for '--workers'" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_garbage_is_refused_counted_and_logged_once_per_peer(tmp_path, ipc, roles):
+    import zmq
+
+    sink = roles("sink", "--ledger", str(tmp_path / "z.db"), *endpoint_args(ipc, "intake", "control", "results"))
+    sink.wait_ready()
+    ctx = zmq.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(ipc["control"])
+        for i in range(500):
+            dealer.send_multipart([b"not msgpack \xc1", str(i).encode()])
+        dealer.close(linger=2000)
+    finally:
+        ctx.term()
+
+    def info():
+        res = run_cli("status", *endpoint_args(ipc, "control"), "--json")
+        return json.loads(res.stdout) if res.returncode == 0 else {}
+
+    wait_for(lambda: info().get("rejected", {}).get("bad header", 0) == 500, what="500 refusals counted")
+    table = run_cli("status", *endpoint_args(ipc, "control"))
+    assert "rejected messages: 500 (bad header: 500)" in table.stdout
+    assert sink.stop() == 0
+    refusals = [line for line in sink.err if "refused a message" in line]
+    assert len(refusals) == 1, refusals
+    assert "bad header" in refusals[0]

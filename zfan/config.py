@@ -100,6 +100,20 @@ class Timing:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Limits:
+    """What one inbound message may weigh. ZeroMQ enforces `max_frame` on every receiving
+    socket (a larger frame drops the connection); zfan checks the rest before decoding."""
+
+    max_frame: int = 16 << 20  # bytes in one frame: a batch's or a result's payload
+    max_frames: int = 10_002  # frames in one message: a header and a payload per topic
+    max_message: int = 64 << 20  # bytes in one message, all frames together
+
+    def __post_init__(self) -> None:
+        for name in ("max_frame", "max_frames", "max_message"):
+            _positive(name, getattr(self, name), integer=True)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Curve:
     """CURVE keys for one node: its own secret key file, and either the sink's public key file
     (a client) or a folder of the client public keys it lets in (the sink)."""
@@ -129,6 +143,7 @@ class SinkSettings:
     retain_count: int | None = 100_000
     retain_age: float | None = None
     curve: Curve | None = None
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         for name in ("intake", "control", "results"):
@@ -152,6 +167,7 @@ class WorkerSettings:
     name: str = field(default_factory=lambda: f"worker-{uuid.uuid4().hex[:8]}")
     timing: Timing = field(default_factory=Timing)
     curve: Curve | None = None
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         check_endpoint(self.control, what="control endpoint")
@@ -175,6 +191,7 @@ class ProducerSettings:
     resend_after: float = 2.0
     timing: Timing = field(default_factory=Timing)
     curve: Curve | None = None
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         check_endpoint(self.intake, what="intake endpoint")
@@ -199,6 +216,7 @@ class SubscriberSettings:
     # Results queued on the subscriber's side before ZeroMQ drops (RCVHWM, in messages).
     hwm: int = 100_000
     curve: Curve | None = None
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         check_endpoint(self.results, what="results endpoint")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import protocol as p
-from .config import Timing
+from .config import Limits, Timing
 from .errors import ProtocolError
 from .ledger import Ledger, Pending, Stored
 from .liveness import Beat, Tracker
@@ -30,6 +30,11 @@ CONTROL_TYPES = frozenset({p.HELLO, p.HEARTBEAT, p.RESULT, p.FAILED, p.STATUS, p
 # Requests any peer may make without a hello: they change no peer's state.
 STATELESS = frozenset({p.HELLO, p.STATUS, p.REPLAY, p.HEADS, p.GET_CURSOR, p.COMMIT})
 PRUNE_EVERY = 1.0  # seconds between retention passes
+LOG_EVERY = 10.0  # seconds between two log lines about one peer's refused messages
+
+
+def _peer_name(peer: bytes | str) -> str:
+    return peer if isinstance(peer, str) else f"connection {peer.hex()}"
 
 
 @dataclass
@@ -62,11 +67,13 @@ class Outbox:
 
 
 class SinkCore:
-    def __init__(self, ledger: Ledger, *, timing: Timing | None = None, max_attempts: int = 3,
+    def __init__(self, ledger: Ledger, *, limits: Limits | None = None, timing: Timing | None = None,
+                 max_attempts: int = 3,
                  batch_timeout: float = 300.0, cache_bytes: int = 256 << 20,
                  retain_count: int | None = None, retain_age: float | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.ledger = ledger
+        self.limits = limits or Limits()
         self.timing = timing = timing or Timing()
         self.max_attempts = max_attempts
         self.batch_timeout = batch_timeout
@@ -87,6 +94,7 @@ class SinkCore:
         self._heads_changed: set[str] = set()
         self._keys: dict[str, str] = {}  # producer id -> the CURVE key it is bound to
         self._key: str | None = None  # the key of the control message being handled
+        self._logged: dict[bytes | str, float] = {}  # peer -> when its last refusal was logged
         self.counts = ledger.counts()
         self.stats: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
@@ -108,6 +116,7 @@ class SinkCore:
         """A message from a producer's PUSH: a batch to store, dedup and acknowledge. With CURVE,
         `key` is the sender's public key, which must be the one its producer id is bound to."""
         try:
+            self._check_size(frames)
             if len(frames) != 2:
                 raise ProtocolError("bad frame count", f"batch has {len(frames)} frames, expected 2")
             _, (producer_id, seq, topic, count) = p.decode(frames[0], allowed=INTAKE_TYPES)
@@ -116,7 +125,7 @@ class SinkCore:
             if key is not None and self._keys.get(producer_id) != key:
                 raise ProtocolError("producer id of another key", producer_id)
         except ProtocolError as exc:
-            self._reject(exc)
+            self._reject(exc, key or "intake")
             return
         payload = frames[1]
         batch_id = self.ledger.insert_batch(producer_id, seq, topic, count, payload)
@@ -136,11 +145,12 @@ class SinkCore:
         """A message from a DEALER on the control socket (with CURVE, `key` is the sender's)."""
         self._key = key
         try:
+            self._check_size(frames)
             if not frames:
                 raise ProtocolError("bad frame count", "empty message")
             mtype, fields = p.decode(frames[0], allowed=CONTROL_TYPES)
         except ProtocolError as exc:
-            self._reject(exc)
+            self._reject(exc, rid)
             return
         if rid in self.roles:
             self.peers.seen(rid, self.clock())
@@ -154,7 +164,7 @@ class SinkCore:
         try:
             self._handlers[mtype](rid, fields, frames[1:])
         except ProtocolError as exc:
-            self._reject(exc)
+            self._reject(exc, rid)
 
     def unreachable(self, rid: bytes) -> None:
         """A send to this peer failed (ROUTER_MANDATORY): treat it as gone now."""
@@ -409,9 +419,22 @@ class SinkCore:
     def _send(self, rid: bytes, *frames: bytes) -> None:
         self._out.to_peers.append((rid, list(frames)))
 
-    def _reject(self, exc: ProtocolError) -> None:
+    def _check_size(self, frames: list[bytes]) -> None:
+        if len(frames) > self.limits.max_frames:
+            raise ProtocolError("too many frames", str(len(frames)))
+        if sum(map(len, frames)) > self.limits.max_message:
+            raise ProtocolError("message too large", f"{sum(map(len, frames))} bytes")
+
+    def _reject(self, exc: ProtocolError, peer: bytes | str) -> None:
+        """Count a refused message; log it at most once per peer per LOG_EVERY seconds."""
         self.rejected[exc.reason] += 1
-        log.debug("rejected: %s", exc)
+        now = self.clock()
+        if now - self._logged.get(peer, -LOG_EVERY) >= LOG_EVERY:
+            if len(self._logged) > 10_000:
+                self._logged.clear()  # bounded however many peers misbehave
+            self._logged[peer] = now
+            log.warning("refused a message from %s: %s (%d refused so far)", _peer_name(peer), exc,
+                        sum(self.rejected.values()))
 
     def _publish_frames(self, s: Stored) -> list[bytes]:
         if s.kind == 0:

@@ -165,7 +165,7 @@ class Producer(Service):
     def _session(self, push: zmq.Socket) -> bool:
         """One control connection, until the sink goes silent or we stop. True if welcomed."""
         s = self.settings
-        ctl = socket(self._ctx, zmq.DEALER)
+        ctl = socket(self._ctx, zmq.DEALER, max_frame=p.MAX_HEADER_BYTES)  # it receives headers only
         watch = secure_client(ctl, s.curve, s.control)
         connect(ctl, s.control, "control endpoint")
         poller = zmq.Poller()

@@ -55,15 +55,16 @@ class Sink(Service):
             raise
         pull = router = xpub = None
         try:
-            core = SinkCore(ledger, timing=s.timing, max_attempts=s.max_attempts,
+            core = SinkCore(ledger, limits=s.limits, timing=s.timing, max_attempts=s.max_attempts,
                             batch_timeout=s.batch_timeout, cache_bytes=s.cache_bytes,
                             retain_count=s.retain_count, retain_age=s.retain_age)
             self.epoch = core.epoch
-            pull = socket(self._ctx, zmq.PULL)
-            router = socket(self._ctx, zmq.ROUTER)
+            pull = socket(self._ctx, zmq.PULL, max_frame=s.limits.max_frame)
+            router = socket(self._ctx, zmq.ROUTER, max_frame=s.limits.max_frame)
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             router.setsockopt(zmq.SNDHWM, 20 * p.MAX_REPLAY)  # room for several replay answers at once
-            xpub = socket(self._ctx, zmq.XPUB)
+            # It receives only subscriptions (and, with CURVE, handshake commands of a few hundred bytes).
+            xpub = socket(self._ctx, zmq.XPUB, max_frame=4096)
             xpub.setsockopt(zmq.SNDHWM, s.publish_hwm)
             if s.curve is not None:
                 for sock in (pull, router, xpub):

@@ -72,7 +72,7 @@ class Subscriber:
             overrides["topics"] = tuple(overrides["topics"])
         self.settings = s = settings or SubscriberSettings(**overrides)
         ctx = context or zmq.Context.instance()
-        self._sub = socket(ctx, zmq.SUB)
+        self._sub = socket(ctx, zmq.SUB, max_frame=s.limits.max_frame)
         self._sub.setsockopt(zmq.RCVHWM, s.hwm)
         self._watches = [w for w in [secure_client(self._sub, s.curve, s.results)] if w is not None]
         connect(self._sub, s.results, "results endpoint")
@@ -82,7 +82,7 @@ class Subscriber:
         self._sub.setsockopt(zmq.SUBSCRIBE, self._token)
         self._ctl: zmq.Socket | None = None
         if s.control is not None:
-            self._ctl = socket(ctx, zmq.DEALER)
+            self._ctl = socket(ctx, zmq.DEALER, max_frame=s.limits.max_frame)
             self._ctl.setsockopt(zmq.RCVHWM, 10 * s.hwm)
             watch = secure_client(self._ctl, s.curve, s.control)
             if watch is not None:

@@ -18,9 +18,11 @@ from ..errors import BindError, ConfigError
 DRAIN = 1000
 
 
-def socket(ctx: zmq.Context, kind: int, *, hwm: int | None = None) -> zmq.Socket:
+def socket(ctx: zmq.Context, kind: int, *, hwm: int | None = None, max_frame: int | None = None) -> zmq.Socket:
     s = ctx.socket(kind)
     s.setsockopt(zmq.LINGER, 0)
+    if max_frame is not None:
+        s.setsockopt(zmq.MAXMSGSIZE, max_frame)
     if hwm is not None:
         s.setsockopt(zmq.SNDHWM, hwm)
         s.setsockopt(zmq.RCVHWM, hwm)

@@ -116,7 +116,7 @@ class Worker(Service):
     def _session(self) -> bool:
         """One connection to the sink, until it goes silent or we stop. True if welcomed."""
         s = self.settings
-        sock = socket(self._ctx, zmq.DEALER)
+        sock = socket(self._ctx, zmq.DEALER, max_frame=s.limits.max_frame)
         watch = secure_client(sock, s.curve, s.control)
         connect(sock, s.control, "control endpoint")
         poller = zmq.Poller()
