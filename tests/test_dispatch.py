@@ -343,14 +343,30 @@ def test_no_ack_to_a_producer_without_hello(core, ledger):
     assert len(Turn(core).leases) == 1
 
 
-def test_ack_goes_to_the_producers_latest_connection(core):
+def test_ack_goes_to_the_producers_latest_connection(core, clock):
     hello_producer(core, b"p1", "prod-1")
     Turn(core)
+    clock.advance(core.timing.expiry + 0.01)  # the old connection went quiet and was dropped
+    core.tick()
     hello_producer(core, b"p1-again", "prod-1")  # reconnected with a new routing id
     core.intake(batch("prod-1", 1))
     turn = Turn(core)
     assert turn.acks(b"p1-again") == [[1]]
     assert turn.acks(b"p1") == []
+
+
+def test_a_producer_id_in_use_by_a_live_connection_is_refused_until_it_goes_quiet(core, clock):
+    hello_producer(core, b"p1", "prod-1")
+    Turn(core)
+    hello_producer(core, b"intruder", "prod-1")
+    assert core.rejected["producer id in use"] == 1
+    assert not Turn(core).of(p.WELCOME, b"intruder")
+    core.intake(batch("prod-1", 1))
+    assert Turn(core).acks(b"p1") == [[1]], "acks still go to the first connection"
+    clock.advance(core.timing.expiry + 0.01)
+    core.tick()
+    hello_producer(core, b"intruder", "prod-1")
+    assert Turn(core).of(p.WELCOME, b"intruder")
 
 
 # --- results --------------------------------------------------------------------------------
@@ -1151,3 +1167,15 @@ def test_nothing_is_lost_or_published_twice_under_churn(ledger, clock):
     assert [(d.seq, d.fields[2], d.fields[3]) for d in dead] == [(1, poison, 4)]
     assert status_counts(core) == {"pending": 0, "leased": 0, "done": total - 1, "dead": 1}
     assert ledger.counts() == status_counts(core)
+
+
+def test_messages_over_the_limits_are_refused_before_decoding(ledger, clock):
+    from zfan.config import Limits
+
+    core = make_core(ledger, clock, limits=Limits(max_frames=4, max_message=1000))
+    hello_producer(core, b"p1", "prod-1")
+    core.intake([p.encode(p.BATCH, "prod-1", 1, "t", 1), b"\x91" + b"\xc4\xff" + b"x" * 1100])
+    core.control(b"w1", [p.encode(p.HEARTBEAT, 0)] * 5)
+    core.intake(batch("prod-1", 2))
+    assert core.rejected == {"message too large": 1, "too many frames": 1}
+    assert Turn(core).acks(b"p1") == [[2]], "what fits the limits goes on"

@@ -260,6 +260,10 @@ class SinkCore:
             # no other node can send batches or take acks in its name.
             if self._keys.setdefault(name, self._key) != self._key:
                 raise ProtocolError("producer id of another key", name)
+        if role == "producer" and self.producers.get(name, rid) != rid and self.producers[name] in self.peers:
+            # Two live connections with one producer id would split its acks: the second waits
+            # until the first has gone quiet long enough to be dropped.
+            raise ProtocolError("producer id in use", name)
         if rid in self.roles:
             self._drop_peer(rid, "said hello again")
         self.roles[rid] = role
