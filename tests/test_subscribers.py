@@ -254,6 +254,12 @@ def test_cli_durable_subscribe_twice_takes_every_result_once(tmp_path, ipc, role
 
 # --- 4. retention ----------------------------------------------------------------------------------------
 
+def wait_pruned(sink, ctx, n: int) -> None:
+    """Pruning runs about once a second: wait until it has dropped `n` results."""
+    wait_for(lambda: query_status(sink.control, context=ctx).get("results_pruned", 0) >= n,
+             what=f"{n} results pruned")
+
+
 @contextmanager
 def retaining(results: int, tmp_path, ctx):
     """A sink that keeps only the newest `results` results, an echo worker, and a producer of
@@ -275,8 +281,7 @@ def test_a_durable_subscriber_behind_the_retention_is_told_what_it_lost_and_goes
         prod.send_many(numbered(10, 100), "t")
         prod.flush()
         # Pruning runs about once a second: the newest 20 of 100 results are kept.
-        wait_for(lambda: query_status(sink.control, context=ctx).get("results_pruned", 0) >= 80,
-                 what="results 1 to 80 pruned")
+        wait_pruned(sink, ctx, 80)
         with Subscriber(results=sink.results, control=sink.control, durable="d", context=ctx) as sub:
             assert sub.wait_ready(5)
             with pytest.raises(RetentionGap) as gap:
@@ -298,8 +303,7 @@ def test_a_new_durable_subscriber_starts_at_the_oldest_retained_result_without_a
     with retaining(20, tmp_path, ctx) as (sink, prod):
         prod.send_many(numbered(0, 100), "t")
         prod.flush()
-        wait_for(lambda: query_status(sink.control, context=ctx).get("results_pruned", 0) >= 80,
-                 what="results 1 to 80 pruned")
+        wait_pruned(sink, ctx, 80)
         with Subscriber(results=sink.results, control=sink.control, durable="new", context=ctx) as sub:
             assert sub.wait_ready(5)
             got = take(sub, 20)
@@ -316,8 +320,7 @@ def test_a_durable_subscriber_skips_quietly_only_on_its_first_run(tmp_path, ctx)
         prod.send_many(numbered(0, 30), "gone")
         prod.send_many(numbered(30, 60), "kept")
         prod.flush()
-        wait_for(lambda: query_status(sink.control, context=ctx).get("results_pruned", 0) >= 40,
-                 what="every result of topic 'gone' pruned")
+        wait_pruned(sink, ctx, 40)
         with Subscriber(results=sink.results, control=sink.control, durable="d", context=ctx) as first:
             assert first.wait_ready(5)
             got = take(first, 20)
