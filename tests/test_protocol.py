@@ -270,3 +270,12 @@ def test_decode_records_enforces_max_records():
     with pytest.raises(ProtocolError) as info:
         p.decode_records(payload, max_records=10)
     assert info.value.reason == "bad payload"
+
+
+@pytest.mark.parametrize("header", [
+    [p.VERSION, p.BATCH, "prod", 1, "t", p.MAX_RECORDS + 1],
+    [p.VERSION, p.RESULT, 1, 1, 1, ["t"], [p.MAX_RECORDS + 1]],
+])
+def test_a_count_past_max_records_is_refused(header):
+    # A claimed count is summed into the sink's counters: a huge one must not overflow them.
+    assert reason_of(msgpack.packb(header)) == "bad field"

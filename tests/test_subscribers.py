@@ -412,3 +412,36 @@ def test_numbering_continues_after_a_restart_when_every_result_was_pruned(tmp_pa
     assert seqs_of(after)["t"][0] == seqs_of(before)["t"][-1] + 1
     verdict = check(range(600), ids_of(before + after), seqs_of(before + after))
     assert verdict.ok, verdict
+
+
+def test_a_result_whose_records_cannot_be_decoded_is_reported_once_and_skipped(ctx):
+    import msgpack
+    import zmq
+
+    from zfan import protocol as p
+
+    pub = ctx.socket(zmq.XPUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with Subscriber(results=f"tcp://127.0.0.1:{port}", context=ctx) as sub:
+            def sync() -> bool:
+                """Answer the subscriber's handshake as a sink does."""
+                sub.wait_ready(0.01)  # the subscriber is single-threaded: let it read meanwhile
+                while pub.poll(0):
+                    topic = pub.recv()[1:]
+                    if topic.startswith(p.SYNC_PREFIX.encode()):
+                        pub.send_multipart([topic, p.encode(p.SYNC, topic.decode())])
+                return sub.synced
+
+            wait_for(sync, what="the subscriber's handshake")
+            for seq, payload in ((1, msgpack.packb([1])), (2, b"\xc1 not msgpack"), (3, msgpack.packb([3]))):
+                pub.send_multipart([b"t", p.encode(p.PUBLISH, "t", seq, seq, 1), payload])
+            first = sub.recv(5)
+            with pytest.raises(RetentionGap, match="results t seq 2 to 2 are lost to this subscriber: "
+                                                   "its records cannot be decoded"):
+                sub.recv(5)
+            third = sub.recv(5)
+            assert sub.rejected["bad payload"] == 1
+    finally:
+        pub.close(linger=0)
+    assert (first.seq, first.records, third.seq, third.records) == (1, [1], 3, [3])

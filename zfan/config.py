@@ -222,6 +222,9 @@ class SubscriberSettings:
         check_endpoint(self.results, what="results endpoint")
         if self.control is not None:
             check_endpoint(self.control, what="control endpoint")
+        for prefix in self.topics:
+            if not isinstance(prefix, str) or len(prefix.encode()) > 255:
+                raise ConfigError(f"topic prefix {prefix!r}: at most 255 bytes of text")
         if self.durable is not None:
             check_name("durable name", self.durable)
             if self.control is None:

@@ -57,6 +57,7 @@ MAX_ERROR = 64 * 1024  # traceback text of a failed batch
 MAX_SEQS = 100_000  # seqs one ack carries
 MAX_CREDIT = 1000
 MAX_REPLAY = 1000  # results the sink sends for one replay request
+MAX_RECORDS = 10_000_000  # records one batch or result may claim to hold
 # Integers are unsigned and below 2**63: SQLite stores signed 64-bit integers.
 MAX_INT = (1 << 63) - 1
 
@@ -148,14 +149,15 @@ def decode(frame: bytes, *, allowed: frozenset[str] | None = None) -> tuple[str,
 
 def _check(mtype: str, name: str, kind: str, value: Any) -> None:
     if kind == _INT:
-        ok = type(value) is int and 0 <= value <= MAX_INT
+        ok = type(value) is int and 0 <= value <= (MAX_RECORDS if name == "count" else MAX_INT)
     elif kind == _STR:
         ok = type(value) is str and len(value.encode()) <= _STR_LIMITS.get(name, MAX_TOPIC)
         if ok and name in _NON_EMPTY:
             ok = bool(value)
     elif kind == _INTS:
+        top = MAX_RECORDS if name == "counts" else MAX_INT
         ok = type(value) is list and len(value) <= max(MAX_SEQS, MAX_TOPICS) and all(
-            type(v) is int and 0 <= v <= MAX_INT for v in value)
+            type(v) is int and 0 <= v <= top for v in value)
     elif kind == _STRS:
         ok = type(value) is list and len(value) <= MAX_TOPICS and all(
             type(v) is str and v and len(v.encode()) <= MAX_TOPIC for v in value)

@@ -23,6 +23,7 @@ class RetentionGap(ZfanError):
     def __init__(self, topic: str, first: int, last: int, reason: str) -> None:
         super().__init__(f"results {topic} seq {first} to {last} are lost to this subscriber: {reason}")
         self.topic, self.first, self.last = topic, first, last
+        self.after = 0  # results made ready before this gap: it is reported after them
 
 
 class Sequenced(Protocol):
@@ -54,6 +55,7 @@ class Sequencer(Generic[M]):
         self._asked: dict[str, _Ask] = {}
         self.ready: deque[M] = deque()
         self.errors: deque[RetentionGap] = deque()
+        self.readied = 0  # results ever made ready
         self.duplicates = 0
         self.skipped = 0  # results jumped over, when not repairing
         self.lost = 0  # results skipped because the sink no longer had them
@@ -84,7 +86,7 @@ class Sequencer(Generic[M]):
                 held[seq] = msg
                 self._held += 1
             return True
-        self.ready.append(msg)
+        self._make_ready(msg)
         self._advance(topic, seq + 1)
         return True
 
@@ -103,7 +105,9 @@ class Sequencer(Generic[M]):
         first = max(first, nxt)
         if report:
             self.lost += last - first + 1
-            self.errors.append(RetentionGap(topic, first, last, reason))
+            gap = RetentionGap(topic, first, last, reason)
+            gap.after = self.readied
+            self.errors.append(gap)
         for seq in [s for s in self.held.get(topic, {}) if s <= last]:
             del self.held[topic][seq]
             self._held -= 1
@@ -131,11 +135,15 @@ class Sequencer(Generic[M]):
     def positions(self) -> dict[str, int]:
         return {t: n - 1 for t, n in self.next.items() if n > 1}
 
+    def _make_ready(self, msg: M) -> None:
+        self.ready.append(msg)
+        self.readied += 1
+
     def _advance(self, topic: str, nxt: int) -> None:
         """Deliver what was held behind the gap, in order."""
         held = self.held.get(topic, {})
         while nxt in held:
-            self.ready.append(held.pop(nxt))
+            self._make_ready(held.pop(nxt))
             self._held -= 1
             nxt += 1
         self.next[topic] = nxt

@@ -20,7 +20,7 @@ from .. import protocol as p
 from ..batching import Batcher, Sent, Window
 from ..config import ProducerSettings, check_topic
 from ..errors import Closed, DeliveryTimeout, ProtocolError, SerializationError, ZfanError
-from .security import check_handshakes, secure_client
+from .security import Handshakes, check_handshakes, secure_client
 from .service import Service
 from .transport import Backoff, connect, drain, socket, welcome_timing
 
@@ -49,6 +49,7 @@ class Producer(Service):
         self._outstanding = 0  # handed off and not yet acked (under _acked)
         self._topics: set[str] = set()
         self._push_watch = None  # set by the I/O thread: the intake socket's handshakes
+        self._handshakes = Handshakes()
         self._beat = self._expiry = 0.0  # the sink's heartbeat timing, from its welcome (I/O thread)
         self._closed = False
         self._window_full = False  # a lingering batch waits for an ack before it can go
@@ -148,7 +149,7 @@ class Producer(Service):
     def _serve(self) -> None:
         s = self.settings
         push = socket(self._ctx, zmq.PUSH)
-        self._push_watch = secure_client(push, s.curve, s.intake)
+        self._push_watch = secure_client(push, s.curve, s.intake, self._handshakes)
         try:
             connect(push, s.intake, "intake endpoint")
             self._ready.set()
@@ -166,7 +167,7 @@ class Producer(Service):
         """One control connection, until the sink goes silent or we stop. True if welcomed."""
         s = self.settings
         ctl = socket(self._ctx, zmq.DEALER, max_frame=p.MAX_HEADER_BYTES)  # it receives headers only
-        watch = secure_client(ctl, s.curve, s.control)
+        watch = secure_client(ctl, s.curve, s.control, self._handshakes)
         connect(ctl, s.control, "control endpoint")
         poller = zmq.Poller()
         poller.register(ctl, zmq.POLLIN)

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 DOMAIN = "zfan"  # the ZAP domain every zfan server socket sets and enforces
 LOG_EVERY = 10.0  # seconds between two log lines about refused keys
+REPEATED_FAILURES = 3  # failed handshakes in a row that are not a sink dying mid-handshake
 
 
 def generate(folder: str, name: str) -> tuple[str, str]:
@@ -74,6 +75,8 @@ def check_allow_folder(folder: str) -> int:
     keys = [f for f in os.listdir(folder) if f.endswith(".key")]
     if not keys:
         raise ConfigError(f"--allow-keys {folder}: holds no public keys (*.key); no client could connect")
+    for name in keys:
+        _load(os.path.join(folder, name), "--allow-keys")
     return len(keys)
 
 
@@ -149,8 +152,9 @@ class AllowList:
     def _read(self) -> set[bytes]:
         try:
             return set(zmq.auth.load_certificates(self.folder)) | {self._own}
-        except OSError:
-            return {self._own}
+        except Exception as exc:  # a bad file dropped in later must not stop the authenticator
+            log.warning("cannot read the keys in %s (%s); keeping the keys read before", self.folder, exc)
+            return getattr(self, "_keys", {self._own})
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key in self._keys:
@@ -186,36 +190,56 @@ def check_handshakes(*watches: HandshakeWatch | None) -> None:
             watch.check()
 
 
-def secure_client(sock: zmq.Socket, curve: Curve | None, endpoint: str) -> HandshakeWatch:
+class Handshakes:
+    """What one role has seen of its handshakes, across its sockets and reconnects."""
+
+    def __init__(self) -> None:
+        self.ever_succeeded = False
+
+
+def secure_client(sock: zmq.Socket, curve: Curve | None, endpoint: str,
+                  history: Handshakes | None = None) -> HandshakeWatch:
     """Make `sock` a CURVE client if given keys (before it connects), and watch its handshakes
     either way: a plaintext client of an encrypted sink must say so too."""
     if curve is not None:
         make_client(sock, curve)
-    return HandshakeWatch(sock, endpoint, encrypted=curve is not None)
+    return HandshakeWatch(sock, endpoint, encrypted=curve is not None, history=history)
 
 
 class HandshakeWatch:
     """Reads a socket's monitor and turns a failed handshake into an AuthError."""
 
-    def __init__(self, sock: zmq.Socket, endpoint: str, *, encrypted: bool = True) -> None:
+    def __init__(self, sock: zmq.Socket, endpoint: str, *, encrypted: bool = True,
+                 history: Handshakes | None = None) -> None:
         self.endpoint = endpoint
         self.encrypted = encrypted
+        self.history = history or Handshakes()
         self.monitor = sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._sock = sock
         self.succeeded = False
+        self._failures = 0  # failed handshakes since the last one that succeeded
 
     def check(self) -> None:
-        """Raise AuthError if the monitor reports a failed handshake; never blocks."""
+        """Raise AuthError if the monitor reports a failed handshake; never blocks.
+
+        A refused key is the sink's answer, and a role that never got in is misconfigured: both
+        fatal at once. A role that got in before also sees failures when a sink dies
+        mid-handshake: for it they count only when they repeat with no success between.
+        """
         while self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.succeeded = True
+                self.succeeded = self.history.ever_succeeded = True
+                self._failures = 0
             elif event in _FAILURES:
-                why = _FAILURES[event] if self.encrypted else (
-                    "the sink requires encryption: give --curve-secret and --curve-server-key")
-                raise AuthError(f"cannot connect to {self.endpoint}: {why}")
+                self._failures += 1
+                if (event == zmq.EVENT_HANDSHAKE_FAILED_AUTH or not self.history.ever_succeeded
+                        or self._failures >= REPEATED_FAILURES):
+                    why = _FAILURES[event] if self.encrypted else (
+                        "the sink requires encryption: give --curve-secret and --curve-server-key")
+                    raise AuthError(f"cannot connect to {self.endpoint}: {why}")
 
     def close(self) -> None:
         try:

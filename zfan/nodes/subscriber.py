@@ -23,7 +23,7 @@ from .. import protocol as p
 from ..config import SubscriberSettings
 from ..errors import Closed, ProtocolError
 from ..sequencing import Sequencer
-from .security import secure_client
+from .security import Handshakes, secure_client
 from .transport import connect, drain, socket
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class Subscriber:
         ctx = context or zmq.Context.instance()
         self._sub = socket(ctx, zmq.SUB, max_frame=s.limits.max_frame)
         self._sub.setsockopt(zmq.RCVHWM, s.hwm)
-        self._watches = [w for w in [secure_client(self._sub, s.curve, s.results)] if w is not None]
+        history = Handshakes()
+        self._watches = [secure_client(self._sub, s.curve, s.results, history)]
         connect(self._sub, s.results, "results endpoint")
         for prefix in s.topics:
             self._sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
@@ -84,9 +85,7 @@ class Subscriber:
         if s.control is not None:
             self._ctl = socket(ctx, zmq.DEALER, max_frame=s.limits.max_frame)
             self._ctl.setsockopt(zmq.RCVHWM, 10 * s.hwm)
-            watch = secure_client(self._ctl, s.curve, s.control)
-            if watch is not None:
-                self._watches.append(watch)
+            self._watches.append(secure_client(self._ctl, s.curve, s.control, history))
             connect(self._ctl, s.control, "control endpoint")
         self._poller = zmq.Poller()
         for sock in (self._sub, self._ctl):
@@ -144,10 +143,11 @@ class Subscriber:
             raise Closed("subscriber is closed")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self._seq.errors:
-                raise self._seq.errors.popleft()
-            if self._seq.ready and self.synced and self._started:
-                msg = self._seq.ready.popleft()
+            seq = self._seq
+            if seq.errors and seq.errors[0].after <= seq.readied - len(seq.ready):
+                raise seq.errors.popleft()  # in its place: after the results that came before it
+            if seq.ready and self.synced and self._started:
+                msg = seq.ready.popleft()
                 self._taken[msg.topic] = msg.seq
                 self.received += 1
                 return msg
@@ -250,11 +250,15 @@ class Subscriber:
         try:
             if len(frames) != 3:
                 raise ProtocolError("bad frame count", f"{len(frames)} frames")
+            if frames[0] != frames[0][:p.MAX_TOPIC] or not frames[1]:
+                raise ProtocolError("bad header", "topic frame too long or empty header")
             msg = self._message(frames[1], frames[2])
-            if frames[0] != msg.topic.encode():
+            if msg is not None and frames[0] != msg.topic.encode():
                 raise ProtocolError("bad header", "topic frame and header disagree")
         except ProtocolError as exc:
             self._reject(exc)
+            return
+        if msg is None:
             return
         if self._started:
             self._seq.offer(msg)
@@ -267,7 +271,8 @@ class Subscriber:
             if mtype in RESULT_TYPES:
                 if len(frames) != 2:
                     raise ProtocolError("bad frame count", f"replayed result has {len(frames)} frames")
-                if self._seq.offer(self._message(frames[0], frames[1])):
+                msg = self._message(frames[0], frames[1])
+                if msg is not None and self._seq.offer(msg):
                     self.replayed += 1
             elif mtype == p.MISSING:
                 topic, first = fields[0], fields[1]
@@ -305,10 +310,17 @@ class Subscriber:
         for topic, seq in heads.items():
             self._seq.head(topic, seq)
 
-    def _message(self, header: bytes, payload: bytes) -> Message:
+    def _message(self, header: bytes, payload: bytes) -> Message | None:
+        """The result, or None if its header is sound but its records cannot be decoded: then
+        it is reported lost once and skipped, since asking again would bring the same bytes."""
         mtype, fields = p.decode(header, allowed=RESULT_TYPES)
         topic, seq, batch_id = fields[0], fields[1], fields[2]
-        records = p.decode_records(payload)
+        try:
+            records = p.decode_records(payload)
+        except ProtocolError as exc:
+            self._reject(exc)
+            self._seq.missing(topic, seq, seq, "its records cannot be decoded")
+            return None
         if mtype == p.DEAD:
             attempts, error, source = fields[3], fields[4], fields[5]
             return Message(topic, seq, batch_id, records, True, error, source, attempts)

@@ -20,7 +20,7 @@ import zmq
 from .. import protocol as p
 from ..config import WorkerSettings
 from ..errors import ProtocolError, SerializationError
-from .security import secure_client
+from .security import Handshakes, secure_client
 from .service import Service
 from .transport import Backoff, connect, drain, socket, welcome_timing
 
@@ -87,6 +87,7 @@ class Worker(Service):
         # State of the I/O thread only: the sink's epoch and heartbeat timing, from its welcome.
         self._epoch = 0
         self._welcomed = False
+        self._handshakes = Handshakes()
         self._beat = self._expiry = 0.0
 
     # --- the function's thread -------------------------------------------------------------
@@ -117,7 +118,7 @@ class Worker(Service):
         """One connection to the sink, until it goes silent or we stop. True if welcomed."""
         s = self.settings
         sock = socket(self._ctx, zmq.DEALER, max_frame=s.limits.max_frame)
-        watch = secure_client(sock, s.curve, s.control)
+        watch = secure_client(sock, s.curve, s.control, self._handshakes)
         connect(sock, s.control, "control endpoint")
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
