@@ -106,6 +106,10 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise ProtocolError("bad header", f"msgpack extension type {code} is not allowed")
 
 
+def _reject_ext_in_payload(code: int, data: bytes) -> Any:
+    raise ProtocolError("bad payload", f"msgpack extension type {code} is not allowed")
+
+
 def encode(mtype: str, *fields: Any) -> bytes:
     """The header frame for a message of this type. Callers pass fields in SCHEMA order."""
     return msgpack.packb([VERSION, mtype, *fields])
@@ -215,7 +219,7 @@ def decode_records(payload: bytes, *, max_records: int = 10_000_000) -> list[Any
     """Unpack a payload of records, refusing extension types and oversized containers."""
     try:
         records = msgpack.unpackb(
-            payload, raw=False, strict_map_key=False, ext_hook=_reject_ext,
+            payload, raw=False, strict_map_key=False, ext_hook=_reject_ext_in_payload,
             max_array_len=max_records, max_bin_len=len(payload), max_str_len=len(payload),
             max_map_len=len(payload),
         )
