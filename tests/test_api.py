@@ -207,3 +207,26 @@ def test_peers_beat_at_the_pace_the_sink_asks_for(tmp_path, ctx):
         info = query_status(sink.control, context=ctx)
         assert len(info["workers"]) == 1 and info["producers"] == 1
         assert "resets" not in info
+
+
+def test_sizes_past_a_frame_are_refused_where_a_person_sees_them(tmp_path, ctx):
+    from zfan.config import Limits
+
+    limits = Limits(max_frame=2000)
+    with Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), limits=limits,
+              context=ctx) as sink, \
+            Worker(lambda rs: ["x" * 3000] if rs[0] == "big" else rs, control=sink.control, limits=limits,
+                   context=ctx), \
+            Subscriber(results=sink.results, control=sink.control, context=ctx) as sub:
+        assert sub.wait_ready(5)
+        with Producer(intake=sink.intake, control=sink.control, limits=limits, context=ctx) as prod:
+            with pytest.raises(SerializationError, match="record of 3,003 bytes packed is larger than a frame"):
+                prod.send("y" * 3000)
+            prod.send_many(["r" * 100] * 50)  # 5 KB in all: sent as batches that each fit a frame
+            prod.flush()
+            assert prod.acked_records == 50
+            prod.send("big", topic="big")
+        msgs = collect(sub, lambda ms: sum(len(m.records) for m in ms if not m.dead) >= 50 and any(m.dead for m in ms))
+    dead = [m for m in msgs if m.dead]
+    assert len(dead) == 1 and "more than one frame may hold (2,000)" in dead[0].error
+    assert sum(len(m.records) for m in msgs if not m.dead) == 50

@@ -172,3 +172,11 @@ def test_due_keeps_the_frames_to_resend():
     w.add(sent(7, at=0))
     (s,) = w.due(T0, resend_after=2.0)
     assert s.frames == [b"h7", b"payload"]
+
+
+def test_a_batch_is_sealed_before_it_would_outgrow_a_frame():
+    b = Batcher(batch_size=100, linger=1.0, max_bytes=10)
+    assert b.add("t", b"aaaa", 0.0) is None
+    assert b.add("t", b"bbbb", 0.0) is None
+    assert b.add("t", b"cccc", 0.0) == [b"aaaa", b"bbbb"], "12 bytes would not fit: the first two go"
+    assert b.take_any() == ("t", [b"cccc"])

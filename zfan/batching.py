@@ -10,19 +10,30 @@ class Batcher:
     """Collects packed records per topic; a batch is sealed at ``batch_size`` records or once
     its first record is ``linger`` seconds old (as Kafka's producer does)."""
 
-    def __init__(self, batch_size: int, linger: float) -> None:
+    def __init__(self, batch_size: int, linger: float, max_bytes: int | None = None) -> None:
         self.batch_size = batch_size
         self.linger = linger
+        self.max_bytes = max_bytes  # a batch is sealed before its payload would outgrow this
         self._open: dict[str, tuple[float, list[bytes]]] = {}
+        self._bytes: dict[str, int] = {}
 
     def add(self, topic: str, packed: bytes, now: float) -> list[bytes] | None:
-        """Add a record; return the sealed batch when this record fills it."""
+        """Add a record; return a sealed batch when this record fills it, or when it would have
+        made the open one too large (then it starts the next batch)."""
         entry = self._open.get(topic)
+        size = self._bytes.get(topic, 0) + len(packed)
+        if entry is not None and self.max_bytes is not None and size > self.max_bytes:
+            del self._open[topic]
+            self._open[topic] = (now, [packed])
+            self._bytes[topic] = len(packed)
+            return entry[1]
         if entry is None:
             entry = self._open[topic] = (now, [])
         entry[1].append(packed)
+        self._bytes[topic] = size
         if len(entry[1]) >= self.batch_size:
             del self._open[topic]
+            del self._bytes[topic]
             return entry[1]
         return None
 
@@ -34,6 +45,7 @@ class Batcher:
         if now - born < self.linger:
             return None
         del self._open[topic]
+        self._bytes.pop(topic, None)
         return topic, records
 
     def take_any(self) -> tuple[str, list[bytes]] | None:
@@ -41,6 +53,7 @@ class Batcher:
         if not self._open:
             return None
         topic = next(iter(self._open))
+        self._bytes.pop(topic, None)
         return topic, self._open.pop(topic)[1]
 
     def next_due(self, now: float) -> float | None:

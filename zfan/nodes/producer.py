@@ -27,6 +27,7 @@ from .transport import Backoff, connect, drain, socket, welcome_timing
 log = logging.getLogger(__name__)
 
 CONTROL_TYPES = frozenset({p.WELCOME, p.HEARTBEAT, p.ACK, p.RESET})
+PAYLOAD_OVERHEAD = 5  # the array header in front of a batch's packed records
 
 
 class Producer(Service):
@@ -39,7 +40,9 @@ class Producer(Service):
         super().__init__(context)
         s = self.settings = settings or ProducerSettings(**overrides)
         self._lock = threading.Lock()  # guards the batcher, seq and the hand-off queue
-        self._batcher = Batcher(s.batch_size, s.linger_ms / 1000)
+        # A payload must fit one frame (ZeroMQ drops a connection that sends a larger one).
+        self._max_record = s.limits.max_frame - PAYLOAD_OVERHEAD
+        self._batcher = Batcher(s.batch_size, s.linger_ms / 1000, max_bytes=self._max_record)
         self._packer = msgpack.Packer()
         self._seq = 0
         self._handoff: deque[Sent] = deque()
@@ -53,6 +56,7 @@ class Producer(Service):
         self._beat = self._expiry = 0.0  # the sink's heartbeat timing, from its welcome (I/O thread)
         self._closed = False
         self._window_full = False  # a lingering batch waits for an ack before it can go
+        self._parked: tuple[str, list[bytes]] | None = None  # that batch (I/O thread)
         self.sent_records = 0
         self.connected = threading.Event()
 
@@ -72,6 +76,9 @@ class Producer(Service):
             self._packer.reset()
             raise SerializationError(
                 f"record of type {type(record).__name__} cannot be sent: {exc}") from None
+        if len(packed) > self._max_record:
+            raise SerializationError(f"record of {len(packed):,} bytes packed is larger than a frame may be "
+                                     f"({self._max_record:,} bytes: Limits.max_frame)")
         with self._lock:
             sealed = self._batcher.add(topic, packed, time.monotonic())
             self.sent_records += 1
@@ -92,12 +99,12 @@ class Producer(Service):
                 break
             self._hand_off(*batch, block=True, deadline=deadline)
         with self._acked:
-            while self._outstanding:
+            while self._outstanding or self._parked is not None:
                 left = deadline - time.monotonic()
                 if not self.running:
                     raise self._stopped_error()
                 if left <= 0:
-                    raise DeliveryTimeout(self._outstanding, timeout)
+                    raise DeliveryTimeout(self._outstanding + (self._parked is not None), timeout)
                 self._acked.wait(min(left, 0.1))
 
     def close(self, timeout: float = 30.0) -> None:  # type: ignore[override]
@@ -256,14 +263,15 @@ class Producer(Service):
 
     def _seal_lingering(self, now: float) -> None:
         while True:
-            with self._lock:
-                due = self._batcher.take_due(now)
+            due = self._parked
+            if due is None:
+                with self._lock:
+                    due = self._batcher.take_due(now)
             if due is None:
                 return
             if not self._hand_off(*due, block=False):
-                with self._lock:  # window full: put it back and try after the next ack
-                    for packed in due[1]:
-                        self._batcher.add(due[0], packed, now - self._batcher.linger)
+                self._parked = due  # window full: it goes first once an ack makes room
                 return
+            self._parked = None
             while self._handoff:
                 self._window.add(self._handoff.popleft())

@@ -31,11 +31,17 @@ CONTROL_TYPES = frozenset({p.WELCOME, p.HEARTBEAT, p.LEASE, p.RESET, p.STATUS})
 
 
 def run_batch(process: Process, epoch: int, batch_id: int, attempt: int, topic: str,
-              payload: bytes) -> list[bytes]:
+              payload: bytes, *, max_frame: int = 16 << 20) -> list[bytes]:
     """Run the function on one batch; return the RESULT or FAILED message to send back."""
     try:
         out = process(p.decode_records(payload))
         topics, counts, payloads = _split(out, topic)
+        for t, data in zip(topics, payloads, strict=True):
+            if len(data) > max_frame:
+                # Sent as it is, ZeroMQ would drop the connection at the sink and the batch would
+                # wait out its timeout: a failure the user can read is better.
+                raise ValueError(f"process() returned {len(data):,} bytes of records for topic {t!r}, more "
+                                 f"than one frame may hold ({max_frame:,}): return fewer or smaller records")
     except Exception:
         # The end of a traceback says most; cut by bytes, since the limit is in bytes.
         error = traceback.format_exc().encode()[-p.MAX_ERROR:].decode(errors="ignore")
@@ -97,7 +103,7 @@ class Worker(Service):
             if job is None:
                 return
             epoch = job[0]
-            self._done.append((epoch, run_batch(self.process, *job)))
+            self._done.append((epoch, run_batch(self.process, *job, max_frame=self.settings.limits.max_frame)))
             self._wakeup.set()
 
     # --- the I/O thread --------------------------------------------------------------------
