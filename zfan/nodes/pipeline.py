@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import zmq
 
@@ -49,7 +49,6 @@ class Report:
     lost: int
     duplicated: int
     elapsed: float
-    ledger_stats: dict = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -211,10 +210,6 @@ def _stream(ends: dict[str, str], ctx: zmq.Context, *, seconds: float | None, re
     stop_sub.set()
     sub_thread.join(5)
     fleet.close()
-    try:
-        stats = query_status(ends["control"], timeout=2, context=ctx)
-    except ZfanError:
-        stats = {}
     if fleet.errors:
         err = fleet.errors[0]
         raise err if isinstance(err, ZfanError) else ZfanError(f"a producer failed: {err!r}")
@@ -222,7 +217,7 @@ def _stream(ends: dict[str, str], ctx: zmq.Context, *, seconds: float | None, re
     extra = sum(max(0, tally.per_sensor[s] - expected[s]) for s in tally.per_sensor)
     return Report(producers=producers, workers=workers, sent=total, acked=fleet.records_acked,
                   delivered=tally.delivered, results=tally.results, topics=len(tally.per_sensor), lost=lost,
-                  duplicated=tally.duplicated + extra, elapsed=max(tally.last - start, 1e-9), ledger_stats=stats)
+                  duplicated=tally.duplicated + extra, elapsed=max(tally.last - start, 1e-9))
 
 
 def _subscribe(sub: Subscriber, tally: _Tally, stop: threading.Event) -> None:

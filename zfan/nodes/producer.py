@@ -166,8 +166,7 @@ class Producer(Service):
                     backoff.reset()
                 self._stopping.wait(backoff.next())
         finally:
-            if self._push_watch is not None:
-                self._push_watch.close()
+            self._push_watch.close()
             push.close(linger=0)
 
     def _session(self, push: zmq.Socket) -> bool:
@@ -212,8 +211,7 @@ class Producer(Service):
                     next_beat = now + self._beat
             return welcomed
         finally:
-            if watch is not None:
-                watch.close()
+            watch.close()
             ctl.close(linger=0)
 
     def _wait(self, next_beat: float) -> float:

@@ -185,6 +185,7 @@ _FAILURES = {
 
 
 def check_handshakes(*watches: HandshakeWatch | None) -> None:
+    """Raise AuthError if any of the watched sockets failed its handshake."""
     for watch in watches:
         if watch is not None:
             watch.check()
@@ -218,7 +219,6 @@ class HandshakeWatch:
             zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._sock = sock
-        self.succeeded = False
         self._failures = 0  # failed handshakes since the last one that succeeded
 
     def check(self) -> None:
@@ -231,7 +231,7 @@ class HandshakeWatch:
         while self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.succeeded = self.history.ever_succeeded = True
+                self.history.ever_succeeded = True
                 self._failures = 0
             elif event in _FAILURES:
                 self._failures += 1

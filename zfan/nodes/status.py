@@ -23,8 +23,7 @@ def query_status(control: str, *, timeout: float = 3.0, context: zmq.Context | N
         sock.send(p.encode(p.STATUS))
         deadline = time.monotonic() + timeout
         while not sock.poll(50):
-            if watch is not None:
-                watch.check()
+            watch.check()
             if time.monotonic() > deadline:
                 raise ZfanError(f"no answer from a sink at {control} within {timeout:g} s (is it running?)")
         frames = sock.recv_multipart()
@@ -37,6 +36,5 @@ def query_status(control: str, *, timeout: float = 3.0, context: zmq.Context | N
         info: dict[str, Any] = fields[0]
         return info
     finally:
-        if watch is not None:
-            watch.close()
+        watch.close()
         sock.close(linger=0)

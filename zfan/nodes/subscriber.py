@@ -23,7 +23,7 @@ from .. import protocol as p
 from ..config import SubscriberSettings
 from ..errors import Closed, ProtocolError
 from ..sequencing import Sequencer
-from .security import Handshakes, secure_client
+from .security import Handshakes, check_handshakes, secure_client
 from .transport import connect, drain, socket
 
 log = logging.getLogger(__name__)
@@ -207,8 +207,7 @@ class Subscriber:
 
     # --- one turn: read what is there, ask for what is missing -------------------------------
     def _turn(self, wait: float) -> None:
-        for watch in self._watches:
-            watch.check()
+        check_handshakes(*self._watches)
         self._ask()
         ready = dict(self._poller.poll(wait * 1000))
         if self._sub in ready:

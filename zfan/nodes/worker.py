@@ -138,8 +138,7 @@ class Worker(Service):
             while not self._stopping.is_set():
                 ready = dict(poller.poll(max(0.0, next_beat - time.monotonic()) * 1000))
                 now = time.monotonic()
-                if watch is not None:
-                    watch.check()
+                watch.check()
                 if self._wakeup.fileno() in ready:
                     self._wakeup.clear()
                 self._send_done(sock)
@@ -158,8 +157,7 @@ class Worker(Service):
                 sock.send(p.encode(p.BYE))  # lets the sink replay our batches at once
             return self._welcomed
         finally:
-            if watch is not None:
-                watch.close()
+            watch.close()
             sock.close(linger=100 if self._welcomed else 0)
 
     def _send_done(self, sock: zmq.Socket) -> None:
