@@ -230,3 +230,22 @@ def test_sizes_past_a_frame_are_refused_where_a_person_sees_them(tmp_path, ctx):
     dead = [m for m in msgs if m.dead]
     assert len(dead) == 1 and "more than one frame may hold (2,000)" in dead[0].error
     assert sum(len(m.records) for m in msgs if not m.dead) == 50
+
+
+@pytest.mark.parametrize("out, limits, says", [
+    ({f"t{i}": [i] for i in range(10_001)}, None, "returned 10,001 topics, more than one result may name"),
+    ({f"t{i}".ljust(255, "x"): [i] for i in range(5_000)}, None,
+     "returned 5,000 topics, more than one result may name"),
+    ({f"t{i}": ["x" * 900] for i in range(10)}, {"max_frame": 1000, "max_message": 5000},
+     "bytes in all, more than one message may hold (5,000)"),
+], ids=["topics", "header bytes", "message bytes"])
+def test_a_result_too_big_for_one_message_is_a_failure_a_person_reads(out, limits, says):
+    from zfan import protocol as p
+    from zfan.config import Limits
+    from zfan.nodes.worker import run_batch
+
+    kw = {"limits": Limits(**limits)} if limits else {}
+    frames = run_batch(lambda records: out, 1, 7, 1, "in", p.encode_records([1]), **kw)
+    mtype, fields = p.decode(frames[0])
+    assert (mtype, len(frames)) == (p.FAILED, 1)
+    assert says in fields[-1]

@@ -1179,3 +1179,32 @@ def test_messages_over_the_limits_are_refused_before_decoding(ledger, clock):
     core.intake(batch("prod-1", 2))
     assert core.rejected == {"message too large": 1, "too many frames": 1}
     assert Turn(core).acks(b"p1") == [[2]], "what fits the limits goes on"
+
+
+def test_answers_about_many_long_topics_stay_within_a_header(core):
+    # 6 000 topics of 250 bytes: 10 000 pairs of them would be 2.6 MB, over the 1 MiB header
+    # limit, and a peer drops such an answer unread.
+    topics = [f"{i:05d}".ljust(250, "t") for i in range(6000)]
+    hello_worker(core, b"w", 2)
+    for seq in (1, 2):
+        core.intake([*batch("p", seq)], None)
+    leases = Turn(core).leases
+    for lease, part in zip(leases, (topics[:3000], topics[3000:]), strict=True):
+        send_result(core, b"w", lease, {t: records(1) for t in part})
+    Turn(core)
+    core.control(b"s", [p.encode(p.HEADS, [""])])
+    (answer,) = Turn(core).of(p.TOPICS, b"s")
+    named, seqs = answer.fields
+    assert 3900 < len(named) < 6000 and set(seqs) == {1} and set(named) <= set(topics)
+    # A durable position over all of them, committed in parts that each fit, reads back as
+    # much as one answer holds.
+    pairs = [(t, 1) for t in topics]
+    while pairs:
+        n = p.pairs_that_fit(pairs, reserve=200)
+        part, pairs = pairs[:n], pairs[n:]
+        core.control(b"s", [p.encode(p.COMMIT, "n" * p.MAX_NAME, [t for t, _ in part], [s for _, s in part])])
+    Turn(core)
+    core.control(b"s", [p.encode(p.GET_CURSOR, "n" * p.MAX_NAME)])
+    (cursor,) = Turn(core).of(p.CURSOR, b"s")
+    assert 3900 < len(cursor.fields[1]) < 6000 and set(cursor.fields[2]) == {1}
+    assert core.status()["rejected"] == {}

@@ -340,12 +340,14 @@ class SinkCore:
 
     def _heads(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
         prefixes = tuple(fields[0])
-        heads = [(t, s) for t, s in self.topic_seq.items() if t.startswith(prefixes)][:p.MAX_TOPICS]
+        heads = [(t, s) for t, s in self.topic_seq.items() if t.startswith(prefixes)]
+        heads = heads[:p.pairs_that_fit(heads)]
         self._send(rid, p.encode(p.TOPICS, [t for t, _ in heads], [s for _, s in heads]))
 
     def _get_cursor(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
         name = fields[0]
-        cursor = list(self.ledger.cursor(name).items())[:p.MAX_TOPICS]
+        cursor = list(self.ledger.cursor(name).items())
+        cursor = cursor[:p.pairs_that_fit(cursor)]
         self._send(rid, p.encode(p.CURSOR, name, [t for t, _ in cursor], [s for _, s in cursor]))
 
     def _commit(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:

@@ -102,12 +102,20 @@ _STR_LIMITS = {"producer_id": MAX_NAME, "name": MAX_NAME, "topic": MAX_TOPIC, "s
                "role": 16, "error": MAX_ERROR, "reason": 1024, "token": MAX_TOPIC}
 
 
+class _Extension(ValueError):
+    """An extension value in msgpack input: zfan's messages and records carry none."""
+
+
 def _reject_ext(code: int, data: bytes) -> Any:
-    raise ProtocolError("bad header", f"msgpack extension type {code} is not allowed")
+    raise _Extension(code)
 
 
-def _reject_ext_in_payload(code: int, data: bytes) -> Any:
-    raise ProtocolError("bad payload", f"msgpack extension type {code} is not allowed")
+def _not_msgpack(exc: Exception) -> str:
+    """The detail for bytes msgpack refused. msgpack decodes its Timestamp extension (-1)
+    itself, without asking ext_hook, so max_ext_len=0 is what refuses it: say so plainly."""
+    if isinstance(exc, _Extension) or "max_ext_len" in str(exc) or "timestamp" in str(exc):
+        return "msgpack extension types are not allowed"
+    return f"not msgpack ({type(exc).__name__})"
 
 
 def encode(mtype: str, *fields: Any) -> bytes:
@@ -123,12 +131,10 @@ def decode(frame: bytes, *, allowed: frozenset[str] | None = None) -> tuple[str,
         msg = msgpack.unpackb(
             frame, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True,
             max_str_len=MAX_ERROR, max_bin_len=0, max_array_len=max(MAX_SEQS, MAX_TOPICS) + 8,
-            max_map_len=64,
+            max_map_len=64, max_ext_len=0,
         )
-    except ProtocolError:
-        raise
     except Exception as exc:  # msgpack raises several unrelated types on hostile bytes
-        raise ProtocolError("bad header", f"not msgpack ({type(exc).__name__})") from None
+        raise ProtocolError("bad header", _not_msgpack(exc)) from None
     if not isinstance(msg, list) or len(msg) < 2:
         raise ProtocolError("bad header", "not an array [version, type, ...]")
     version, mtype, *fields = msg
@@ -175,8 +181,7 @@ def _check(mtype: str, name: str, kind: str, value: Any) -> None:
 
 
 def _plain(value: Any, depth: int = 0) -> bool:
-    """Only msgpack's own types, a few levels deep: msgpack decodes its Timestamp extension
-    without asking ext_hook, so a map field is checked by walking it."""
+    """Only plain values, a few levels deep."""
     if depth > 4:
         return False
     if value is None or type(value) in (bool, int, float, str):
@@ -186,6 +191,18 @@ def _plain(value: Any, depth: int = 0) -> bool:
     if type(value) is dict:
         return all(type(k) is str and _plain(v, depth + 1) for k, v in value.items())
     return False
+
+
+def pairs_that_fit(pairs: list[tuple[str, int]], reserve: int = 1024) -> int:
+    """How many leading (topic, seq) pairs one header can carry: at most MAX_TOPICS, and few
+    enough that the header stays under MAX_HEADER_BYTES (`reserve` is for its other fields).
+    Each pair costs its topic's bytes, at most 2 of string header and at most 9 of uint."""
+    room = MAX_HEADER_BYTES - reserve
+    for i, (topic, _) in enumerate(pairs[:MAX_TOPICS]):
+        room -= len(topic.encode()) + 11
+        if room < 0:
+            return i
+    return min(len(pairs), MAX_TOPICS)
 
 
 # --- records ------------------------------------------------------------------------------
@@ -219,14 +236,12 @@ def decode_records(payload: bytes, *, max_records: int = 10_000_000) -> list[Any
     """Unpack a payload of records, refusing extension types and oversized containers."""
     try:
         records = msgpack.unpackb(
-            payload, raw=False, strict_map_key=False, ext_hook=_reject_ext_in_payload,
+            payload, raw=False, strict_map_key=False, ext_hook=_reject_ext,
             max_array_len=max_records, max_bin_len=len(payload), max_str_len=len(payload),
-            max_map_len=len(payload),
+            max_map_len=len(payload), max_ext_len=0,
         )
-    except ProtocolError:
-        raise
     except Exception as exc:
-        raise ProtocolError("bad payload", f"not msgpack ({type(exc).__name__})") from None
+        raise ProtocolError("bad payload", _not_msgpack(exc)) from None
     if not isinstance(records, list):
         raise ProtocolError("bad payload", "not an array of records")
     return records

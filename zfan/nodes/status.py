@@ -16,7 +16,7 @@ from .transport import connect, socket
 
 def query_status(control: str, *, timeout: float = 3.0, context: zmq.Context | None = None,
                  curve: Curve | None = None) -> dict[str, Any]:
-    sock = socket(context or zmq.Context.instance(), zmq.DEALER)
+    sock = socket(context or zmq.Context.instance(), zmq.DEALER, max_frame=p.MAX_HEADER_BYTES)
     watch = secure_client(sock, curve, control)
     try:
         connect(sock, control, "control endpoint")

@@ -183,8 +183,9 @@ class Subscriber:
         if s.durable is None or self._ctl is None or not changed:
             return
         items = list(changed.items())
-        for i in range(0, len(items), p.MAX_TOPICS):
-            part = items[i:i + p.MAX_TOPICS]
+        while items:
+            n = p.pairs_that_fit(items)
+            part, items = items[:n], items[n:]
             self._ctl.send(p.encode(p.COMMIT, s.durable, [t for t, _ in part], [q for _, q in part]))
         self._committed.update(changed)
 

@@ -18,7 +18,7 @@ from typing import Any
 import zmq
 
 from .. import protocol as p
-from ..config import WorkerSettings
+from ..config import Limits, WorkerSettings
 from ..errors import ProtocolError, SerializationError
 from .security import Handshakes, secure_client
 from .service import Service
@@ -28,25 +28,38 @@ log = logging.getLogger(__name__)
 
 Process = Callable[[list[Any]], "list[Any] | dict[str, list[Any]] | None"]
 CONTROL_TYPES = frozenset({p.WELCOME, p.HEARTBEAT, p.LEASE, p.RESET, p.STATUS})
+DEFAULT_LIMITS = Limits()
 
 
 def run_batch(process: Process, epoch: int, batch_id: int, attempt: int, topic: str,
-              payload: bytes, *, max_frame: int = 16 << 20) -> list[bytes]:
+              payload: bytes, *, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
     """Run the function on one batch; return the RESULT or FAILED message to send back."""
     try:
         out = process(p.decode_records(payload))
         topics, counts, payloads = _split(out, topic)
-        for t, data in zip(topics, payloads, strict=True):
-            if len(data) > max_frame:
-                # Sent as it is, ZeroMQ would drop the connection at the sink and the batch would
-                # wait out its timeout: a failure the user can read is better.
-                raise ValueError(f"process() returned {len(data):,} bytes of records for topic {t!r}, more "
-                                 f"than one frame may hold ({max_frame:,}): return fewer or smaller records")
+        header = p.encode(p.RESULT, epoch, batch_id, attempt, topics, counts)
+        _check_fits(header, topics, payloads, limits)
     except Exception:
         # The end of a traceback says most; cut by bytes, since the limit is in bytes.
         error = traceback.format_exc().encode()[-p.MAX_ERROR:].decode(errors="ignore")
         return [p.encode(p.FAILED, epoch, batch_id, attempt, error)]
-    return [p.encode(p.RESULT, epoch, batch_id, attempt, topics, counts), *payloads]
+    return [header, *payloads]
+
+
+def _check_fits(header: bytes, topics: list[str], payloads: list[bytes], limits: Limits) -> None:
+    """Sent as it is, a result over a limit would be dropped by the sink (or ZeroMQ would drop the
+    connection) and the batch would wait out its timeout: a failure the user can read is better."""
+    for t, data in zip(topics, payloads, strict=True):
+        if len(data) > limits.max_frame:
+            raise ValueError(f"process() returned {len(data):,} bytes of records for topic {t!r}, more "
+                             f"than one frame may hold ({limits.max_frame:,}): return fewer or smaller records")
+    if len(topics) > p.MAX_TOPICS or len(header) > p.MAX_HEADER_BYTES:
+        raise ValueError(f"process() returned {len(topics):,} topics, more than one result may name "
+                         f"({p.MAX_TOPICS:,} topics, {p.MAX_HEADER_BYTES:,} bytes of topic names)")
+    total = len(header) + sum(map(len, payloads))
+    if total > limits.max_message:
+        raise ValueError(f"process() returned {total:,} bytes in all, more than one message may hold "
+                         f"({limits.max_message:,}): return fewer or smaller records")
 
 
 def _split(out: Any, topic: str) -> tuple[list[str], list[int], list[bytes]]:
@@ -103,7 +116,7 @@ class Worker(Service):
             if job is None:
                 return
             epoch = job[0]
-            self._done.append((epoch, run_batch(self.process, *job, max_frame=self.settings.limits.max_frame)))
+            self._done.append((epoch, run_batch(self.process, *job, limits=self.settings.limits)))
             self._wakeup.set()
 
     # --- the I/O thread --------------------------------------------------------------------
