@@ -7,6 +7,7 @@ from collections import Counter
 from datetime import datetime
 
 import pytest
+import zmq
 
 from tests.helpers import wait_for
 from zfan import (
@@ -19,6 +20,7 @@ from zfan import (
     Worker,
     query_status,
 )
+from zfan import protocol as p
 from zfan.apps import readings, rollup
 
 pytestmark = pytest.mark.timeout(60)
@@ -249,3 +251,40 @@ def test_a_result_too_big_for_one_message_is_a_failure_a_person_reads(out, limit
     mtype, fields = p.decode(frames[0])
     assert (mtype, len(frames)) == (p.FAILED, 1)
     assert says in fields[-1]
+
+
+def test_a_producer_run_again_under_its_id_is_not_taken_for_a_resend(sink, ctx):
+    # The sink deduplicates on (producer id, seq): a second run must not reuse the first's seqs.
+    for run in range(2):
+        with Producer(intake=sink.intake, control=sink.control, producer_id="plant-7", context=ctx) as prod:
+            prod.send_many({"run": run, "i": i} for i in range(10))
+    info = query_status(sink.control, context=ctx)
+    assert info["records_in"] == 20 and "duplicate_batches" not in info
+
+
+def test_a_peer_that_takes_another_peers_routing_id_is_not_heard(sink, ctx):
+    # ZeroMQ's ROUTER ignores a second connection whose routing id is in use: a node that sets
+    # a worker's id can neither speak for it (a bye, a result) nor take its leases.
+    worker = ctx.socket(zmq.DEALER)
+    worker.setsockopt(zmq.ROUTING_ID, b"victim")
+    clash = ctx.socket(zmq.DEALER)
+    clash.setsockopt(zmq.ROUTING_ID, b"victim")
+    try:
+        worker.connect(sink.control)
+        worker.send(p.encode(p.HELLO, "worker", "honest", 1))
+        assert worker.poll(5000) and p.decode(worker.recv())[0] == p.WELCOME
+        clash.connect(sink.control)
+        clash.send(p.encode(p.BYE))
+        with Producer(intake=sink.intake, control=sink.control, context=ctx) as prod:
+            prod.send({"id": 1})
+        lease = None
+        while lease is None and worker.poll(5000):
+            frames = worker.recv_multipart()
+            if p.decode(frames[0])[0] == p.LEASE:
+                lease = frames
+        assert lease is not None, "the honest worker, still known, got the batch"
+        assert not clash.poll(200), "nothing went to the clashing connection"
+        assert len(query_status(sink.control, context=ctx)["workers"]) == 1
+    finally:
+        worker.close(linger=0)
+        clash.close(linger=0)

@@ -111,6 +111,75 @@ def test_a_producer_id_belongs_to_the_key_that_first_used_it(sink, keys, ctx):
     assert query_status(sink.control, curve=client("node1"), context=ctx)["records_in"] == 100
 
 
+def rejected(sink, client, ctx, reason: str) -> int:
+    return query_status(sink.control, curve=client("node1"), context=ctx)["rejected"].get(reason, 0)
+
+
+def test_a_key_added_to_the_folder_is_let_in_at_once(sink, keys, tmp_path, ctx):
+    _, client, folder = keys
+    refused = Producer(intake=sink.intake, control=sink.control, curve=client("intruder"), context=ctx).start()
+    try:
+        wait_for(lambda: not refused.running, timeout=5, what="the unknown key refused")
+        assert isinstance(refused.error, AuthError)
+    finally:
+        refused.close(timeout=0.1)
+    # Added right after a refusal: the folder has changed, so it is read again for this knock.
+    shutil.copy(folder / "intruder.key", tmp_path / "allowed")
+    with Producer(intake=sink.intake, control=sink.control, curve=client("intruder"), context=ctx) as prod:
+        prod.send_many({"id": i} for i in range(10))
+        prod.flush(timeout=5)
+    assert query_status(sink.control, curve=client("node1"), context=ctx)["records_in"] == 10
+
+
+def test_a_key_removed_from_the_folder_is_refused_on_the_connections_it_holds(sink, keys, tmp_path, ctx):
+    _, client, _ = keys
+    with Worker(echo, control=sink.control, curve=client("node1"), context=ctx):
+        prod = Producer(intake=sink.intake, control=sink.control, curve=client("node2"), context=ctx).start()
+        try:
+            prod.send_many({"id": i} for i in range(100))
+            prod.flush(timeout=5)
+            os.remove(tmp_path / "allowed" / "node2.key")
+            # The folder is looked at once a second: the producer's heartbeats show when.
+            wait_for(lambda: rejected(sink, client, ctx, "key not allowed") >= 1, what="the removed key refused")
+            prod.send_many({"id": i} for i in range(100, 200))
+        finally:
+            with pytest.raises(Exception, match="not acknowledged"):
+                prod.close(timeout=0.5)
+        info = query_status(sink.control, curve=client("node1"), context=ctx)
+        assert info["records_in"] == 100
+        # ... and a new connection with it is refused at the handshake.
+        again = Producer(intake=sink.intake, control=sink.control, curve=client("node2"), context=ctx).start()
+        try:
+            wait_for(lambda: not again.running, timeout=5, what="the removed key refused a new connection")
+            assert isinstance(again.error, AuthError)
+        finally:
+            again.close(timeout=0.1)
+
+
+def test_a_producer_id_stays_with_its_key_across_a_sink_restart(keys, ipc, tmp_path, ctx):
+    server, client, _ = keys
+    ledger = str(tmp_path / "z.db")
+    with Sink(ledger=ledger, curve=server, **ipc) as sink:
+        with Producer(intake=sink.intake, control=sink.control, producer_id="plant-7", curve=client("node1"),
+                      context=ctx) as owner:
+            owner.send_many({"id": i} for i in range(10))
+    with Sink(ledger=ledger, curve=server, **ipc) as sink:
+        spoof = Producer(intake=sink.intake, control=sink.control, producer_id="plant-7", curve=client("node2"),
+                         context=ctx).start()
+        try:
+            spoof.send({"id": -1})
+            wait_for(lambda: rejected(sink, client, ctx, "producer id of another key") >= 1,
+                     what="the spoofing hello refused")
+            assert not spoof.connected.is_set()
+        finally:
+            with pytest.raises(Exception, match="not acknowledged"):
+                spoof.close(timeout=0.5)
+        with Producer(intake=sink.intake, control=sink.control, producer_id="plant-7", curve=client("node1"),
+                      context=ctx) as owner:
+            owner.send_many({"id": i} for i in range(10, 20))
+        assert query_status(sink.control, curve=client("node1"), context=ctx)["records_in"] == 10
+
+
 def cli_env(folder) -> dict[str, str]:
     return {"ZFAN_CURVE_SECRET": str(folder / "intruder.key_secret"),
             "ZFAN_CURVE_SERVER_KEY": str(folder / "sink.key")}

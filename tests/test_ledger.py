@@ -262,3 +262,18 @@ def test_deduplication_outlives_the_results_retention(ledger):
     assert (results, batches) == (8, 5)
     assert ledger.insert_batch("prod", 10, "t", 1, b"x") is None, "a late resend is still a duplicate"
     assert ledger.insert_batch("prod", 1, "t", 1, b"x") is not None, "beyond keep_batches it is forgotten"
+
+
+def test_a_producer_ids_key_is_kept_as_long_as_its_batches(ledger):
+    for producer in ("old", "new"):
+        ledger.bind_key(producer, f"key-of-{producer}")
+    ledger.bind_key("old", "another key")  # the first key keeps the id
+    for seq, producer in enumerate(["old"] * 3 + ["new"] * 3, 1):
+        batch_id = ledger.insert_batch(producer, seq, "t", 1, b"x")
+        ledger.lease(batch_id, "w", 1)
+        ledger.store_results(batch_id, [("t", seq, 1, b"r")])
+    ledger.commit()
+    assert ledger.producer_keys() == {"old": "key-of-old", "new": "key-of-new"}
+    ledger.prune(keep=None, max_age=None, now=0.0, keep_batches=3)
+    ledger.commit()
+    assert ledger.producer_keys() == {"new": "key-of-new"}, "with its batches forgotten, so is its key"

@@ -71,8 +71,12 @@ class SinkCore:
                  max_attempts: int = 3,
                  batch_timeout: float = 300.0, cache_bytes: int = 256 << 20,
                  retain_count: int | None = None, retain_age: float | None = None,
+                 key_allowed: Callable[[str], bool] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.ledger = ledger
+        # With CURVE: whether a message's key is still allowed (keys can be removed while
+        # their connections stay open).
+        self.key_allowed = key_allowed
         self.limits = limits or Limits()
         self.timing = timing = timing or Timing()
         self.max_attempts = max_attempts
@@ -92,7 +96,7 @@ class SinkCore:
         self.beat = Beat(timing.heartbeat, clock())
         self.topic_seq: dict[str, int] = ledger.topic_seqs()
         self._heads_changed: set[str] = set()
-        self._keys: dict[str, str] = {}  # producer id -> the CURVE key it is bound to
+        self._keys = ledger.producer_keys()  # producer id -> the CURVE key it is bound to
         self._key: str | None = None  # the key of the control message being handled
         self._logged: dict[bytes | str, float] = {}  # peer -> when its last refusal was logged
         self.counts = ledger.counts()
@@ -119,6 +123,7 @@ class SinkCore:
             self._check_size(frames)
             if len(frames) != 2:
                 raise ProtocolError("bad frame count", f"batch has {len(frames)} frames, expected 2")
+            self._check_key(key)
             _, (producer_id, seq, topic, count) = p.decode(frames[0], allowed=INTAKE_TYPES)
             if topic.startswith("zfan."):
                 raise ProtocolError("reserved topic", topic)
@@ -148,6 +153,7 @@ class SinkCore:
             self._check_size(frames)
             if not frames:
                 raise ProtocolError("bad frame count", "empty message")
+            self._check_key(key)
             mtype, fields = p.decode(frames[0], allowed=CONTROL_TYPES)
         except ProtocolError as exc:
             self._reject(exc, rid)
@@ -165,6 +171,10 @@ class SinkCore:
             self._handlers[mtype](rid, fields, frames[1:])
         except ProtocolError as exc:
             self._reject(exc, rid)
+
+    def _check_key(self, key: str | None) -> None:
+        if key is not None and self.key_allowed is not None and not self.key_allowed(key):
+            raise ProtocolError("key not allowed", f"{key[:8]}... was removed from the allowed keys")
 
     def unreachable(self, rid: bytes) -> None:
         """A send to this peer failed (ROUTER_MANDATORY): treat it as gone now."""
@@ -196,6 +206,7 @@ class SinkCore:
                 if batches:
                     self.stats["batches pruned"] += batches
                     self.counts["done"] -= batches
+                    self._keys = self.ledger.producer_keys()
 
     def end_turn(self) -> Outbox:
         """Lease what can be leased, commit, and hand back everything the commit made true."""
@@ -258,8 +269,10 @@ class SinkCore:
         if role == "producer" and self._key is not None:
             # With CURVE a producer id belongs to the first key that says hello with it, so that
             # no other node can send batches or take acks in its name.
-            if self._keys.setdefault(name, self._key) != self._key:
+            bound = self._keys.setdefault(name, self._key)
+            if bound != self._key:
                 raise ProtocolError("producer id of another key", name)
+            self.ledger.bind_key(name, bound)
         if role == "producer" and self.producers.get(name, rid) != rid and self.producers[name] in self.peers:
             # Two live connections with one producer id would split its acks: the second waits
             # until the first has gone quiet long enough to be dropped.

@@ -52,6 +52,10 @@ CREATE TABLE IF NOT EXISTS topics (
     topic TEXT PRIMARY KEY,
     seq INTEGER NOT NULL      -- the last seq given on this topic, whatever retention dropped
 );
+CREATE TABLE IF NOT EXISTS producer_keys (
+    producer TEXT PRIMARY KEY, -- with CURVE, a producer id belongs to the first key that used it
+    key TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS cursors (
     name TEXT NOT NULL,       -- a durable subscriber
     topic TEXT NOT NULL,
@@ -246,6 +250,12 @@ class Ledger:
             self._write("INSERT INTO cursors (name, topic, seq) VALUES (?,?,?) "
                         "ON CONFLICT (name, topic) DO UPDATE SET seq=max(seq, excluded.seq)", (name, topic, seq))
 
+    def producer_keys(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT producer, key FROM producer_keys"))
+
+    def bind_key(self, producer: str, key: str) -> None:
+        self._write("INSERT OR IGNORE INTO producer_keys (producer, key) VALUES (?,?)", (producer, key))
+
     def prune(self, *, keep: int | None, max_age: float | None, now: float,
               keep_batches: int = KEEP_BATCHES) -> tuple[int, int]:
         """Drop published results beyond the retention, and finished batches beyond the newest
@@ -262,6 +272,11 @@ class Ledger:
         # duplicate; resends come within seconds or minutes, so the newest ones are what counts.
         batches = self._write("DELETE FROM batches WHERE state=? AND id <= (SELECT max(id) FROM batches) - ?",
                               (DONE, keep_batches)).rowcount
+        if batches:
+            # A key's claim on a producer id lasts as long as the rows that deduplicate its
+            # batches: with those gone, the id starts afresh whoever uses it.
+            self._write("DELETE FROM producer_keys WHERE NOT EXISTS "
+                        "(SELECT 1 FROM batches b WHERE b.producer = producer_keys.producer)")
         return dropped, batches
 
     def integrity_check(self) -> str:

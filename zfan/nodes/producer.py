@@ -44,7 +44,11 @@ class Producer(Service):
         self._max_record = s.limits.max_frame - PAYLOAD_OVERHEAD
         self._batcher = Batcher(s.batch_size, s.linger_ms / 1000, max_bytes=self._max_record)
         self._packer = msgpack.Packer()
-        self._seq = 0
+        # (producer id, seq) is what the sink deduplicates on, so a producer that runs again
+        # under the same id must not reuse a seq: each run starts at the wall clock in ns,
+        # past every seq an earlier run used (it would take a billion batches a second to
+        # catch up) and far below the 2^63 limit.
+        self._seq = time.time_ns()
         self._handoff: deque[Sent] = deque()
         self._slots = threading.Semaphore(s.window)  # free places in the window
         self._acked = threading.Condition()

@@ -139,40 +139,67 @@ class _RefusalLog:
 
 
 class AllowList:
-    """The public keys in the allow folder, read again (at most once a second) when an unknown
-    key knocks, so that a key added to the folder is let in without a restart; plus the sink's
-    own key, which its local workers use."""
+    """The public keys in the allow folder, plus the sink's own key (its local workers use it).
+    The folder is read again whenever its key files change: checked when an unknown key knocks,
+    so that a key added is let in at once, and at most once a second as messages arrive, so
+    that a key removed is refused on connections it already holds."""
+
+    RECHECK = 1.0  # seconds between two looks at the folder for messages of known keys
 
     def __init__(self, folder: str, own_public: bytes) -> None:
         self.folder = folder
         self._own = own_public
-        self._keys = self._read()
-        self._read_at = time.monotonic()
+        self._seen: tuple = ()
+        self._keys: frozenset[bytes] = frozenset({own_public})
+        self._checked = 0.0
+        self._refresh()
 
-    def _read(self) -> set[bytes]:
+    def _signature(self) -> tuple:
         try:
-            return set(zmq.auth.load_certificates(self.folder)) | {self._own}
+            with os.scandir(self.folder) as entries:
+                return tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size)
+                                    for e in entries if e.name.endswith(".key")))
+        except OSError:
+            return self._seen  # the folder is gone for a moment: keep what was read
+
+    def _refresh(self) -> None:
+        self._checked = time.monotonic()
+        seen = self._signature()
+        if seen == self._seen:
+            return
+        try:
+            keys = frozenset(zmq.auth.load_certificates(self.folder)) | {self._own}
         except Exception as exc:  # a bad file dropped in later must not stop the authenticator
             log.warning("cannot read the keys in %s (%s); keeping the keys read before", self.folder, exc)
-            return getattr(self, "_keys", {self._own})
+            return
+        if self._seen and keys != self._keys:
+            log.info("allowed keys re-read from %s: %d added, %d removed", self.folder,
+                     len(keys - self._keys), len(self._keys - keys))
+        self._seen, self._keys = seen, keys
 
     def callback(self, domain: str, key: bytes) -> bool:
-        if key in self._keys:
-            return True
-        if time.monotonic() - self._read_at >= 1.0:
-            self._keys, self._read_at = self._read(), time.monotonic()
+        """ZAP's question for a new connection (on the authenticator's thread)."""
+        if key not in self._keys:
+            self._refresh()
         return key in self._keys
 
+    def allows(self, key: str) -> bool:
+        """Whether a message's key (its User-Id) is still allowed (on the sink's thread)."""
+        if time.monotonic() - self._checked >= self.RECHECK:
+            self._refresh()
+        return key.encode() in self._keys
 
-def start_authenticator(ctx: zmq.Context, curve: Curve) -> ThreadAuthenticator:
+
+def start_authenticator(ctx: zmq.Context, curve: Curve) -> tuple[ThreadAuthenticator, AllowList]:
     if curve.allow_keys is None:
         raise ConfigError("a sink with --curve-secret also needs --allow-keys FOLDER (the public keys it lets in)")
     check_allow_folder(curve.allow_keys)
     public, _ = load_secret(curve.secret_file)
     auth = ThreadAuthenticator(ctx, log=_RefusalLog())  # type: ignore[arg-type]
     auth.start()
-    auth.configure_curve_callback(domain=DOMAIN, credentials_provider=AllowList(curve.allow_keys, public))
-    return auth
+    allow = AllowList(curve.allow_keys, public)
+    auth.configure_curve_callback(domain=DOMAIN, credentials_provider=allow)
+    return auth, allow
 
 
 _FAILURES = {

@@ -47,7 +47,7 @@ class Sink(Service):
 
     def _serve(self) -> None:
         s = self.settings
-        auth = start_authenticator(self._ctx, s.curve) if s.curve is not None else None
+        auth, allow = start_authenticator(self._ctx, s.curve) if s.curve is not None else (None, None)
         try:
             ledger = Ledger(s.ledger, fsync=s.fsync)
         except BaseException:
@@ -57,7 +57,8 @@ class Sink(Service):
         try:
             core = SinkCore(ledger, limits=s.limits, timing=s.timing, max_attempts=s.max_attempts,
                             batch_timeout=s.batch_timeout, cache_bytes=s.cache_bytes,
-                            retain_count=s.retain_count, retain_age=s.retain_age)
+                            retain_count=s.retain_count, retain_age=s.retain_age,
+                            key_allowed=allow.allows if allow is not None else None)
             self.epoch = core.epoch
             pull = socket(self._ctx, zmq.PULL, max_frame=s.limits.max_frame)
             router = socket(self._ctx, zmq.ROUTER, max_frame=s.limits.max_frame)
