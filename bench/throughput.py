@@ -139,8 +139,7 @@ def _zfan_producer(ends: dict[str, str], batches: list[list[dict]], batch_size: 
     with Producer(intake=ends["intake"], control=ends["control"], batch_size=batch_size) as prod:
         go.wait()
         for batch in batches:
-            for r in batch:
-                prod.send(r)
+            prod.send_many(batch)
         prod.flush(60)
 
 
