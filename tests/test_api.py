@@ -293,7 +293,8 @@ def test_a_peer_that_takes_another_peers_routing_id_is_not_heard(sink, ctx):
 
 def test_send_many_stops_at_a_record_it_cannot_send_and_keeps_those_before(sink, ctx):
     with Producer(intake=sink.intake, control=sink.control, context=ctx) as prod:
-        with pytest.raises(SerializationError, match="^record of type dict cannot be sent: can not serialize .set. object$"):
+        with pytest.raises(SerializationError,
+                           match="^record of type dict cannot be sent: can not serialize .set. object$"):
             prod.send_many([{"id": 1}, {"id": 2}, {"bad": {3}}, {"id": 4}])
         prod.flush(timeout=5)
         assert prod.acked_records == 2
