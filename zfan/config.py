@@ -136,8 +136,10 @@ class SinkSettings:
     # Payloads of batches not yet leased are kept in memory up to this many bytes;
     # beyond it they are read back from the ledger when leased.
     cache_bytes: int = 256 * 1024 * 1024
-    # Results queued for subscribers before PUB drops (ZeroMQ's SNDHWM, in messages).
-    publish_hwm: int = 100_000
+    # Results queued for each subscriber before PUB drops for it (ZeroMQ's SNDHWM, in
+    # messages). What it drops, the subscriber repairs from the ledger; what it queues is the
+    # sink's memory: 1000 results of 1000 records are about 40 MB per slow subscriber.
+    publish_hwm: int = 1000
     # Published results kept in the ledger for subscribers to repair gaps and replay from:
     # the newest `retain_count`, and (if set) none older than `retain_age` seconds.
     retain_count: int | None = 100_000
@@ -213,8 +215,9 @@ class SubscriberSettings:
     topics: tuple[str, ...] = ("",)
     # Keep the position at the sink under this name, to resume after a restart.
     durable: str | None = None
-    # Results queued on the subscriber's side before ZeroMQ drops (RCVHWM, in messages).
-    hwm: int = 100_000
+    # Results queued on the subscriber's side before ZeroMQ drops (RCVHWM, in messages); gaps
+    # are repaired over `control`.
+    hwm: int = 1000
     curve: Curve | None = None
     limits: Limits = field(default_factory=Limits)
 

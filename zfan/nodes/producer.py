@@ -105,13 +105,18 @@ class Producer(Service):
         elif topic not in self._topics:
             check_topic(topic)  # once per topic: this is the hot path
             self._topics.add(topic)
-        now = time.monotonic()
-        with self._lock:
-            add = self._batcher.add
-            sealed = [b for b in (add(topic, one, now) for one in packed) if b is not None]
-            self.sent_records += len(packed)
-        for batch in sealed:
-            self._hand_off(topic, batch, block=True)
+        now, i, add = time.monotonic(), 0, self._batcher.add
+        while i < len(packed):
+            # Hand each sealed batch over before adding more: records left in an open batch
+            # while this blocks on the window would be sealed short by the linger.
+            with self._lock:
+                first, sealed = i, None
+                while sealed is None and i < len(packed):
+                    sealed = add(topic, packed[i], now)
+                    i += 1
+                self.sent_records += i - first
+            if sealed is not None:
+                self._hand_off(topic, sealed, block=True)
 
     def flush(self, timeout: float = 30.0) -> None:
         """Return once every record sent so far is acknowledged; raise DeliveryTimeout if not."""
