@@ -1,12 +1,13 @@
 """Records per second through zfan's full pipeline, against the raw pyzmq limit, in one run.
 
-    python bench/throughput.py [--records N] [--batch-size B] [--workers W] [--runs R]
+    python bench/throughput.py [--records N] [--batch-size B] [--workers W] [--runs R] [--cli]
 
 The limit: the same hops with nothing but pyzmq and msgpack (producer PUSH -> hop PULL/PUSH ->
 worker -> hop PULL -> PUB -> SUB), no ledger, no acks, no heartbeats. zfan: the embedded API
-with the SQLite ledger on disk, acks, heartbeats and per-topic sequence checks. Both run the
-same records (5-field dicts of about 100 bytes) through the same function (bench/app.py), and
-count at the subscriber that every record arrived once. The figure is the median of the runs.
+with the SQLite ledger on disk, acks, heartbeats and per-topic sequence checks; with `cli=True`
+the sink and workers are `zfan sink` and `zfan worker` processes instead. Both run the same
+records (5-field dicts of about 100 bytes) through the same function (bench/app.py), and count
+at the subscriber that every record arrived once. bench/run.py runs these among the others.
 """
 
 from __future__ import annotations
@@ -14,20 +15,27 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import msgpack
 import zmq
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from bench.app import double  # noqa: E402
+from bench.recovery import Proc, endpoints, reap, start_sink  # noqa: E402
 from zfan import Producer, Sink, Subscriber, query_status  # noqa: E402
 from zfan.apps import readings  # noqa: E402
+
+WAIT = 30.0  # seconds without a single result before a run is called stuck
 
 
 def make_batches(n: int, batch_size: int) -> list[list[dict]]:
@@ -35,9 +43,32 @@ def make_batches(n: int, batch_size: int) -> list[list[dict]]:
     return [records[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
+class Count:
+    """Result records seen at the subscriber, by id: what was lost and what came twice."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.ids: set[int] = set()
+        self.got = 0
+
+    def add(self, records: Iterable[dict]) -> None:
+        for r in records:
+            self.ids.add(r["id"])
+            self.got += 1
+
+    @property
+    def done(self) -> bool:
+        return self.got >= self.n
+
+    def result(self, seconds: float, gaps: int = 0) -> dict[str, Any]:
+        lost = self.n - len(self.ids) + gaps
+        return {"records": self.n, "seconds": round(seconds, 4), "records_per_s": round(self.n / seconds),
+                "lost": lost, "duplicated": self.got - len(self.ids)}
+
+
 # --- the limit: raw pyzmq ------------------------------------------------------------------
 
-def _raw_hop(ends: dict[str, str], subscribed: mp.Event) -> None:
+def _raw_hop(ends: dict[str, str], subscribed: Any) -> None:
     ctx = zmq.Context()
     intake, to_workers, from_workers, pub = (ctx.socket(t) for t in (zmq.PULL, zmq.PUSH, zmq.PULL, zmq.XPUB))
     intake.bind(ends["intake"])
@@ -76,66 +107,70 @@ def _raw_worker(ends: dict[str, str]) -> None:
         push.send_multipart([header, msgpack.packb(double(msgpack.unpackb(payload)))])
 
 
-def _raw_producer(ends: dict[str, str], batches: list[list[dict]], go: mp.Event) -> None:
+def _raw_producer(ends: dict[str, str], batches: list[list[dict]], go: Any, done: Any) -> None:
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.connect(ends["intake"])
     go.wait()
     for i, batch in enumerate(batches):
         push.send_multipart([i.to_bytes(8, "big"), msgpack.packb(batch)])
+    # Stay connected until everything has arrived: libzmq drops what its peer has not read
+    # yet when a connection closes (with nothing to resend it, that is data lost).
+    done.wait(WAIT * 4)
     push.close(linger=-1)
     ctx.term()
 
 
-def run_raw(n: int, batch_size: int, workers: int) -> tuple[float, int, int]:
+def run_raw(batches: list[list[dict]], workers: int = 1) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="zfan-bench-")
     ends = {k: f"ipc://{tmp}/{k}" for k in ("intake", "work", "back", "results")}
-    batches = make_batches(n, batch_size)
-    go, subscribed = mp.Event(), mp.Event()
+    go, subscribed, done = mp.Event(), mp.Event(), mp.Event()
     procs = [mp.Process(target=_raw_hop, args=(ends, subscribed))]
     procs += [mp.Process(target=_raw_worker, args=(ends,), daemon=True) for _ in range(workers)]
-    procs.append(mp.Process(target=_raw_producer, args=(ends, batches, go)))
+    procs.append(mp.Process(target=_raw_producer, args=(ends, batches, go, done)))
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, 0)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect(ends["results"])
-    for p in procs:
-        p.start()
-    if not subscribed.wait(30):
-        raise SystemExit("the raw pipeline did not come up")
-    ids: set[int] = set()
-    got = 0
-    start = time.perf_counter()
-    go.set()
-    while got < n and sub.poll(10_000):
-        _, _, payload = sub.recv_multipart()
-        for r in msgpack.unpackb(payload):
-            ids.add(r["id"])
-            got += 1
-    elapsed = time.perf_counter() - start
-    push = ctx.socket(zmq.PUSH)
-    push.connect(ends["intake"])
-    push.send_multipart([b"stop"])
-    push.close(linger=1000)
-    sub.close(linger=0)
-    ctx.term()
-    for p in procs:
-        p.join(5)
-        if p.is_alive():
-            p.kill()
-    return elapsed, n - len(ids), got - len(ids)
+    count = Count(sum(map(len, batches)))
+    try:
+        for pr in procs:
+            pr.start()
+        if not subscribed.wait(WAIT):
+            raise RuntimeError("the raw pipeline did not come up")
+        start = time.perf_counter()
+        go.set()
+        while not count.done and sub.poll(WAIT * 1000):
+            count.add(msgpack.unpackb(sub.recv_multipart()[2]))
+        elapsed = time.perf_counter() - start
+        done.set()
+        push = ctx.socket(zmq.PUSH)
+        push.connect(ends["intake"])
+        push.send_multipart([b"stop"])
+        push.close(linger=1000)
+    finally:
+        done.set()
+        sub.close(linger=0)
+        ctx.term()
+        for pr in procs:
+            pr.join(5)
+            if pr.is_alive():
+                pr.kill()
+                pr.join()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return count.result(elapsed)
 
 
 # --- zfan --------------------------------------------------------------------------------
 
-def _zfan_sink(ends: dict[str, str], ledger: str, workers: int, ready: mp.Event, stop: mp.Event) -> None:
+def _zfan_sink(ends: dict[str, str], ledger: str, workers: int, ready: Any, stop: Any) -> None:
     with Sink(ledger=ledger, workers=workers, app="bench.app:double", **ends):
         ready.set()
         stop.wait()
 
 
-def _zfan_producer(ends: dict[str, str], batches: list[list[dict]], batch_size: int, go: mp.Event) -> None:
+def _zfan_producer(ends: dict[str, str], batches: list[list[dict]], batch_size: int, go: Any) -> None:
     with Producer(intake=ends["intake"], control=ends["control"], batch_size=batch_size) as prod:
         go.wait()
         for batch in batches:
@@ -143,38 +178,69 @@ def _zfan_producer(ends: dict[str, str], batches: list[list[dict]], batch_size: 
         prod.flush(60)
 
 
-def run_zfan(n: int, batch_size: int, workers: int) -> tuple[float, int, int]:
-    tmp = tempfile.mkdtemp(prefix="zfan-bench-")
-    ends = {k: f"ipc://{tmp}/{k}" for k in ("intake", "control", "results")}
-    batches = make_batches(n, batch_size)
-    ready, stop, go = mp.Event(), mp.Event(), mp.Event()
-    sink = mp.Process(target=_zfan_sink, args=(ends, os.path.join(tmp, "zfan.db"), workers, ready, stop))
+def _start_api(ends: dict[str, str], folder: str, workers: int) -> Callable[[], None]:
+    ready, stop = mp.Event(), mp.Event()
+    sink = mp.Process(target=_zfan_sink, args=(ends, os.path.join(folder, "zfan.db"), workers, ready, stop))
     sink.start()
-    ready.wait(30)
-    prod = mp.Process(target=_zfan_producer, args=(ends, batches, batch_size, go))
-    prod.start()
-    ids: set[int] = set()
-    got = 0
-    with Subscriber(results=ends["results"], hwm=1_000_000) as sub:
-        sub.wait_ready(10)
-        deadline = time.monotonic() + 30
-        while len(query_status(ends["control"])["workers"]) < workers and time.monotonic() < deadline:
-            threading.Event().wait(0.05)  # the clock starts once every worker has joined
-        start = time.perf_counter()
-        go.set()
-        while got < n:
-            msg = sub.recv(timeout=10)
-            if msg is None:
-                break
-            for r in msg.records:
-                ids.add(r["id"])
-                got += 1
-        elapsed = time.perf_counter() - start
-        gaps = sub.gaps
-    prod.join(30)
-    stop.set()
-    sink.join(30)
-    return elapsed, n - len(ids) + gaps, got - len(ids)
+    if not ready.wait(WAIT):
+        raise RuntimeError("the sink did not come up")
+
+    def end() -> None:
+        stop.set()
+        sink.join(WAIT)
+        if sink.is_alive():
+            sink.kill()
+            sink.join()
+    return end
+
+
+def _start_cli(ends: dict[str, str], folder: str, workers: int) -> Callable[[], None]:
+    procs = [start_sink(ends, os.path.join(folder, "zfan.db"))]
+    procs += [Proc(f"worker-{i}", "worker", "--control", ends["control"], "--app", "bench.app:double",
+                   "--log-level", "warning") for i in range(workers)]
+    procs[0].wait_ready()
+    return lambda: reap(procs)
+
+
+def run_zfan(batches: list[list[dict]], workers: int = 1, *, cli: bool = False) -> dict[str, Any]:
+    """The whole pipeline: a producer process, the sink (embedded, or the `zfan sink` and `zfan
+    worker` processes), and a subscriber here that checks every topic's seqs."""
+    tmp = tempfile.mkdtemp(prefix="zfan-bench-")
+    ends = endpoints(tmp)
+    count = Count(sum(map(len, batches)))
+    end = (_start_cli if cli else _start_api)(ends, tmp, workers)
+    go = mp.Event()
+    prod = mp.Process(target=_zfan_producer, args=(ends, batches, len(batches[0]), go))
+    try:
+        prod.start()
+        with Subscriber(results=ends["results"], hwm=1_000_000) as sub:
+            if not sub.wait_ready(WAIT):
+                raise RuntimeError("the subscriber could not reach the sink")
+            deadline = time.monotonic() + WAIT
+            while len(query_status(ends["control"])["workers"]) < workers and time.monotonic() < deadline:
+                threading.Event().wait(0.05)  # the clock starts once every worker has joined
+            start = time.perf_counter()
+            go.set()
+            while not count.done and (msg := sub.recv(timeout=WAIT)) is not None:
+                count.add(msg.records)
+            elapsed = time.perf_counter() - start
+            gaps = sub.gaps
+    finally:
+        prod.join(WAIT)
+        if prod.is_alive():
+            prod.kill()
+            prod.join()
+        end()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return count.result(elapsed, gaps)
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median run by rate; a contender that lost or duplicated a record in any run scores 0."""
+    rates = [r["records_per_s"] for r in runs]
+    lost, dup = sum(r["lost"] for r in runs), sum(r["duplicated"] for r in runs)
+    return {"records_per_s": round(statistics.median(rates)) if not (lost or dup) else 0,
+            "runs": rates, "lost": lost, "duplicated": dup}
 
 
 def main() -> None:
@@ -183,22 +249,18 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--cli", action="store_true", help="zfan's sink and workers as CLI processes")
     args = ap.parse_args()
     print(f"{args.records:,} records in batches of {args.batch_size}, {args.workers} worker(s), "
           f"median of {args.runs} runs, {os.cpu_count()} cores")
+    batches = make_batches(args.records, args.batch_size)
     results = {}
-    for name, fn in (("raw pyzmq (the limit)", run_raw), ("zfan full pipeline", run_zfan)):
-        rates = []
-        for _ in range(args.runs):
-            elapsed, lost, dup = fn(args.records, args.batch_size, args.workers)
-            if lost or dup:
-                print(f"  {name}: lost {lost}, duplicated {dup}: no score")
-                rates = []
-                break
-            rates.append(args.records / elapsed)
-        results[name] = statistics.median(rates) if rates else 0.0
-        print(f"  {name:<24} {results[name]:>12,.0f} records/s")
-    limit, zfan = results["raw pyzmq (the limit)"], results["zfan full pipeline"]
+    for name, fn in (("raw pyzmq (the limit)", lambda: run_raw(batches, args.workers)),
+                     ("zfan full pipeline", lambda: run_zfan(batches, args.workers, cli=args.cli))):
+        res = results[name] = median_of([fn() for _ in range(args.runs)])
+        note = f"  (lost {res['lost']}, duplicated {res['duplicated']}: no score)" if not res["records_per_s"] else ""
+        print(f"  {name:<24} {res['records_per_s']:>12,} records/s{note}")
+    limit, zfan = (r["records_per_s"] for r in results.values())
     if limit:
         print(f"  zfan / limit: {zfan / limit:.2f}")
 

@@ -66,7 +66,8 @@ def test_status_table_and_subscribe_count(tmp_path, ipc, roles):
     sink.wait_ready()
     sub = roles("subscribe", *endpoint_args(ipc, "results", "control"), "--topic", "sensor.", "--count", "3")
     sub.wait_ready()
-    prod = run_cli("produce", "--count", "5000", "--sensors", "4", *endpoint_args(ipc, "intake", "control"))
+    prod = run_cli("produce", "--count", "5000", "--sensors", "4", "--linger-ms", "60000",
+                   *endpoint_args(ipc, "intake", "control"))  # 5 batches of 1000, sealed by count
     assert prod.returncode == 0, prod.stderr
     assert sub.wait(30) == 0
     lines = [json.loads(x) for x in sub.out]

@@ -1208,3 +1208,15 @@ def test_answers_about_many_long_topics_stay_within_a_header(core):
     (cursor,) = Turn(core).of(p.CURSOR, b"s")
     assert 3900 < len(cursor.fields[1]) < 6000 and set(cursor.fields[2]) == {1}
     assert core.status()["rejected"] == {}
+
+
+@pytest.mark.parametrize("records, leased", [(10, 64), (1000, 4), (10_000, 2)])
+def test_a_worker_holds_up_to_its_credit_but_few_big_batches(core, records, leased):
+    hello_worker(core, b"w", 64)
+    payload = msgpack.packb(list(range(records)))
+    for seq in range(1, 101):
+        core.intake(batch("p", seq, payload=payload, count=records), None)
+    first = Turn(core).leases
+    assert len(first) == leased
+    send_result(core, b"w", first[0])
+    assert len(Turn(core).leases) == 1, "one answer frees room for one more"

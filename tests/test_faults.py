@@ -40,8 +40,9 @@ class PacedProducer:
 
     def __init__(self, ipc, ctx, *, batches: int, batch_size: int, pace: float = 0.01) -> None:
         self.total = batches * batch_size
+        # Batches sealed by count, never by the linger, so that the tests know their boundaries.
         self.prod = Producer(intake=ipc["intake"], control=ipc["control"], batch_size=batch_size,
-                             topic="readings", context=ctx).start()
+                             linger_ms=60_000, topic="readings", context=ctx).start()
         self.error: BaseException | None = None
         self._batches, self._size, self._pace = batches, batch_size, pace
         self.thread = threading.Thread(target=self._run, daemon=True)

@@ -165,7 +165,7 @@ class SinkSettings:
 @dataclass(frozen=True, kw_only=True)
 class WorkerSettings:
     control: str = DEFAULT_CONTROL
-    credit: int = 4
+    credit: int = 64
     name: str = field(default_factory=lambda: f"worker-{uuid.uuid4().hex[:8]}")
     timing: Timing = field(default_factory=Timing)
     curve: Curve | None = None

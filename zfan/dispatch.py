@@ -31,6 +31,7 @@ CONTROL_TYPES = frozenset({p.HELLO, p.HEARTBEAT, p.RESULT, p.FAILED, p.STATUS, p
 STATELESS = frozenset({p.HELLO, p.STATUS, p.REPLAY, p.HEADS, p.GET_CURSOR, p.COMMIT})
 PRUNE_EVERY = 1.0  # seconds between retention passes
 LOG_EVERY = 10.0  # seconds between two log lines about one peer's refused messages
+RECORDS_IN_FLIGHT = 4000  # records leased to one worker beyond which it gets no third batch
 
 
 def _peer_name(peer: bytes | str) -> str:
@@ -42,13 +43,26 @@ class WorkerState:
     rid: bytes
     name: str
     credit: int
-    # (batch_id, attempt) of every lease this worker holds, including leases the sink has since
-    # revoked (timed out): the worker's credit returns only when it answers for that attempt.
-    held: set[tuple[int, int]] = field(default_factory=set)
+    # (batch_id, attempt) -> records, of every lease this worker holds, including leases the
+    # sink has since revoked (timed out): the worker's credit returns only when it answers.
+    held: dict[tuple[int, int], int] = field(default_factory=dict)
+    records: int = 0  # records in the batches held
 
     @property
     def free(self) -> int:
+        """Leases it may take now: up to its credit, but beyond two only while it holds fewer
+        than RECORDS_IN_FLIGHT records. Small batches need many in flight to hide the round
+        trip; big ones only fill the worker's memory and delay a replay."""
+        if len(self.held) >= 2 and self.records >= RECORDS_IN_FLIGHT:
+            return 0
         return self.credit - len(self.held)
+
+    def hold(self, key: tuple[int, int], count: int) -> None:
+        self.held[key] = count
+        self.records += count
+
+    def release(self, key: tuple[int, int]) -> None:
+        self.records -= self.held.pop(key, 0)
 
 
 @dataclass
@@ -326,7 +340,7 @@ class SinkCore:
         worker = self.workers.get(rid)
         if worker is None:
             raise ProtocolError("not a worker", "results come only from workers")
-        worker.held.discard((batch_id, attempt))  # its credit is back, whatever the verdict
+        worker.release((batch_id, attempt))  # its credit is back, whatever the verdict
         lease = self.leases.get(batch_id)
         if epoch != self.epoch or lease is None or lease.rid != rid or lease.attempt != attempt:
             self.stats["fenced results"] += 1
@@ -388,7 +402,7 @@ class SinkCore:
             else:
                 self._cached -= len(payload)
             self.ledger.lease(batch.batch_id, worker.name, attempt)
-            worker.held.add((batch.batch_id, attempt))
+            worker.hold((batch.batch_id, attempt), batch.count)
             self.leases[batch.batch_id] = Lease(worker.rid, attempt, now + self.batch_timeout)
             self.counts["pending"] -= 1
             self.counts["leased"] += 1

@@ -49,7 +49,7 @@ def cli() -> None:
               help="local worker processes to start beside the sink")
 @click.option("--app", default="zfan.apps:rollup", show_default=True, metavar="MODULE:FUNCTION",
               help="what local workers run")
-@click.option("--credit", type=click.IntRange(1, 1000), default=4, show_default=True,
+@click.option("--credit", type=click.IntRange(1, 1000), default=64, show_default=True,
               help="batches each local worker holds at once")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True,
               help="failed attempts before a batch is dead-lettered on topic zfan.dead")
@@ -83,7 +83,7 @@ def sink(intake: str, control: str, results: str, ledger: str, fsync: str, worke
 @endpoints("control")
 @click.option("--app", default="zfan.apps:rollup", show_default=True, metavar="MODULE:FUNCTION",
               help="the function to run on each batch: process(records) -> list | dict[topic, list]")
-@click.option("--credit", type=click.IntRange(1, 1000), default=4, show_default=True,
+@click.option("--credit", type=click.IntRange(1, 1000), default=64, show_default=True,
               help="batches to hold at once")
 @click.option("--name", default=None, help="how the sink names this worker [default: random]")
 @click.option("--parent", type=int, default=None, hidden=True, help="end when this process does")

@@ -33,7 +33,7 @@ class Sink(Service):
     role = "sink"
 
     def __init__(self, settings: SinkSettings | None = None, *, workers: int = 0, app: str | None = None,
-                 worker_credit: int = 4, context: zmq.Context | None = None, **overrides: Any) -> None:
+                 worker_credit: int = 64, context: zmq.Context | None = None, **overrides: Any) -> None:
         self.settings = settings or SinkSettings(**overrides)
         # The ZAP authenticator is one per context: an encrypted sink gets a context of its own.
         self._own_ctx = context is None and self.settings.curve is not None
