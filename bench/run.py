@@ -153,7 +153,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| RabbitMQ design | skipped: {res.get('rabbitmq_skipped', '')} | | | |")
     lines += ["", f"zfan / limit = **{ratio(zfan, limit)}** (target ≥ {TARGETS['zfan_vs_limit']}); "
               f"zfan / RabbitMQ = **{ratio(zfan, rmq)}** (target ≥ {TARGETS['zfan_vs_rabbitmq']}).", "",
-              "| batch size | limit | zfan | RabbitMQ | zfan / limit | zfan / RabbitMQ |", "|---:|---:|---:|---:|---:|---:|"]
+              "| batch size | limit | zfan | RabbitMQ | zfan / limit | zfan / RabbitMQ |",
+              "|---:|---:|---:|---:|---:|---:|"]
     for size in SIZES:
         s = res["sweep"].get(str(size), {})
         a, b, c = rate(s.get("limit")), rate(s.get("zfan")), rate(s.get("rabbitmq"))
@@ -216,7 +217,8 @@ def update_readme(table: str) -> None:
     path = os.path.join(ROOT, "README.md")
     with open(path) as f:
         text = f.read()
-    block = f"<!-- bench:start -->\n{table}\n![records/s against batch size](bench/results/throughput.png)\n<!-- bench:end -->"
+    chart_link = "![records/s against batch size](bench/results/throughput.png)"
+    block = f"<!-- bench:start -->\n{table}\n{chart_link}\n<!-- bench:end -->"
     new, n = re.subn(r"<!-- bench:start -->.*?<!-- bench:end -->", lambda _: block, text, flags=re.S)
     if not n:
         raise SystemExit("README.md has no <!-- bench:start --> ... <!-- bench:end --> block to update")
