@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from zfan.batching import Batcher, Sent, Window
+from zfan.batching import Batch, Batcher, Sent, Window
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -16,31 +16,31 @@ T0 = 1000.0
 
 def test_batch_is_sealed_exactly_at_batch_size():
     b = Batcher(batch_size=3, linger=10.0)
-    assert b.add("t", b"1", T0) is None
-    assert b.add("t", b"2", T0) is None
+    assert b.add("t", b"1", T0) == []
+    assert b.add("t", b"2", T0) == []
     assert len(b) == 2
-    assert b.add("t", b"3", T0) == [b"1", b"2", b"3"]
+    assert b.add("t", b"3", T0) == [Batch(3, [b"1", b"2", b"3"])]
     assert len(b) == 0
     assert b.take_any() is None
     # The next record opens a new batch.
-    assert b.add("t", b"4", T0) is None
+    assert b.add("t", b"4", T0) == []
     assert len(b) == 1
 
 
 def test_batch_size_one_seals_every_record():
     b = Batcher(batch_size=1, linger=10.0)
-    assert b.add("t", b"a", T0) == [b"a"]
-    assert b.add("t", b"b", T0) == [b"b"]
+    assert b.add("t", b"a", T0) == [Batch(1, [b"a"])]
+    assert b.add("t", b"b", T0) == [Batch(1, [b"b"])]
     assert len(b) == 0
 
 
 def test_topics_are_batched_separately():
     b = Batcher(batch_size=2, linger=10.0)
-    assert b.add("a", b"a1", T0) is None
-    assert b.add("b", b"b1", T0) is None
-    assert b.add("a", b"a2", T0) == [b"a1", b"a2"]
+    assert b.add("a", b"a1", T0) == []
+    assert b.add("b", b"b1", T0) == []
+    assert b.add("a", b"a2", T0) == [Batch(2, [b"a1", b"a2"])]
     assert len(b) == 1
-    assert b.add("b", b"b2", T0) == [b"b1", b"b2"]
+    assert b.add("b", b"b2", T0) == [Batch(2, [b"b1", b"b2"])]
 
 
 def test_take_due_only_after_linger():
@@ -50,7 +50,7 @@ def test_take_due_only_after_linger():
     b.add("t", b"2", T0 + 0.3)
     assert b.take_due(T0) is None
     assert b.take_due(T0 + 0.49) is None
-    assert b.take_due(T0 + 0.5) == ("t", [b"1", b"2"])
+    assert b.take_due(T0 + 0.5) == ("t", Batch(2, [b"1", b"2"]))
     assert b.take_due(T0 + 10) is None  # taken once
     assert len(b) == 0
 
@@ -59,22 +59,22 @@ def test_linger_counts_from_the_first_record_of_the_batch():
     b = Batcher(batch_size=100, linger=1.0)
     b.add("t", b"1", T0)
     b.add("t", b"2", T0 + 0.9)
-    assert b.take_due(T0 + 1.0) == ("t", [b"1", b"2"])
+    assert b.take_due(T0 + 1.0) == ("t", Batch(2, [b"1", b"2"]))
 
 
 def test_take_due_returns_the_oldest_batch_first():
     b = Batcher(batch_size=100, linger=1.0)
     b.add("young", b"y", T0 + 0.5)
     b.add("old", b"o", T0)
-    assert b.take_due(T0 + 1.2) == ("old", [b"o"])
+    assert b.take_due(T0 + 1.2) == ("old", Batch(1, [b"o"]))
     assert b.take_due(T0 + 1.2) is None  # "young" is only 0.7 s old
-    assert b.take_due(T0 + 1.5) == ("young", [b"y"])
+    assert b.take_due(T0 + 1.5) == ("young", Batch(1, [b"y"]))
 
 
 def test_zero_linger_makes_a_batch_due_at_once():
     b = Batcher(batch_size=100, linger=0.0)
     b.add("t", b"1", T0)
-    assert b.take_due(T0) == ("t", [b"1"])
+    assert b.take_due(T0) == ("t", Batch(1, [b"1"]))
 
 
 def test_next_due():
@@ -110,7 +110,7 @@ def test_take_any_drains_everything_for_flush():
     while (batch := b.take_any()) is not None:
         topic, records = batch
         taken[topic] = records
-    assert taken == {"a": [b"a1", b"a2"], "b": [b"b1"]}
+    assert taken == {"a": Batch(2, [b"a1", b"a2"]), "b": Batch(1, [b"b1"])}
     assert len(b) == 0
 
 
@@ -176,7 +176,24 @@ def test_due_keeps_the_frames_to_resend():
 
 def test_a_batch_is_sealed_before_it_would_outgrow_a_frame():
     b = Batcher(batch_size=100, linger=1.0, max_bytes=10)
-    assert b.add("t", b"aaaa", 0.0) is None
-    assert b.add("t", b"bbbb", 0.0) is None
-    assert b.add("t", b"cccc", 0.0) == [b"aaaa", b"bbbb"], "12 bytes would not fit: the first two go"
-    assert b.take_any() == ("t", [b"cccc"])
+    assert b.add("t", b"aaaa", 0.0) == []
+    assert b.add("t", b"bbbb", 0.0) == []
+    assert b.add("t", b"cccc", 0.0) == [Batch(2, [b"aaaa", b"bbbb"])], "12 bytes would not fit: the first two go"
+    assert b.take_any() == ("t", Batch(1, [b"cccc"]))
+
+
+def test_a_piece_of_several_records_counts_as_them_all():
+    b = Batcher(batch_size=5, linger=10.0)
+    assert b.room("t") == 5
+    assert b.add("t", b"12", T0, count=2) == []
+    assert b.room("t") == 3 and len(b) == 2
+    assert b.add("t", b"345", T0, count=3) == [Batch(5, [b"12", b"345"])]
+    assert b.room("t") == 5
+
+
+def test_a_piece_too_big_for_the_open_batch_seals_it_and_may_seal_itself():
+    b = Batcher(batch_size=1, linger=10.0, max_bytes=4)
+    assert b.add("t", b"ab", T0) == [Batch(1, [b"ab"])]
+    b = Batcher(batch_size=2, linger=10.0, max_bytes=4)
+    assert b.add("t", b"ab", T0) == []
+    assert b.add("t", b"cde", T0, count=2) == [Batch(1, [b"ab"]), Batch(2, [b"cde"])]

@@ -15,8 +15,8 @@ import pytest
 
 from zfan import protocol as p
 from zfan.config import Timing
-from zfan.dispatch import SinkCore
-from zfan.ledger import Ledger
+from zfan.dispatch import COMMIT_WITHIN, SinkCore
+from zfan.ledger import LEASED, PENDING, Ledger
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -133,6 +133,13 @@ def send_failed(core: SinkCore, rid: bytes, lease: LeaseMsg | tuple, error: str 
 
 def heartbeat(core: SinkCore, rid: bytes) -> None:
     core.control(rid, [p.encode(p.HEARTBEAT, core.epoch)])
+
+
+def settle(core: SinkCore) -> None:
+    """Turns until what the sink left uncommitted is committed: within COMMIT_WITHIN."""
+    Turn(core)
+    core.clock.advance(COMMIT_WITHIN)
+    Turn(core)
 
 
 def peek(path: str, sql: str, args: tuple = ()) -> list[tuple]:
@@ -263,6 +270,22 @@ def test_every_batch_is_leased_once_per_attempt(core):
 
 
 # --- acks -----------------------------------------------------------------------------------
+
+def test_leases_alone_are_committed_later_and_acks_at_once(core, ledger, clock):
+    hello_producer(core, b"p", "prod")
+    Turn(core)
+    core.intake(batch("prod", 1))
+    assert Turn(core).acks(b"p") == [[1]]
+    states = "SELECT state FROM batches ORDER BY id"
+    assert peek(ledger.path, states) == [(PENDING,)], "committed before its ack"
+    hello_worker(core, b"w", 1)
+    assert len(Turn(core).leases) == 1
+    assert peek(ledger.path, states) == [(PENDING,)], "a lease alone waits for a later commit"
+    assert core.next_deadline() <= COMMIT_WITHIN
+    clock.advance(COMMIT_WITHIN)
+    Turn(core)
+    assert peek(ledger.path, states) == [(LEASED,)]
+
 
 def test_batch_is_acked_in_the_turn_that_commits_it(core, ledger):
     hello_producer(core, b"p1", "prod-1")
@@ -705,6 +728,7 @@ def test_failed_batch_is_requeued_ahead_of_newer_work(core, ledger):
     assert (again.batch_id, again.attempt) == (first.batch_id, 2)
     assert again.payload == first.payload
     assert core.stats["batches failed"] == 1
+    settle(core)
     assert peek(ledger.path, "SELECT error FROM batches WHERE id=?", (first.batch_id,)) == [
         ("ValueError: bad input",)]
 
@@ -904,8 +928,8 @@ def test_restart_has_a_larger_epoch_and_puts_leases_back(ledger, clock, reopen):
     assert core.epoch > old.epoch
     assert core.recovered == 2
     assert status_counts(core) == {"pending": 2, "leased": 0, "done": 1, "dead": 0}
-    assert peek(ledger.path, "SELECT id, state, worker FROM batches ORDER BY id") == [
-        (first.batch_id, 2, "w1"), (second.batch_id, 0, None), (third.batch_id, 0, None)]
+    assert peek(ledger.path, "SELECT id, state FROM batches ORDER BY id") == [
+        (first.batch_id, 2), (second.batch_id, 0), (third.batch_id, 0)]
     # The old worker's result is refused (and counted as fenced) until it says hello, and then
     # fenced by the epoch.
     send_result(core, b"w1", second, epoch=old.epoch)
@@ -940,7 +964,7 @@ def test_restart_republishes_unmarked_results_with_the_same_seq(ledger, clock, r
 
 def test_restart_does_not_republish_what_was_marked(ledger, clock, reopen):
     old, *_ = run_first_sink(ledger, clock)
-    Turn(old)  # the next turn commits the publish mark
+    settle(old)  # the publish mark is committed within COMMIT_WITHIN
     ledger.close()
     core = make_core(reopen(), clock)
     assert Turn(core).pubs == []

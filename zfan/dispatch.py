@@ -31,6 +31,9 @@ CONTROL_TYPES = frozenset({p.HELLO, p.HEARTBEAT, p.RESULT, p.FAILED, p.STATUS, p
 STATELESS = frozenset({p.HELLO, p.STATUS, p.REPLAY, p.HEADS, p.GET_CURSOR, p.COMMIT})
 PRUNE_EVERY = 1.0  # seconds between retention passes
 LOG_EVERY = 10.0  # seconds between two log lines about one peer's refused messages
+# Writes that nothing sent waits for (leases, publish marks, cursors) are committed with the
+# next ack or publish, or within this many seconds: a commit per turn was most of the sink's time.
+COMMIT_WITHIN = 0.05
 RECORDS_IN_FLIGHT = 4000  # records leased to one worker beyond which it gets no third batch
 
 
@@ -120,6 +123,7 @@ class SinkCore:
         self._cache: dict[int, bytes] = {}
         self._cached = 0
         self._acks: dict[str, list[int]] = {}
+        self._dirty_since: float | None = None  # when writes were first left uncommitted
         self._out = Outbox()
         # Results stored but not yet known to be published: an earlier sink's leftovers first.
         self._to_publish: list[Stored] = list(ledger.results_after(ledger.published_upto()))
@@ -229,7 +233,16 @@ class SinkCore:
             # Kept apart from the results, so that numbering goes on after retention drops them all.
             self.ledger.save_heads({t: self.topic_seq[t] for t in self._heads_changed})
             self._heads_changed.clear()
-        self.ledger.commit()
+        # Acks and publishes wait for the commit. A lease does not: lost uncommitted, the batch
+        # is pending again, exactly what recover() makes of a lease after a crash.
+        if self.ledger.uncommitted:
+            now = self.clock()
+            if self._acks or self._to_publish or (self._dirty_since is not None
+                                                   and now >= self._dirty_since + COMMIT_WITHIN):
+                self.ledger.commit()
+                self._dirty_since = None
+            elif self._dirty_since is None:
+                self._dirty_since = now
         out, self._out = self._out, Outbox()
         for producer_id, seqs in self._acks.items():
             rid = self.producers.get(producer_id)
@@ -254,6 +267,8 @@ class SinkCore:
             due.append(expiry + 1e-3)  # just past it: a peer is dead only once silent for *more* than expiry
         if self.leases:
             due.append(min(lease.deadline for lease in self.leases.values()))
+        if self._dirty_since is not None:
+            due.append(self._dirty_since + COMMIT_WITHIN)
         if self.pending and any(w.free > 0 for w in self.workers.values()):
             return 0.0  # batches went back to pending after this turn's leasing (a send failed)
         return max(0.0, min(due) - now)
@@ -401,7 +416,7 @@ class SinkCore:
                 payload = self.ledger.payload(batch.batch_id)
             else:
                 self._cached -= len(payload)
-            self.ledger.lease(batch.batch_id, worker.name, attempt)
+            self.ledger.lease(batch.batch_id, attempt)
             worker.hold((batch.batch_id, attempt), batch.count)
             self.leases[batch.batch_id] = Lease(worker.rid, attempt, now + self.batch_timeout)
             self.counts["pending"] -= 1

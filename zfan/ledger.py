@@ -31,7 +31,6 @@ CREATE TABLE IF NOT EXISTS batches (
     count INTEGER NOT NULL,
     payload BLOB,             -- dropped once the batch is done
     state INTEGER NOT NULL,
-    worker TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     UNIQUE (producer, seq)
@@ -115,6 +114,10 @@ class Ledger:
         except sqlite3.OperationalError as exc:
             raise LedgerError(f"ledger {self.path}: write failed ({exc})") from None
 
+    @property
+    def uncommitted(self) -> bool:
+        return self._in_txn
+
     def commit(self) -> None:
         if self._in_txn:
             try:
@@ -141,7 +144,7 @@ class Ledger:
     def recover(self) -> int:
         """Put batches leased by an earlier sink back to pending; return how many. The sink's
         own death is no fault of the batch: that lease does not count as an attempt."""
-        n = self._write("UPDATE batches SET state=?, worker=NULL, attempts=max(attempts - 1, 0) WHERE state=?",
+        n = self._write("UPDATE batches SET state=?, attempts=max(attempts - 1, 0) WHERE state=?",
                         (PENDING, LEASED)).rowcount
         self.commit()
         return n
@@ -192,13 +195,14 @@ class Ledger:
             raise LedgerError(f"ledger {self.path}: batch {batch_id} has no payload")
         return bytes(row[0])
 
-    def lease(self, batch_id: int, worker: str, attempt: int) -> None:
-        self._write("UPDATE batches SET state=?, worker=?, attempts=? WHERE id=?",
-                    (LEASED, worker, attempt, batch_id))
+    def lease(self, batch_id: int, attempt: int) -> None:
+        # Only fixed-size fields change, so SQLite rewrites the row in place and leaves the
+        # payload's overflow pages alone (a worker's name here cost a copy of every payload).
+        self._write("UPDATE batches SET state=?, attempts=? WHERE id=?", (LEASED, attempt, batch_id))
 
     def release(self, batch_id: int, error: str | None = None) -> None:
         """Back to pending, keeping the attempt count (and the last error, if any)."""
-        self._write("UPDATE batches SET state=?, worker=NULL, error=coalesce(?, error) WHERE id=?",
+        self._write("UPDATE batches SET state=?, error=coalesce(?, error) WHERE id=?",
                     (PENDING, error, batch_id))
 
     def store_results(self, batch_id: int, rows: list[tuple[str, int, int, bytes]]) -> list[Stored]:
@@ -217,7 +221,7 @@ class Ledger:
         """Move a batch to the dead-letter state and store the message that announces it."""
         producer_topic, count, payload = self._db.execute(
             "SELECT topic, count, payload FROM batches WHERE id=?", (batch_id,)).fetchone()
-        self._write("UPDATE batches SET state=?, worker=NULL, error=? WHERE id=?", (DEAD, error, batch_id))
+        self._write("UPDATE batches SET state=?, error=? WHERE id=?", (DEAD, error, batch_id))
         rid = self._write(
             "INSERT INTO results (batch_id, topic, seq, count, kind, payload, created) VALUES (?,?,?,?,1,?,?)",
             (batch_id, topic, seq, count, payload, time.time())).lastrowid

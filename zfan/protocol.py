@@ -207,8 +207,8 @@ def pairs_that_fit(pairs: list[tuple[str, int]], reserve: int = 1024) -> int:
 
 # --- records ------------------------------------------------------------------------------
 
-# A payload is a msgpack array of records. Producers pack records one at a time (so that a
-# record msgpack cannot encode is refused at send()) and join them under an array header.
+# A payload is a msgpack array of records. Producers pack records one at a time, or many back
+# to back (an array packed whole, less its header), and join the pieces under one header.
 
 
 def array_header(n: int) -> bytes:

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 
 import zmq
 
@@ -27,6 +28,8 @@ from .local import stop_processes
 from .producer import Producer
 from .status import query_status
 from .subscriber import Subscriber
+
+CHUNK = 500  # readings each producer thread hands to send_many() at once
 
 
 @dataclass
@@ -139,11 +142,10 @@ class _Fleet:
     def _produce(self, i: int) -> None:
         try:
             quota = None if self._quota is None else self._quota[i]
-            for r in readings(quota, sensors=self._sensors, source=f"node{i}", seed=i):
-                if self.stopping.is_set():
-                    break
-                self.prods[i].send(r)
-                self.sent[i][r["sensor"]] += 1
+            source = readings(quota, sensors=self._sensors, source=f"node{i}", seed=i)
+            while not self.stopping.is_set() and (chunk := list(islice(source, CHUNK))):
+                self.prods[i].send_many(chunk)
+                self.sent[i].update(r["sensor"] for r in chunk)
             self.prods[i].flush(timeout=self._settle)
         except BaseException as exc:
             self.errors.append(exc)

@@ -12,13 +12,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
+from itertools import islice
 from typing import Any
 
 import msgpack
 import zmq
 
 from .. import protocol as p
-from ..batching import Batcher, Sent, Window
+from ..batching import Batch, Batcher, Sent, Window
 from ..config import ProducerSettings, check_topic
 from ..errors import Closed, DeliveryTimeout, ProtocolError, SerializationError, ZfanError
 from .security import Handshakes, check_handshakes, secure_client
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 
 CONTROL_TYPES = frozenset({p.WELCOME, p.HEARTBEAT, p.ACK, p.RESET})
 PAYLOAD_OVERHEAD = 5  # the array header in front of a batch's packed records
-SEND_CHUNK = 256  # records send_many() packs before taking the lock once for them all
 
 
 class Producer(Service):
@@ -62,28 +62,39 @@ class Producer(Service):
         self._beat = self._expiry = 0.0  # the sink's heartbeat timing, from its welcome (I/O thread)
         self._closed = False
         self._window_full = False  # a lingering batch waits for an ack before it can go
-        self._parked: tuple[str, list[bytes]] | None = None  # that batch (I/O thread)
+        self._parked: tuple[str, Batch] | None = None  # that batch (I/O thread)
         self.sent_records = 0
         self.connected = threading.Event()
 
     # --- the caller's side -----------------------------------------------------------------
     def send(self, record: Any, topic: str | None = None) -> None:
         """Queue one record. Blocks while the window of unacknowledged batches is full."""
-        self._queue(topic, [self._pack(record)])
+        topic = self._topic(topic)
+        self._queue(topic, self._pack(record), 1)
 
     def send_many(self, records: Iterable[Any], topic: str | None = None) -> None:
-        """Queue records, as send() would one by one, for a fraction of the cost per record.
-        A record that cannot be sent raises SerializationError; those before it are queued."""
-        pack, chunk = self._pack, []
-        try:
-            for record in records:
-                chunk.append(pack(record))
-                if len(chunk) == SEND_CHUNK:
-                    self._queue(topic, chunk)
-                    chunk = []
-        finally:
-            if chunk:
-                self._queue(topic, chunk)
+        """Queue records, as send() would one by one, for a fraction of the cost per record:
+        what fills the open batch is packed in one call. A record that cannot be sent raises
+        SerializationError; those before it are queued."""
+        topic = self._topic(topic)
+        it = iter(records)
+        while chunk := list(islice(it, self._batcher.room(topic))):
+            body = self._pack_all(chunk)
+            if body is not None:
+                self._queue(topic, body, len(chunk))
+                continue
+            for record in chunk:  # one by one, to name the record at fault or split by size
+                self._queue(topic, self._pack(record), 1)
+
+    def _topic(self, topic: str | None) -> str:
+        if self._closed:
+            raise Closed("producer is closed")
+        if topic is None:
+            return self.settings.topic
+        if topic not in self._topics:
+            check_topic(topic)  # once per topic: this is the hot path
+            self._topics.add(topic)
+        return topic
 
     def _pack(self, record: Any) -> bytes:
         try:
@@ -97,26 +108,23 @@ class Producer(Service):
                                      f"({self._max_record:,} bytes: Limits.max_frame)")
         return packed
 
-    def _queue(self, topic: str | None, packed: list[bytes]) -> None:
-        if self._closed:
-            raise Closed("producer is closed")
-        if topic is None:
-            topic = self.settings.topic
-        elif topic not in self._topics:
-            check_topic(topic)  # once per topic: this is the hot path
-            self._topics.add(topic)
-        now, i, add = time.monotonic(), 0, self._batcher.add
-        while i < len(packed):
-            # Hand each sealed batch over before adding more: records left in an open batch
-            # while this blocks on the window would be sealed short by the linger.
-            with self._lock:
-                first, sealed = i, None
-                while sealed is None and i < len(packed):
-                    sealed = add(topic, packed[i], now)
-                    i += 1
-                self.sent_records += i - first
-            if sealed is not None:
-                self._hand_off(topic, sealed, block=True)
+    def _pack_all(self, records: list[Any]) -> bytes | None:
+        """The records packed back to back, or None if one cannot be packed or together they
+        would not fit a batch: then they go one by one."""
+        try:
+            packed: bytes = self._packer.pack(records)
+        except (TypeError, ValueError, OverflowError):
+            self._packer.reset()
+            return None
+        body = packed[len(p.array_header(len(records))):]
+        return body if len(body) <= self._max_record else None
+
+    def _queue(self, topic: str, packed: bytes, count: int) -> None:
+        with self._lock:
+            sealed = self._batcher.add(topic, packed, time.monotonic(), count)
+            self.sent_records += count
+        for batch in sealed:
+            self._hand_off(topic, batch, block=True)
 
     def flush(self, timeout: float = 30.0) -> None:
         """Return once every record sent so far is acknowledged; raise DeliveryTimeout if not."""
@@ -160,7 +168,7 @@ class Producer(Service):
     def acked_records(self) -> int:
         return self._window.acked_records
 
-    def _hand_off(self, topic: str, packed: list[bytes], *, block: bool,
+    def _hand_off(self, topic: str, batch: Batch, *, block: bool,
                   deadline: float | None = None, timeout: float = 0.0) -> bool:
         """Give a sealed batch to the I/O thread once the window has room."""
         if not block:
@@ -174,8 +182,9 @@ class Producer(Service):
                 raise DeliveryTimeout(self._outstanding + 1, timeout)  # this one is not acknowledged either
         with self._lock:
             self._seq += 1
-            header = p.encode(p.BATCH, self.settings.producer_id, self._seq, topic, len(packed))
-            self._handoff.append(Sent(self._seq, len(packed), [header, p.join_records(packed)], 0.0))
+            header = p.encode(p.BATCH, self.settings.producer_id, self._seq, topic, batch.count)
+            payload = p.array_header(batch.count) + b"".join(batch.pieces)
+            self._handoff.append(Sent(self._seq, batch.count, [header, payload], 0.0))
         with self._acked:
             self._outstanding += 1
         self._wakeup.set()

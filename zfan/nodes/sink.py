@@ -119,6 +119,7 @@ class Sink(Service):
             if self._workers is not None:
                 self._workers.check()
         self._send(core, router, xpub)  # acks for what the last turn committed
+        core.ledger.commit()  # and what it left uncommitted
 
     def _send(self, core: SinkCore, router: zmq.Socket, xpub: zmq.Socket) -> None:
         out = core.end_turn()
