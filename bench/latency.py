@@ -51,7 +51,10 @@ def _producer(ends: dict[str, str], rate: float, n: int, batch_size: int, linger
             now = time.monotonic()
             due = min(n, int(rate * (now - start))) - sent
             if due > 0:
-                prod.send_many([dict(template[i % len(template)], id=i, ts=now) for i in range(sent, sent + due)])
+                chunk = [template[i % len(template)] for i in range(sent, sent + due)]
+                for i, r in enumerate(chunk, sent):  # reused dicts: send_many packs them before it returns
+                    r["id"], r["ts"] = i, now
+                prod.send_many(chunk)
                 sent += due
             else:
                 time.sleep(STEP)  # pacing: the next records are not due yet

@@ -22,7 +22,7 @@ from .. import protocol as p
 from ..batching import Batch, Batcher, Sent, Window
 from ..config import ProducerSettings, check_topic
 from ..errors import Closed, DeliveryTimeout, ProtocolError, SerializationError, ZfanError
-from .security import Handshakes, check_handshakes, secure_client
+from .security import Handshakes, HandshakeWatch, check_handshakes, secure_client
 from .service import Service
 from .transport import Backoff, connect, drain, socket, welcome_timing
 
@@ -57,7 +57,7 @@ class Producer(Service):
         self._window = Window()
         self._outstanding = 0  # handed off and not yet acked (under _acked)
         self._topics: set[str] = set()
-        self._push_watch = None  # set by the I/O thread: the intake socket's handshakes
+        self._push_watch: HandshakeWatch | None = None  # set by the I/O thread: intake's handshakes
         self._handshakes = Handshakes()
         self._beat = self._expiry = 0.0  # the sink's heartbeat timing, from its welcome (I/O thread)
         self._closed = False
@@ -194,7 +194,7 @@ class Producer(Service):
     def _serve(self) -> None:
         s = self.settings
         push = socket(self._ctx, zmq.PUSH)
-        self._push_watch = secure_client(push, s.curve, s.intake, self._handshakes)
+        self._push_watch = watch = secure_client(push, s.curve, s.intake, self._handshakes)
         try:
             connect(push, s.intake, "intake endpoint")
             self._ready.set()
@@ -204,7 +204,7 @@ class Producer(Service):
                     backoff.reset()
                 self._stopping.wait(backoff.next())
         finally:
-            self._push_watch.close()
+            watch.close()
             push.close(linger=0)
 
     def _session(self, push: zmq.Socket) -> bool:
