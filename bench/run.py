@@ -100,13 +100,13 @@ class Bench:
         for share in LOADS:
             rate = top * share
             say(f"latency at {rate:,.0f} records/s ({share:.0%} of zfan's rate):")
-            lat = self.res["latency"][f"{share:.0%}"] = latency.measure(rate, seconds=2.0 if self.quick else 10.0)
+            lat = self.res["latency"][f"{share:.0%}"] = latency.measure(rate, seconds=1.5 if self.quick else 10.0)
             say(f"  p50 {lat.get('p50_ms')} ms, p99 {lat.get('p99_ms')} ms, max {lat.get('max_ms')} ms "
                 f"(lost {lat['lost']}, duplicated {lat['duplicated']})")
 
     def recovery(self) -> None:
         say("recovery:")
-        args = argparse.Namespace(quick=self.quick, runs=2 if self.quick else 5, restarts=2 if self.quick else 3,
+        args = argparse.Namespace(quick=self.quick, runs=1 if self.quick else 5, restarts=1 if self.quick else 3,
                                   batches=10_000 if self.quick else 100_000)
         try:
             self.res["recovery"] = recovery.run(args)
@@ -114,7 +114,7 @@ class Bench:
             recovery.reap(recovery.Proc.started)
 
     def memory(self) -> None:
-        seconds = 5.0 if self.quick else 30.0
+        seconds = 3.0 if self.quick else 30.0
         say(f"sink memory under a slow subscriber ({seconds:g} s):")
         mem = self.res["memory"] = memory.measure(seconds)
         say(f"  from {mem['start_mb']} MB to a peak of {mem['peak_mb']} MB; first half {mem['peak_first_half_mb']} "
