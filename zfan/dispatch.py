@@ -32,7 +32,8 @@ STATELESS = frozenset({p.HELLO, p.STATUS, p.REPLAY, p.HEADS, p.GET_CURSOR, p.COM
 PRUNE_EVERY = 1.0  # seconds between retention passes
 LOG_EVERY = 10.0  # seconds between two log lines about one peer's refused messages
 # Writes that nothing sent waits for (leases, publish marks, cursors) are committed with the
-# next ack or publish, or within this many seconds: a commit per turn was most of the sink's time.
+# next ack or publish, or within this many seconds, so that a turn that only leased pays for no
+# commit: commits are most of the sink's time.
 COMMIT_WITHIN = 0.05
 RECORDS_IN_FLIGHT = 4000  # records leased to one worker beyond which it gets no third batch
 
@@ -252,8 +253,8 @@ class SinkCore:
         if self._to_publish:
             out.publish.extend(self._publish_frames(s) for s in self._to_publish)
             self.stats["published"] += len(self._to_publish)
-            # Committed with the next turn: a crash before then publishes these again with the
-            # same per-topic seq, and subscribers discard what they have seen.
+            # Committed with a later turn (COMMIT_WITHIN): a crash before then publishes these
+            # again with the same per-topic seq, and subscribers discard what they have seen.
             self.ledger.mark_published(self._to_publish[-1].id)
             self._to_publish = []
         return out
