@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.recovery import endpoints  # noqa: E402
-from bench.throughput import WAIT, Count  # noqa: E402
+from bench.throughput import WAIT, Count, join_or_kill  # noqa: E402
 from zfan import Producer, Sink, Subscriber  # noqa: E402
 from zfan.apps import readings  # noqa: E402
 
@@ -90,13 +90,9 @@ def measure(rate: float, seconds: float = 5.0, batch_size: int = 1000, linger_ms
                 lat.extend(now - r["ts"] for r in msg.records if r["ts"] - t0 >= WARMUP)
             gaps = sub.gaps
     finally:
-        prod.join(WAIT)
+        join_or_kill([prod])
         stop.set()
-        for pr in (prod, sink):
-            pr.join(WAIT)
-            if pr.is_alive():
-                pr.kill()
-                pr.join()
+        join_or_kill([sink])
         shutil.rmtree(tmp, ignore_errors=True)
     lat.sort()
     res = count.result(seconds, gaps)

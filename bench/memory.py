@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.recovery import Proc, endpoints, reap  # noqa: E402
+from bench.throughput import join_or_kill  # noqa: E402
 from zfan import Producer, Subscriber, ZfanError, query_status  # noqa: E402
 from zfan.apps import readings  # noqa: E402
 
@@ -89,11 +90,7 @@ def measure(seconds: float = 30.0) -> dict[str, Any]:
         info = query_status(ends["control"])
     finally:
         stop.set()
-        for pr in (prod, sub):
-            pr.join(30)
-            if pr.is_alive():
-                pr.kill()
-                pr.join()
+        join_or_kill([prod, sub], 30)
         reap([sink])
         shutil.rmtree(tmp, ignore_errors=True)
     first = [mb for t, mb in samples if t < seconds / 2]

@@ -59,7 +59,7 @@ except ImportError:  # unavailable() says so; the module still imports for the c
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.app import double  # noqa: E402
-from zfan.apps import readings  # noqa: E402
+from bench.throughput import make_batches  # noqa: E402
 
 WINDOW_RECORDS = 2000  # records in flight per hop: enough to hide the confirm latency (disk syncs)
 WINDOW_MIN, WINDOW_MAX = 8, 500  # messages: measured best at batches of 1 to 10 000
@@ -465,8 +465,7 @@ def main() -> None:
     reason = unavailable()
     if reason:
         raise SystemExit(f"RabbitMQ: skipped ({reason})")
-    records = list(readings(args.records, sensors=16))
-    batches = [records[i:i + args.batch_size] for i in range(0, len(records), args.batch_size)]
+    batches = make_batches(args.records, args.batch_size)
     t = time.monotonic()
     with Broker() as broker:
         started = time.monotonic() - t

@@ -38,6 +38,15 @@ from zfan.apps import readings  # noqa: E402
 WAIT = 30.0  # seconds without a single result before a run is called stuck
 
 
+def join_or_kill(procs: Iterable[Any], timeout: float = WAIT) -> None:
+    """Wait for each process to end; kill the ones that do not in time. Every one is reaped."""
+    for pr in procs:
+        pr.join(timeout)
+        if pr.is_alive():
+            pr.kill()
+            pr.join()
+
+
 def make_batches(n: int, batch_size: int) -> list[list[dict]]:
     records = list(readings(n, sensors=16))
     return [records[i:i + batch_size] for i in range(0, n, batch_size)]
@@ -153,11 +162,7 @@ def run_raw(batches: list[list[dict]], workers: int = 1) -> dict[str, Any]:
         done.set()
         sub.close(linger=0)
         ctx.term()
-        for pr in procs:
-            pr.join(5)
-            if pr.is_alive():
-                pr.kill()
-                pr.join()
+        join_or_kill(procs, 5)
         shutil.rmtree(tmp, ignore_errors=True)
     return count.result(elapsed)
 
@@ -187,10 +192,7 @@ def _start_api(ends: dict[str, str], folder: str, workers: int) -> Callable[[], 
 
     def end() -> None:
         stop.set()
-        sink.join(WAIT)
-        if sink.is_alive():
-            sink.kill()
-            sink.join()
+        join_or_kill([sink])
     return end
 
 
@@ -226,10 +228,7 @@ def run_zfan(batches: list[list[dict]], workers: int = 1, *, cli: bool = False) 
             elapsed = time.perf_counter() - start
             gaps = sub.gaps
     finally:
-        prod.join(WAIT)
-        if prod.is_alive():
-            prod.kill()
-            prod.join()
+        join_or_kill([prod])
         end()
         shutil.rmtree(tmp, ignore_errors=True)
     return count.result(elapsed, gaps)

@@ -115,14 +115,19 @@ def rejected(sink, client, ctx, reason: str) -> int:
     return query_status(sink.control, curve=client("node1"), context=ctx)["rejected"].get(reason, 0)
 
 
+def handshake_error(sink, curve, ctx, what: str) -> BaseException | None:
+    """Start a producer with these keys; once its handshake has ended it, what it ended with."""
+    prod = Producer(intake=sink.intake, control=sink.control, curve=curve, context=ctx).start()
+    try:
+        wait_for(lambda: not prod.running, timeout=5, what=what)
+        return prod.error
+    finally:
+        prod.close(timeout=0.1)
+
+
 def test_a_key_added_to_the_folder_is_let_in_at_once(sink, keys, tmp_path, ctx):
     _, client, folder = keys
-    refused = Producer(intake=sink.intake, control=sink.control, curve=client("intruder"), context=ctx).start()
-    try:
-        wait_for(lambda: not refused.running, timeout=5, what="the unknown key refused")
-        assert isinstance(refused.error, AuthError)
-    finally:
-        refused.close(timeout=0.1)
+    assert isinstance(handshake_error(sink, client("intruder"), ctx, "the unknown key refused"), AuthError)
     # Added right after a refusal: the folder has changed, so it is read again for this knock.
     shutil.copy(folder / "intruder.key", tmp_path / "allowed")
     with Producer(intake=sink.intake, control=sink.control, curve=client("intruder"), context=ctx) as prod:
@@ -148,12 +153,8 @@ def test_a_key_removed_from_the_folder_is_refused_on_the_connections_it_holds(si
         info = query_status(sink.control, curve=client("node1"), context=ctx)
         assert info["records_in"] == 100
         # ... and a new connection with it is refused at the handshake.
-        again = Producer(intake=sink.intake, control=sink.control, curve=client("node2"), context=ctx).start()
-        try:
-            wait_for(lambda: not again.running, timeout=5, what="the removed key refused a new connection")
-            assert isinstance(again.error, AuthError)
-        finally:
-            again.close(timeout=0.1)
+        assert isinstance(handshake_error(sink, client("node2"), ctx, "the removed key refused a new connection"),
+                          AuthError)
 
 
 def test_a_producer_id_stays_with_its_key_across_a_sink_restart(keys, ipc, tmp_path, ctx):

@@ -219,8 +219,9 @@ def array_header(n: int) -> bytes:
     return b"\xdd" + n.to_bytes(4, "big")
 
 
-def join_records(packed: list[bytes]) -> bytes:
-    return array_header(len(packed)) + b"".join(packed)
+def join_records(pieces: list[bytes], count: int | None = None) -> bytes:
+    """A payload from packed records; `count` when a piece holds more than one record."""
+    return array_header(len(pieces) if count is None else count) + b"".join(pieces)
 
 
 def encode_records(records: list[Any]) -> bytes:

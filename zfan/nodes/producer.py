@@ -183,8 +183,7 @@ class Producer(Service):
         with self._lock:
             self._seq += 1
             header = p.encode(p.BATCH, self.settings.producer_id, self._seq, topic, batch.count)
-            payload = p.array_header(batch.count) + b"".join(batch.pieces)
-            self._handoff.append(Sent(self._seq, batch.count, [header, payload], 0.0))
+            self._handoff.append(Sent(self._seq, batch.count, [header, p.join_records(batch.pieces, batch.count)], 0.0))
         with self._acked:
             self._outstanding += 1
         self._wakeup.set()
