@@ -1,7 +1,7 @@
 """Every benchmark in one run: zfan beside the raw pyzmq limit and the RabbitMQ design.
 
     python bench/run.py                    # the full run: about 10 minutes on 2 cores
-    python bench/run.py --quick            # a smoke test: under a minute
+    python bench/run.py --quick            # a smoke test: under a minute (RabbitMQ at one batch size only)
     python bench/run.py --update-readme    # and put the table and chart into README.md
 
 What runs, all on this machine and in this one run, so that the ratios are fair:
@@ -77,9 +77,9 @@ class Bench:
             out["zfan 2 workers"] = self.measure("zfan, 2 workers", lambda: run_zfan(batches, 2))
             out["zfan cli"] = self.measure("zfan CLI processes, 1 worker", lambda: run_zfan(batches, 1, cli=True),
                                            runs=1)
-        if broker is not None:
+        if broker is not None and (headline or not self.quick):  # a smoke test: RabbitMQ once
             out["rabbitmq"] = self.measure("RabbitMQ design, 1 processor", lambda: rabbit.run(batches, broker.url, 1))
-            if headline:
+            if headline and not self.quick:
                 out["rabbitmq 2 processors"] = self.measure("RabbitMQ design, 2 processors",
                                                             lambda: rabbit.run(batches, broker.url, 2))
         return out
