@@ -14,6 +14,7 @@ from ..config import SinkSettings, connect_address
 from ..dispatch import SinkCore
 from ..errors import ConfigError
 from ..ledger import Ledger
+from ..lock import LedgerLock
 from .local import LocalWorkers
 from .security import make_server, start_authenticator
 from .service import Service
@@ -48,18 +49,21 @@ class Sink(Service):
     def _serve(self) -> None:
         s = self.settings
         auth, allow = start_authenticator(self._ctx, s.curve) if s.curve is not None else (None, None)
+        # The ledger is this sink's alone before anything in it is read or written, and its
+        # endpoints are bound before recovery changes it: a sink refused either way leaves a
+        # running one untouched.
+        lock = LedgerLock(s.ledger) if s.ledger != ":memory:" else None
         try:
+            if lock is not None:
+                lock.acquire()
             ledger = Ledger(s.ledger, fsync=s.fsync)
         except BaseException:
+            if lock is not None:
+                lock.release()
             self._stop_auth(auth)
             raise
         pull = router = xpub = None
         try:
-            core = SinkCore(ledger, limits=s.limits, timing=s.timing, max_attempts=s.max_attempts,
-                            batch_timeout=s.batch_timeout, cache_bytes=s.cache_bytes,
-                            retain_count=s.retain_count, retain_age=s.retain_age,
-                            key_allowed=allow.allows if allow is not None else None)
-            self.epoch = core.epoch
             pull = socket(self._ctx, zmq.PULL, max_frame=s.limits.max_frame)
             router = socket(self._ctx, zmq.ROUTER, max_frame=s.limits.max_frame)
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -73,6 +77,11 @@ class Sink(Service):
             self.intake = connect_address(bind(pull, s.intake, "intake endpoint"))
             self.control = connect_address(bind(router, s.control, "control endpoint"))
             self.results = connect_address(bind(xpub, s.results, "results endpoint"))
+            core = SinkCore(ledger, limits=s.limits, timing=s.timing, max_attempts=s.max_attempts,
+                            batch_timeout=s.batch_timeout, cache_bytes=s.cache_bytes,
+                            retain_count=s.retain_count, retain_age=s.retain_age,
+                            key_allowed=allow.allows if allow is not None else None)
+            self.epoch = core.epoch
             workers, app, credit = self._local
             if workers:
                 self._workers = LocalWorkers(workers, control=self.control, app=app or "", credit=credit,
@@ -80,7 +89,7 @@ class Sink(Service):
             if core.recovered:
                 log.info("recovered %d leased batch(es) from the ledger", core.recovered)
             self._ready.set()
-            self._loop(core, pull, router, xpub)
+            self._loop(core, pull, router, xpub, lock)
         finally:
             for sock in (pull, router, xpub):
                 if sock is not None:
@@ -88,6 +97,8 @@ class Sink(Service):
             if self._workers is not None:
                 self._workers.stop()
             ledger.close()
+            if lock is not None:
+                lock.release()
             self._stop_auth(auth)
 
     def _stop_auth(self, auth: Any) -> None:
@@ -96,7 +107,8 @@ class Sink(Service):
         if self._own_ctx:
             self._ctx.term()
 
-    def _loop(self, core: SinkCore, pull: zmq.Socket, router: zmq.Socket, xpub: zmq.Socket) -> None:
+    def _loop(self, core: SinkCore, pull: zmq.Socket, router: zmq.Socket, xpub: zmq.Socket,
+              lock: LedgerLock | None) -> None:
         curve = self.settings.curve is not None
         poller = zmq.Poller()
         for sock in (pull, router, xpub):
@@ -118,6 +130,8 @@ class Sink(Service):
             self._send(core, router, xpub)
             if self._workers is not None:
                 self._workers.check()
+            if lock is not None:
+                lock.renew()
         self._send(core, router, xpub)  # acks for what the last turn committed
         core.ledger.commit()  # and what it left uncommitted
 
