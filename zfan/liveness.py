@@ -36,12 +36,31 @@ class Tracker:
         """When the quietest peer will have been silent too long (None with no peers)."""
         return min(self._last.values()) + self.expiry if self._last else None
 
-    def expired(self, now: float) -> list[Hashable]:
-        """Peers silent past the expiry, forgotten as they are returned."""
-        dead = [p for p, t in self._last.items() if now - t > self.expiry]
-        for p in dead:
+    def expired(self, now: float) -> list[tuple[Hashable, float]]:
+        """(peer, when last heard) of the peers silent past the expiry, forgotten as they are
+        returned."""
+        dead = [(p, t) for p, t in self._last.items() if now - t > self.expiry]
+        for p, _ in dead:
             del self._last[p]
         return dead
+
+
+class LastHeard:
+    """When anyone but a given source was last heard from: the sink's evidence that its own
+    link worked while one peer was silent. Keeps the two latest distinct sources, which is
+    enough to answer for any one of them."""
+
+    def __init__(self) -> None:
+        self._latest: tuple[Hashable, float] = (None, float("-inf"))
+        self._other: tuple[Hashable, float] = (None, float("-inf"))  # latest of any other source
+
+    def heard(self, source: Hashable, now: float) -> None:
+        if self._latest[0] != source:
+            self._other = self._latest
+        self._latest = (source, now)
+
+    def latest_except(self, source: Hashable) -> float:
+        return self._latest[1] if self._latest[0] != source else self._other[1]
 
 
 class Beat:

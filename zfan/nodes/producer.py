@@ -192,19 +192,38 @@ class Producer(Service):
     # --- the I/O thread --------------------------------------------------------------------
     def _serve(self) -> None:
         s = self.settings
-        push = socket(self._ctx, zmq.PUSH)
-        self._push_watch = watch = secure_client(push, s.curve, s.intake, self._handshakes)
+        push = self._open_push()
         try:
-            connect(push, s.intake, "intake endpoint")
             self._ready.set()
             backoff = Backoff(s.timing.heartbeat)
             while not self._stopping.is_set():
                 if self._session(push):
                     backoff.reset()
-                self._stopping.wait(backoff.next())
+                if self._stopping.wait(backoff.next()):
+                    break
+                # A session ends when the sink went silent: the intake connection may be just as
+                # dead, its batches stuck behind TCP's backed-off retransmits long after the
+                # network heals. A new one costs nothing: the next welcome resends what is unacked.
+                self._close_push(push)
+                push = self._open_push()
         finally:
-            watch.close()
-            push.close(linger=0)
+            self._close_push(push)
+
+    def _open_push(self) -> zmq.Socket:
+        s = self.settings
+        push = socket(self._ctx, zmq.PUSH)
+        self._push_watch = secure_client(push, s.curve, s.intake, self._handshakes)
+        try:
+            connect(push, s.intake, "intake endpoint")
+        except BaseException:
+            self._close_push(push)
+            raise
+        return push
+
+    def _close_push(self, push: zmq.Socket) -> None:
+        if self._push_watch is not None:
+            self._push_watch.close()
+        push.close(linger=0)
 
     def _session(self, push: zmq.Socket) -> bool:
         """One control connection, until the sink goes silent or we stop. True if welcomed."""

@@ -16,11 +16,33 @@ from ..errors import BindError, ConfigError
 # Messages taken from one socket per turn of a loop: enough to amortise a commit, few enough
 # that one busy socket cannot starve the others.
 DRAIN = 1000
+# ZeroMQ's own heartbeats on every connecting socket (milliseconds). A TCP connection left
+# half-open by a network cut otherwise lingers with its data stuck behind TCP's backed-off
+# retransmit timer (tens of seconds): with these, a socket that hears nothing for
+# HEARTBEAT_TIMEOUT drops the connection and dials again, and the sink drops a client it has
+# not heard for HEARTBEAT_TTL. They do not replace zfan's own heartbeats, which also catch a
+# hung process whose ZeroMQ thread still answers pings.
+HEARTBEAT_IVL = 1000
+HEARTBEAT_TIMEOUT = 5000
+HEARTBEAT_TTL = 10_000
+CONNECT_TIMEOUT = 2000  # a dial into a cut network gives up and retries, rather than wait out TCP's SYN retries
+CLIENTS = frozenset({zmq.DEALER, zmq.PUSH, zmq.SUB})
 
 
 def socket(ctx: zmq.Context, kind: int, *, hwm: int | None = None, max_frame: int | None = None) -> zmq.Socket:
     s = ctx.socket(kind)
     s.setsockopt(zmq.LINGER, 0)
+    if kind in CLIENTS:
+        s.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL)
+        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT)
+        s.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL)
+        s.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT)
+    else:
+        # Peers that speak no ZeroMQ heartbeats (other clients) still vanish in the end.
+        s.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        s.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
+        s.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
+        s.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
     if max_frame is not None:
         s.setsockopt(zmq.MAXMSGSIZE, max_frame)
     if hwm is not None:
@@ -88,7 +110,7 @@ class Backoff:
     """Waits between reconnects: from `first`, doubling up to `cap`, with jitter so that many
     peers of a restarted sink do not all come back at once; reset once a session got going."""
 
-    def __init__(self, first: float, cap: float = 4.0) -> None:
+    def __init__(self, first: float, cap: float = 2.0) -> None:
         self.first, self.cap = first, cap
         self._next = first
 
