@@ -35,11 +35,12 @@ class Role:
     """
 
     def __init__(self, *args: str, stdin: Any = subprocess.DEVNULL, env: dict[str, str] | None = None,
-                 cwd: str | None = None) -> None:
+                 cwd: str | None = None, prefix: tuple[str, ...] = ()) -> None:
         self.args = args
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         # A process group of its own, so that kill() also reaches whatever it started.
-        self.proc = subprocess.Popen([sys.executable, "-m", "zfan", *args], stdin=stdin,
+        # `prefix` runs it through another command first (`ip netns exec NS`, which execs it).
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "zfan", *args], stdin=stdin,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=full_env, cwd=cwd or ROOT, start_new_session=True)
         self.out: list[str] = []

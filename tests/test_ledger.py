@@ -9,8 +9,8 @@ from contextlib import closing
 
 import pytest
 
-from zfan.errors import LedgerError
-from zfan.ledger import DEAD, DONE, LEASED, PENDING, Ledger, Pending
+from zfan.errors import LedgerError, LedgerFull
+from zfan.ledger import DEAD, DONE, LEASED, PENDING, Ledger, Pending, _failed
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -277,3 +277,83 @@ def test_a_producer_ids_key_is_kept_as_long_as_its_batches(ledger):
     ledger.prune(keep=None, max_age=None, now=0.0, keep_batches=3)
     ledger.commit()
     assert ledger.producer_keys() == {"new": "key-of-new"}, "with its batches forgotten, so is its key"
+
+
+# --- SQLite's errors: one LedgerError each, and a full disk loses nothing committed ----------
+
+def fill_up(ledger: Ledger, per_commit: int = 4) -> tuple[list[int], LedgerError]:
+    """Store 3 KB batches, committing every `per_commit`, until the ledger refuses one (it is
+    capped a few dozen pages above its size, as a full disk would). Returns the committed seqs."""
+    pages = ledger._db.execute("PRAGMA page_count").fetchone()[0]
+    ledger._db.execute(f"PRAGMA max_page_count={pages + 40}")
+    committed: list[int] = []
+    for seq in range(1, 1000):
+        try:
+            ledger.insert_batch("prod", seq, "t", 1, os.urandom(3000))
+            if seq % per_commit == 0:
+                ledger.commit()
+                committed = list(range(1, seq + 1))
+        except LedgerError as exc:
+            return committed, exc
+    raise AssertionError("the capped ledger never filled up")
+
+
+def test_a_full_disk_is_one_clear_error_and_loses_nothing_committed(tmp_path):
+    path = str(tmp_path / "l.db")
+    led = Ledger(path)
+    committed, error = fill_up(led)
+    assert committed, "some turns were committed before the disk filled"
+    assert isinstance(error, LedgerFull)
+    assert str(error) == f"ledger {path}: disk full; nothing acknowledged is lost (free space and start the sink again)"
+    led.commit()  # SQLite rolled the failed transaction back itself: nothing is left to commit
+    led.close()  # and nothing to roll back: no "cannot rollback - no transaction is active"
+    led.close()  # twice is harmless
+    assert peek(path, "PRAGMA integrity_check") == [("ok",)]
+    assert [seq for (seq,) in peek(path, "SELECT seq FROM batches ORDER BY seq")] == committed
+    led = Ledger(path)
+    try:
+        assert len(led.pending()) == len(committed)
+    finally:
+        led.close()
+
+
+def test_close_after_a_write_refused_for_space_is_clean_and_the_ledger_works_on(ledger):
+    committed, _ = fill_up(ledger, per_commit=1)
+    ledger._db.execute("PRAGMA max_page_count=1000000")  # space is back
+    bid = ledger.insert_batch("prod", 5000, "t", 1, b"after")
+    ledger.commit()
+    assert [p.batch_id for p in ledger.pending()][-1] == bid
+    assert len(ledger.pending()) == len(committed) + 1
+    assert ledger.integrity_check() == "ok"
+
+
+def test_a_constraint_error_is_a_ledger_error_and_leaves_the_turn_usable(ledger):
+    a = ledger.insert_batch("prod", 1, "t", 1, b"a")
+    ledger.store_results(a, [("out", 1, 1, b"r1")])
+    b = ledger.insert_batch("prod", 2, "t", 1, b"b")
+    with pytest.raises(LedgerError) as info:
+        ledger.store_results(b, [("out", 1, 1, b"r1 again")])  # (topic, seq) is taken
+    assert not isinstance(info.value, LedgerFull)
+    assert str(info.value) == (f"ledger {ledger.path}: write failed "
+                               "(UNIQUE constraint failed: results.topic, results.seq)")
+    ledger.commit()  # only the refused statement was undone
+    assert peek(ledger.path, "SELECT topic, seq, payload FROM results") == [("out", 1, b"r1")]
+
+
+def test_a_read_error_is_a_ledger_error(ledger):
+    with closing(sqlite3.connect(ledger.path)) as db:
+        db.execute("DROP TABLE topics")
+    with pytest.raises(LedgerError) as info:
+        ledger.topic_seqs()
+    assert str(info.value) == f"ledger {ledger.path}: read failed (no such table: topics)"
+    ledger.close()
+    ledger.close()
+
+
+@pytest.mark.parametrize("message, full", [
+    ("database or disk is full", True),  # Python 3.10: no error code, only the text
+    ("disk I/O error", False),
+])
+def test_a_full_disk_is_known_by_its_text_where_there_is_no_error_code(message, full):
+    exc = sqlite3.OperationalError(message)  # made by hand: it carries no sqlite_errorcode
+    assert isinstance(_failed("z.db", "commit", exc), LedgerFull) is full

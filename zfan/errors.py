@@ -26,6 +26,16 @@ class LedgerError(ZfanError):
     """The ledger file cannot be opened, written or trusted."""
 
 
+class LedgerFull(LedgerError):
+    """The disk under the ledger is full: nothing more can be committed until space is freed."""
+
+    def __init__(self, ledger: str) -> None:
+        # Acks follow commits, so what was acknowledged is in the ledger; the rest is resent.
+        super().__init__(f"ledger {ledger}: disk full; nothing acknowledged is lost "
+                         "(free space and start the sink again)")
+        self.ledger = ledger
+
+
 class AppError(ZfanError):
     """The user's processing function cannot be imported or called."""
 

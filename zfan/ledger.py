@@ -9,10 +9,9 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from .errors import LedgerError
+from .errors import LedgerError, LedgerFull
 
 PENDING, LEASED, DONE, DEAD = 0, 1, 2, 3
 # Stamped in the SQLite header of every ledger ("zfan"), so that no other database is taken over.
@@ -20,6 +19,7 @@ APPLICATION_ID = 0x7A66616E
 # Finished batches remembered for deduplication, whatever the results' retention.
 KEEP_BATCHES = 1_000_000
 STATE_NAMES = {PENDING: "pending", LEASED: "leased", DONE: "done", DEAD: "dead"}
+SQLITE_FULL = 13  # the primary result code; sqlite3.SQLITE_FULL exists only from Python 3.11
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -96,47 +96,61 @@ class Ledger:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if fsync == 'full' else 'NORMAL'}")
             self._db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
+            # What an earlier run left in the WAL goes into the file now: after a full disk, the
+            # next write may fit in the WAL's slack, so only this shows that the disk is still full.
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
             self._db.close()
-            raise _refuse(path, str(exc)) from None
+            raise _failed(path, "open", exc) from None
         except LedgerError:
             self._db.close()
             raise
-        self._in_txn = False
 
     # --- transaction -----------------------------------------------------------------------
-    def _write(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
-        if not self._in_txn:
-            self._db.execute("BEGIN")
-            self._in_txn = True
+    # Every statement goes through _read, _write, commit or close, and every SQLite error
+    # becomes a LedgerError there, through _failed.
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise _failed(self.path, "read", exc) from None
+
+    def _write(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        try:
+            # The connection's own state, not a flag of ours: SQLite rolls the whole transaction
+            # back by itself on some errors (a full disk), and a flag would go on believing it open.
+            if not self._db.in_transaction:
+                self._db.execute("BEGIN")
             return self._db.execute(sql, args)
-        except sqlite3.OperationalError as exc:
-            raise LedgerError(f"ledger {self.path}: write failed ({exc})") from None
+        except sqlite3.Error as exc:
+            raise _failed(self.path, "write", exc) from None
 
     @property
     def uncommitted(self) -> bool:
-        return self._in_txn
+        return self._db.in_transaction
 
     def commit(self) -> None:
-        if self._in_txn:
+        if self._db.in_transaction:
             try:
                 self._db.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                raise LedgerError(f"ledger {self.path}: commit failed ({exc})") from None
-            self._in_txn = False
+            except sqlite3.Error as exc:
+                raise _failed(self.path, "commit", exc) from None
 
     def close(self) -> None:
-        if self._in_txn:
-            self._db.execute("ROLLBACK")
-            self._in_txn = False
+        """Roll back what is not committed, and close. Raises nothing: it also runs on the way
+        out of a failure (a commit that found the disk full), and must not hide it."""
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # closing the connection rolls back all the same
         self._db.close()
 
     # --- startup ---------------------------------------------------------------------------
     def next_epoch(self) -> int:
         """A number larger than any earlier start of a sink on this ledger."""
-        row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
-        epoch = (row[0] if row else 0) + 1
+        rows = self._read("SELECT value FROM meta WHERE key='epoch'")
+        epoch = (rows[0][0] if rows else 0) + 1
         self._write("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (epoch,))
         self.commit()
         return epoch
@@ -150,19 +164,18 @@ class Ledger:
         return n
 
     def pending(self) -> list[Pending]:
-        rows = self._db.execute(
-            "SELECT id, topic, count, attempts FROM batches WHERE state=? ORDER BY id", (PENDING,))
+        rows = self._read("SELECT id, topic, count, attempts FROM batches WHERE state=? ORDER BY id", (PENDING,))
         return [Pending(*r) for r in rows]
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(STATE_NAMES.values(), 0)
-        for state, n in self._db.execute("SELECT state, count(*) FROM batches GROUP BY state"):
+        for state, n in self._read("SELECT state, count(*) FROM batches GROUP BY state"):
             counts[STATE_NAMES[state]] = n
         return counts
 
     def topic_seqs(self) -> dict[str, int]:
-        heads = dict(self._db.execute("SELECT topic, seq FROM topics"))
-        for topic, seq in self._db.execute("SELECT topic, max(seq) FROM results GROUP BY topic"):
+        heads = dict(self._read("SELECT topic, seq FROM topics"))
+        for topic, seq in self._read("SELECT topic, max(seq) FROM results GROUP BY topic"):
             heads[topic] = max(seq, heads.get(topic, 0))
         return heads
 
@@ -172,14 +185,14 @@ class Ledger:
                         "ON CONFLICT (topic) DO UPDATE SET seq=max(seq, excluded.seq)", (topic, seq))
 
     def published_upto(self) -> int:
-        row = self._db.execute("SELECT value FROM meta WHERE key='published'").fetchone()
-        return row[0] if row else 0
+        rows = self._read("SELECT value FROM meta WHERE key='published'")
+        return int(rows[0][0]) if rows else 0
 
-    def results_after(self, result_id: int) -> Iterator[Stored]:
-        rows = self._db.execute(
+    def results_after(self, result_id: int) -> list[Stored]:
+        rows = self._read(
             "SELECT id, batch_id, topic, seq, count, kind, payload FROM results WHERE id > ? ORDER BY id",
             (result_id,))
-        return (Stored(*r) for r in rows)
+        return [Stored(*r) for r in rows]
 
     # --- the life of a batch ---------------------------------------------------------------
     def insert_batch(self, producer: str, seq: int, topic: str, count: int, payload: bytes) -> int | None:
@@ -190,20 +203,20 @@ class Ledger:
         return cur.lastrowid if cur.rowcount else None
 
     def payload(self, batch_id: int) -> bytes:
-        row = self._db.execute("SELECT payload FROM batches WHERE id=?", (batch_id,)).fetchone()
-        if row is None or row[0] is None:
+        rows = self._read("SELECT payload FROM batches WHERE id=?", (batch_id,))
+        if not rows or rows[0][0] is None:
             raise LedgerError(f"ledger {self.path}: batch {batch_id} has no payload")
-        return bytes(row[0])
+        return bytes(rows[0][0])
 
     def lease(self, batch_id: int, attempt: int) -> None:
         # Only fixed-size fields change, so SQLite rewrites the row in place and leaves the
         # payload's overflow pages alone (a worker's name here cost a copy of every payload).
         self._write("UPDATE batches SET state=?, attempts=? WHERE id=?", (LEASED, attempt, batch_id))
 
-    def release(self, batch_id: int, error: str | None = None) -> None:
-        """Back to pending, keeping the attempt count (and the last error, if any)."""
-        self._write("UPDATE batches SET state=?, error=coalesce(?, error) WHERE id=?",
-                    (PENDING, error, batch_id))
+    def release(self, batch_id: int, error: str | None = None, *, attempts: int | None = None) -> None:
+        """Back to pending, keeping the attempt count unless given (and the last error, if any)."""
+        self._write("UPDATE batches SET state=?, error=coalesce(?, error), attempts=coalesce(?, attempts) WHERE id=?",
+                    (PENDING, error, attempts, batch_id))
 
     def store_results(self, batch_id: int, rows: list[tuple[str, int, int, bytes]]) -> list[Stored]:
         """Store a batch's results (topic, seq, count, payload) and mark the batch done."""
@@ -219,8 +232,7 @@ class Ledger:
 
     def dead_letter(self, batch_id: int, topic: str, seq: int, error: str) -> Stored:
         """Move a batch to the dead-letter state and store the message that announces it."""
-        producer_topic, count, payload = self._db.execute(
-            "SELECT topic, count, payload FROM batches WHERE id=?", (batch_id,)).fetchone()
+        _, count, payload = self._read("SELECT topic, count, payload FROM batches WHERE id=?", (batch_id,))[0]
         self._write("UPDATE batches SET state=?, error=? WHERE id=?", (DEAD, error, batch_id))
         rid = self._write(
             "INSERT INTO results (batch_id, topic, seq, count, kind, payload, created) VALUES (?,?,?,?,1,?,?)",
@@ -230,24 +242,30 @@ class Ledger:
 
     def batch_info(self, batch_id: int) -> tuple[str, int, int, str | None]:
         """(topic, record count, attempts, last error) of a batch."""
-        row = self._db.execute(
-            "SELECT topic, count, attempts, error FROM batches WHERE id=?", (batch_id,)).fetchone()
-        if row is None:
+        rows = self._read("SELECT topic, count, attempts, error FROM batches WHERE id=?", (batch_id,))
+        if not rows:
             raise LedgerError(f"ledger {self.path}: no batch {batch_id}")
-        return row
+        topic, count, attempts, error = rows[0]
+        return topic, count, attempts, error
 
     def mark_published(self, result_id: int) -> None:
         self._write("INSERT OR REPLACE INTO meta (key, value) VALUES ('published', ?)", (result_id,))
 
     # --- for subscribers --------------------------------------------------------------------
     def results_range(self, topic: str, first: int, last: int, limit: int) -> list[Stored]:
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT id, batch_id, topic, seq, count, kind, payload FROM results "
             "WHERE topic=? AND seq BETWEEN ? AND ? ORDER BY seq LIMIT ?", (topic, first, last, limit))
         return [Stored(*r) for r in rows]
 
     def cursor(self, name: str) -> dict[str, int]:
-        return dict(self._db.execute("SELECT topic, seq FROM cursors WHERE name=?", (name,)))
+        return dict(self._read("SELECT topic, seq FROM cursors WHERE name=?", (name,)))
+
+    def cursor_page(self, name: str, after_topic: str, limit: int) -> list[tuple[str, int]]:
+        """Up to `limit` positions of a durable name, of the topics after `after_topic`, in topic order."""
+        return [(topic, seq) for topic, seq in self._read(
+            "SELECT topic, seq FROM cursors WHERE name=? AND topic > ? ORDER BY topic LIMIT ?",
+            (name, after_topic, limit))]
 
     def save_cursor(self, name: str, positions: dict[str, int]) -> None:
         for topic, seq in positions.items():
@@ -255,7 +273,7 @@ class Ledger:
                         "ON CONFLICT (name, topic) DO UPDATE SET seq=max(seq, excluded.seq)", (name, topic, seq))
 
     def producer_keys(self) -> dict[str, str]:
-        return dict(self._db.execute("SELECT producer, key FROM producer_keys"))
+        return dict(self._read("SELECT producer, key FROM producer_keys"))
 
     def bind_key(self, producer: str, key: str) -> None:
         self._write("INSERT OR IGNORE INTO producer_keys (producer, key) VALUES (?,?)", (producer, key))
@@ -284,7 +302,23 @@ class Ledger:
         return dropped, batches
 
     def integrity_check(self) -> str:
-        return self._db.execute("PRAGMA integrity_check").fetchone()[0]
+        return str(self._read("PRAGMA integrity_check")[0][0])
+
+
+def _failed(path: str, doing: str, exc: sqlite3.Error) -> LedgerError:
+    """The one line a person reads for an SQLite error met while `doing` something."""
+    if _disk_full(exc):
+        return LedgerFull(path)
+    if doing == "open" and not isinstance(exc, sqlite3.OperationalError):
+        return _refuse(path, str(exc))  # not a database, or a corrupt one
+    return LedgerError(f"ledger {path}: {doing} failed ({exc})")
+
+
+def _disk_full(exc: sqlite3.Error) -> bool:
+    code: int | None = getattr(exc, "sqlite_errorcode", None)  # from Python 3.11
+    if code is not None:
+        return code & 0xFF == SQLITE_FULL  # extended codes keep the primary one in the low byte
+    return "database or disk is full" in str(exc)
 
 
 def _refuse(path: str, why: str) -> LedgerError:

@@ -13,6 +13,7 @@ Two guards, because one is not enough everywhere:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -21,7 +22,7 @@ import time
 import uuid
 from typing import Any
 
-from .errors import LedgerError
+from .errors import LedgerError, LedgerFull
 
 RENEW_EVERY = 2.0  # seconds between two stamps of the lock file
 STALE_AFTER = 15.0  # a stamp older than this, from another host, is a dead sink's
@@ -45,6 +46,8 @@ class LedgerLock:
             folder = os.path.dirname(os.path.abspath(self.ledger))
             raise LedgerError(f"ledger {self.ledger}: folder {folder} does not exist") from None
         except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise LedgerFull(self.ledger) from None
             raise LedgerError(f"ledger {self.ledger} is not writable (cannot create {self.path}: "
                               f"{exc.strerror}): choose a path you can write with --ledger") from None
         locked = True
@@ -95,6 +98,8 @@ class LedgerLock:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, data, 0)
         except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise LedgerFull(self.ledger) from None
             raise LedgerError(f"ledger {self.ledger}: cannot write its lock file {self.path} "
                               f"({exc.strerror})") from None
 

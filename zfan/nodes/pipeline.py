@@ -23,7 +23,7 @@ from itertools import islice
 import zmq
 
 from ..apps import readings
-from ..errors import ZfanError
+from ..errors import LedgerError, ZfanError
 from .local import stop_processes
 from .producer import Producer
 from .status import query_status
@@ -96,8 +96,15 @@ def run(*, seconds: float | None = 5.0, records: int | None = None, producers: i
                  *(f"--{k}={v}" for k, v in ends.items())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file)
         _wait_for_workers(sink, ends["control"], workers, log_path, ctx)
-        return _stream(ends, ctx, seconds=seconds, records=records, producers=producers, sensors=sensors,
-                       batch_size=batch_size, workers=workers, settle=settle, progress=progress)
+        try:
+            report = _stream(ends, ctx, seconds=seconds, records=records, producers=producers, sensors=sensors,
+                             batch_size=batch_size, workers=workers, settle=settle, progress=progress,
+                             sink_alive=lambda: sink is not None and sink.poll() is None)
+        except ZfanError as exc:
+            raise _sink_stopped(sink, log_path) or exc from None
+        if (stopped := _sink_stopped(sink, log_path)) is not None:
+            raise stopped
+        return report
     finally:
         if sink is not None:
             stop_processes([sink], timeout=10)
@@ -109,15 +116,27 @@ def _wait_for_workers(sink: subprocess.Popen, control: str, workers: int, log_pa
                       ctx: zmq.Context, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if sink.poll() is not None:
-            with open(log_path) as f:
-                raise ZfanError(f"the sink exited early: {f.read().strip()}")
+        if (stopped := _sink_stopped(sink, log_path)) is not None:
+            raise stopped
         try:
             if len(query_status(control, timeout=0.5, context=ctx)["workers"]) >= workers:
                 return
         except ZfanError:
             pass
     raise ZfanError(f"the sink and its {workers} workers did not come up within {timeout:g} s")
+
+
+def _sink_stopped(sink: subprocess.Popen[bytes], log_path: str) -> ZfanError | None:
+    """Why the sink stopped, if it has: a ledger's error (a full disk) as a LedgerError, so that
+    `zfan up` exits as `zfan sink` did."""
+    code = sink.poll()
+    if code is None:
+        return None
+    with open(log_path) as f:
+        said = f.read().strip()
+    if code == 5:  # the sink's exit code for a ledger it cannot use
+        return LedgerError(said.rsplit(": error: ", 1)[-1])
+    return ZfanError(f"the sink exited early: {said}")
 
 
 class _Fleet:
@@ -168,17 +187,17 @@ class _Fleet:
     def per_sensor(self) -> Counter[str]:
         return sum(self.sent, Counter())
 
-    def close(self) -> None:
+    def close(self, timeout: float = 1.0) -> None:
         for prod in self.prods:
             try:
-                prod.close(timeout=1)
+                prod.close(timeout=timeout)
             except ZfanError as exc:
                 self.errors.append(exc)
 
 
 def _stream(ends: dict[str, str], ctx: zmq.Context, *, seconds: float | None, records: int | None,
             producers: int, sensors: int, batch_size: int, workers: int, settle: float,
-            progress: Callable[[Progress], None] | None) -> Report:
+            progress: Callable[[Progress], None] | None, sink_alive: Callable[[], bool]) -> Report:
     tally = _Tally()
     stop_sub = threading.Event()
     sub = Subscriber(results=ends["results"], control=ends["control"], topics=("sensor.",), context=ctx)
@@ -196,7 +215,7 @@ def _stream(ends: dict[str, str], ctx: zmq.Context, *, seconds: float | None, re
         if progress is not None:
             progress(Progress(time.monotonic() - start, fleet.records_sent, fleet.records_acked, tally.delivered))
 
-    while fleet.alive():
+    while fleet.alive() and sink_alive():
         if seconds is not None and time.monotonic() - start >= seconds:
             fleet.stopping.set()
         report_progress()
@@ -204,14 +223,14 @@ def _stream(ends: dict[str, str], ctx: zmq.Context, *, seconds: float | None, re
     expected = fleet.per_sensor()
     total = sum(expected.values())
     deadline = time.monotonic() + settle
-    while tally.delivered < total and time.monotonic() < deadline:
+    while tally.delivered < total and time.monotonic() < deadline and sink_alive():
         report_progress()
         with tally.lock:
             tally.lock.wait_for(lambda: tally.delivered >= total, timeout=0.2)
     report_progress()
     stop_sub.set()
     sub_thread.join(5)
-    fleet.close()
+    fleet.close(timeout=1.0 if sink_alive() else 0.0)  # no sink, no ack to wait for
     if fleet.errors:
         err = fleet.errors[0]
         raise err if isinstance(err, ZfanError) else ZfanError(f"a producer failed: {err!r}")
