@@ -26,6 +26,7 @@ from .errors import LedgerError, LedgerFull
 
 RENEW_EVERY = 2.0  # seconds between two stamps of the lock file
 STALE_AFTER = 15.0  # a stamp older than this, from another host, is a dead sink's
+STAMP_BYTES = 512  # the lock file's size while held (a host name is at most 255 bytes)
 
 
 class LedgerLock:
@@ -95,8 +96,9 @@ class LedgerLock:
         data = json.dumps({"host": self.host, "pid": os.getpid(), "token": self.token,
                            "stamp": self._renewed}).encode()
         try:
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, data, 0)
+            # Always the same size, written in place: renewing needs no new disk block, so a
+            # full disk cannot stop a sink whose ledger still has room.
+            os.pwrite(self._fd, data.ljust(STAMP_BYTES), 0)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise LedgerFull(self.ledger) from None
