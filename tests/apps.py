@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 
@@ -26,4 +27,11 @@ def poison(records):
     """Fails on one particular record, every time."""
     if any(r["id"] == 1234 for r in records):
         raise ValueError("record 1234 is poison")
+    return [r["id"] for r in records]
+
+
+def crash(records):
+    """Kills the worker process on one particular record, every time: a segfault, in effect."""
+    if any(r["id"] == 1234 for r in records):
+        os._exit(1)
     return [r["id"] for r in records]

@@ -3,6 +3,7 @@ subscriber exactly once, in order. Real processes, real signals, ipc:// endpoint
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -215,3 +216,22 @@ def test_a_poison_batch_is_dead_lettered_and_the_rest_delivered(tmp_path, ipc, r
     verdict = check([i for i in range(prod.total) if not 1200 <= i < 1300], ids, seqs)
     assert verdict.ok, verdict
     assert status(ipc, ctx)["dead"] == 1
+
+
+def test_a_batch_that_kills_every_worker_it_reaches_is_dead_lettered(tmp_path, ipc, roles, ctx):
+    """Each death costs the batch an attempt (the other worker, restarted or not, and the
+    subscriber are still heard): after three, it is dead-lettered and the rest flows."""
+    sink = roles("sink", "--workers", "2", "--app", "tests.apps:crash", "--ledger", str(tmp_path / "z.db"),
+                 *endpoint_args(ipc, "intake", "control", "results"))
+    sink.wait_ready()
+    sub = roles("subscribe", *endpoint_args(ipc, "results", "control"))
+    sub.wait_ready()
+    prod = PacedProducer(ipc, ctx, batches=50, batch_size=100, pace=0)
+    prod.finish()
+    wait_for(lambda: len(delivered(sub)[0]) >= prod.total, timeout=45, what="every record, one batch dead")
+    dead = [m for m in map(json.loads, sub.out) if m["topic"] == "zfan.dead"]
+    assert len(dead) == 1 and dead[0]["attempts"] == 3, dead
+    assert dead[0]["error"].startswith("worker local-"), dead[0]["error"]  # died on it: silent or unreachable
+    ids, seqs = from_json_lines(x for x in sub.out if '"zfan.dead"' not in x)
+    verdict = check([i for i in range(prod.total) if not 1200 <= i < 1300], ids, seqs)
+    assert verdict.ok, verdict

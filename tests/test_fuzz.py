@@ -47,7 +47,8 @@ INT_EDGES = [-(1 << 63), -(1 << 31), -2, -1, 0, 1, 2, 127, 128, 255, 256, 65535,
              1 << 31, (1 << 32) - 1, 1 << 32, 10_000_000, 10_000_001, MAX_INT - 1, MAX_INT, 1 << 63, (1 << 64) - 1]
 FLOATS = [0.0, -0.0, 1.0, -1.5, 1e308, -1e308, 5e-324, math.inf, -math.inf, math.nan]
 SINK_TO_PEER = [p.WELCOME, p.ACK, p.LEASE, p.RESET, p.PUBLISH, p.DEAD, p.SYNC, p.MISSING, p.TOPICS, p.CURSOR]
-SAMPLE = {"str": "x", "int": 7, "list[str]": ["a"], "list[int]": [1], "list[prefix]": [""], "map": {"k": 1}}
+SAMPLE = {"str": "x", "int": 7, "list[str]": ["a"], "list[int]": [1], "list[prefix]": [""], "map": {"k": 1},
+          "bool": False}
 
 
 class SinkDied(AssertionError):
@@ -280,9 +281,10 @@ class Fuzz:
             first = rng.choice([0, 1, 5, MAX_INT])
             return [topic, first, rng.choice([first, first + 10, MAX_INT, 0])], []
         if mtype == p.HEADS:
-            return [rng.choice([[""], ["fz."], [], [REAL], ["a"] * rng.randrange(50)])], []
+            after = rng.choice([0, 1, MAX_INT, rng.randrange(1 << 63)])
+            return [rng.choice([[""], ["fz."], [], [REAL], ["a"] * rng.randrange(50)]), after], []
         if mtype == p.GET_CURSOR:
-            return [f"fz-c{rng.randrange(100)}"], []
+            return [f"fz-c{rng.randrange(100)}", rng.choice(["", "fz.c1", "\U0010ffff"])], []
         if mtype == p.COMMIT:
             n = rng.choice([0, 1, 3, 20])
             m = n if rng.random() < 0.5 else n + rng.choice([-1, 1])  # mismatched lengths
@@ -365,13 +367,13 @@ def catalog() -> list[tuple[str, list[bytes]]]:
         ("hello with a bad role", [e(p.HELLO, "admin", "fz-w", 1)]),
         ("commit with mismatched lists", [e(p.COMMIT, "fz-c", ["a", "b"], [1])]),
         ("commit of 10 001 topics", [e(p.COMMIT, "fz-c", ["t"] * 10_001, [1] * 10_001)]),
-        ("heads of 10 001 prefixes", [e(p.HEADS, [""] * 10_001)]),
+        ("heads of 10 001 prefixes", [e(p.HEADS, [""] * 10_001, 0)]),
         ("result never leased", [e(p.RESULT, 1, 10**12, 1, ["fz.r"], [1]), b"\x91\x01"]),
         ("result with too few payloads", [e(p.RESULT, 1, 10**12, 1, ["fz.r", "fz.s"], [1, 1]), b"\x91\x01"]),
         ("result on a reserved topic", [e(p.RESULT, 1, 10**12, 1, ["zfan.dead"], [1]), b"\x91\x01"]),
         ("failed never leased", [e(p.FAILED, 1, 10**12, 9, "boom")]),
         ("replay of everything", [e(p.REPLAY, REAL, 0, MAX_INT)]),
-        ("topics sent to the sink", [e(p.TOPICS, ["a"], [1])]),
+        ("topics sent to the sink", [e(p.TOPICS, 0, ["a"], [1], 1, False)]),
         ("missing sent to the sink", [e(p.MISSING, "a", 1, 2, "x")]),
     ]
     # Counts past the record limit (refused), and at it (well formed: taken, and summed in the status).
@@ -572,7 +574,7 @@ def control_attacker(ctx: zmq.Context, control: str, epoch: int, seed: int, budg
             if kind == "worker":
                 sock.send(p.encode(p.BYE))  # its leases, if it got any, are replayed at once
             token = f"end-{uuid.uuid4().hex}"
-            sock.send(p.encode(p.GET_CURSOR, token))
+            sock.send(p.encode(p.GET_CURSOR, token, ""))
             recv_until(sock, lambda f, t=token: is_cursor(f, t), 20, attack)
         finally:
             sock.close(linger=0)
@@ -1031,7 +1033,7 @@ def valid_value(kind: str, name: str) -> st.SearchStrategy[Any]:
     topic = st.text(min_size=1, max_size=60)
     return {"int": ints, "str": topic, "list[int]": st.lists(ints, max_size=5),
             "list[str]": st.lists(topic, max_size=5), "list[prefix]": st.lists(st.text(max_size=20), max_size=5),
-            "map": st.dictionaries(st.text(max_size=5), st.integers(0, 9), max_size=3)}[kind]
+            "map": st.dictionaries(st.text(max_size=5), st.integers(0, 9), max_size=3), "bool": st.booleans()}[kind]
 
 
 @st.composite
@@ -1085,6 +1087,8 @@ def conforms(kind: str, value: Any, name: str) -> bool:
         return type(value) is list and len(value) <= 10_000 and all(text(v, 255, False) for v in value)
     if kind == "list[prefix]":
         return type(value) is list and len(value) <= 10_000 and all(text(v, 255, True) for v in value)
+    if kind == "bool":
+        return type(value) is bool
     return type(value) is dict and plain(value)
 
 

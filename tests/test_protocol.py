@@ -12,7 +12,7 @@ from zfan.errors import ProtocolError, SerializationError
 pytestmark = pytest.mark.timeout(30)
 
 SAMPLE = {"str": "x", "int": 7, "list[str]": ["a", "b"], "list[int]": [1, 2], "list[prefix]": ["", "a."],
-          "map": {"k": 1}}
+          "map": {"k": 1}, "bool": True}
 
 
 def sample_fields(mtype: str) -> list:

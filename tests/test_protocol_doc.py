@@ -528,3 +528,68 @@ def test_rejected_messages_are_dropped_and_counted_without_reply(sink, make, ipc
     peer.send(header("status"))
     frames = wait_for(lambda: peer.poll(50) and peer.recv_multipart(), what="the status reply")
     assert parse(frames[0])[0] == "status"
+
+
+def ask(sock: zmq.Socket, *request: Any) -> tuple[str, list[Any]]:
+    """One request on a subscriber's control DEALER (section 5.4) and its one answer."""
+    sock.send(header(*request))
+    assert sock.poll(10_000), f"no answer to {request[0]}"
+    return parse(sock.recv_multipart()[0])
+
+
+def heads_sweep(sock: zmq.Socket, prefixes: list[str], after: int) -> tuple[dict[str, int], int, int]:
+    """Pages of `topics` from `after` until one says no more (sections 5.4, 9.5): the heads,
+    the position of the next poll, and the pages read."""
+    heads: dict[str, int] = {}
+    pages = 0
+    more = True
+    while more:
+        mtype, (echoed, topics, seqs, upto, more) = ask(sock, "heads", prefixes, after)
+        assert mtype == "topics" and echoed == after and len(topics) == len(seqs)
+        heads.update(zip(topics, seqs, strict=True))
+        after, pages = upto, pages + 1
+    return heads, after, pages
+
+
+def cursor_pages(sock: zmq.Socket, name: str) -> list[list[tuple[str, int]]]:
+    pages: list[list[tuple[str, int]]] = []
+    after, more = "", True
+    while more:
+        mtype, (echoed_name, echoed, topics, seqs, more) = ask(sock, "get_cursor", name, after)
+        assert (mtype, echoed_name, echoed) == ("cursor", name, after)
+        pages.append(list(zip(topics, seqs, strict=True)))
+        if more:
+            after = topics[-1]
+    return pages
+
+
+@pytest.mark.timeout(60)
+def test_heads_and_a_cursor_of_more_topics_than_one_answer_holds_come_in_pages(sink, make, ipc):
+    n = 12_000  # more than the 10 000 topics one answer may list
+
+    def own_topic(topic: str, records: list[Any]) -> dict[str, list[Any]]:
+        return {f"many.{r['n']:05d}": [r] for r in records}
+
+    worker = HandWorker(make, ipc["control"], "hand-worker", 2, own_topic)
+    producer = HandProducer(make, ipc, "many-producer")
+    loop = Loop(worker, producer)
+    loop.until(lambda: worker.welcomed and producer.welcomed, what="both welcomes")
+    producer.send(1, "numbers", [{"n": i} for i in range(n // 2)])
+    producer.send(2, "numbers", [{"n": i} for i in range(n // 2, n)])
+    loop.until(lambda: query_status(make, ipc["control"]).get("published") == n, what="every result published")
+
+    sock = make(zmq.DEALER)
+    sock.connect(ipc["control"])  # no hello needed (5.4)
+    topics = [f"many.{i:05d}" for i in range(n)]
+    heads, upto, pages = heads_sweep(sock, ["many."], 0)
+    assert heads == dict.fromkeys(topics, 1) and pages == 2
+    assert heads_sweep(sock, ["many."], upto) == ({}, upto, 1), "a poll lists only what changed since"
+    assert heads_sweep(sock, ["nothing."], 0)[0] == {}
+
+    positions = [(t, 1) for t in topics]
+    for part in (positions[:n // 2], positions[n // 2:]):
+        sock.send(header("commit", "doc-durable", [t for t, _ in part], [s for _, s in part]))
+    assert cursor_pages(sock, "nobody") == [[]], "nothing stored: a first run"
+    pages_read = loop.until(lambda: (c := cursor_pages(sock, "doc-durable")) and len(c) > 1 and c,
+                            what="the committed positions")
+    assert [pair for page in pages_read for pair in page] == positions

@@ -19,8 +19,9 @@ from typing import Any
 from . import protocol as p
 from .config import Limits, Timing
 from .errors import ProtocolError
+from .heads import HeadLog
 from .ledger import Ledger, Pending, Stored
-from .liveness import Beat, Tracker
+from .liveness import Beat, LastHeard, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ LOG_EVERY = 10.0  # seconds between two log lines about one peer's refused messa
 # commit: commits are most of the sink's time.
 COMMIT_WITHIN = 0.05
 RECORDS_IN_FLIGHT = 4000  # records leased to one worker beyond which it gets no third batch
+# A silent worker's batches cost an attempt only if another peer was heard this many heartbeat
+# intervals after the worker's last message: proof that the sink's own link still worked when
+# the worker missed its beat (see _silence_costs_an_attempt).
+WITNESS_AFTER = 1.25
 
 
 def _peer_name(peer: bytes | str) -> str:
@@ -51,13 +56,14 @@ class WorkerState:
     # sink has since revoked (timed out): the worker's credit returns only when it answers.
     held: dict[tuple[int, int], int] = field(default_factory=dict)
     records: int = 0  # records in the batches held
+    alone: tuple[int, int] | None = None  # a suspect lease it runs with nothing beside it
 
     @property
     def free(self) -> int:
         """Leases it may take now: up to its credit, but beyond two only while it holds fewer
         than RECORDS_IN_FLIGHT records. Small batches need many in flight to hide the round
         trip; big ones only fill the worker's memory and delay a replay."""
-        if len(self.held) >= 2 and self.records >= RECORDS_IN_FLIGHT:
+        if self.alone is not None or (len(self.held) >= 2 and self.records >= RECORDS_IN_FLIGHT):
             return 0
         return self.credit - len(self.held)
 
@@ -67,6 +73,8 @@ class WorkerState:
 
     def release(self, key: tuple[int, int]) -> None:
         self.records -= self.held.pop(key, 0)
+        if key == self.alone:
+            self.alone = None
 
 
 @dataclass
@@ -111,9 +119,11 @@ class SinkCore:
         self.producers: dict[str, bytes] = {}
         self.roles: dict[bytes, str] = {}
         self.peers = Tracker(timing.expiry)
+        self.heard = LastHeard()  # anyone at all, intake included
         self.beat = Beat(timing.heartbeat, clock())
         self.topic_seq: dict[str, int] = ledger.topic_seqs()
         self._heads_changed: set[str] = set()
+        self._head_log = HeadLog(self.epoch, self.topic_seq)  # what changed when, for paged heads
         self._keys = ledger.producer_keys()  # producer id -> the CURVE key it is bound to
         self._key: str | None = None  # the key of the control message being handled
         self._logged: dict[bytes | str, float] = {}  # peer -> when its last refusal was logged
@@ -151,6 +161,7 @@ class SinkCore:
         except ProtocolError as exc:
             self._reject(exc, key or "intake")
             return
+        self.heard.heard("intake", self.clock())
         payload = frames[1]
         batch_id = self.ledger.insert_batch(producer_id, seq, topic, count, payload)
         if batch_id is None:
@@ -177,8 +188,10 @@ class SinkCore:
         except ProtocolError as exc:
             self._reject(exc, rid)
             return
+        now = self.clock()
+        self.heard.heard(rid, now)
         if rid in self.roles:
-            self.peers.seen(rid, self.clock())
+            self.peers.seen(rid, now)
         elif mtype not in STATELESS:
             # A peer this sink does not know (it was declared dead, or the sink restarted).
             if mtype in (p.RESULT, p.FAILED):
@@ -198,12 +211,12 @@ class SinkCore:
     def unreachable(self, rid: bytes) -> None:
         """A send to this peer failed (ROUTER_MANDATORY): treat it as gone now."""
         self.peers.forget(rid)
-        self._drop_peer(rid, "unreachable")
+        self._drop_peer(rid, "unreachable", fault=True)
 
     def tick(self) -> None:
         now = self.clock()
-        for rid in self.peers.expired(now):
-            self._drop_peer(rid, "silent")  # type: ignore[arg-type]
+        for rid, last in self.peers.expired(now):
+            self._drop_peer(rid, "silent", fault=self._silence_costs_an_attempt(rid, last))  # type: ignore[arg-type]
         for batch_id in [b for b, lease in self.leases.items() if lease.deadline <= now]:
             lease = self.leases.pop(batch_id)
             # The worker keeps the batch in `held` (its credit stays used) until it answers.
@@ -270,7 +283,7 @@ class SinkCore:
             due.append(min(lease.deadline for lease in self.leases.values()))
         if self._dirty_since is not None:
             due.append(self._dirty_since + COMMIT_WITHIN)
-        if self.pending and any(w.free > 0 for w in self.workers.values()):
+        if self.pending and any(w.free > 0 and self._fresh(w, now) for w in self.workers.values()):
             return 0.0  # batches went back to pending after this turn's leasing (a send failed)
         return max(0.0, min(due) - now)
 
@@ -382,16 +395,17 @@ class SinkCore:
             self.stats["results replayed"] += len(rows)
 
     def _heads(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
-        prefixes = tuple(fields[0])
-        heads = [(t, s) for t, s in self.topic_seq.items() if t.startswith(prefixes)]
-        heads = heads[:p.pairs_that_fit(heads)]
-        self._send(rid, p.encode(p.TOPICS, [t for t, _ in heads], [s for _, s in heads]))
+        prefixes, after = fields
+        heads, upto, more = self._head_log.page(after, tuple(prefixes), self.topic_seq)
+        self._send(rid, p.encode(p.TOPICS, after, [t for t, _ in heads], [s for _, s in heads], upto, more))
 
     def _get_cursor(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
-        name = fields[0]
-        cursor = list(self.ledger.cursor(name).items())
-        cursor = cursor[:p.pairs_that_fit(cursor)]
-        self._send(rid, p.encode(p.CURSOR, name, [t for t, _ in cursor], [s for _, s in cursor]))
+        name, after_topic = fields
+        # One row beyond a page tells whether another page follows.
+        rows = self.ledger.cursor_page(name, after_topic, p.MAX_TOPICS + 1)
+        page = rows[:p.pairs_that_fit(rows)]
+        self._send(rid, p.encode(p.CURSOR, name, after_topic, [t for t, _ in page], [s for _, s in page],
+                                 len(page) < len(rows)))
 
     def _commit(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
         name, topics, seqs = fields
@@ -405,11 +419,18 @@ class SinkCore:
         if not self.pending or not self.workers:
             return
         now = self.clock()
-        workers = list(self.workers.values())
-        while self.pending:
-            worker = max(workers, key=lambda w: w.free)
-            if worker.free <= 0:
-                break
+        workers = [w for w in self.workers.values() if self._fresh(w, now)]
+        while workers and self.pending:
+            if self.pending[0].suspect:
+                # Alone on an idle worker, so that if it kills that worker too, it is the one to pay.
+                worker = next((w for w in workers if not w.held), None)
+                if worker is None:
+                    break  # suspects are the oldest work: the rest waits behind them
+                worker.alone = (self.pending[0].batch_id, self.pending[0].attempts + 1)
+            else:
+                worker = max(workers, key=lambda w: w.free)
+                if worker.free <= 0:
+                    break
             batch = self.pending.popleft()
             attempt = batch.attempts + 1
             payload = self._cache.pop(batch.batch_id, None)
@@ -425,10 +446,20 @@ class SinkCore:
             self._out.to_peers.append((worker.rid, [
                 p.encode(p.LEASE, self.epoch, batch.batch_id, attempt, batch.topic, batch.count), payload]))
 
-    def _lease_ended(self, batch_id: int, attempt: int, error: str) -> None:
-        """A lease ended without a result: replay the batch, or dead-letter it at max attempts."""
+    def _lease_ended(self, batch_id: int, attempt: int, error: str, *, charge: bool = True,
+                     suspect: bool = False) -> None:
+        """A lease ended without a result: replay the batch, or dead-letter it at max attempts.
+        A lease that ended through no fault of the batch (`charge` false) gives its attempt back;
+        one that may have been its fault (`suspect`) is replayed alone to find out."""
         topic, count, _, _ = self.ledger.batch_info(batch_id)
-        if attempt >= self.max_attempts:
+        if not charge:
+            attempt -= 1
+            self.ledger.release(batch_id, error, attempts=attempt)
+            self.pending.appendleft(Pending(batch_id, topic, count, attempt, suspect))
+            self.counts["pending"] += 1
+            self.stats["replays"] += 1
+            self.stats["replays not charged"] += 1
+        elif attempt >= self.max_attempts:
             seq = self._next_seq(p.DEAD_TOPIC)
             self._to_publish.append(self.ledger.dead_letter(batch_id, p.DEAD_TOPIC, seq, error))
             self.counts["dead"] += 1
@@ -441,28 +472,53 @@ class SinkCore:
             self.counts["pending"] += 1
             self.stats["replays"] += 1
 
-    def _drop_peer(self, rid: bytes, why: str) -> None:
+    def _silence_costs_an_attempt(self, rid: bytes, last: float) -> bool:
+        """Whether a worker silent since `last` failed, rather than the sink's own link. If
+        another peer was heard after the worker missed its beat, the sink was connected: the
+        worker (or what its batch did to it) failed. If every peer fell silent together, the
+        sink was cut off, and its workers' batches owe nothing. A worker that was the sink's
+        only peer pays: nothing says the sink was cut off."""
+        other = self.heard.latest_except(rid)
+        if other > last + WITNESS_AFTER * self.timing.heartbeat:
+            return True
+        return other < last - self.timing.expiry
+
+    def _fresh(self, worker: WorkerState, now: float) -> bool:
+        """Heard from within a heartbeat interval: a silent worker, perhaps cut off with the
+        sink's own link, is given nothing new to lose."""
+        return worker.rid in self.peers and self.peers.idle(worker.rid, now) <= self.timing.heartbeat
+
+    def _drop_peer(self, rid: bytes, why: str, *, fault: bool = False) -> None:
+        """Forget a peer; a worker's leases go back to pending. With `fault` (it died or vanished,
+        perhaps because of a batch it ran), a batch pays an attempt only where it is the one
+        that can have done it: the worker held no other. When it held several, the one it was
+        running cannot be told (its results may have died unsent with it), so none pays yet:
+        each is run again alone, and pays if it kills that worker too."""
         role = self.roles.pop(rid, None)
         worker = self.workers.pop(rid, None)
         if role == "producer":
             self.producers = {k: v for k, v in self.producers.items() if v != rid}
         if worker is None:
             return
-        (log.warning if worker.held else log.info)(
-            "worker %s gone (%s); replaying %d batch(es)", worker.name, why, len(worker.held))
+        live = [(b, a) for b, a in worker.held
+                if (lease := self.leases.get(b)) is not None and lease.rid == rid and lease.attempt == a]
+        cut = why == "silent" and not fault
+        (log.warning if live else log.info)(
+            "worker %s gone (%s); replaying %d batch(es)%s", worker.name, why, len(live),
+            " at no cost of an attempt: every peer fell silent at once, the sink's own link failed" if cut else "")
         # Newest first, since each goes to the front of the queue: they end up oldest first.
-        for batch_id, attempt in sorted(worker.held, reverse=True):
-            lease = self.leases.get(batch_id)
-            if lease is not None and lease.rid == rid and lease.attempt == attempt:
-                del self.leases[batch_id]
-                self.counts["leased"] -= 1
-                self._lease_ended(batch_id, attempt, f"worker {worker.name} {why} (attempt {attempt})")
+        for batch_id, attempt in sorted(live, reverse=True):
+            del self.leases[batch_id]
+            self.counts["leased"] -= 1
+            self._lease_ended(batch_id, attempt, f"worker {worker.name} {why} (attempt {attempt})",
+                              charge=fault and len(live) == 1, suspect=fault and len(live) > 1)
 
     # --- helpers ---------------------------------------------------------------------------
     def _next_seq(self, topic: str) -> int:
         seq = self.topic_seq.get(topic, 0) + 1
         self.topic_seq[topic] = seq
         self._heads_changed.add(topic)
+        self._head_log.changed(topic)
         return seq
 
     def _send(self, rid: bytes, *frames: bytes) -> None:

@@ -69,6 +69,9 @@ class Pending(NamedTuple):
     topic: str
     count: int
     attempts: int
+    # Held by a worker that died holding several: one of them may have killed it, so it is run
+    # alone until it answers (see SinkCore._drop_peer).
+    suspect: bool = False
 
 
 class Stored(NamedTuple):

@@ -61,7 +61,7 @@ MAX_RECORDS = 10_000_000  # records one batch or result may claim to hold
 # Integers are unsigned and below 2**63: SQLite stores signed 64-bit integers.
 MAX_INT = (1 << 63) - 1
 
-_STR, _INT, _STRS, _INTS, _MAP = "str", "int", "list[str]", "list[int]", "map"
+_STR, _INT, _STRS, _INTS, _MAP, _BOOL = "str", "int", "list[str]", "list[int]", "map", "bool"
 _PREFIXES = "list[prefix]"  # topic prefixes: strings that may be empty (the empty one matches all)
 
 # type -> the fields after [VERSION, type], in order.
@@ -83,14 +83,16 @@ SCHEMA: dict[str, tuple[tuple[str, str], ...]] = {
     SYNC: (("token", _STR),),
     REPLAY: (("topic", _STR), ("first", _INT), ("last", _INT)),
     MISSING: (("topic", _STR), ("first", _INT), ("last", _INT), ("reason", _STR)),
-    HEADS: (("prefixes", _PREFIXES),),
-    TOPICS: (("topics", _STRS), ("seqs", _INTS)),
-    GET_CURSOR: (("name", _STR),),
-    CURSOR: (("name", _STR), ("topics", _STRS), ("seqs", _INTS)),
+    # Heads and cursors come in pages: `after` is where a page starts, echoed in its answer so
+    # that a repeated request's answer is told apart; `more` says another page follows.
+    HEADS: (("prefixes", _PREFIXES), ("after", _INT)),
+    TOPICS: (("after", _INT), ("topics", _STRS), ("seqs", _INTS), ("upto", _INT), ("more", _BOOL)),
+    GET_CURSOR: (("name", _STR), ("after_topic", _STR)),
+    CURSOR: (("name", _STR), ("after_topic", _STR), ("topics", _STRS), ("seqs", _INTS), ("more", _BOOL)),
     COMMIT: (("name", _STR), ("topics", _STRS), ("seqs", _INTS)),
 }
 # Messages that carry parallel lists must have them of equal length.
-PARALLEL = {TOPICS: (0, 1), CURSOR: (1, 2), COMMIT: (1, 2)}
+PARALLEL = {TOPICS: (1, 2), CURSOR: (2, 3), COMMIT: (1, 2)}
 # The status reply reuses the STATUS type with one field, a map; requests have none.
 STATUS_REPLY_FIELDS = (("info", _MAP),)
 
@@ -171,6 +173,8 @@ def _check(mtype: str, name: str, kind: str, value: Any) -> None:
     elif kind == _STRS:
         ok = type(value) is list and len(value) <= MAX_TOPICS and all(
             type(v) is str and v and len(v.encode()) <= MAX_TOPIC for v in value)
+    elif kind == _BOOL:
+        ok = type(value) is bool
     elif kind == _PREFIXES:
         ok = type(value) is list and len(value) <= MAX_TOPICS and all(
             type(v) is str and len(v.encode()) <= MAX_TOPIC for v in value)

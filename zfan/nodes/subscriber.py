@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -32,7 +32,25 @@ RESULT_TYPES = frozenset({p.PUBLISH, p.DEAD})
 CONTROL_TYPES = frozenset({p.PUBLISH, p.DEAD, p.MISSING, p.TOPICS, p.CURSOR, p.RESET})
 SYNC_TOPIC = p.SYNC_PREFIX.encode()
 POLL_HEADS = 1.0  # seconds between asking the sink for its topics' latest seqs
+ASK_AGAIN = 1.0  # seconds after which a request whose answer has not come is sent again
 COMMIT_EVERY = 1.0  # seconds between saving a durable subscriber's position
+
+
+@dataclass
+class _Pages:
+    """A request the sink answers in pages (heads, a cursor): where the next page starts, and
+    whether a request is out."""
+
+    after: Any
+    asked: float | None = None  # when the request now out was sent
+    due: float = 0.0  # when to ask next, with no request out
+    done: bool = False  # the last page of the first pass is in
+    early: list[tuple[str, int]] = field(default_factory=list)  # what pages said before the start
+
+    def ready(self, now: float) -> bool:
+        if self.asked is None:
+            return now >= self.due
+        return now >= self.asked + ASK_AGAIN  # its answer got lost
 
 
 @dataclass(frozen=True)
@@ -93,12 +111,12 @@ class Subscriber:
                 self._poller.register(sock, zmq.POLLIN)
         self._seq: Sequencer[Message] = Sequencer(clock=time.monotonic, repair=s.control is not None)
         self.synced = False
-        self._started = s.control is None  # with a control channel: once heads (and cursor) are in
-        self._cursor_pending = s.durable is not None
+        # With a control channel it starts once every page of the heads (and of the cursor) is in.
+        self._started = s.control is None
+        self._heads = _Pages(after=0)  # after: the position the sink's last page gave
+        self._cursor = _Pages(after="", done=s.durable is None)  # after: the last topic read
         self._first_run = False  # a durable name the sink has no position for yet
         self._early: list[Message] = []
-        self._asked_start = 0.0
-        self._next_heads = 0.0
         self._next_commit = time.monotonic() + COMMIT_EVERY
         self._taken: dict[str, int] = {}  # last seq handed to the caller, per topic
         self._committed: dict[str, int] = {}
@@ -179,8 +197,10 @@ class Subscriber:
         """Save a durable subscriber's position at the sink now (it is also saved every second
         and on close)."""
         s = self.settings
+        if s.durable is None or self._ctl is None:
+            return
         changed = {t: q for t, q in self._taken.items() if self._committed.get(t) != q}
-        if s.durable is None or self._ctl is None or not changed:
+        if not changed:
             return
         items = list(changed.items())
         while items:
@@ -222,22 +242,27 @@ class Subscriber:
         if self._ctl is None or not self.synced:
             return
         now = time.monotonic()
-        s = self.settings
+        if not self._cursor.done and self._cursor.ready(now):
+            self._ask_cursor(now)
+        if self._heads.ready(now):  # the poll catches what was dropped at the end of a stream
+            self._ask_heads(now)
         if not self._started:
-            if now >= self._asked_start:  # ask again if the answer got lost
-                self._asked_start = now + POLL_HEADS
-                if self._cursor_pending and s.durable is not None:
-                    self._ctl.send(p.encode(p.GET_CURSOR, s.durable))
-                self._ctl.send(p.encode(p.HEADS, list(s.topics)))
             return
-        if now >= self._next_heads:  # catches what was dropped at the end of a stream
-            self._next_heads = now + POLL_HEADS
-            self._ctl.send(p.encode(p.HEADS, list(s.topics)))
         for topic, first, last in self._seq.requests():
             self._ctl.send(p.encode(p.REPLAY, topic, first, last))
         if now >= self._next_commit:
             self._next_commit = now + COMMIT_EVERY
             self.commit()
+
+    def _ask_heads(self, now: float) -> None:
+        assert self._ctl is not None
+        self._heads.asked = now
+        self._ctl.send(p.encode(p.HEADS, list(self.settings.topics), self._heads.after))
+
+    def _ask_cursor(self, now: float) -> None:
+        assert self._ctl is not None and self.settings.durable is not None
+        self._cursor.asked = now
+        self._ctl.send(p.encode(p.GET_CURSOR, self.settings.durable, self._cursor.after))
 
     def _from_stream(self, frames: list[bytes]) -> None:
         if frames[0] == self._token:
@@ -272,9 +297,11 @@ class Subscriber:
                 if len(frames) != 2:
                     raise ProtocolError("bad frame count", f"replayed result has {len(frames)} frames")
                 msg = self._message(frames[0], frames[1])
+                self._seq.answered()
                 if msg is not None and self._seq.offer(msg):
                     self.replayed += 1
             elif mtype == p.MISSING:
+                self._seq.answered()
                 topic, first = fields[0], fields[1]
                 # A durable subscriber's first run starts at the oldest result retained:
                 # what is older was never owed to it.
@@ -283,32 +310,70 @@ class Subscriber:
                 if not owed:  # saved with the position, so the next run does not ask again
                     self._taken[topic] = max(self._taken.get(topic, 0), fields[2])
             elif mtype == p.TOPICS:
-                self._heads(dict(zip(fields[0], fields[1], strict=True)))
+                self._topics_page(*fields)
             elif mtype == p.CURSOR and fields[0] == self.settings.durable:
-                self._first_run = not fields[1]
-                self._seq.start_at(dict(zip(fields[1], fields[2], strict=True)))
-                self._committed.update(self._seq.positions())
-                self._cursor_pending = False
+                self._cursor_page(*fields[1:])
         except ProtocolError as exc:
             self._reject(exc)
 
-    def _heads(self, heads: dict[str, int]) -> None:
-        if not self._started:
-            if self._cursor_pending:
-                return  # the cursor says where to start; ask for heads again once it is in
-            if self.settings.durable is None:
-                # A plain subscriber starts now: with what its stream brought since it
-                # subscribed, else after the head the sink reports.
-                start = dict(heads)
-                for msg in self._early:
-                    start[msg.topic] = min(start.get(msg.topic, msg.seq), msg.seq - 1)
-                self._seq.start_at(start)
-            self._started = True
+    def _topics_page(self, after: int, topics: list[str], seqs: list[int], upto: int, more: bool) -> None:
+        heads = list(zip(topics, seqs, strict=True))
+        if self._started:
+            for topic, seq in heads:
+                self._seq.head(topic, seq)
+        else:
+            self._heads.early += heads
+        pages = self._heads
+        if after != pages.after:
+            return  # a repeated request's answer: its heads count, its place was taken already
+        pages.after, pages.asked = upto, None
+        if more:
+            self._ask_heads(time.monotonic())
+        else:
+            pages.due = time.monotonic() + POLL_HEADS
+            pages.done = True
+            self._start()
+
+    def _cursor_page(self, after: str, topics: list[str], seqs: list[int], more: bool) -> None:
+        pages = self._cursor
+        if pages.done or after != pages.after:
+            return  # a repeated request's answer
+        if more and not topics:
+            raise ProtocolError("bad field", "a cursor page that says more follows holds no topic")
+        if not after:
+            self._first_run = not topics
+        positions = dict(zip(topics, seqs, strict=True))
+        self._seq.start_at(positions)
+        self._committed.update(positions)
+        pages.asked = None
+        if more:
+            pages.after = topics[-1]
+            self._ask_cursor(time.monotonic())
+        else:
+            pages.done = True
+            self._start()
+
+    def _start(self) -> None:
+        """Once every page of the heads (and of the cursor) is in: where each topic starts is known."""
+        if self._started or not (self._heads.done and self._cursor.done):
+            return
+        heads = self._heads.early
+        if self.settings.durable is None:
+            # A plain subscriber starts after the heads the sink reported first, or before the
+            # first result its stream brought since it subscribed, if that is earlier.
+            start: dict[str, int] = {}
+            for topic, seq in heads:
+                start.setdefault(topic, seq)
             for msg in self._early:
-                self._seq.offer(msg)
-            self._early.clear()
-        for topic, seq in heads.items():
+                start[msg.topic] = min(start.get(msg.topic, msg.seq), msg.seq - 1)
+            self._seq.start_at(start)
+        self._started = True
+        for topic, seq in heads:
             self._seq.head(topic, seq)
+        for msg in self._early:
+            self._seq.offer(msg)
+        self._early.clear()
+        self._heads.early = []
 
     def _message(self, header: bytes, payload: bytes) -> Message | None:
         """The result, or None if its header is sound but its records cannot be decoded: then
