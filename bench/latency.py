@@ -42,8 +42,7 @@ def _sink(ends: dict[str, str], ledger: str, ready: Any, stop: Any) -> None:
 
 def _producer(ends: dict[str, str], rate: float, n: int, batch_size: int, linger_ms: float, go: Any) -> None:
     template = list(readings(min(n, 100_000), sensors=16))
-    with Producer(intake=ends["intake"], control=ends["control"], batch_size=batch_size,
-                  linger_ms=linger_ms) as prod:
+    with Producer(intake=ends["intake"], control=ends["control"], batch_size=batch_size, linger_ms=linger_ms) as prod:
         go.wait()
         start = time.monotonic()
         sent = 0
@@ -96,10 +95,22 @@ def measure(rate: float, seconds: float = 5.0, batch_size: int = 1000, linger_ms
         shutil.rmtree(tmp, ignore_errors=True)
     lat.sort()
     res = count.result(seconds, gaps)
-    return {"rate": round(rate), "seconds": seconds, "batch_size": batch_size, "linger_ms": linger_ms,
-            "counted": len(lat), "lost": res["lost"], "duplicated": res["duplicated"],
-            "p50_ms": round(percentile(lat, 0.50) * 1000, 2), "p99_ms": round(percentile(lat, 0.99) * 1000, 2),
-            "max_ms": round(lat[-1] * 1000, 2)} if lat else {"rate": round(rate), "counted": 0, **res}
+    return (
+        {
+            "rate": round(rate),
+            "seconds": seconds,
+            "batch_size": batch_size,
+            "linger_ms": linger_ms,
+            "counted": len(lat),
+            "lost": res["lost"],
+            "duplicated": res["duplicated"],
+            "p50_ms": round(percentile(lat, 0.50) * 1000, 2),
+            "p99_ms": round(percentile(lat, 0.99) * 1000, 2),
+            "max_ms": round(lat[-1] * 1000, 2),
+        }
+        if lat
+        else {"rate": round(rate), "counted": 0, **res}
+    )
 
 
 def main() -> None:

@@ -70,8 +70,17 @@ def _slow_subscriber(ends: dict[str, str], ready: Any, stop: Any, taken: Any) ->
 def measure(seconds: float = 30.0) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="zfan-mem-")
     ends = endpoints(tmp)
-    sink = Proc("sink", "sink", "--ledger", os.path.join(tmp, "zfan.db"), "--workers", "1",
-                "--app", "bench.app:double", *(f"--{k}={v}" for k, v in ends.items()))
+    sink = Proc(
+        "sink",
+        "sink",
+        "--ledger",
+        os.path.join(tmp, "zfan.db"),
+        "--workers",
+        "1",
+        "--app",
+        "bench.app:double",
+        *(f"--{k}={v}" for k, v in ends.items()),
+    )
     stop, sub_ready = mp.Event(), mp.Event()
     taken = mp.Value("q", 0)
     sub = mp.Process(target=_slow_subscriber, args=(ends, sub_ready, stop, taken))
@@ -95,11 +104,17 @@ def measure(seconds: float = 30.0) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
     first = [mb for t, mb in samples if t < seconds / 2]
     second = [mb for t, mb in samples if t >= seconds / 2]
-    return {"seconds": seconds, "results_published": info.get("published", 0), "results_taken": taken.value,
-            "records_in": info.get("records_in", 0), "start_mb": round(samples[0][1], 1),
-            "peak_mb": round(max(mb for _, mb in samples), 1), "peak_first_half_mb": round(max(first), 1),
-            "peak_second_half_mb": round(max(second), 1),
-            "grew_in_second_half_mb": round(max(second) - max(first), 1)}
+    return {
+        "seconds": seconds,
+        "results_published": info.get("published", 0),
+        "results_taken": taken.value,
+        "records_in": info.get("records_in", 0),
+        "start_mb": round(samples[0][1], 1),
+        "peak_mb": round(max(mb for _, mb in samples), 1),
+        "peak_first_half_mb": round(max(first), 1),
+        "peak_second_half_mb": round(max(second), 1),
+        "grew_in_second_half_mb": round(max(second) - max(first), 1),
+    }
 
 
 def main() -> None:

@@ -84,6 +84,7 @@ def unavailable() -> str | None:
 
 # --- the broker ----------------------------------------------------------------------------
 
+
 def _free_ports(count: int) -> list[int]:
     socks = [socket.socket() for _ in range(count)]  # held open together, so the ports differ
     try:
@@ -132,24 +133,35 @@ class Broker:
             f.write("log.file.level = warning\nlog.console = false\n")
         open(os.path.join(d, "rabbitmq-env.conf"), "w").close()  # not /etc/rabbitmq's
         env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
-        env.update({
-            "HOME": d, "ERL_EPMD_PORT": str(self._epmd_port),
-            "RABBITMQ_NODENAME": self.node, "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-            "RABBITMQ_NODE_PORT": str(port), "RABBITMQ_DIST_PORT": str(dist),
-            "RABBITMQ_CONF_ENV_FILE": os.path.join(d, "rabbitmq-env.conf"),
-            "RABBITMQ_CONFIG_FILE": os.path.join(d, "rabbitmq.conf"),
-            "RABBITMQ_ADVANCED_CONFIG_FILE": os.path.join(d, "advanced.config"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": os.path.join(d, "enabled_plugins"),
-            "RABBITMQ_PLUGINS_EXPAND_DIR": os.path.join(d, "plugins"),
-            "RABBITMQ_MNESIA_BASE": os.path.join(d, "mnesia"),
-            "RABBITMQ_LOG_BASE": os.path.join(d, "log"),
-            "RABBITMQ_PID_FILE": os.path.join(d, "rabbitmq.pid"),
-        })
+        env.update(
+            {
+                "HOME": d,
+                "ERL_EPMD_PORT": str(self._epmd_port),
+                "RABBITMQ_NODENAME": self.node,
+                "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+                "RABBITMQ_NODE_PORT": str(port),
+                "RABBITMQ_DIST_PORT": str(dist),
+                "RABBITMQ_CONF_ENV_FILE": os.path.join(d, "rabbitmq-env.conf"),
+                "RABBITMQ_CONFIG_FILE": os.path.join(d, "rabbitmq.conf"),
+                "RABBITMQ_ADVANCED_CONFIG_FILE": os.path.join(d, "advanced.config"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": os.path.join(d, "enabled_plugins"),
+                "RABBITMQ_PLUGINS_EXPAND_DIR": os.path.join(d, "plugins"),
+                "RABBITMQ_MNESIA_BASE": os.path.join(d, "mnesia"),
+                "RABBITMQ_LOG_BASE": os.path.join(d, "log"),
+                "RABBITMQ_PID_FILE": os.path.join(d, "rabbitmq.pid"),
+            }
+        )
         with open(os.path.join(d, "server.out"), "wb") as out:
             # Its own session: a Ctrl-C in the terminal reaches us, and we stop the node in order.
-            self._proc = subprocess.Popen([_server() or "rabbitmq-server"], env=env, cwd=d, stdout=out,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          start_new_session=True)
+            self._proc = subprocess.Popen(
+                [_server() or "rabbitmq-server"],
+                env=env,
+                cwd=d,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.url = f"amqp://guest:guest@127.0.0.1:{port}/%2F"
         self._await_ready(port)
 
@@ -189,8 +201,12 @@ class Broker:
         if self._epmd_port:  # the node started a private epmd (a daemon, outside our session)
             epmd = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
             with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run([epmd, "-port", str(self._epmd_port), "-kill"], timeout=10,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(
+                    [epmd, "-port", str(self._epmd_port), "-kill"],
+                    timeout=10,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             self._epmd_port = 0
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
@@ -198,6 +214,7 @@ class Broker:
 
 
 # --- the parties ---------------------------------------------------------------------------
+
 
 def _settle(pending: dict[int, Any], tag: int, multiple: bool) -> list[Any]:
     """Pop what a confirm (or nack) settles. `pending` is keyed by publish sequence number in
@@ -219,8 +236,12 @@ class _Party:
         self.stop = stop
         self.ch: Any = None
         self.seq = 0  # publish sequence number: the channel's, once confirm_delivery is on
-        self.conn = pika.SelectConnection(pika.URLParameters(url), on_open_callback=self._opened,
-                                          on_open_error_callback=self._died, on_close_callback=self._died)
+        self.conn = pika.SelectConnection(
+            pika.URLParameters(url),
+            on_open_callback=self._opened,
+            on_open_error_callback=self._died,
+            on_close_callback=self._died,
+        )
 
     def run(self) -> None:
         self._watch()
@@ -257,8 +278,9 @@ class _Party:
 
 
 class _Producer(_Party):
-    def __init__(self, url: str, stop: Any, data: str, batches: list[list[dict]], window: int,
-                 ready: Any, go: Any) -> None:
+    def __init__(
+        self, url: str, stop: Any, data: str, batches: list[list[dict]], window: int, ready: Any, go: Any
+    ) -> None:
         super().__init__(url, stop)
         self.data, self.batches, self.window, self.ready, self.go = data, batches, window, ready, go
         self.sent = 0
@@ -328,8 +350,7 @@ class _Processor(_Party):
 
 
 class _Consumer(_Party):
-    def __init__(self, url: str, stop: Any, results: str, ids: list[int], window: int, ready: Any,
-                 out: Any) -> None:
+    def __init__(self, url: str, stop: Any, results: str, ids: list[int], window: int, ready: Any, out: Any) -> None:
         super().__init__(url, stop)
         self.results, self.window, self.ready, self.out = results, window, ready, out
         self.remaining = set(ids)
@@ -375,6 +396,7 @@ def _serve(kind: type[_Party], *args: Any) -> None:
 
 # --- a run ---------------------------------------------------------------------------------
 
+
 def _queues(url: str, names: list[str], declare: bool) -> None:
     conn = pika.BlockingConnection(pika.URLParameters(url))
     try:
@@ -416,8 +438,10 @@ def run(batches: list[list[dict]], url: str, workers: int = 1, *, deadline: floa
     stop, go, out = ctx.Event(), ctx.Event(), ctx.Queue()
     ready = [ctx.Event() for _ in range(workers + 2)]
     procs = [ctx.Process(target=_serve, args=(_Consumer, url, stop, results, ids, window, ready[0], out))]
-    procs += [ctx.Process(target=_serve, args=(_Processor, url, stop, data, results, window, ready[1 + i]))
-              for i in range(workers)]
+    procs += [
+        ctx.Process(target=_serve, args=(_Processor, url, stop, data, results, window, ready[1 + i]))
+        for i in range(workers)
+    ]
     procs.append(ctx.Process(target=_serve, args=(_Producer, url, stop, data, batches, window, ready[-1], go)))
     _queues(url, [data, results], declare=True)
     try:
@@ -449,8 +473,13 @@ def run(batches: list[list[dict]], url: str, workers: int = 1, *, deadline: floa
             _queues(url, [data, results], declare=False)
     end, lost, duplicated = report
     seconds = end - start
-    return {"records": len(ids), "seconds": seconds, "records_per_s": (len(ids) - lost) / seconds,
-            "lost": lost, "duplicated": duplicated}
+    return {
+        "records": len(ids),
+        "seconds": seconds,
+        "records_per_s": (len(ids) - lost) / seconds,
+        "lost": lost,
+        "duplicated": duplicated,
+    }
 
 
 def main() -> None:
@@ -470,19 +499,33 @@ def main() -> None:
     with Broker() as broker:
         started = time.monotonic() - t
         if not args.json:
-            print(f"RabbitMQ: {args.records:,} records in batches of {args.batch_size}, {args.workers} "
-                  f"processor(s), window {window_for(args.batch_size)} messages, broker up in {started:.1f} s")
+            print(
+                f"RabbitMQ: {args.records:,} records in batches of {args.batch_size}, {args.workers} "
+                f"processor(s), window {window_for(args.batch_size)} messages, broker up in {started:.1f} s"
+            )
         runs = []
         for i in range(args.runs):
             runs.append(run(batches, broker.url, args.workers))
             if not args.json:
                 r = runs[-1]
-                print(f"  run {i + 1}: {r['records_per_s']:>12,.0f} records/s  ({r['seconds']:.2f} s, "
-                      f"lost {r['lost']}, duplicated {r['duplicated']})")
+                print(
+                    f"  run {i + 1}: {r['records_per_s']:>12,.0f} records/s  ({r['seconds']:.2f} s, "
+                    f"lost {r['lost']}, duplicated {r['duplicated']})"
+                )
     median = statistics.median(r["records_per_s"] for r in runs)
     if args.json:
-        print(json.dumps({"records": args.records, "batch_size": args.batch_size, "workers": args.workers,
-                          "window": window_for(args.batch_size), "runs": runs, "median_records_per_s": median}))
+        print(
+            json.dumps(
+                {
+                    "records": args.records,
+                    "batch_size": args.batch_size,
+                    "workers": args.workers,
+                    "window": window_for(args.batch_size),
+                    "runs": runs,
+                    "median_records_per_s": median,
+                }
+            )
+        )
     else:
         print(f"  median: {median:>11,.0f} records/s")
 

@@ -59,9 +59,13 @@ POLL = 0.005  # seconds between status queries while waiting for a replay
 GOAL_REPLAY_MS = 1000
 GOAL_RESTART_MS = 2000
 # (key, signal, quiet): polled runs ask the sink every 5 ms; quiet ones do not ask it anything.
-REPLAYS = [("SIGKILL", signal.SIGKILL, False), ("SIGKILL quiet", signal.SIGKILL, True),
-           ("SIGSTOP", signal.SIGSTOP, False), ("SIGSTOP quiet", signal.SIGSTOP, True),
-           ("SIGTERM", signal.SIGTERM, False)]
+REPLAYS = [
+    ("SIGKILL", signal.SIGKILL, False),
+    ("SIGKILL quiet", signal.SIGKILL, True),
+    ("SIGSTOP", signal.SIGSTOP, False),
+    ("SIGSTOP quiet", signal.SIGSTOP, True),
+    ("SIGTERM", signal.SIGTERM, False),
+]
 LABELS = {"SIGKILL": "dies", "SIGSTOP": "hangs", "SIGTERM": "clean exit"}
 
 
@@ -70,6 +74,7 @@ class BenchError(Exception):
 
 
 # --- processes -----------------------------------------------------------------------------
+
 
 class Proc:
     """A `python -m zfan ...` subprocess; its stderr lines are kept with when each arrived
@@ -81,8 +86,15 @@ class Proc:
         self.name = name
         env = {**os.environ, "ZFAN_BENCH_HOLD": str(HOLD), "PYTHONPATH": ROOT}
         self.t0 = time.monotonic()
-        self.popen = subprocess.Popen([sys.executable, "-m", "zfan", *args], cwd=ROOT, env=env, text=True,
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "zfan", *args],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         Proc.started.append(self)
         self.lines: list[tuple[float, str]] = []
         self.ready_at: float | None = None
@@ -142,17 +154,27 @@ def endpoints(folder: str, tag: str = "") -> dict[str, str]:
 
 
 def start_sink(ends: dict[str, str], ledger: str) -> Proc:
-    return Proc("sink", "sink", "--ledger", ledger, "--intake", ends["intake"], "--control", ends["control"],
-                "--results", ends["results"])
+    return Proc(
+        "sink",
+        "sink",
+        "--ledger",
+        ledger,
+        "--intake",
+        ends["intake"],
+        "--control",
+        ends["control"],
+        "--results",
+        ends["results"],
+    )
 
 
 def start_worker(control: str, name: str) -> Proc:
-    return Proc(name, "worker", "--control", control, "--app", "bench.slow:hold", "--name", name,
-                "--log-level", "warning")
+    return Proc(
+        name, "worker", "--control", control, "--app", "bench.slow:hold", "--name", name, "--log-level", "warning"
+    )
 
 
-def status_until(control: str, condition: Any, timeout: float, what: str,
-                 procs: Any = ()) -> dict[str, Any]:
+def status_until(control: str, condition: Any, timeout: float, what: str, procs: Any = ()) -> dict[str, Any]:
     """Ask the sink until its status satisfies `condition`; give up early if one of `procs` ended."""
     deadline = time.monotonic() + timeout
     while True:
@@ -172,6 +194,7 @@ def in_flight(info: dict[str, Any]) -> dict[str, int]:
 
 
 # --- 1 and 2: replay after a worker's death --------------------------------------------------
+
 
 def produce(ends: dict[str, str], n: int) -> None:
     """n batches of one record each, every one acknowledged."""
@@ -212,14 +235,21 @@ def replay_run(folder: str, sig: signal.Signals, quiet: bool) -> dict[str, Any]:
     workers = {"w1": start_worker(ends["control"], "w1")}
     try:
         sink.wait_ready()
-        status_until(ends["control"], lambda i: len(i["workers"]) == len(workers), 30, "workers joined",
-                     [sink, *workers.values()])
+        status_until(
+            ends["control"],
+            lambda i: len(i["workers"]) == len(workers),
+            30,
+            "workers joined",
+            [sink, *workers.values()],
+        )
         produce(ends, BATCHES)
-        info = status_until(ends["control"], lambda i: sum(in_flight(i).values()) == BATCHES, 10,
-                            f"{BATCHES} batches leased")
+        info = status_until(
+            ends["control"], lambda i: sum(in_flight(i).values()) == BATCHES, 10, f"{BATCHES} batches leased"
+        )
         workers["w2"] = start_worker(ends["control"], "w2")  # joins once the victim holds everything
-        info = status_until(ends["control"], lambda i: len(i["workers"]) == 2, 30, "survivor joined",
-                            [sink, *workers.values()])
+        info = status_until(
+            ends["control"], lambda i: len(i["workers"]) == 2, 30, "survivor joined", [sink, *workers.values()]
+        )
         held = in_flight(info)
         victim, survivor = "w1", "w2"
         wait_until(lambda: holds(workers[victim]), 10, f"{victim} started a batch")  # so the signal lands mid-batch
@@ -230,10 +260,14 @@ def replay_run(folder: str, sig: signal.Signals, quiet: bool) -> dict[str, Any]:
             result = _polled(ends["control"], workers[victim], survivor, sig, replays0)
         info = query_status(ends["control"])
         gone = [(t, line) for t, line in list(sink.lines) if f"worker {victim} gone (" in line]
-        return {**result, "batches": held[victim], "replays": info.get("replays", 0) - replays0,
-                "detected": gone[0][1].split(" gone (")[1].split(")")[0] if gone else None,
-                # when the sink logged the worker gone (its stderr line reached us), from the signal
-                "gone_logged_ms": round((gone[0][0] - result.pop("start")) * 1000, 1) if gone else None}
+        return {
+            **result,
+            "batches": held[victim],
+            "replays": info.get("replays", 0) - replays0,
+            "detected": gone[0][1].split(" gone (")[1].split(")")[0] if gone else None,
+            # when the sink logged the worker gone (its stderr line reached us), from the signal
+            "gone_logged_ms": round((gone[0][0] - result.pop("start")) * 1000, 1) if gone else None,
+        }
     finally:
         reap([sink, *workers.values()])
 
@@ -253,8 +287,12 @@ def _polled(control: str, victim: Proc, survivor: str, sig: signal.Signals, repl
         if now - start > 10:
             raise BenchError(f"{sig.name}: no batch of {victim.name} leased again within 10 s (status: {info})")
         time.sleep(max(0.0, start + polls * POLL - time.monotonic()))
-    return {"ms": round((now - start) * 1000, 1), "polls": polls, "start": start,
-            "replays_seen_ms": round((first_replay - start) * 1000, 1) if first_replay else None}
+    return {
+        "ms": round((now - start) * 1000, 1),
+        "polls": polls,
+        "start": start,
+        "replays_seen_ms": round((first_replay - start) * 1000, 1) if first_replay else None,
+    }
 
 
 def _quiet(victim: Proc, survivor: Proc, sig: signal.Signals) -> dict[str, Any]:
@@ -278,6 +316,7 @@ def replays(sig: signal.Signals, runs: int, quiet: bool) -> dict[str, Any]:
 
 
 # --- 3: sink restart on a big ledger ---------------------------------------------------------
+
 
 def build_ledger(path: str, done: int, open_: int, topics: int = 16) -> dict[str, Any]:
     """`done` finished batches, one result each on `topics` topics, all published; then `open_`
@@ -308,8 +347,14 @@ def build_ledger(path: str, done: int, open_: int, topics: int = 16) -> dict[str
         led.commit()
     finally:
         led.close()
-    return {"done": done, "open": open_, "left_leased": open_ // 2, "results": done,
-            "bytes": os.path.getsize(path), "build_s": round(time.monotonic() - t0, 2)}
+    return {
+        "done": done,
+        "open": open_,
+        "left_leased": open_ // 2,
+        "results": done,
+        "bytes": os.path.getsize(path),
+        "build_s": round(time.monotonic() - t0, 2),
+    }
 
 
 def restart_run(folder: str, template: str | None, tag: str) -> dict[str, Any]:
@@ -349,6 +394,7 @@ def restarts(folder: str, template: str | None, runs: int, tag: str, expect: dic
 
 # --- report ----------------------------------------------------------------------------------
 
+
 def table(res: dict[str, Any]) -> str:
     def row(label: str, median: float, worst: float, goal: int | None) -> str:
         verdict = "" if goal is None else ("  ok" if median < goal else "  MISSED")
@@ -356,10 +402,12 @@ def table(res: dict[str, Any]) -> str:
         return f"  {label:<50} {median:>8.0f} ms {worst:>8.0f} ms   {goal_s:<10}{verdict}".rstrip()
 
     t = res["timing"]
-    lines = [f"zfan recovery: heartbeat {t['heartbeat_ms']} ms x liveness {t['liveness']} "
-             f"(expiry {t['expiry_ms']} ms), {res['machine']['cores']} cores, "
-             f"{res['settings']['runs']} replay runs, {res['settings']['restarts']} restarts",
-             f"  {'':<50} {'median':>11} {'max':>11}   goal"]
+    lines = [
+        f"zfan recovery: heartbeat {t['heartbeat_ms']} ms x liveness {t['liveness']} "
+        f"(expiry {t['expiry_ms']} ms), {res['machine']['cores']} cores, "
+        f"{res['settings']['runs']} replay runs, {res['settings']['restarts']} restarts",
+        f"  {'':<50} {'median':>11} {'max':>11}   goal",
+    ]
     for key, sig, quiet in REPLAYS:
         r = res["replay"][key]
         label = f"replay after {sig.name} ({LABELS[sig.name]}), {'quiet' if quiet else 'polled'}"
@@ -369,8 +417,7 @@ def table(res: dict[str, Any]) -> str:
     lines.append(row("sink start, empty ledger: serving", empty["serve_median_ms"], empty["serve_max_ms"], None))
     name = f"{ledger['done']:,} done + {ledger['open']:,} open"
     lines.append(f"  {'sink restart, ' + name + ': ready':<50} {big['ready_median_ms']:>8.0f} ms")
-    lines.append(row(f"sink restart, {name}: serving", big["serve_median_ms"], big["serve_max_ms"],
-                     GOAL_RESTART_MS))
+    lines.append(row(f"sink restart, {name}: serving", big["serve_median_ms"], big["serve_max_ms"], GOAL_RESTART_MS))
     return "\n".join(lines)
 
 
@@ -378,10 +425,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t = Timing()
     res: dict[str, Any] = {
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "timing": {"heartbeat_ms": round(t.heartbeat * 1000), "liveness": t.liveness,
-                   "expiry_ms": round(t.expiry * 1000)},
-        "settings": {"runs": args.runs, "restarts": args.restarts, "quick": args.quick, "hold_s": HOLD,
-                     "batches_per_replay_run": BATCHES, "poll_ms": POLL * 1000},
+        "timing": {
+            "heartbeat_ms": round(t.heartbeat * 1000),
+            "liveness": t.liveness,
+            "expiry_ms": round(t.expiry * 1000),
+        },
+        "settings": {
+            "runs": args.runs,
+            "restarts": args.restarts,
+            "quick": args.quick,
+            "hold_s": HOLD,
+            "batches_per_replay_run": BATCHES,
+            "poll_ms": POLL * 1000,
+        },
         "goals": {"replay_ms": GOAL_REPLAY_MS, "restart_ms": GOAL_RESTART_MS},
         "replay": {},
     }
@@ -395,12 +451,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         template = os.path.join(folder, "template.db")
         n_open = max(1, args.batches // 100)
         res["restart"] = {"ledger": build_ledger(template, args.batches, n_open)}
-        print(f"  ledger: {args.batches:,} done + {n_open:,} open batches, "
-              f"{res['restart']['ledger']['bytes'] / 1e6:.0f} MB, built in {res['restart']['ledger']['build_s']} s",
-              flush=True)
+        print(
+            f"  ledger: {args.batches:,} done + {n_open:,} open batches, "
+            f"{res['restart']['ledger']['bytes'] / 1e6:.0f} MB, built in {res['restart']['ledger']['build_s']} s",
+            flush=True,
+        )
         res["restart"]["empty"] = restarts(folder, None, args.restarts, "empty", {"done": 0, "pending": 0})
-        res["restart"]["full"] = restarts(folder, template, args.restarts, "full",
-                                          {"done": args.batches, "pending": n_open, "leased": 0})
+        res["restart"]["full"] = restarts(
+            folder, template, args.restarts, "full", {"done": args.batches, "pending": n_open, "leased": 0}
+        )
     return res
 
 
@@ -408,8 +467,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=None, help="replay runs per signal (default 5; 2 with --quick)")
     ap.add_argument("--quick", action="store_true", help="2 runs, 2 restarts, a ledger of 10 000 batches")
-    ap.add_argument("--batches", type=int, default=None,
-                    help="done batches in the restart ledger (default 100000; 10000 with --quick)")
+    ap.add_argument(
+        "--batches",
+        type=int,
+        default=None,
+        help="done batches in the restart ledger (default 100000; 10000 with --quick)",
+    )
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "recovery.json"))
     args = ap.parse_args()
     args.runs = args.runs or (2 if args.quick else 5)

@@ -49,7 +49,7 @@ def join_or_kill(procs: Iterable[Any], timeout: float = WAIT) -> None:
 
 def make_batches(n: int, batch_size: int) -> list[list[dict]]:
     records = list(readings(n, sensors=16))
-    return [records[i:i + batch_size] for i in range(0, n, batch_size)]
+    return [records[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
 class Count:
@@ -71,11 +71,17 @@ class Count:
 
     def result(self, seconds: float, gaps: int = 0) -> dict[str, Any]:
         lost = self.n - len(self.ids) + gaps
-        return {"records": self.n, "seconds": round(seconds, 4), "records_per_s": round(self.n / seconds),
-                "lost": lost, "duplicated": self.got - len(self.ids)}
+        return {
+            "records": self.n,
+            "seconds": round(seconds, 4),
+            "records_per_s": round(self.n / seconds),
+            "lost": lost,
+            "duplicated": self.got - len(self.ids),
+        }
 
 
 # --- the limit: raw pyzmq ------------------------------------------------------------------
+
 
 def _raw_hop(ends: dict[str, str], subscribed: Any) -> None:
     ctx = zmq.Context()
@@ -169,6 +175,7 @@ def run_raw(batches: list[list[dict]], workers: int = 1) -> dict[str, Any]:
 
 # --- zfan --------------------------------------------------------------------------------
 
+
 def _zfan_sink(ends: dict[str, str], ledger: str, workers: int, ready: Any, stop: Any) -> None:
     with Sink(ledger=ledger, workers=workers, app="bench.app:double", **ends):
         ready.set()
@@ -193,13 +200,18 @@ def _start_api(ends: dict[str, str], folder: str, workers: int) -> Callable[[], 
     def end() -> None:
         stop.set()
         join_or_kill([sink])
+
     return end
 
 
 def _start_cli(ends: dict[str, str], folder: str, workers: int) -> Callable[[], None]:
     procs = [start_sink(ends, os.path.join(folder, "zfan.db"))]
-    procs += [Proc(f"worker-{i}", "worker", "--control", ends["control"], "--app", "bench.app:double",
-                   "--log-level", "warning") for i in range(workers)]
+    procs += [
+        Proc(
+            f"worker-{i}", "worker", "--control", ends["control"], "--app", "bench.app:double", "--log-level", "warning"
+        )
+        for i in range(workers)
+    ]
     procs[0].wait_ready()
     return lambda: reap(procs)
 
@@ -238,8 +250,12 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The median run by rate; a contender that lost or duplicated a record in any run scores 0."""
     rates = [r["records_per_s"] for r in runs]
     lost, dup = sum(r["lost"] for r in runs), sum(r["duplicated"] for r in runs)
-    return {"records_per_s": round(statistics.median(rates)) if not (lost or dup) else 0,
-            "runs": rates, "lost": lost, "duplicated": dup}
+    return {
+        "records_per_s": round(statistics.median(rates)) if not (lost or dup) else 0,
+        "runs": rates,
+        "lost": lost,
+        "duplicated": dup,
+    }
 
 
 def main() -> None:
@@ -250,12 +266,16 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cli", action="store_true", help="zfan's sink and workers as CLI processes")
     args = ap.parse_args()
-    print(f"{args.records:,} records in batches of {args.batch_size}, {args.workers} worker(s), "
-          f"median of {args.runs} runs, {os.cpu_count()} cores")
+    print(
+        f"{args.records:,} records in batches of {args.batch_size}, {args.workers} worker(s), "
+        f"median of {args.runs} runs, {os.cpu_count()} cores"
+    )
     batches = make_batches(args.records, args.batch_size)
     results = {}
-    for name, fn in (("raw pyzmq (the limit)", lambda: run_raw(batches, args.workers)),
-                     ("zfan full pipeline", lambda: run_zfan(batches, args.workers, cli=args.cli))):
+    for name, fn in (
+        ("raw pyzmq (the limit)", lambda: run_raw(batches, args.workers)),
+        ("zfan full pipeline", lambda: run_zfan(batches, args.workers, cli=args.cli)),
+    ):
         res = results[name] = median_of([fn() for _ in range(args.runs)])
         note = f"  (lost {res['lost']}, duplicated {res['duplicated']}: no score)" if not res["records_per_s"] else ""
         print(f"  {name:<24} {res['records_per_s']:>12,} records/s{note}")

@@ -32,13 +32,14 @@ class Verdict:
             xs = list(xs)
             return f"{len(xs)} (e.g. {xs[:8]})"
 
-        return (f"expected {self.expected}, delivered {self.delivered}; lost {some(sorted(self.lost))}, "
-                f"duplicated {some(sorted(self.duplicated.items()))}, unexpected {some(self.unexpected)}, "
-                f"out of order {some(self.out_of_order.items())}")
+        return (
+            f"expected {self.expected}, delivered {self.delivered}; lost {some(sorted(self.lost))}, "
+            f"duplicated {some(sorted(self.duplicated.items()))}, unexpected {some(self.unexpected)}, "
+            f"out of order {some(self.out_of_order.items())}"
+        )
 
 
-def check(sent: Iterable[Any], received: Iterable[Any],
-          seqs: dict[str, list[int]] | None = None) -> Verdict:
+def check(sent: Iterable[Any], received: Iterable[Any], seqs: dict[str, list[int]] | None = None) -> Verdict:
     """``sent``: the id of every record producers had acknowledged; ``received``: the id of every
     record result subscribers got, repeats included; ``seqs``: per topic, the seqs in the order a
     subscriber delivered them (they must run 1, 2, 3, ... or start later and run on by one)."""

@@ -14,8 +14,9 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
-             what: str = "condition") -> Any:
+def wait_for(
+    condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
+) -> Any:
     """Poll ``condition`` until it is truthy; fail the test if the deadline passes first."""
     deadline = time.monotonic() + timeout
     while True:
@@ -34,19 +35,34 @@ class Role:
     captured the same way or left to a file the test names.
     """
 
-    def __init__(self, *args: str, stdin: Any = subprocess.DEVNULL, env: dict[str, str] | None = None,
-                 cwd: str | None = None, prefix: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        *args: str,
+        stdin: Any = subprocess.DEVNULL,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        prefix: tuple[str, ...] = (),
+    ) -> None:
         self.args = args
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         # A process group of its own, so that kill() also reaches whatever it started.
         # `prefix` runs it through another command first (`ip netns exec NS`, which execs it).
-        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "zfan", *args], stdin=stdin,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=full_env, cwd=cwd or ROOT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "zfan", *args],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=full_env,
+            cwd=cwd or ROOT,
+            start_new_session=True,
+        )
         self.out: list[str] = []
         self.err: list[str] = []
-        self._threads = [threading.Thread(target=self._read, args=(s, buf), daemon=True)
-                         for s, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        self._threads = [
+            threading.Thread(target=self._read, args=(s, buf), daemon=True)
+            for s, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))
+        ]
         for t in self._threads:
             t.start()
 
@@ -77,7 +93,8 @@ class Role:
         except subprocess.TimeoutExpired:
             self.kill()
             raise AssertionError(
-                f"zfan {' '.join(self.args)} still running after {timeout} s:\n{self.stderr}") from None
+                f"zfan {' '.join(self.args)} still running after {timeout} s:\n{self.stderr}"
+            ) from None
         self._close()
         return code
 
@@ -103,9 +120,16 @@ class Role:
         self._close()
 
 
-def run_cli(*args: str, timeout: float = 30.0, input: str | None = None,
-            cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, timeout: float = 30.0, input: str | None = None, cwd: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run `zfan ARGS` to completion."""
-    return subprocess.run([sys.executable, "-m", "zfan", *args], capture_output=True, text=True,
-                          timeout=timeout, input=input, cwd=cwd or ROOT,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "zfan", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        cwd=cwd or ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )

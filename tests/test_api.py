@@ -36,8 +36,11 @@ def sink(tmp_path, ctx):
 
 def collect(sub: Subscriber, until, timeout: float = 30.0) -> list:
     got: list = []
-    wait_for(lambda: (m := sub.recv(0.05)) is not None and got.append(m) or until(got), timeout,
-             what="results at the subscriber")
+    wait_for(
+        lambda: (m := sub.recv(0.05)) is not None and got.append(m) or until(got),
+        timeout,
+        what="results at the subscriber",
+    )
     return got
 
 
@@ -51,9 +54,11 @@ def by_parity(records):
 
 def test_every_record_fanned_out_exactly_once(sink, ctx):
     n = 20_000
-    with Worker(by_parity, control=sink.control, context=ctx), \
-            Worker(by_parity, control=sink.control, context=ctx), \
-            Subscriber(results=sink.results, context=ctx) as sub:
+    with (
+        Worker(by_parity, control=sink.control, context=ctx),
+        Worker(by_parity, control=sink.control, context=ctx),
+        Subscriber(results=sink.results, context=ctx) as sub,
+    ):
         assert sub.wait_ready(5)
         with Producer(intake=sink.intake, control=sink.control, batch_size=500, context=ctx) as prod:
             prod.send_many(readings(n))
@@ -73,8 +78,10 @@ def test_every_record_fanned_out_exactly_once(sink, ctx):
 
 
 def test_topic_prefix_filter_and_callback_form(sink, ctx):
-    with Worker(rollup, control=sink.control, context=ctx), \
-            Subscriber(results=sink.results, topics=["sensor.p-001"], context=ctx) as sub:
+    with (
+        Worker(rollup, control=sink.control, context=ctx),
+        Subscriber(results=sink.results, topics=["sensor.p-001"], context=ctx) as sub,
+    ):
         assert sub.wait_ready(5)
         with Producer(intake=sink.intake, control=sink.control, topic="p", context=ctx) as prod:
             prod.send_many(readings(3000, sensors=4, source="p"))
@@ -91,11 +98,11 @@ def test_a_failing_function_is_dead_lettered_and_the_rest_flows(sink, ctx):
         return [r["id"] for r in records]
 
     n = 5000
-    with Worker(picky, control=sink.control, context=ctx), \
-            Subscriber(results=sink.results, context=ctx) as sub:
+    with Worker(picky, control=sink.control, context=ctx), Subscriber(results=sink.results, context=ctx) as sub:
         assert sub.wait_ready(5)
-        with Producer(intake=sink.intake, control=sink.control, batch_size=100, linger_ms=60_000,
-                      context=ctx) as prod:  # batches sealed by count: the poison one is 1200-1299
+        with Producer(
+            intake=sink.intake, control=sink.control, batch_size=100, linger_ms=60_000, context=ctx
+        ) as prod:  # batches sealed by count: the poison one is 1200-1299
             prod.send_many(readings(n))
         msgs = collect(sub, lambda ms: sum(len(m.records) for m in ms) >= n)
     dead = [m for m in msgs if m.dead]
@@ -117,10 +124,11 @@ def test_heartbeats_flow_while_a_long_batch_runs(tmp_path, ctx):
         release.wait(10)
         return records
 
-    with Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), timing=timing,
-              context=ctx) as sink, \
-            Worker(slow, control=sink.control, timing=timing, context=ctx), \
-            Subscriber(results=sink.results, context=ctx) as sub:
+    with (
+        Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), timing=timing, context=ctx) as sink,
+        Worker(slow, control=sink.control, timing=timing, context=ctx),
+        Subscriber(results=sink.results, context=ctx) as sub,
+    ):
         assert sub.wait_ready(5)
         with Producer(intake=sink.intake, control=sink.control, timing=timing, context=ctx) as prod:
             prod.send_many(range(10))
@@ -138,6 +146,7 @@ def test_producer_blocks_on_a_full_window_and_resends_when_the_sink_comes(tmp_pa
     intake, control, results = ipc["intake"], ipc["control"], ipc["results"]
     sent = threading.Event()
     with Producer(intake=intake, control=control, batch_size=10, window=2, context=ctx) as prod:
+
         def send():
             prod.send_many(range(35))
             sent.set()
@@ -148,8 +157,7 @@ def test_producer_blocks_on_a_full_window_and_resends_when_the_sink_comes(tmp_pa
         assert not sent.wait(0.3), "the third batch must wait for room in the window"
         with pytest.raises(DeliveryTimeout, match=r"^2 batch\(es\) not acknowledged by the sink after 0.2 s"):
             prod.flush(timeout=0.2)
-        with Sink(intake=intake, control=control, results=results, ledger=str(tmp_path / "z.db"),
-                  context=ctx) as sink:
+        with Sink(intake=intake, control=control, results=results, ledger=str(tmp_path / "z.db"), context=ctx) as sink:
             assert sent.wait(10)
             prod.flush(timeout=10)
             assert prod.acked_records == 35
@@ -159,8 +167,7 @@ def test_producer_blocks_on_a_full_window_and_resends_when_the_sink_comes(tmp_pa
 
 
 def test_a_record_msgpack_cannot_encode_is_refused_at_send(sink, ctx):
-    with Worker(lambda rs: rs, control=sink.control, context=ctx), \
-            Subscriber(results=sink.results, context=ctx) as sub:
+    with Worker(lambda rs: rs, control=sink.control, context=ctx), Subscriber(results=sink.results, context=ctx) as sub:
         assert sub.wait_ready(5)
         with Producer(intake=sink.intake, control=sink.control, context=ctx) as prod:
             prod.send({"ok": 1})
@@ -174,8 +181,10 @@ def test_a_record_msgpack_cannot_encode_is_refused_at_send(sink, ctx):
 
 
 def test_what_a_worker_function_returns_wrongly_is_reported(sink, ctx):
-    with Worker(lambda rs: 42, control=sink.control, context=ctx), \
-            Subscriber(results=sink.results, topics=["zfan.dead"], context=ctx) as sub:
+    with (
+        Worker(lambda rs: 42, control=sink.control, context=ctx),
+        Subscriber(results=sink.results, topics=["zfan.dead"], context=ctx) as sub,
+    ):
         assert sub.wait_ready(5)
         with Producer(intake=sink.intake, control=sink.control, context=ctx) as prod:
             prod.send({"x": 1})
@@ -189,8 +198,10 @@ def test_a_wide_subscriber_does_not_count_other_handshakes_as_rejects(sink, ctx)
         for _ in range(3):
             with Subscriber(results=sink.results, context=ctx) as other:
                 assert other.wait_ready(5)
-        with Worker(lambda rs: rs, control=sink.control, context=ctx), \
-                Producer(intake=sink.intake, control=sink.control, context=ctx) as prod:
+        with (
+            Worker(lambda rs: rs, control=sink.control, context=ctx),
+            Producer(intake=sink.intake, control=sink.control, context=ctx) as prod,
+        ):
             prod.send({"x": 1})
             prod.flush()
             msg = wide.recv(timeout=10)
@@ -201,10 +212,11 @@ def test_a_wide_subscriber_does_not_count_other_handshakes_as_rejects(sink, ctx)
 def test_peers_beat_at_the_pace_the_sink_asks_for(tmp_path, ctx):
     fast = Timing(heartbeat=0.05, liveness=3)  # the sink drops a peer silent for 150 ms
     slow = Timing(heartbeat=2.0, liveness=3)  # what the peers were configured with
-    with Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), timing=fast,
-              context=ctx) as sink, \
-            Worker(lambda rs: rs, control=sink.control, timing=slow, context=ctx), \
-            Producer(intake=sink.intake, control=sink.control, timing=slow, context=ctx) as prod:
+    with (
+        Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), timing=fast, context=ctx) as sink,
+        Worker(lambda rs: rs, control=sink.control, timing=slow, context=ctx),
+        Producer(intake=sink.intake, control=sink.control, timing=slow, context=ctx) as prod,
+    ):
         assert prod.connected.wait(5)
         wait_for(lambda: len(query_status(sink.control, context=ctx)["workers"]) == 1)
         # The point of this test is time passing: ten of the sink's expiries.
@@ -218,11 +230,11 @@ def test_sizes_past_a_frame_are_refused_where_a_person_sees_them(tmp_path, ctx):
     from zfan.config import Limits
 
     limits = Limits(max_frame=2000)
-    with Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), limits=limits,
-              context=ctx) as sink, \
-            Worker(lambda rs: ["x" * 3000] if rs[0] == "big" else rs, control=sink.control, limits=limits,
-                   context=ctx), \
-            Subscriber(results=sink.results, control=sink.control, context=ctx) as sub:
+    with (
+        Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), limits=limits, context=ctx) as sink,
+        Worker(lambda rs: ["x" * 3000] if rs[0] == "big" else rs, control=sink.control, limits=limits, context=ctx),
+        Subscriber(results=sink.results, control=sink.control, context=ctx) as sub,
+    ):
         assert sub.wait_ready(5)
         with Producer(intake=sink.intake, control=sink.control, limits=limits, context=ctx) as prod:
             with pytest.raises(SerializationError, match="record of 3,003 bytes packed is larger than a frame"):
@@ -237,13 +249,23 @@ def test_sizes_past_a_frame_are_refused_where_a_person_sees_them(tmp_path, ctx):
     assert sum(len(m.records) for m in msgs if not m.dead) == 50
 
 
-@pytest.mark.parametrize("out, limits, says", [
-    ({f"t{i}": [i] for i in range(10_001)}, None, "returned 10,001 topics, more than one result may name"),
-    ({f"t{i}".ljust(255, "x"): [i] for i in range(5_000)}, None,
-     "returned 5,000 topics, more than one result may name"),
-    ({f"t{i}": ["x" * 900] for i in range(10)}, {"max_frame": 1000, "max_message": 5000},
-     "bytes in all, more than one message may hold (5,000)"),
-], ids=["topics", "header bytes", "message bytes"])
+@pytest.mark.parametrize(
+    "out, limits, says",
+    [
+        ({f"t{i}": [i] for i in range(10_001)}, None, "returned 10,001 topics, more than one result may name"),
+        (
+            {f"t{i}".ljust(255, "x"): [i] for i in range(5_000)},
+            None,
+            "returned 5,000 topics, more than one result may name",
+        ),
+        (
+            {f"t{i}": ["x" * 900] for i in range(10)},
+            {"max_frame": 1000, "max_message": 5000},
+            "bytes in all, more than one message may hold (5,000)",
+        ),
+    ],
+    ids=["topics", "header bytes", "message bytes"],
+)
 def test_a_result_too_big_for_one_message_is_a_failure_a_person_reads(out, limits, says):
     from zfan import protocol as p
     from zfan.config import Limits
@@ -295,8 +317,9 @@ def test_a_peer_that_takes_another_peers_routing_id_is_not_heard(sink, ctx):
 
 def test_send_many_stops_at_a_record_it_cannot_send_and_keeps_those_before(sink, ctx):
     with Producer(intake=sink.intake, control=sink.control, context=ctx) as prod:
-        with pytest.raises(SerializationError,
-                           match="^record of type dict cannot be sent: can not serialize .set. object$"):
+        with pytest.raises(
+            SerializationError, match="^record of type dict cannot be sent: can not serialize .set. object$"
+        ):
             prod.send_many([{"id": 1}, {"id": 2}, {"bad": {3}}, {"id": 4}])
         prod.flush(timeout=5)
         assert prod.acked_records == 2

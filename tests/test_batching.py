@@ -14,6 +14,7 @@ T0 = 1000.0
 
 # --- Batcher --------------------------------------------------------------------------------
 
+
 def test_batch_is_sealed_exactly_at_batch_size():
     b = Batcher(batch_size=3, linger=10.0)
     assert b.add("t", b"1", T0) == []
@@ -116,6 +117,7 @@ def test_take_any_drains_everything_for_flush():
 
 # --- Window ---------------------------------------------------------------------------------
 
+
 def sent(seq: int, count: int = 1, at: float = T0) -> Sent:
     return Sent(seq=seq, count=count, frames=[f"h{seq}".encode(), b"payload"], sent_at=at)
 
@@ -146,9 +148,9 @@ def test_repeated_and_unknown_acks_are_ignored():
 
 def test_due_returns_unsent_and_overdue_batches_only():
     w = Window()
-    w.add(sent(1, at=0))          # never sent
-    w.add(sent(2, at=T0))         # just sent
-    w.add(sent(3, at=T0 - 2.0))   # sent 2 s ago
+    w.add(sent(1, at=0))  # never sent
+    w.add(sent(2, at=T0))  # just sent
+    w.add(sent(3, at=T0 - 2.0))  # sent 2 s ago
     assert sorted(s.seq for s in w.due(T0, resend_after=2.0)) == [1, 3]
     assert sorted(s.seq for s in w.due(T0 + 1.99, resend_after=2.0)) == [1, 3]
     assert sorted(s.seq for s in w.due(T0 + 2.0, resend_after=2.0)) == [1, 2, 3]

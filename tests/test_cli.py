@@ -23,8 +23,16 @@ def endpoint_args(ipc: dict[str, str], *names: str) -> list[str]:
 
 def test_four_processes_deliver_every_record_exactly_once(tmp_path, ipc, roles):
     n = 100_000
-    sink = roles("sink", "--workers", "2", "--app", "zfan.apps:echo", "--ledger", str(tmp_path / "z.db"),
-                 *endpoint_args(ipc, "intake", "control", "results"))
+    sink = roles(
+        "sink",
+        "--workers",
+        "2",
+        "--app",
+        "zfan.apps:echo",
+        "--ledger",
+        str(tmp_path / "z.db"),
+        *endpoint_args(ipc, "intake", "control", "results"),
+    )
     sink.wait_ready()
     sub = roles("subscribe", *endpoint_args(ipc, "results", "control"), "--topic", "readings")
     sub.wait_ready()
@@ -61,13 +69,20 @@ def test_up_runs_the_main_job_and_counts_it():
 
 
 def test_status_table_and_subscribe_count(tmp_path, ipc, roles):
-    sink = roles("sink", "--workers", "1", "--ledger", str(tmp_path / "z.db"),
-                 *endpoint_args(ipc, "intake", "control", "results"))
+    sink = roles(
+        "sink",
+        "--workers",
+        "1",
+        "--ledger",
+        str(tmp_path / "z.db"),
+        *endpoint_args(ipc, "intake", "control", "results"),
+    )
     sink.wait_ready()
     sub = roles("subscribe", *endpoint_args(ipc, "results", "control"), "--topic", "sensor.", "--count", "3")
     sub.wait_ready()
-    prod = run_cli("produce", "--count", "5000", "--sensors", "4", "--linger-ms", "60000",
-                   *endpoint_args(ipc, "intake", "control"))  # 5 batches of 1000, sealed by count
+    prod = run_cli(
+        "produce", "--count", "5000", "--sensors", "4", "--linger-ms", "60000", *endpoint_args(ipc, "intake", "control")
+    )  # 5 batches of 1000, sealed by count
     assert prod.returncode == 0, prod.stderr
     assert sub.wait(30) == 0
     lines = [json.loads(x) for x in sub.out]
@@ -82,8 +97,16 @@ def test_status_table_and_subscribe_count(tmp_path, ipc, roles):
 
 
 def test_produce_reads_json_lines_and_skips_bad_ones(tmp_path, ipc, roles):
-    sink = roles("sink", "--workers", "1", "--app", "zfan.apps:echo", "--ledger", str(tmp_path / "z.db"),
-                 *endpoint_args(ipc, "intake", "control", "results"))
+    sink = roles(
+        "sink",
+        "--workers",
+        "1",
+        "--app",
+        "zfan.apps:echo",
+        "--ledger",
+        str(tmp_path / "z.db"),
+        *endpoint_args(ipc, "intake", "control", "results"),
+    )
     sink.wait_ready()
     sub = roles("subscribe", *endpoint_args(ipc, "results", "control"), "--count", "1")
     sub.wait_ready()
@@ -104,15 +127,23 @@ def test_produce_reads_json_lines_and_skips_bad_ones(tmp_path, ipc, roles):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_roles_stop_cleanly_on_signals(tmp_path, ipc, roles, sig):
-    sink = roles("sink", "--workers", "1", "--ledger", str(tmp_path / "z.db"),
-                 *endpoint_args(ipc, "intake", "control", "results"))
+    sink = roles(
+        "sink",
+        "--workers",
+        "1",
+        "--ledger",
+        str(tmp_path / "z.db"),
+        *endpoint_args(ipc, "intake", "control", "results"),
+    )
     sink.wait_ready()
     worker = roles("worker", *endpoint_args(ipc, "control"))
     worker.wait_ready()
     sub = roles("subscribe", *endpoint_args(ipc, "results", "control"))
     sub.wait_ready()
-    wait_for(lambda: len(json.loads(run_cli("status", *endpoint_args(ipc, "control"), "--json").stdout)
-                         ["workers"]) == 2, what="two workers")
+    wait_for(
+        lambda: len(json.loads(run_cli("status", *endpoint_args(ipc, "control"), "--json").stdout)["workers"]) == 2,
+        what="two workers",
+    )
     for r in (sub, worker, sink):
         r.proc.send_signal(sig)
         assert r.wait(15) == 0, r.stderr
@@ -122,6 +153,7 @@ def test_roles_stop_cleanly_on_signals(tmp_path, ipc, roles, sig):
 
 
 # --- a person's mistakes: one clear line, a non-zero exit, no traceback ----------------------
+
 
 def one_line_error(res, code: int, *fragments: str) -> None:
     assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
@@ -148,8 +180,9 @@ def run_cli_env(env: dict[str, str], *args: str):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "zfan", *args], capture_output=True, text=True, timeout=30,
-                          env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-m", "zfan", *args], capture_output=True, text=True, timeout=30, env={**os.environ, **env}
+    )
 
 
 def test_port_in_use(tmp_path):
@@ -157,22 +190,42 @@ def test_port_in_use(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        res = run_cli("sink", "--intake", f"tcp://127.0.0.1:{port}", "--control", "tcp://127.0.0.1:0",
-                      "--results", "tcp://127.0.0.1:0", "--ledger", str(tmp_path / "z.db"))
+        res = run_cli(
+            "sink",
+            "--intake",
+            f"tcp://127.0.0.1:{port}",
+            "--control",
+            "tcp://127.0.0.1:0",
+            "--results",
+            "tcp://127.0.0.1:0",
+            "--ledger",
+            str(tmp_path / "z.db"),
+        )
     one_line_error(res, 4, f"intake endpoint tcp://127.0.0.1:{port}: address already in use")
 
 
-@pytest.mark.parametrize("app, message", [
-    ("no_such_module_xyz:run", "no module named 'no_such_module_xyz'"),
-    ("zfan.apps:nothing_here", "module zfan.apps has no attribute 'nothing_here'"),
-    ("zfan.protocol:VERSION", "VERSION is a int, not a function"),
-    ("zfan.apps", "expected module:function"),
-])
+@pytest.mark.parametrize(
+    "app, message",
+    [
+        ("no_such_module_xyz:run", "no module named 'no_such_module_xyz'"),
+        ("zfan.apps:nothing_here", "module zfan.apps has no attribute 'nothing_here'"),
+        ("zfan.protocol:VERSION", "VERSION is a int, not a function"),
+        ("zfan.apps", "expected module:function"),
+    ],
+)
 def test_bad_app(app, message, ipc, tmp_path):
     res = run_cli("worker", "--app", app, *endpoint_args(ipc, "control"))
     one_line_error(res, 3, message)
-    res = run_cli("sink", "--workers", "1", "--app", app, "--ledger", str(tmp_path / "z.db"),
-                  *endpoint_args(ipc, "intake", "control", "results"))
+    res = run_cli(
+        "sink",
+        "--workers",
+        "1",
+        "--app",
+        app,
+        "--ledger",
+        str(tmp_path / "z.db"),
+        *endpoint_args(ipc, "intake", "control", "results"),
+    )
     one_line_error(res, 3, message)
 
 
@@ -198,8 +251,9 @@ def test_ledger_where_nothing_can_be_written(ipc):
 
 
 def test_ledger_in_missing_folder(tmp_path, ipc):
-    res = run_cli("sink", "--ledger", str(tmp_path / "nope" / "z.db"),
-                  *endpoint_args(ipc, "intake", "control", "results"))
+    res = run_cli(
+        "sink", "--ledger", str(tmp_path / "nope" / "z.db"), *endpoint_args(ipc, "intake", "control", "results")
+    )
     one_line_error(res, 5, "does not exist")
 
 

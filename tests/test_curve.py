@@ -47,27 +47,37 @@ def echo(records):
 
 def test_allowed_keys_run_the_whole_pipeline_encrypted(sink, keys, ctx):
     _, client, _ = keys
-    with Worker(echo, control=sink.control, curve=client("node1"), context=ctx), \
-            Subscriber(results=sink.results, control=sink.control, curve=client("node2"), context=ctx) as sub:
+    with (
+        Worker(echo, control=sink.control, curve=client("node1"), context=ctx),
+        Subscriber(results=sink.results, control=sink.control, curve=client("node2"), context=ctx) as sub,
+    ):
         assert sub.wait_ready(10)
         with Producer(intake=sink.intake, control=sink.control, curve=client("node1"), context=ctx) as prod:
             prod.send_many({"id": i} for i in range(5000))
         got = []
-        wait_for(lambda: (m := sub.recv(0.05)) is not None and got.append(m) or sum(len(m.records) for m in got)
-                 >= 5000, what="every result")
+        wait_for(
+            lambda: (m := sub.recv(0.05)) is not None and got.append(m) or sum(len(m.records) for m in got) >= 5000,
+            what="every result",
+        )
     verdict = check(range(5000), [i for m in got for i in m.records], {"default": [m.seq for m in got]})
     assert verdict.ok, verdict
 
 
-@pytest.mark.parametrize("who, message", [
-    ("intruder", "the sink refused this node's key (it is not in the sink's --allow-keys)"),
-    ("wrong server key", "the encrypted handshake failed: is --curve-server-key the sink's public key?"),
-    ("plaintext", "the sink requires encryption: give --curve-secret and --curve-server-key"),
-])
+@pytest.mark.parametrize(
+    "who, message",
+    [
+        ("intruder", "the sink refused this node's key (it is not in the sink's --allow-keys)"),
+        ("wrong server key", "the encrypted handshake failed: is --curve-server-key the sink's public key?"),
+        ("plaintext", "the sink requires encryption: give --curve-secret and --curve-server-key"),
+    ],
+)
 def test_a_node_the_sink_does_not_let_in_is_refused_and_told_why(sink, keys, ctx, who, message):
     _, client, _ = keys
-    curve = {"intruder": client("intruder"), "wrong server key": client("node1", server_key="intruder"),
-             "plaintext": None}[who]
+    curve = {
+        "intruder": client("intruder"),
+        "wrong server key": client("node1", server_key="intruder"),
+        "plaintext": None,
+    }[who]
     prod = Producer(intake=sink.intake, control=sink.control, curve=curve, context=ctx).start()
     try:
         prod.send({"id": 1})
@@ -85,27 +95,40 @@ def test_a_node_the_sink_does_not_let_in_is_refused_and_told_why(sink, keys, ctx
 
 def test_a_producer_id_belongs_to_the_key_that_first_used_it(sink, keys, ctx):
     _, client, _ = keys
-    with Worker(echo, control=sink.control, curve=client("node1"), context=ctx), \
-            Subscriber(results=sink.results, control=sink.control, curve=client("node1"), context=ctx) as sub:
+    with (
+        Worker(echo, control=sink.control, curve=client("node1"), context=ctx),
+        Subscriber(results=sink.results, control=sink.control, curve=client("node1"), context=ctx) as sub,
+    ):
         assert sub.wait_ready(10)
-        with Producer(intake=sink.intake, control=sink.control, producer_id="plant-7", curve=client("node1"),
-                      context=ctx) as owner:
+        with Producer(
+            intake=sink.intake, control=sink.control, producer_id="plant-7", curve=client("node1"), context=ctx
+        ) as owner:
             owner.send_many({"id": i} for i in range(100))
             owner.flush()
             # node2 is let in, but may not speak as plant-7: no welcome, no acks, nothing stored.
-            spoof = Producer(intake=sink.intake, control=sink.control, producer_id="plant-7",
-                             curve=client("node2"), context=ctx).start()
+            spoof = Producer(
+                intake=sink.intake, control=sink.control, producer_id="plant-7", curve=client("node2"), context=ctx
+            ).start()
             try:
                 spoof.send_many({"id": -i} for i in range(1, 101))
-                wait_for(lambda: query_status(sink.control, curve=client("node1"), context=ctx)["rejected"]
-                         .get("producer id of another key", 0) >= 1, what="the spoofing hello refused")
+                wait_for(
+                    lambda: (
+                        query_status(sink.control, curve=client("node1"), context=ctx)["rejected"].get(
+                            "producer id of another key", 0
+                        )
+                        >= 1
+                    ),
+                    what="the spoofing hello refused",
+                )
                 assert not spoof.connected.is_set()
             finally:
                 with pytest.raises(Exception, match="not acknowledged"):
                     spoof.close(timeout=0.5)
         got = []
-        wait_for(lambda: (m := sub.recv(0.05)) is not None and got.append(m) or sum(len(m.records) for m in got)
-                 >= 100, what="the owner's results")
+        wait_for(
+            lambda: (m := sub.recv(0.05)) is not None and got.append(m) or sum(len(m.records) for m in got) >= 100,
+            what="the owner's results",
+        )
         assert sub.recv(0.3) is None
     assert sorted(i for m in got for i in m.records) == list(range(100))
     assert query_status(sink.control, curve=client("node1"), context=ctx)["records_in"] == 100
@@ -153,48 +176,71 @@ def test_a_key_removed_from_the_folder_is_refused_on_the_connections_it_holds(si
         info = query_status(sink.control, curve=client("node1"), context=ctx)
         assert info["records_in"] == 100
         # ... and a new connection with it is refused at the handshake.
-        assert isinstance(handshake_error(sink, client("node2"), ctx, "the removed key refused a new connection"),
-                          AuthError)
+        assert isinstance(
+            handshake_error(sink, client("node2"), ctx, "the removed key refused a new connection"), AuthError
+        )
 
 
 def test_a_producer_id_stays_with_its_key_across_a_sink_restart(keys, ipc, tmp_path, ctx):
     server, client, _ = keys
     ledger = str(tmp_path / "z.db")
     with Sink(ledger=ledger, curve=server, **ipc) as sink:
-        with Producer(intake=sink.intake, control=sink.control, producer_id="plant-7", curve=client("node1"),
-                      context=ctx) as owner:
+        with Producer(
+            intake=sink.intake, control=sink.control, producer_id="plant-7", curve=client("node1"), context=ctx
+        ) as owner:
             owner.send_many({"id": i} for i in range(10))
     with Sink(ledger=ledger, curve=server, **ipc) as sink:
-        spoof = Producer(intake=sink.intake, control=sink.control, producer_id="plant-7", curve=client("node2"),
-                         context=ctx).start()
+        spoof = Producer(
+            intake=sink.intake, control=sink.control, producer_id="plant-7", curve=client("node2"), context=ctx
+        ).start()
         try:
             spoof.send({"id": -1})
-            wait_for(lambda: rejected(sink, client, ctx, "producer id of another key") >= 1,
-                     what="the spoofing hello refused")
+            wait_for(
+                lambda: rejected(sink, client, ctx, "producer id of another key") >= 1,
+                what="the spoofing hello refused",
+            )
             assert not spoof.connected.is_set()
         finally:
             with pytest.raises(Exception, match="not acknowledged"):
                 spoof.close(timeout=0.5)
-        with Producer(intake=sink.intake, control=sink.control, producer_id="plant-7", curve=client("node1"),
-                      context=ctx) as owner:
+        with Producer(
+            intake=sink.intake, control=sink.control, producer_id="plant-7", curve=client("node1"), context=ctx
+        ) as owner:
             owner.send_many({"id": i} for i in range(10, 20))
         assert query_status(sink.control, curve=client("node1"), context=ctx)["records_in"] == 10
 
 
 def cli_env(folder) -> dict[str, str]:
-    return {"ZFAN_CURVE_SECRET": str(folder / "intruder.key_secret"),
-            "ZFAN_CURVE_SERVER_KEY": str(folder / "sink.key")}
+    return {"ZFAN_CURVE_SECRET": str(folder / "intruder.key_secret"), "ZFAN_CURVE_SERVER_KEY": str(folder / "sink.key")}
 
 
 def test_cli_refused_key_exits_with_one_line_and_the_sink_logs_it(keys, ipc, tmp_path, roles):
     server, client, folder = keys
-    sink = roles("sink", "--ledger", str(tmp_path / "z.db"), f"--intake={ipc['intake']}",
-                 f"--control={ipc['control']}", f"--results={ipc['results']}",
-                 "--curve-secret", server.secret_file, "--allow-keys", server.allow_keys)
+    sink = roles(
+        "sink",
+        "--ledger",
+        str(tmp_path / "z.db"),
+        f"--intake={ipc['intake']}",
+        f"--control={ipc['control']}",
+        f"--results={ipc['results']}",
+        "--curve-secret",
+        server.secret_file,
+        "--allow-keys",
+        server.allow_keys,
+    )
     sink.wait_ready()
-    res = run_cli("produce", "--count", "10", f"--intake={ipc['intake']}", f"--control={ipc['control']}",
-                  "--curve-secret", str(folder / "intruder.key_secret"), "--curve-server-key", str(folder / "sink.key"),
-                  timeout=20)
+    res = run_cli(
+        "produce",
+        "--count",
+        "10",
+        f"--intake={ipc['intake']}",
+        f"--control={ipc['control']}",
+        "--curve-secret",
+        str(folder / "intruder.key_secret"),
+        "--curve-server-key",
+        str(folder / "sink.key"),
+        timeout=20,
+    )
     assert res.returncode == 7, res.stderr
     assert "zfan produce: error: cannot connect to" in res.stderr and "--allow-keys" in res.stderr
     assert "Traceback" not in res.stderr
@@ -202,19 +248,41 @@ def test_cli_refused_key_exits_with_one_line_and_the_sink_logs_it(keys, ipc, tmp
     assert sink.stop() == 0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["produce", "--count", "1", "--curve-secret", "{k}/missing.key_secret", "--curve-server-key", "{k}/sink.key"],
-     "--curve-secret {k}/missing.key_secret: no such file"),
-    (["produce", "--count", "1", "--curve-secret", "{k}/node1.key", "--curve-server-key", "{k}/sink.key"],
-     "holds no secret key (give the .key_secret file)"),
-    (["produce", "--count", "1", "--curve-secret", "{k}/node1.key_secret"],
-     "a client also needs --curve-server-key"),
-    (["produce", "--count", "1", "--curve-server-key", "{k}/sink.key"], "--curve-server-key needs --curve-secret too"),
-    (["sink", "--curve-secret", "{k}/sink.key_secret"], "also needs --allow-keys FOLDER"),
-    (["sink", "--curve-secret", "{k}/sink.key_secret", "--allow-keys", "{k}/nowhere"],
-     "--allow-keys {k}/nowhere: no such folder"),
-    (["keys", "generate", "{k}", "node1"], "node1.key exists already: not overwritten"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            [
+                "produce",
+                "--count",
+                "1",
+                "--curve-secret",
+                "{k}/missing.key_secret",
+                "--curve-server-key",
+                "{k}/sink.key",
+            ],
+            "--curve-secret {k}/missing.key_secret: no such file",
+        ),
+        (
+            ["produce", "--count", "1", "--curve-secret", "{k}/node1.key", "--curve-server-key", "{k}/sink.key"],
+            "holds no secret key (give the .key_secret file)",
+        ),
+        (
+            ["produce", "--count", "1", "--curve-secret", "{k}/node1.key_secret"],
+            "a client also needs --curve-server-key",
+        ),
+        (
+            ["produce", "--count", "1", "--curve-server-key", "{k}/sink.key"],
+            "--curve-server-key needs --curve-secret too",
+        ),
+        (["sink", "--curve-secret", "{k}/sink.key_secret"], "also needs --allow-keys FOLDER"),
+        (
+            ["sink", "--curve-secret", "{k}/sink.key_secret", "--allow-keys", "{k}/nowhere"],
+            "--allow-keys {k}/nowhere: no such folder",
+        ),
+        (["keys", "generate", "{k}", "node1"], "node1.key exists already: not overwritten"),
+    ],
+)
 def test_key_mistakes_get_one_clear_line(keys, args, message):
     _, _, folder = keys
     res = run_cli(*[a.format(k=folder) for a in args])

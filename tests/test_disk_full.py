@@ -33,8 +33,7 @@ def small_disk(tmp_path):
         pytest.skip("mounting a small tmpfs needs root")
     disk = tmp_path / "disk"
     disk.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
-                         capture_output=True, text=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True, text=True)
     if res.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
     try:
@@ -78,8 +77,9 @@ def test_a_full_disk_stops_the_sink_and_loses_nothing_acknowledged(small_disk, i
     full = f"zfan sink: error: {LedgerFull(ledger)}"
     sink = roles("sink", "--ledger", ledger, *endpoint_args(ipc, "intake", "control", "results"))
     sink.wait_ready()
-    prod = Producer(intake=ipc["intake"], control=ipc["control"], topic="readings", batch_size=BATCH,
-                    linger_ms=60_000, context=ctx).start()
+    prod = Producer(
+        intake=ipc["intake"], control=ipc["control"], topic="readings", batch_size=BATCH, linger_ms=60_000, context=ctx
+    ).start()
     errors: list[BaseException] = []
 
     def produce() -> None:
@@ -98,8 +98,9 @@ def test_a_full_disk_stops_the_sink_and_loses_nothing_acknowledged(small_disk, i
         assert the_error(sink.stderr) == full
         acked = prod.acked_records
         assert 0 < acked < RECORDS
-        assert acked <= sum(ledger_records(ledger, prod.settings.producer_id)), \
+        assert acked <= sum(ledger_records(ledger, prod.settings.producer_id)), (
             "an acknowledged batch is missing from the ledger"
+        )
 
         # Started again while the disk is still full: the same line, before it says ready.
         fill(small_disk)
@@ -118,8 +119,11 @@ def test_a_full_disk_stops_the_sink_and_loses_nothing_acknowledged(small_disk, i
         sending.join(150)
         assert not sending.is_alive() and not errors, errors
         assert prod.acked_records == RECORDS
-        wait_for(lambda: len(from_json_lines(list(sub.out))[0]) >= RECORDS, timeout=60,
-                 what=f"{RECORDS} records at the subscriber")
+        wait_for(
+            lambda: len(from_json_lines(list(sub.out))[0]) >= RECORDS,
+            timeout=60,
+            what=f"{RECORDS} records at the subscriber",
+        )
         ids, seqs = from_json_lines(list(sub.out))
         verdict = check(range(RECORDS), ids, seqs)
         assert verdict.ok, verdict
@@ -161,9 +165,13 @@ def test_a_commit_on_a_full_disk_and_an_open_on_a_still_full_one_say_disk_full(s
 
 
 def test_up_on_a_full_disk_exits_as_the_sink_does(small_disk):
-    res = subprocess.run([sys.executable, "-m", "zfan", "up", "--records", "2000000", "--no-progress"],
-                         capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "TMPDIR": str(small_disk), "PYTHONUNBUFFERED": "1"})
+    res = subprocess.run(
+        [sys.executable, "-m", "zfan", "up", "--records", "2000000", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(small_disk), "PYTHONUNBUFFERED": "1"},
+    )
     assert res.returncode == 5, res.stdout + res.stderr
     assert "Traceback" not in res.stderr
     last = res.stderr.splitlines()[-1]

@@ -26,6 +26,7 @@ LIVENESS = 3  # a peer silent for more than 3 s is dead
 
 # --- helpers --------------------------------------------------------------------------------
 
+
 @dataclass
 class Msg:
     rid: bytes
@@ -92,8 +93,9 @@ def records(*values) -> bytes:
     return msgpack.packb(list(values))
 
 
-def batch(producer: str, seq: int, topic: str = "in", payload: bytes | None = None,
-          count: int | None = None) -> list[bytes]:
+def batch(
+    producer: str, seq: int, topic: str = "in", payload: bytes | None = None, count: int | None = None
+) -> list[bytes]:
     payload = records(f"{producer}-{seq}") if payload is None else payload
     if count is None:
         count = len(msgpack.unpackb(payload))
@@ -113,8 +115,13 @@ def hello_producer(core: SinkCore, rid: bytes, name: str) -> None:
     core.control(rid, [p.encode(p.HELLO, "producer", name, 0)])
 
 
-def send_result(core: SinkCore, rid: bytes, lease: LeaseMsg | tuple, outputs: dict[str, bytes] | None = None,
-                epoch: int | None = None) -> None:
+def send_result(
+    core: SinkCore,
+    rid: bytes,
+    lease: LeaseMsg | tuple,
+    outputs: dict[str, bytes] | None = None,
+    epoch: int | None = None,
+) -> None:
     """A RESULT for a lease (or a (batch_id, attempt) pair), with one payload per topic."""
     batch_id, attempt = (lease.batch_id, lease.attempt) if isinstance(lease, LeaseMsg) else lease
     if outputs is None:
@@ -125,8 +132,9 @@ def send_result(core: SinkCore, rid: bytes, lease: LeaseMsg | tuple, outputs: di
     core.control(rid, [header, *outputs.values()])
 
 
-def send_failed(core: SinkCore, rid: bytes, lease: LeaseMsg | tuple, error: str = "boom",
-                epoch: int | None = None) -> None:
+def send_failed(
+    core: SinkCore, rid: bytes, lease: LeaseMsg | tuple, error: str = "boom", epoch: int | None = None
+) -> None:
     batch_id, attempt = (lease.batch_id, lease.attempt) if isinstance(lease, LeaseMsg) else lease
     core.control(rid, [p.encode(p.FAILED, core.epoch if epoch is None else epoch, batch_id, attempt, error)])
 
@@ -174,6 +182,7 @@ def reopen(ledger):
 
 
 # --- dispatch by credit -----------------------------------------------------------------
+
 
 def test_worker_gets_at_most_its_credit_until_it_answers(core):
     hello_worker(core, b"w1", 2)
@@ -270,6 +279,7 @@ def test_every_batch_is_leased_once_per_attempt(core):
 
 
 # --- acks -----------------------------------------------------------------------------------
+
 
 def test_leases_alone_are_committed_later_and_acks_at_once(core, ledger, clock):
     hello_producer(core, b"p", "prod")
@@ -394,6 +404,7 @@ def test_a_producer_id_in_use_by_a_live_connection_is_refused_until_it_goes_quie
 
 # --- results --------------------------------------------------------------------------------
 
+
 def test_results_are_published_once_with_per_topic_seq(core, ledger):
     hello_worker(core, b"w1", 3)
     for seq in range(1, 4):
@@ -403,7 +414,10 @@ def test_results_are_published_once_with_per_topic_seq(core, ledger):
         send_result(core, b"w1", le, {"out": records(f"r{le.batch_id}")})
     turn = Turn(core)
     assert [(pub.mtype, pub.topic, pub.seq) for pub in turn.pubs] == [
-        (p.PUBLISH, "out", 1), (p.PUBLISH, "out", 2), (p.PUBLISH, "out", 3)]
+        (p.PUBLISH, "out", 1),
+        (p.PUBLISH, "out", 2),
+        (p.PUBLISH, "out", 3),
+    ]
     assert [pub.fields[2] for pub in turn.pubs] == [le.batch_id for le in leases]
     assert [msgpack.unpackb(pub.payload) for pub in turn.pubs] == [[f"r{le.batch_id}"] for le in leases]
     assert turn.pubs[0].fields[3] == 1  # record count
@@ -420,13 +434,18 @@ def test_result_fans_out_to_several_topics(core, ledger):
     send_result(core, b"w1", first, {"a": records(1, 2), "b": records(3)})
     turn = Turn(core)
     assert [(pub.topic, pub.seq, pub.fields[3], msgpack.unpackb(pub.payload)) for pub in turn.pubs] == [
-        ("a", 1, 2, [1, 2]), ("b", 1, 1, [3])]
+        ("a", 1, 2, [1, 2]),
+        ("b", 1, 1, [3]),
+    ]
     send_result(core, b"w1", second, {"b": records(4), "c": records()})
     turn = Turn(core)
     assert [(pub.topic, pub.seq, pub.fields[3]) for pub in turn.pubs] == [("b", 2, 1), ("c", 1, 0)]
     assert peek(ledger.path, "SELECT batch_id, topic, seq, count, kind FROM results ORDER BY id") == [
-        (first.batch_id, "a", 1, 2, 0), (first.batch_id, "b", 1, 1, 0),
-        (second.batch_id, "b", 2, 1, 0), (second.batch_id, "c", 1, 0, 0)]
+        (first.batch_id, "a", 1, 2, 0),
+        (first.batch_id, "b", 1, 1, 0),
+        (second.batch_id, "b", 2, 1, 0),
+        (second.batch_id, "c", 1, 0, 0),
+    ]
 
 
 def test_result_with_no_topics_completes_the_batch_silently(core):
@@ -481,6 +500,7 @@ def test_status_request_from_a_client_gets_a_reply(core):
 
 
 # --- fencing ------------------------------------------------------------------------------
+
 
 def assert_fenced(core: SinkCore, ledger: Ledger, n: int = 1) -> None:
     turn = Turn(core)
@@ -571,6 +591,7 @@ def test_result_from_a_non_worker_is_rejected(core, ledger):
 
 
 # --- liveness ------------------------------------------------------------------------------
+
 
 def test_silent_worker_is_dropped_and_its_batches_replayed(core, clock):
     hello_worker(core, b"w1", 2)
@@ -721,6 +742,7 @@ def test_hello_again_replays_what_the_worker_held(core):
 
 # --- failure and dead letters -------------------------------------------------------------
 
+
 def test_failed_batch_is_requeued_ahead_of_newer_work(core, ledger):
     hello_worker(core, b"w1", 1)
     core.intake(batch("prod", 1))
@@ -732,8 +754,7 @@ def test_failed_batch_is_requeued_ahead_of_newer_work(core, ledger):
     assert again.payload == first.payload
     assert core.stats["batches failed"] == 1
     settle(core)
-    assert peek(ledger.path, "SELECT error FROM batches WHERE id=?", (first.batch_id,)) == [
-        ("ValueError: bad input",)]
+    assert peek(ledger.path, "SELECT error FROM batches WHERE id=?", (first.batch_id,)) == [("ValueError: bad input",)]
 
 
 def test_batch_is_dead_lettered_once_after_max_attempts(ledger, clock):
@@ -775,7 +796,8 @@ def test_batch_is_dead_lettered_once_after_max_attempts(ledger, clock):
         assert all(pub.mtype != p.DEAD for pub in Turn(core).pubs)
     assert status_counts(core) == {"pending": 0, "leased": 0, "done": 2, "dead": 1}
     assert peek(ledger.path, "SELECT topic, seq, kind FROM results WHERE batch_id=?", (poison,)) == [
-        (p.DEAD_TOPIC, 1, 1)]
+        (p.DEAD_TOPIC, 1, 1)
+    ]
     # A late result for the dead batch changes nothing.
     send_result(core, b"w1", lease)
     assert Turn(core).pubs == []
@@ -797,6 +819,7 @@ def test_dead_letters_have_their_own_sequence(ledger, clock):
 
 
 # --- batch timeout -------------------------------------------------------------------------
+
 
 @pytest.fixture
 def slow_core(ledger, clock):
@@ -837,8 +860,9 @@ def test_lease_past_its_deadline_is_replayed(slow_core, clock):
 
 
 def test_timeout_error_is_recorded_and_leads_to_dead_letter(ledger, clock):
-    core = make_core(ledger, clock, timing=Timing(heartbeat=HEARTBEAT, liveness=10_000),
-                     batch_timeout=10.0, max_attempts=1)
+    core = make_core(
+        ledger, clock, timing=Timing(heartbeat=HEARTBEAT, liveness=10_000), batch_timeout=10.0, max_attempts=1
+    )
     hello_worker(core, b"w1", 1)
     core.intake(batch("prod", 1))
     Turn(core)
@@ -865,6 +889,7 @@ def test_timed_out_worker_is_never_given_more_than_its_credit(slow_core, clock):
 
 
 # --- unreachable ---------------------------------------------------------------------------
+
 
 def test_unreachable_worker_is_dropped_and_its_batches_replayed(core):
     hello_worker(core, b"w1", 2)
@@ -919,6 +944,7 @@ def test_unreachable_producer_gets_no_more_acks(core):
 
 # --- restart recovery ----------------------------------------------------------------------
 
+
 def run_first_sink(ledger, clock):
     """A sink that published the result of its first batch, leased the other two, then
     crashed before recording that it had published the result."""
@@ -942,7 +968,10 @@ def test_restart_has_a_larger_epoch_and_puts_leases_back(ledger, clock, reopen):
     assert core.recovered == 2
     assert status_counts(core) == {"pending": 2, "leased": 0, "done": 1, "dead": 0}
     assert peek(ledger.path, "SELECT id, state FROM batches ORDER BY id") == [
-        (first.batch_id, 2), (second.batch_id, 0), (third.batch_id, 0)]
+        (first.batch_id, 2),
+        (second.batch_id, 0),
+        (third.batch_id, 0),
+    ]
     # The old worker's result is refused (and counted as fenced) until it says hello, and then
     # fenced by the epoch.
     send_result(core, b"w1", second, epoch=old.epoch)
@@ -953,7 +982,9 @@ def test_restart_has_a_larger_epoch_and_puts_leases_back(ledger, clock, reopen):
     # The sink's crash cost the batches no attempt: they go out again as attempt 1, and the
     # new epoch tells these leases from the old ones.
     assert [(le.batch_id, le.attempt, le.epoch) for le in turn.leases] == [
-        (second.batch_id, 1, core.epoch), (third.batch_id, 1, core.epoch)]
+        (second.batch_id, 1, core.epoch),
+        (third.batch_id, 1, core.epoch),
+    ]
     assert [le.payload for le in turn.leases] == [second.payload, third.payload]
     send_result(core, b"w1", second, epoch=old.epoch)
     assert Turn(core).pubs == []
@@ -966,7 +997,8 @@ def test_restart_republishes_unmarked_results_with_the_same_seq(ledger, clock, r
     core = make_core(reopen(), clock)
     turn = Turn(core)
     assert [(pub.topic, pub.seq, pub.fields, pub.payload) for pub in turn.pubs] == [
-        (pub.topic, pub.seq, pub.fields, pub.payload) for pub in published]
+        (pub.topic, pub.seq, pub.fields, pub.payload) for pub in published
+    ]
     assert Turn(core).pubs == []
     # New results continue each topic's sequence.
     hello_worker(core, b"w1", 1)
@@ -1059,17 +1091,28 @@ BAD_CONTROL = [
     ("unknown type", lambda e, b: [msgpack.packb([1, "shout", e])], "unknown type"),
     ("sink-only type", lambda e, b: [p.encode(p.LEASE, e, b, 1, "in", 1), GOOD_PAYLOAD], "unexpected type"),
     ("batch on control", lambda e, b: [p.encode(p.BATCH, "prod", 9, "in", 1), GOOD_PAYLOAD], "unexpected type"),
-    ("batch_id is a string", lambda e, b: [msgpack.packb([1, p.RESULT, e, str(b), 1, ["out"], [1]]),
-                                           GOOD_PAYLOAD], "bad field"),
+    (
+        "batch_id is a string",
+        lambda e, b: [msgpack.packb([1, p.RESULT, e, str(b), 1, ["out"], [1]]), GOOD_PAYLOAD],
+        "bad field",
+    ),
     ("result without payload", lambda e, b: [_result_header(e, b, 1, ["out"], [1])], "bad frame count"),
-    ("result with extra payload", lambda e, b: [_result_header(e, b, 1, ["out"], [1]), GOOD_PAYLOAD,
-                                                GOOD_PAYLOAD], "bad frame count"),
-    ("topics and counts differ", lambda e, b: [_result_header(e, b, 1, ["out", "x"], [1]), GOOD_PAYLOAD,
-                                               GOOD_PAYLOAD], "bad frame count"),
-    ("reserved result topic", lambda e, b: [_result_header(e, b, 1, ["zfan.x"], [1]), GOOD_PAYLOAD],
-     "reserved topic"),
-    ("result to the dead topic", lambda e, b: [_result_header(e, b, 1, [p.DEAD_TOPIC], [1]), GOOD_PAYLOAD],
-     "reserved topic"),
+    (
+        "result with extra payload",
+        lambda e, b: [_result_header(e, b, 1, ["out"], [1]), GOOD_PAYLOAD, GOOD_PAYLOAD],
+        "bad frame count",
+    ),
+    (
+        "topics and counts differ",
+        lambda e, b: [_result_header(e, b, 1, ["out", "x"], [1]), GOOD_PAYLOAD, GOOD_PAYLOAD],
+        "bad frame count",
+    ),
+    ("reserved result topic", lambda e, b: [_result_header(e, b, 1, ["zfan.x"], [1]), GOOD_PAYLOAD], "reserved topic"),
+    (
+        "result to the dead topic",
+        lambda e, b: [_result_header(e, b, 1, [p.DEAD_TOPIC], [1]), GOOD_PAYLOAD],
+        "reserved topic",
+    ),
 ]
 
 
@@ -1094,11 +1137,14 @@ def test_malformed_control_message_is_rejected_and_changes_nothing(core, ledger,
     assert len(turn.leases) == 1
 
 
-@pytest.mark.parametrize("role,credit,reason", [
-    ("boss", 1, "bad role"),
-    ("worker", 0, "bad credit"),
-    ("worker", p.MAX_CREDIT + 1, "bad credit"),
-])
+@pytest.mark.parametrize(
+    "role,credit,reason",
+    [
+        ("boss", 1, "bad role"),
+        ("worker", 0, "bad credit"),
+        ("worker", p.MAX_CREDIT + 1, "bad credit"),
+    ],
+)
 def test_bad_hello_is_rejected(core, role, credit, reason):
     core.intake(batch("prod", 1))
     core.control(b"x1", [p.encode(p.HELLO, role, "x1", credit)])
@@ -1141,12 +1187,12 @@ def test_messages_from_unknown_peers_get_reset_and_change_nothing(core, ledger):
 
 # --- invariants under churn ----------------------------------------------------------------
 
+
 def test_nothing_is_lost_or_published_twice_under_churn(ledger, clock):
     """Failures, a poison batch, a worker gone silent, a worker too slow for the batch timeout,
     an unreachable worker: every (batch, attempt) is leased once, every batch ends done or dead
     exactly once, and each topic's seqs run 1, 2, 3 ... without gaps or repeats."""
-    core = make_core(ledger, clock, timing=Timing(heartbeat=1.0, liveness=3), batch_timeout=5.0,
-                     max_attempts=4)
+    core = make_core(ledger, clock, timing=Timing(heartbeat=1.0, liveness=3), batch_timeout=5.0, max_attempts=4)
     workers = [b"w1", b"w2", b"w3"]
     for w in workers:
         hello_worker(core, w, 2)
@@ -1164,10 +1210,10 @@ def test_nothing_is_lost_or_published_twice_under_churn(ledger, clock):
             leased.append((le.rid, le.batch_id, le.attempt))
             held[le.rid].append(le)
         for rid in workers:
-            silent = rid == b"w1" and 20 <= step < 40      # dropped after 3 s of silence
-            slow = rid == b"w2" and 60 <= step < 80        # heartbeats, but answers after 10 s
+            silent = rid == b"w1" and 20 <= step < 40  # dropped after 3 s of silence
+            slow = rid == b"w2" and 60 <= step < 80  # heartbeats, but answers after 10 s
             if rid == b"w1" and step == 40:
-                held[rid] = []                             # restarted: forgot its leases
+                held[rid] = []  # restarted: forgot its leases
                 hello_worker(core, rid, 2)
             if rid == b"w3" and step == 100:
                 core.unreachable(rid)

@@ -42,8 +42,14 @@ class PacedProducer:
     def __init__(self, ipc, ctx, *, batches: int, batch_size: int, pace: float = 0.01) -> None:
         self.total = batches * batch_size
         # Batches sealed by count, never by the linger, so that the tests know their boundaries.
-        self.prod = Producer(intake=ipc["intake"], control=ipc["control"], batch_size=batch_size,
-                             linger_ms=60_000, topic="readings", context=ctx).start()
+        self.prod = Producer(
+            intake=ipc["intake"],
+            control=ipc["control"],
+            batch_size=batch_size,
+            linger_ms=60_000,
+            topic="readings",
+            context=ctx,
+        ).start()
         self.error: BaseException | None = None
         self._batches, self._size, self._pace = batches, batch_size, pace
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -77,8 +83,14 @@ def delivered(sub) -> tuple[list, dict]:
 def test_workers_killed_mid_batch_again_and_again(tmp_path, ipc, roles, ctx):
     # Replayed batches go first, so the kills below hit some batches several times: allow it,
     # this test is about replay (dead letters have their own test).
-    sink = roles("sink", "--ledger", str(tmp_path / "z.db"), "--max-attempts", "100",
-                 *endpoint_args(ipc, "intake", "control", "results"))
+    sink = roles(
+        "sink",
+        "--ledger",
+        str(tmp_path / "z.db"),
+        "--max-attempts",
+        "100",
+        *endpoint_args(ipc, "intake", "control", "results"),
+    )
     sink.wait_ready()
     sub = roles("subscribe", *endpoint_args(ipc, "results", "control"), "--topic", "readings")
     sub.wait_ready()
@@ -93,9 +105,13 @@ def test_workers_killed_mid_batch_again_and_again(tmp_path, ipc, roles, ctx):
     prod = PacedProducer(ipc, ctx, batches=400, batch_size=500)
     kills, streaming_kills = 0, 0
     while kills < 20:
+
         def busy() -> list[str]:
-            return [w["name"] for w in status(ipc, ctx)["workers"]
-                    if w["in_flight"] and w["name"] in workers and workers[w["name"]].proc.poll() is None]
+            return [
+                w["name"]
+                for w in status(ipc, ctx)["workers"]
+                if w["in_flight"] and w["name"] in workers and workers[w["name"]].proc.poll() is None
+            ]
 
         victim = workers.pop(wait_for(busy, timeout=30, what="a worker holding a batch")[0])
         victim.proc.send_signal(signal.SIGKILL)
@@ -120,19 +136,26 @@ def test_a_stopped_worker_is_replayed_in_time_and_its_late_result_never_publishe
     sink.wait_ready()
     sub = roles("subscribe", *endpoint_args(ipc, "results", "control"), "--topic", "readings")
     sub.wait_ready()
-    workers = {name: roles("worker", "--control", ipc["control"], "--app", "tests.apps:hold", "--name", name)
-               for name in ("a", "b")}
+    workers = {
+        name: roles("worker", "--control", ipc["control"], "--app", "tests.apps:hold", "--name", name)
+        for name in ("a", "b")
+    }
     wait_for(lambda: len(status(ipc, ctx)["workers"]) == 2, what="two workers")
     prod = PacedProducer(ipc, ctx, batches=6, batch_size=100, pace=0)
     prod.finish()
-    held = wait_for(lambda: [w["name"] for w in status(ipc, ctx)["workers"] if w["in_flight"]],
-                    what="a worker holding batches")
+    held = wait_for(
+        lambda: [w["name"] for w in status(ipc, ctx)["workers"] if w["in_flight"]], what="a worker holding batches"
+    )
     victim = workers[held[0]]
     os.kill(victim.proc.pid, signal.SIGSTOP)
     stopped = time.monotonic()
     try:
-        wait_for(lambda: status(ipc, ctx).get("replays", 0) >= 1, timeout=5, interval=0.005,
-                 what="the stopped worker's batches replayed")
+        wait_for(
+            lambda: status(ipc, ctx).get("replays", 0) >= 1,
+            timeout=5,
+            interval=0.005,
+            what="the stopped worker's batches replayed",
+        )
         elapsed = time.monotonic() - stopped
     finally:
         os.kill(victim.proc.pid, signal.SIGCONT)
@@ -142,8 +165,11 @@ def test_a_stopped_worker_is_replayed_in_time_and_its_late_result_never_publishe
     wait_for(lambda: len(delivered(sub)[0]) >= n, timeout=30, what=f"{n} results at the subscriber")
     # The resumed worker finishes what it held and rejoins: give its late answers time to reach
     # the sink before looking for duplicates.
-    wait_for(lambda: sorted(w["name"] for w in status(ipc, ctx)["workers"]) == ["a", "b"], timeout=15,
-             what="the stopped worker back")
+    wait_for(
+        lambda: sorted(w["name"] for w in status(ipc, ctx)["workers"]) == ["a", "b"],
+        timeout=15,
+        what="the stopped worker back",
+    )
     wait_for(lambda: all(w["in_flight"] == 0 for w in status(ipc, ctx)["workers"]), timeout=15)
     ids, seqs = delivered(sub)
     verdict = check(range(n), ids, seqs)
@@ -176,8 +202,11 @@ def test_sink_killed_at_random_points_and_restarted(tmp_path, ipc, roles, ctx):
     kills = 10
     for _ in range(kills):
         target = max(stored(), 0) + rng.randint(3, 25)
-        wait_for(lambda t=target: stored() >= t or not prod.streaming, timeout=30,
-                 what=f"{target} batches stored (seed {seed})")
+        wait_for(
+            lambda t=target: stored() >= t or not prod.streaming,
+            timeout=30,
+            what=f"{target} batches stored (seed {seed})",
+        )
         sink.proc.send_signal(signal.SIGKILL)
         sink.proc.wait()
         sink = start_sink()
@@ -200,8 +229,16 @@ def run_with_a_poison_record(app: str, tmp_path, ipc, roles, ctx) -> dict:
     """A sink with 2 local workers running `app`, 5000 records of which 1234 is poison (its
     batch holds 1200..1299): checks that everything else arrives exactly once, returns the one
     dead letter."""
-    sink = roles("sink", "--workers", "2", "--app", app, "--ledger", str(tmp_path / "z.db"),
-                 *endpoint_args(ipc, "intake", "control", "results"))
+    sink = roles(
+        "sink",
+        "--workers",
+        "2",
+        "--app",
+        app,
+        "--ledger",
+        str(tmp_path / "z.db"),
+        *endpoint_args(ipc, "intake", "control", "results"),
+    )
     sink.wait_ready()
     sub = roles("subscribe", *endpoint_args(ipc, "results", "control"))
     sub.wait_ready()

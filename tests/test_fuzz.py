@@ -43,12 +43,42 @@ FUZZ_SEED = int(os.environ.get("ZFAN_FUZZ_SEED", "20240607"))
 REAL = "real"  # the real traffic's topic: no hostile string ever starts with it
 OK = "ok"  # the topic of the good messages among the hostile ones fed to a subscriber
 MAX_INT = p.MAX_INT
-INT_EDGES = [-(1 << 63), -(1 << 31), -2, -1, 0, 1, 2, 127, 128, 255, 256, 65535, 65536, (1 << 31) - 1,
-             1 << 31, (1 << 32) - 1, 1 << 32, 10_000_000, 10_000_001, MAX_INT - 1, MAX_INT, 1 << 63, (1 << 64) - 1]
+INT_EDGES = [
+    -(1 << 63),
+    -(1 << 31),
+    -2,
+    -1,
+    0,
+    1,
+    2,
+    127,
+    128,
+    255,
+    256,
+    65535,
+    65536,
+    (1 << 31) - 1,
+    1 << 31,
+    (1 << 32) - 1,
+    1 << 32,
+    10_000_000,
+    10_000_001,
+    MAX_INT - 1,
+    MAX_INT,
+    1 << 63,
+    (1 << 64) - 1,
+]
 FLOATS = [0.0, -0.0, 1.0, -1.5, 1e308, -1e308, 5e-324, math.inf, -math.inf, math.nan]
 SINK_TO_PEER = [p.WELCOME, p.ACK, p.LEASE, p.RESET, p.PUBLISH, p.DEAD, p.SYNC, p.MISSING, p.TOPICS, p.CURSOR]
-SAMPLE = {"str": "x", "int": 7, "list[str]": ["a"], "list[int]": [1], "list[prefix]": [""], "map": {"k": 1},
-          "bool": False}
+SAMPLE = {
+    "str": "x",
+    "int": 7,
+    "list[str]": ["a"],
+    "list[int]": [1],
+    "list[prefix]": [""],
+    "map": {"k": 1},
+    "bool": False,
+}
 
 
 class SinkDied(AssertionError):
@@ -56,6 +86,7 @@ class SinkDied(AssertionError):
 
 
 # --- hostile messages -------------------------------------------------------------------------
+
 
 class Fuzz:
     """Random and mutated messages, from a seeded random.Random (one per thread)."""
@@ -117,14 +148,25 @@ class Fuzz:
         if rng.random() < 0.4:
             return self.junk()
         if name in ("topic", "source_topic", "prefix"):
-            return rng.choice(["", "zfan.x", "zfan.dead", "zfan.sync.x", "t" * 256, "t" * 300, "é" * 128,
-                               self.text()])
+            return rng.choice(["", "zfan.x", "zfan.dead", "zfan.sync.x", "t" * 256, "t" * 300, "é" * 128, self.text()])
         if name in ("producer_id", "name", "role"):
             return rng.choice(["", "n" * 129, "n" * 200, "worker", "producer", "WORKER", self.text()])
         if name in ("topics", "prefixes", "counts", "seqs"):
             n = rng.choice([0, 1, 2, 3, 10_001])
-            return rng.choice([[self.text() for _ in range(min(n, 5))], [self.int_() for _ in range(min(n, 5))],
-                               ["t"] * n, [1] * n, [[1]], [b"t"], [""], ["zfan.x"], [-1], [1 << 63]])
+            return rng.choice(
+                [
+                    [self.text() for _ in range(min(n, 5))],
+                    [self.int_() for _ in range(min(n, 5))],
+                    ["t"] * n,
+                    [1] * n,
+                    [[1]],
+                    [b"t"],
+                    [""],
+                    ["zfan.x"],
+                    [-1],
+                    [1 << 63],
+                ]
+            )
         if name == "error":
             return rng.choice(["", "e" * (p.MAX_ERROR + 1), self.text()])
         return self.int_()
@@ -150,9 +192,13 @@ class Fuzz:
         op = rng.random()
         if op < 0.55:
             i = rng.randrange(len(h))
-            h[i] = (rng.choice([0, 2, -1, 1.0, "1", True, None, (1 << 64) - 1]) if i == 0 else
-                    rng.choice([self.text(), "BATCH", "batch ", "", 1, None, "zfan"]) if i == 1 else
-                    self.field_junk(names[i]))
+            h[i] = (
+                rng.choice([0, 2, -1, 1.0, "1", True, None, (1 << 64) - 1])
+                if i == 0
+                else rng.choice([self.text(), "BATCH", "batch ", "", 1, None, "zfan"])
+                if i == 1
+                else self.field_junk(names[i])
+            )
         elif op < 0.65:
             del h[rng.randrange(len(h))]
         elif op < 0.75:
@@ -174,7 +220,7 @@ class Fuzz:
             for _ in range(rng.randrange(1, 4)):
                 b[rng.randrange(len(b))] = rng.randrange(256)
         elif op == 1:
-            del b[rng.randrange(len(b) + 1):]
+            del b[rng.randrange(len(b) + 1) :]
         elif op == 2:
             b += rng.randbytes(rng.randrange(1, 9))
         else:
@@ -191,8 +237,17 @@ class Fuzz:
         if r < 0.7:
             return self.pack([self.junk() for _ in range(rng.randrange(4))])
         if r < 0.8:
-            return rng.choice([b"", b"\x90", b"\xc0", b"\xdd\xff\xff\xff\xff", b"\x91" * 5000,
-                               b"\xdd\x00\x98\x96\x80", b"\xdc\xff\xff" + b"\xc0" * 10])
+            return rng.choice(
+                [
+                    b"",
+                    b"\x90",
+                    b"\xc0",
+                    b"\xdd\xff\xff\xff\xff",
+                    b"\x91" * 5000,
+                    b"\xdd\x00\x98\x96\x80",
+                    b"\xdc\xff\xff" + b"\xc0" * 10,
+                ]
+            )
         return self.pack(self.junk())
 
     def reframe(self, frames: list[bytes]) -> list[bytes]:
@@ -220,8 +275,14 @@ class Fuzz:
             return self.random_frames()
         if r < 0.17:
             return [self.bytes_()]
-        header = [p.VERSION, p.BATCH, rng.choice(self.producer_ids), rng.randrange(1, 50), "fz.in",
-                  rng.randrange(1, 100)]
+        header = [
+            p.VERSION,
+            p.BATCH,
+            rng.choice(self.producer_ids),
+            rng.randrange(1, 50),
+            "fz.in",
+            rng.randrange(1, 100),
+        ]
         names = ["version", "type", "producer_id", "seq", "topic", "count"]
         if rng.random() < 0.05:  # valid as it is: most are duplicates of each other
             head = self.pack(header)
@@ -237,8 +298,24 @@ class Fuzz:
             return self.random_frames()
         if r < 0.14:
             return [self.bytes_()]
-        mtype = rng.choice([p.HELLO, p.HELLO, p.HEARTBEAT, p.RESULT, p.RESULT, p.FAILED, p.STATUS, p.BYE,
-                            p.REPLAY, p.HEADS, p.GET_CURSOR, p.COMMIT, p.COMMIT, rng.choice(SINK_TO_PEER)])
+        mtype = rng.choice(
+            [
+                p.HELLO,
+                p.HELLO,
+                p.HEARTBEAT,
+                p.RESULT,
+                p.RESULT,
+                p.FAILED,
+                p.STATUS,
+                p.BYE,
+                p.REPLAY,
+                p.HEADS,
+                p.GET_CURSOR,
+                p.COMMIT,
+                p.COMMIT,
+                rng.choice(SINK_TO_PEER),
+            ]
+        )
         fields, payloads = self.control_fields(mtype, epoch)
         header = [p.VERSION, mtype, *fields]
         names = ["version", "type", *(n for n, _ in p.SCHEMA[mtype])]
@@ -288,8 +365,11 @@ class Fuzz:
         if mtype == p.COMMIT:
             n = rng.choice([0, 1, 3, 20])
             m = n if rng.random() < 0.5 else n + rng.choice([-1, 1])  # mismatched lengths
-            return [f"fz-c{rng.randrange(100)}", [f"fz.c{i}" for i in range(n)],
-                    [rng.randrange(1, 1000) for _ in range(max(m, 0))]], []
+            return [
+                f"fz-c{rng.randrange(100)}",
+                [f"fz.c{i}" for i in range(n)],
+                [rng.randrange(1, 1000) for _ in range(max(m, 0))],
+            ], []
         fields = [SAMPLE[kind] for _, kind in p.SCHEMA[mtype]]
         return fields, [b"\x90"] * p.PAYLOAD_FRAMES.get(mtype, 0)
 
@@ -377,14 +457,18 @@ def catalog() -> list[tuple[str, list[bytes]]]:
         ("missing sent to the sink", [e(p.MISSING, "a", 1, 2, "x")]),
     ]
     # Counts past the record limit (refused), and at it (well formed: taken, and summed in the status).
-    cases += [(f"count 2**63-1 #{i}", [msgpack.packb([1, p.BATCH, "fz-edge", i, "fz.edge", MAX_INT]), b"\x90"])
-              for i in range(1, 4)]
-    cases += [(f"count at the limit #{i}", [e(p.BATCH, "fz-edge", i, "fz.edge", p.MAX_RECORDS), b"\x90"])
-              for i in range(4, 7)]
+    cases += [
+        (f"count 2**63-1 #{i}", [msgpack.packb([1, p.BATCH, "fz-edge", i, "fz.edge", MAX_INT]), b"\x90"])
+        for i in range(1, 4)
+    ]
+    cases += [
+        (f"count at the limit #{i}", [e(p.BATCH, "fz-edge", i, "fz.edge", p.MAX_RECORDS), b"\x90"]) for i in range(4, 7)
+    ]
     return cases
 
 
 # --- raw TCP ----------------------------------------------------------------------------------
+
 
 def zmtp_greeting(major: int = 3, minor: int = 0, mechanism: bytes = b"NULL") -> bytes:
     return b"\xff" + b"\x00" * 8 + b"\x7f" + bytes((major, minor)) + mechanism.ljust(20, b"\x00") + b"\x00" * 32
@@ -396,8 +480,16 @@ def zmtp_ready(socket_type: bytes) -> bytes:
 
 
 def tls_client_hello(rng: random.Random) -> bytes:
-    body = (b"\x03\x03" + rng.randbytes(32) + b"\x20" + rng.randbytes(32) + b"\x00\x04\x13\x01\x13\x02"
-            + b"\x01\x00" + b"\x00\x0e" + b"\x00\x00\x00\x0a\x00\x08\x00\x00\x05local")
+    body = (
+        b"\x03\x03"
+        + rng.randbytes(32)
+        + b"\x20"
+        + rng.randbytes(32)
+        + b"\x00\x04\x13\x01\x13\x02"
+        + b"\x01\x00"
+        + b"\x00\x0e"
+        + b"\x00\x00\x00\x0a\x00\x08\x00\x00\x05local"
+    )
     hs = b"\x01" + len(body).to_bytes(3, "big") + body
     return b"\x16\x03\x01" + len(hs).to_bytes(2, "big") + hs
 
@@ -422,20 +514,21 @@ def raw_payloads(rng: random.Random, socket_type: bytes) -> list[bytes]:
         long_frame + b"\x02" + (1 << 30).to_bytes(8, "big") + rng.randbytes(4096),  # 1 GiB announced, 4 KiB sent
         long_frame + b"\x01\x05hello" + b"\x01\x03abc",  # a message whose last frame never comes
         long_frame + b"\x00\x03\xc1\xc1\xc1" + b"\x00\x00" + rng.randbytes(300),  # frames, then garbage
-        long_frame + b"".join(b"\x00" + bytes((len(f),)) + f for f in
-                              [msgpack.packb([1, "status"]), b"", rng.randbytes(50)]),
+        long_frame
+        + b"".join(b"\x00" + bytes((len(f),)) + f for f in [msgpack.packb([1, "status"]), b"", rng.randbytes(50)]),
     ]
 
 
-def raw_tcp_attack(endpoints: dict[str, str], rng: random.Random, stop: threading.Event, rounds: int,
-                   held: list[tcp.socket]) -> int:
+def raw_tcp_attack(
+    endpoints: dict[str, str], rng: random.Random, stop: threading.Event, rounds: int, held: list[tcp.socket]
+) -> int:
     """Connect, send, close: every payload to every sink port, `rounds` times. Returns how many
     connections were made; a few stay open (idle, or after half a greeting) in `held`."""
     kinds = {"intake": b"PUSH", "control": b"DEALER", "results": b"SUB"}
     sent = 0
     for _ in range(rounds):
         for name, sock_type in kinds.items():
-            host, port = endpoints[name][len("tcp://"):].rsplit(":", 1)
+            host, port = endpoints[name][len("tcp://") :].rsplit(":", 1)
             for data in raw_payloads(rng, sock_type):
                 if stop.is_set():
                     return sent
@@ -456,6 +549,7 @@ def raw_tcp_attack(endpoints: dict[str, str], rng: random.Random, stop: threadin
 
 
 # --- the sink process and its memory ----------------------------------------------------------
+
 
 def rss_kb(pid: int, field: str = "VmRSS") -> int:
     with open(f"/proc/{pid}/status") as f:
@@ -506,8 +600,9 @@ class Attack:
         return t
 
 
-def recv_until(sock: zmq.Socket, match: Callable[[list[bytes]], bool], timeout: float, attack: Attack,
-               beat: bytes | None = None) -> list[bytes]:
+def recv_until(
+    sock: zmq.Socket, match: Callable[[list[bytes]], bool], timeout: float, attack: Attack, beat: bytes | None = None
+) -> list[bytes]:
     """Read replies until one matches (a flush marker); heartbeat meanwhile if asked."""
     deadline = time.monotonic() + timeout
     next_beat = time.monotonic()
@@ -524,8 +619,15 @@ def recv_until(sock: zmq.Socket, match: Callable[[list[bytes]], bool], timeout: 
     raise AssertionError(f"no answer from the sink within {timeout} s")
 
 
-def control_attacker(ctx: zmq.Context, control: str, epoch: int, seed: int, budget: int, attack: Attack,
-                     cases: list[tuple[str, list[bytes]]]) -> None:
+def control_attacker(
+    ctx: zmq.Context,
+    control: str,
+    epoch: int,
+    seed: int,
+    budget: int,
+    attack: Attack,
+    cases: list[tuple[str, list[bytes]]],
+) -> None:
     """Sessions of hostile control messages, each on a DEALER of its own: anonymous, as a client
     (results then come from 'not a worker'), or as a worker holding credit whose results and
     failures are for batches never leased to it. Each ends by asking for a cursor with a unique
@@ -557,11 +659,13 @@ def control_attacker(ctx: zmq.Context, control: str, epoch: int, seed: int, budg
                 elif kind == "worker" and rng.random() < 0.3:
                     # well formed answers for batches and attempts this worker was never leased
                     bid, att = 10**9 + rng.randrange(10**9), rng.randrange(1, 9)
-                    frames = rng.choice([
-                        [p.encode(p.RESULT, epoch, bid, att, ["fz.r"], [1]), b"\x91\x01"],
-                        [p.encode(p.FAILED, epoch, bid, att, "fake failure")],
-                        [p.encode(p.HEARTBEAT, epoch)],
-                    ])
+                    frames = rng.choice(
+                        [
+                            [p.encode(p.RESULT, epoch, bid, att, ["fz.r"], [1]), b"\x91\x01"],
+                            [p.encode(p.FAILED, epoch, bid, att, "fake failure")],
+                            [p.encode(p.HEARTBEAT, epoch)],
+                        ]
+                    )
                 else:
                     frames = fz.control(epoch)
                 sock.send_multipart(frames)
@@ -596,8 +700,15 @@ def drain_replies(sock: zmq.Socket) -> int:
         leases += d is not None and d[0] == p.LEASE
 
 
-def intake_attacker(ctx: zmq.Context, intake: str, control: str, seed: int, budget: int, attack: Attack,
-                    cases: list[tuple[str, list[bytes]]]) -> None:
+def intake_attacker(
+    ctx: zmq.Context,
+    intake: str,
+    control: str,
+    seed: int,
+    budget: int,
+    attack: Attack,
+    cases: list[tuple[str, list[bytes]]],
+) -> None:
     """Hostile messages on a PUSH, then a flush: a producer says hello on control, sends one good
     batch after them, and waits for its ack (the sink reads each connection in order)."""
     fz = Fuzz(seed)
@@ -660,6 +771,7 @@ def subscription_attacker(ctx: zmq.Context, results: str, seed: int, budget: int
 
 # --- a subscriber fed hostile frames by a publisher of the test's own --------------------------
 
+
 def subscriber_reach(ctx: zmq.Context, seed: int, budget: int, attack: Attack, report: dict[str, Any]) -> None:
     """Bind an XPUB, point a Subscriber (no control channel) at it, answer its sync handshake,
     then publish hostile messages with good ones on topic OK between them. The subscriber must
@@ -714,10 +826,15 @@ def subscriber_reach(ctx: zmq.Context, seed: int, budget: int, attack: Attack, r
             return any(m.topic == OK and m.seq == last for m in got)
 
         wait_for(done, timeout=30, what="the subscriber to read every message")
-        report.update(sub_rejected=dict(sub.rejected), hostile=hostile, good=good,
-                      ok_seqs=[m.seq for m in got if m.topic == OK],
-                      hostile_delivered=sum(m.topic != OK for m in got), duplicates=sub.duplicates,
-                      gaps=len(gaps))
+        report.update(
+            sub_rejected=dict(sub.rejected),
+            hostile=hostile,
+            good=good,
+            ok_seqs=[m.seq for m in got if m.topic == OK],
+            hostile_delivered=sum(m.topic != OK for m in got),
+            duplicates=sub.duplicates,
+            gaps=len(gaps),
+        )
     finally:
         if sub is not None:
             sub.close()
@@ -742,9 +859,21 @@ def recv_all(sub: Subscriber, gaps: list[RetentionGap]) -> list[Any]:
 
 # --- the test ---------------------------------------------------------------------------------
 
+
 def start_sink(roles: Any, db: str) -> tuple[Any, dict[str, str]]:
-    sink = roles("sink", "--ledger", db, "--intake", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
-                 "--results", "tcp://127.0.0.1:*", "--log-level", "error")
+    sink = roles(
+        "sink",
+        "--ledger",
+        db,
+        "--intake",
+        "tcp://127.0.0.1:*",
+        "--control",
+        "tcp://127.0.0.1:*",
+        "--results",
+        "tcp://127.0.0.1:*",
+        "--log-level",
+        "error",
+    )
     line = sink.wait_ready()
     endpoints = dict(re.findall(r"(\w+)=(\S+)", line))
     return sink, {k: endpoints[k] for k in ("intake", "control", "results")}
@@ -807,13 +936,13 @@ class RealTraffic:
         assert not attack.errors, attack.errors
 
     def start_producing(self) -> None:
-        self.producer = Producer(intake=self.ep["intake"], control=self.ep["control"], topic=REAL,
-                                 batch_size=REAL_BATCH, context=self.ctx).start()
+        self.producer = Producer(
+            intake=self.ep["intake"], control=self.ep["control"], topic=REAL, batch_size=REAL_BATCH, context=self.ctx
+        ).start()
         self.threads.append(self.attack.run("real producer", self._produce))
 
     def _subscribe(self) -> None:
-        with Subscriber(results=self.ep["results"], control=self.ep["control"], topics=[REAL],
-                        context=self.ctx) as sub:
+        with Subscriber(results=self.ep["results"], control=self.ep["control"], topics=[REAL], context=self.ctx) as sub:
             assert sub.wait_ready(10)
             self._ready.set()
             deadline = time.monotonic() + 100
@@ -828,9 +957,16 @@ class RealTraffic:
         assert self.producer is not None
         batches, target = N_REAL // REAL_BATCH, 0.9 * (INTAKE_BUDGET + CONTROL_BUDGET)
         for b in range(batches):
-            wait_for(lambda b=b: self.attack.count("intake") + self.attack.count("control") >= b * target / batches
-                     or self.attack.stop.is_set() or self.attack_over.is_set(), timeout=90, interval=0.005,
-                     what="attack progress")
+            wait_for(
+                lambda b=b: (
+                    self.attack.count("intake") + self.attack.count("control") >= b * target / batches
+                    or self.attack.stop.is_set()
+                    or self.attack_over.is_set()
+                ),
+                timeout=90,
+                interval=0.005,
+                what="attack progress",
+            )
             self.producer.send_many([{"id": i} for i in range(b * REAL_BATCH, (b + 1) * REAL_BATCH)])
         deadline = time.monotonic() + 60
         while True:
@@ -858,26 +994,35 @@ class RealTraffic:
                 pass
 
 
-def launch_attackers(ctx: zmq.Context, ep: dict[str, str], epoch: int, attack: Attack,
-                     reach: dict[str, Any]) -> list[threading.Thread]:
+def launch_attackers(
+    ctx: zmq.Context, ep: dict[str, str], epoch: int, attack: Attack, reach: dict[str, Any]
+) -> list[threading.Thread]:
     cases = catalog()
 
     def raw_tcp() -> None:
         attack.add("raw tcp", raw_tcp_attack(ep, random.Random(FUZZ_SEED + 7), attack.stop, 6, attack.held))
 
     return [
-        attack.run("intake 1", lambda: intake_attacker(ctx, ep["intake"], ep["control"], FUZZ_SEED + 1,
-                                                       INTAKE_BUDGET // 2, attack, cases)),
-        attack.run("intake 2", lambda: intake_attacker(ctx, ep["intake"], ep["control"], FUZZ_SEED + 2,
-                                                       INTAKE_BUDGET // 2, attack, [])),
-        attack.run("control 1", lambda: control_attacker(ctx, ep["control"], epoch, FUZZ_SEED + 3,
-                                                         CONTROL_BUDGET // 2, attack, cases)),
-        attack.run("control 2", lambda: control_attacker(ctx, ep["control"], epoch, FUZZ_SEED + 4,
-                                                         CONTROL_BUDGET // 2, attack, [])),
-        attack.run("subscriptions", lambda: subscription_attacker(ctx, ep["results"], FUZZ_SEED + 5,
-                                                                  RESULTS_BUDGET, attack)),
-        attack.run("subscriber reach", lambda: subscriber_reach(ctx, FUZZ_SEED + 6, SUBSCRIBER_BUDGET,
-                                                                attack, reach)),
+        attack.run(
+            "intake 1",
+            lambda: intake_attacker(ctx, ep["intake"], ep["control"], FUZZ_SEED + 1, INTAKE_BUDGET // 2, attack, cases),
+        ),
+        attack.run(
+            "intake 2",
+            lambda: intake_attacker(ctx, ep["intake"], ep["control"], FUZZ_SEED + 2, INTAKE_BUDGET // 2, attack, []),
+        ),
+        attack.run(
+            "control 1",
+            lambda: control_attacker(ctx, ep["control"], epoch, FUZZ_SEED + 3, CONTROL_BUDGET // 2, attack, cases),
+        ),
+        attack.run(
+            "control 2",
+            lambda: control_attacker(ctx, ep["control"], epoch, FUZZ_SEED + 4, CONTROL_BUDGET // 2, attack, []),
+        ),
+        attack.run(
+            "subscriptions", lambda: subscription_attacker(ctx, ep["results"], FUZZ_SEED + 5, RESULTS_BUDGET, attack)
+        ),
+        attack.run("subscriber reach", lambda: subscriber_reach(ctx, FUZZ_SEED + 6, SUBSCRIBER_BUDGET, attack, reach)),
         attack.run("raw tcp", raw_tcp),
     ]
 
@@ -886,8 +1031,18 @@ def assert_refused_and_counted(info: dict[str, Any], attack: Attack) -> None:
     rejected = info.get("rejected", {})
     sent_to_sink = attack.count("intake") + attack.count("control")
     assert sum(rejected.values()) >= 0.5 * sent_to_sink, (rejected, dict(attack.sent))
-    expected = {"bad header", "bad frame count", "unknown type", "bad version", "unexpected type",
-                "bad field", "reserved topic", "bad credit", "bad role", "not a worker"}
+    expected = {
+        "bad header",
+        "bad frame count",
+        "unknown type",
+        "bad version",
+        "unexpected type",
+        "bad field",
+        "reserved topic",
+        "bad credit",
+        "bad role",
+        "not a worker",
+    }
     assert expected <= set(rejected), f"missing reasons {expected - set(rejected)} in {rejected}"
     assert info.get("fenced_results", 0) > 0 and info.get("resets", 0) > 0, info
 
@@ -904,8 +1059,19 @@ def assert_subscriber_held(reach: dict[str, Any]) -> None:
 
 def test_fuzzed_sink_keeps_real_traffic_exactly_once_in_bounded_memory(tmp_path, roles, ctx):
     sink, ep = start_sink(roles, str(tmp_path / "z.db"))
-    worker = roles("worker", "--control", ep["control"], "--app", "tests.apps:ids", "--credit", "1000",
-                   "--name", "real-worker", "--log-level", "error")
+    worker = roles(
+        "worker",
+        "--control",
+        ep["control"],
+        "--app",
+        "tests.apps:ids",
+        "--credit",
+        "1000",
+        "--name",
+        "real-worker",
+        "--log-level",
+        "error",
+    )
     worker.wait_ready()
     wait_for(lambda: len(query_status(ep["control"], context=ctx)["workers"]) == 1, what="the worker joined")
     epoch = query_status(ep["control"], context=ctx)["epoch"]
@@ -943,8 +1109,11 @@ def test_fuzzed_sink_keeps_real_traffic_exactly_once_in_bounded_memory(tmp_path,
         assert sink.proc.poll() is None and worker.proc.poll() is None
         assert_refused_and_counted(info, attack)
         # well-formed hostile batches were processed too (or dead-lettered): none is stuck
-        wait_for(lambda: (s := query_status(ep["control"], context=ctx))["pending"] == 0 and s["leased"] == 0,
-                 timeout=20, what="no batch left pending or leased")
+        wait_for(
+            lambda: (s := query_status(ep["control"], context=ctx))["pending"] == 0 and s["leased"] == 0,
+            timeout=20,
+            what="no batch left pending or leased",
+        )
         assert_subscriber_held(reach)
 
         # memory stayed bounded, and nothing crashed on the way
@@ -953,13 +1122,15 @@ def test_fuzzed_sink_keeps_real_traffic_exactly_once_in_bounded_memory(tmp_path,
         assert "Traceback" not in sink.stderr, sink.stderr[-3000:]
         assert "Traceback" not in worker.stderr, worker.stderr[-3000:]
         rejected = info.get("rejected", {})
-        print(f"\nfuzz seed {FUZZ_SEED}: {attack.total()} hostile messages {dict(attack.sent)} in "
-              f"{attack_seconds:.1f} s; sink RSS {before // 1024} MB before, peak {peak // 1024} MB, "
-              f"{after // 1024} MB after; status in {answer_ms:.0f} ms; rejected {sum(rejected.values())} "
-              f"{rejected}; fenced {info.get('fenced_results')}, resets {info.get('resets')}, "
-              f"dead {info.get('dead')}, batches in {info.get('batches_in')}, "
-              f"duplicates {info.get('duplicate_batches')}; subscriber rejected {reach['sub_rejected']} "
-              f"(losses reported {reach['gaps']}); leases taken by fake workers {attack.fake_worker_leases}")
+        print(
+            f"\nfuzz seed {FUZZ_SEED}: {attack.total()} hostile messages {dict(attack.sent)} in "
+            f"{attack_seconds:.1f} s; sink RSS {before // 1024} MB before, peak {peak // 1024} MB, "
+            f"{after // 1024} MB after; status in {answer_ms:.0f} ms; rejected {sum(rejected.values())} "
+            f"{rejected}; fenced {info.get('fenced_results')}, resets {info.get('resets')}, "
+            f"dead {info.get('dead')}, batches in {info.get('batches_in')}, "
+            f"duplicates {info.get('duplicate_batches')}; subscriber rejected {reach['sub_rejected']} "
+            f"(losses reported {reach['gaps']}); leases taken by fake workers {attack.fake_worker_leases}"
+        )
     finally:
         attack.stop.set()
         for t in attackers:
@@ -976,8 +1147,13 @@ def test_batches_at_the_record_limit_are_taken_past_it_refused_and_status_still_
     and batches at the limit are stored, acknowledged and counted, and status is answered."""
     from zfan import Sink
 
-    with Sink(intake="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*", results="tcp://127.0.0.1:*",
-              ledger=str(tmp_path / "z.db"), context=ctx) as sink:
+    with Sink(
+        intake="tcp://127.0.0.1:*",
+        control="tcp://127.0.0.1:*",
+        results="tcp://127.0.0.1:*",
+        ledger=str(tmp_path / "z.db"),
+        context=ctx,
+    ) as sink:
         push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         dealer = ctx.socket(zmq.DEALER)
@@ -1013,14 +1189,19 @@ def test_batches_at_the_record_limit_are_taken_past_it_refused_and_status_still_
 
 # --- the decoders, property-tested -----------------------------------------------------------
 
+
 def containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     keys = st.text(max_size=5) | st.integers(-(1 << 63), (1 << 64) - 1) | st.binary(max_size=3)
     return st.lists(inner, max_size=5) | st.dictionaries(keys, inner, max_size=4)
 
 
 msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1) | st.floats()
-    | st.text(max_size=300) | st.binary(max_size=50)
+    st.none()
+    | st.booleans()
+    | st.integers(-(1 << 63), (1 << 64) - 1)
+    | st.floats()
+    | st.text(max_size=300)
+    | st.binary(max_size=50)
     | st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=16))
     | st.builds(msgpack.Timestamp, st.integers(0, (1 << 34) - 1), st.integers(0, 10**9 - 1)),
     containers,
@@ -1031,9 +1212,15 @@ msgpack_values = st.recursive(
 def valid_value(kind: str, name: str) -> st.SearchStrategy[Any]:
     ints = st.integers(0, 10_000_000) if name in ("count", "counts") else st.integers(0, MAX_INT)
     topic = st.text(min_size=1, max_size=60)
-    return {"int": ints, "str": topic, "list[int]": st.lists(ints, max_size=5),
-            "list[str]": st.lists(topic, max_size=5), "list[prefix]": st.lists(st.text(max_size=20), max_size=5),
-            "map": st.dictionaries(st.text(max_size=5), st.integers(0, 9), max_size=3), "bool": st.booleans()}[kind]
+    return {
+        "int": ints,
+        "str": topic,
+        "list[int]": st.lists(ints, max_size=5),
+        "list[str]": st.lists(topic, max_size=5),
+        "list[prefix]": st.lists(st.text(max_size=20), max_size=5),
+        "map": st.dictionaries(st.text(max_size=5), st.integers(0, 9), max_size=3),
+        "bool": st.booleans(),
+    }[kind]
 
 
 @st.composite
@@ -1066,6 +1253,7 @@ REASONS = {"header too large", "bad header", "bad version", "unknown type", "une
 
 def conforms(kind: str, value: Any, name: str) -> bool:
     """An independent statement of section 3 of PROTOCOL.md for one decoded field."""
+
     def uint(v: Any) -> bool:
         return type(v) is int and 0 <= v < 1 << 63
 
@@ -1102,10 +1290,14 @@ def plain(value: Any) -> bool:
     return False
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-          derandomize=True)
-@given(frame=st.one_of(header_frames(), st.binary(max_size=64),
-                       st.builds(lambda v: msgpack.packb(v, use_bin_type=True), msgpack_values)))
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(
+    frame=st.one_of(
+        header_frames(),
+        st.binary(max_size=64),
+        st.builds(lambda v: msgpack.packb(v, use_bin_type=True), msgpack_values),
+    )
+)
 def test_decode_refuses_hostile_headers_with_a_reason_and_returns_only_checked_fields(frame):
     try:
         mtype, fields = p.decode(frame)
@@ -1132,16 +1324,31 @@ def record_types_ok(value: Any, depth: int = 0) -> bool:
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
-@given(payload=st.one_of(
-    st.binary(max_size=200),
-    st.builds(lambda v: msgpack.packb(v, use_bin_type=True), msgpack_values),
-    st.builds(lambda vs: p.join_records([msgpack.packb(v, use_bin_type=True) for v in vs]),
-              st.lists(msgpack_values, max_size=6)),
-    st.builds(lambda head, body: head + body,
-              st.sampled_from([b"\xdc\xff\xff", b"\xdd\xff\xff\xff\xff", b"\xdd\x00\x98\x96\x80", b"\x91" * 3000,
-                               b"\xdf\xff\xff\xff\xff", b"\xdb\xff\xff\xff\xff", b"\xc6\xff\xff\xff\xff"]),
-              st.binary(max_size=20)),
-))
+@given(
+    payload=st.one_of(
+        st.binary(max_size=200),
+        st.builds(lambda v: msgpack.packb(v, use_bin_type=True), msgpack_values),
+        st.builds(
+            lambda vs: p.join_records([msgpack.packb(v, use_bin_type=True) for v in vs]),
+            st.lists(msgpack_values, max_size=6),
+        ),
+        st.builds(
+            lambda head, body: head + body,
+            st.sampled_from(
+                [
+                    b"\xdc\xff\xff",
+                    b"\xdd\xff\xff\xff\xff",
+                    b"\xdd\x00\x98\x96\x80",
+                    b"\x91" * 3000,
+                    b"\xdf\xff\xff\xff\xff",
+                    b"\xdb\xff\xff\xff\xff",
+                    b"\xc6\xff\xff\xff\xff",
+                ]
+            ),
+            st.binary(max_size=20),
+        ),
+    )
+)
 def test_decode_records_returns_a_list_of_plain_values_or_refuses(payload):
     try:
         records = p.decode_records(payload)
@@ -1152,10 +1359,17 @@ def test_decode_records_returns_a_list_of_plain_values_or_refuses(payload):
     assert record_types_ok(records), records
 
 
-@pytest.mark.parametrize("payload", [msgpack.packb([1, msgpack.ExtType(3, b"x")]), b"\x91\xc7\x00\x00",
-                                     b"\x91\xd4\xfe\x00", msgpack.packb([msgpack.Timestamp(1, 0)]),
-                                     b"\x91\xc7\x00\xff"],
-                         ids=["ext 3", "ext 0 empty", "ext -2", "timestamp", "timestamp empty"])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        msgpack.packb([1, msgpack.ExtType(3, b"x")]),
+        b"\x91\xc7\x00\x00",
+        b"\x91\xd4\xfe\x00",
+        msgpack.packb([msgpack.Timestamp(1, 0)]),
+        b"\x91\xc7\x00\xff",
+    ],
+    ids=["ext 3", "ext 0 empty", "ext -2", "timestamp", "timestamp empty"],
+)
 def test_decode_records_refuses_an_extension_as_a_bad_payload(payload):
     with pytest.raises(ProtocolError) as info:
         p.decode_records(payload)

@@ -28,9 +28,10 @@ BATCH_SEQS = itertools.count(1)  # the producer's seqs, unique across tests
 
 # --- the sink's side --------------------------------------------------------------------------
 
+
 def publish(core: SinkCore, topics: list[str], per: int = p.MAX_TOPICS) -> None:
     """One result on each topic, by one worker, `per` topics in a result."""
-    parts = [topics[i:i + per] for i in range(0, len(topics), per)]
+    parts = [topics[i : i + per] for i in range(0, len(topics), per)]
     hello_worker(core, b"w", len(parts))
     for _ in parts:
         core.intake(batch("p", next(BATCH_SEQS)), None)
@@ -42,7 +43,7 @@ def publish(core: SinkCore, topics: list[str], per: int = p.MAX_TOPICS) -> None:
 def heads_page(core: SinkCore, after: int, prefixes: tuple[str, ...] = ("",)) -> tuple[dict[str, int], int, bool]:
     core.control(b"s", [p.encode(p.HEADS, list(prefixes), after)])
     out = core.end_turn()
-    (rid, frames), = out.to_peers
+    ((rid, frames),) = out.to_peers
     assert len(frames[0]) <= p.MAX_HEADER_BYTES
     mtype, (echoed, topics, seqs, upto, more) = p.decode(frames[0])
     assert (rid, mtype, echoed) == (b"s", p.TOPICS, after)
@@ -164,12 +165,13 @@ def test_a_request_reads_at_most_its_scan_limit_of_the_log():
 
 # --- cursors ---------------------------------------------------------------------------------
 
+
 def cursor_pages(core: SinkCore, name: str) -> list[list[tuple[str, int]]]:
     pages = []
     after, more = "", True
     while more:
         core.control(b"s", [p.encode(p.GET_CURSOR, name, after)])
-        (rid, frames), = core.end_turn().to_peers
+        ((rid, frames),) = core.end_turn().to_peers
         assert len(frames[0]) <= p.MAX_HEADER_BYTES
         mtype, (echoed_name, echoed, topics, seqs, more) = p.decode(frames[0])
         assert (mtype, echoed_name, echoed) == (p.CURSOR, name, after)
@@ -181,7 +183,7 @@ def cursor_pages(core: SinkCore, name: str) -> list[list[tuple[str, int]]]:
 
 def test_a_cursor_of_25000_topics_comes_in_pages_in_topic_order(core):
     positions = [(f"t.{i:05d}", i + 1) for i in range(25_000)]
-    for part in (positions[i:i + p.MAX_TOPICS] for i in range(0, len(positions), p.MAX_TOPICS)):
+    for part in (positions[i : i + p.MAX_TOPICS] for i in range(0, len(positions), p.MAX_TOPICS)):
         core.control(b"s", [p.encode(p.COMMIT, "d", [t for t, _ in part], [s for _, s in part])])
     core.control(b"s", [p.encode(p.COMMIT, "other", ["t.00001"], [9])])
     Turn(core)
@@ -192,6 +194,7 @@ def test_a_cursor_of_25000_topics_comes_in_pages_in_topic_order(core):
 
 
 # --- the subscriber's side: many gaps at once ------------------------------------------------------
+
 
 def test_requests_keep_at_most_max_asking_seqs_out_and_ask_for_more_as_answers_come(clock):
     seq: Sequencer = Sequencer(clock=clock, max_asking=100)
@@ -256,16 +259,21 @@ def reopen_ledger(ledger):
 def test_50000_topics_reach_a_subscriber_that_fell_behind_exactly_once_in_order(tmp_path, ipc, ctx):
     n = 2 * N_TOPICS  # two results per topic
     started = time.monotonic()
-    with Sink(**ipc, ledger=str(tmp_path / "z.db"), publish_hwm=100, retain_count=10 * n, context=ctx) as sink, \
-            Worker(own_topic, control=sink.control, context=ctx), \
-            Subscriber(results=sink.results, control=sink.control, topics=["t."], hwm=100, context=ctx) as sub:
+    with (
+        Sink(**ipc, ledger=str(tmp_path / "z.db"), publish_hwm=100, retain_count=10 * n, context=ctx) as sink,
+        Worker(own_topic, control=sink.control, context=ctx),
+        Subscriber(results=sink.results, control=sink.control, topics=["t."], hwm=100, context=ctx) as sub,
+    ):
         assert sub.wait_ready(5)
         with Producer(intake=sink.intake, control=sink.control, batch_size=1000, context=ctx) as prod:
             prod.send_many([{"id": i} for i in range(n)], "in")
             prod.flush(timeout=60)
         # The subscriber reads nothing while everything is published: ZeroMQ drops most of it.
-        wait_for(lambda: query_status(sink.control, context=ctx).get("published", 0) >= n, timeout=60,
-                 what="every result published")
+        wait_for(
+            lambda: query_status(sink.control, context=ctx).get("published", 0) >= n,
+            timeout=60,
+            what="every result published",
+        )
         published = time.monotonic()
         got: dict[str, list[int]] = {}
         ids: list[int] = []

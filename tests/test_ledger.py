@@ -63,7 +63,10 @@ def test_a_batch_is_stored_once_per_producer_and_seq(ledger):
     assert len({first, other_producer, next_seq}) == 3
     ledger.commit()
     assert peek(ledger.path, "SELECT producer, seq, payload FROM batches ORDER BY id") == [
-        ("prod", 1, b"one"), ("prod-2", 1, b"two"), ("prod", 2, b"three")]
+        ("prod", 1, b"one"),
+        ("prod-2", 1, b"two"),
+        ("prod", 2, b"three"),
+    ]
     assert ledger.payload(first) == b"one"
 
 
@@ -71,8 +74,9 @@ def test_unique_constraint_is_in_the_file(ledger):
     ledger.insert_batch("prod", 1, "t", 1, b"x")
     ledger.commit()
     with closing(sqlite3.connect(ledger.path)) as db, pytest.raises(sqlite3.IntegrityError):
-        db.execute("INSERT INTO batches (producer, seq, topic, count, payload, state) "
-                   "VALUES ('prod', 1, 't', 1, x'00', 0)")
+        db.execute(
+            "INSERT INTO batches (producer, seq, topic, count, payload, state) VALUES ('prod', 1, 't', 1, x'00', 0)"
+        )
 
 
 def test_writes_are_invisible_until_commit(ledger):
@@ -109,7 +113,9 @@ def test_the_life_of_a_batch(ledger):
     stored = ledger.store_results(bid, [("out", 1, 2, b"r1"), ("other", 1, 1, b"r2")])
     ledger.commit()
     assert [(s.topic, s.seq, s.count, s.kind, s.payload) for s in stored] == [
-        ("out", 1, 2, 0, b"r1"), ("other", 1, 1, 0, b"r2")]
+        ("out", 1, 2, 0, b"r1"),
+        ("other", 1, 1, 0, b"r2"),
+    ]
     assert peek(ledger.path, "SELECT state, payload, error FROM batches") == [(DONE, None, None)]
     assert ledger.counts() == {"pending": 0, "leased": 0, "done": 1, "dead": 0}
     assert ledger.topic_seqs() == {"out": 1, "other": 1}
@@ -122,8 +128,7 @@ def test_dead_letter_keeps_the_payload_and_the_error(ledger):
     ledger.lease(bid, 1)
     stored = ledger.dead_letter(bid, "zfan.dead", 1, "ValueError: bad")
     ledger.commit()
-    assert (stored.topic, stored.seq, stored.kind, stored.payload, stored.count) == (
-        "zfan.dead", 1, 1, b"payload", 3)
+    assert (stored.topic, stored.seq, stored.kind, stored.payload, stored.count) == ("zfan.dead", 1, 1, b"payload", 3)
     assert peek(ledger.path, "SELECT state, error FROM batches") == [(DEAD, "ValueError: bad")]
     assert ledger.counts()["dead"] == 1
     assert ledger.pending() == []
@@ -166,16 +171,18 @@ def test_results_are_unique_per_topic_and_seq(ledger):
     ledger.store_results(a, [("out", 1, 1, b"r1")])
     ledger.commit()
     with closing(sqlite3.connect(ledger.path)) as db, pytest.raises(sqlite3.IntegrityError):
-        db.execute("INSERT INTO results (batch_id, topic, seq, count, kind, payload) "
-                   "VALUES (1, 'out', 1, 1, 0, x'00')")
+        db.execute("INSERT INTO results (batch_id, topic, seq, count, kind, payload) VALUES (1, 'out', 1, 1, 0, x'00')")
 
 
-@pytest.mark.parametrize("content", [
-    b"this is not a database\n" * 200,
-    b"hello",
-    b"\x00" * 4096,
-    b"SQLite format 3\x00" + b"\xff" * 200,
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"this is not a database\n" * 200,
+        b"hello",
+        b"\x00" * 4096,
+        b"SQLite format 3\x00" + b"\xff" * 200,
+    ],
+)
 def test_a_non_database_file_is_refused_and_left_untouched(tmp_path, content):
     path = tmp_path / "notes.txt"
     path.write_bytes(content)
@@ -188,10 +195,13 @@ def test_a_non_database_file_is_refused_and_left_untouched(tmp_path, content):
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]  # no -wal or -shm left behind
 
 
-@pytest.mark.parametrize("table", [
-    "customers (id INTEGER PRIMARY KEY, name TEXT)",
-    "batches (x)",  # a table of the same name does not make it a ledger
-])
+@pytest.mark.parametrize(
+    "table",
+    [
+        "customers (id INTEGER PRIMARY KEY, name TEXT)",
+        "batches (x)",  # a table of the same name does not make it a ledger
+    ],
+)
 def test_another_database_is_refused_and_left_untouched(tmp_path, table):
     path = tmp_path / "app.db"
     with closing(sqlite3.connect(path)) as db:
@@ -281,6 +291,7 @@ def test_a_producer_ids_key_is_kept_as_long_as_its_batches(ledger):
 
 # --- SQLite's errors: one LedgerError each, and a full disk loses nothing committed ----------
 
+
 def fill_up(ledger: Ledger, per_commit: int = 4) -> tuple[list[int], LedgerError]:
     """Store 3 KB batches, committing every `per_commit`, until the ledger refuses one (it is
     capped a few dozen pages above its size, as a full disk would). Returns the committed seqs."""
@@ -334,8 +345,9 @@ def test_a_constraint_error_is_a_ledger_error_and_leaves_the_turn_usable(ledger)
     with pytest.raises(LedgerError) as info:
         ledger.store_results(b, [("out", 1, 1, b"r1 again")])  # (topic, seq) is taken
     assert not isinstance(info.value, LedgerFull)
-    assert str(info.value) == (f"ledger {ledger.path}: write failed "
-                               "(UNIQUE constraint failed: results.topic, results.seq)")
+    assert str(info.value) == (
+        f"ledger {ledger.path}: write failed (UNIQUE constraint failed: results.topic, results.seq)"
+    )
     ledger.commit()  # only the refused statement was undone
     assert peek(ledger.path, "SELECT topic, seq, payload FROM results") == [("out", 1, b"r1")]
 
@@ -350,10 +362,13 @@ def test_a_read_error_is_a_ledger_error(ledger):
     ledger.close()
 
 
-@pytest.mark.parametrize("message, full", [
-    ("database or disk is full", True),  # Python 3.10: no error code, only the text
-    ("disk I/O error", False),
-])
+@pytest.mark.parametrize(
+    "message, full",
+    [
+        ("database or disk is full", True),  # Python 3.10: no error code, only the text
+        ("disk I/O error", False),
+    ],
+)
 def test_a_full_disk_is_known_by_its_text_where_there_is_no_error_code(message, full):
     exc = sqlite3.OperationalError(message)  # made by hand: it carries no sqlite_errorcode
     assert isinstance(_failed("z.db", "commit", exc), LedgerFull) is full

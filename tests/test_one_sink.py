@@ -37,9 +37,11 @@ def running(tmp_path, ctx):
         return records
 
     path = str(tmp_path / "z.db")
-    with Sink(intake=ANY, control=ANY, results=ANY, ledger=path, context=ctx) as sink, \
-            Worker(held, control=sink.control, credit=1, context=ctx), \
-            Subscriber(results=sink.results, control=sink.control, context=ctx) as sub:
+    with (
+        Sink(intake=ANY, control=ANY, results=ANY, ledger=path, context=ctx) as sink,
+        Worker(held, control=sink.control, credit=1, context=ctx),
+        Subscriber(results=sink.results, control=sink.control, context=ctx) as sub,
+    ):
         assert sub.wait_ready(5)
         with Producer(intake=sink.intake, control=sink.control, batch_size=10, context=ctx) as prod:
             prod.send_many(range(30))
@@ -73,8 +75,9 @@ def test_a_second_sink_on_a_running_ledger_exits_5_and_leaves_the_first_untouche
     assert query_status(sink.control, timeout=2, context=ctx)["epoch"] == sink.epoch == 1
     release.set()
     got = []
-    wait_for(lambda: (m := sub.recv(0.05)) is not None and got.extend(m.records) or len(got) == 30,
-             what="every record, once")
+    wait_for(
+        lambda: (m := sub.recv(0.05)) is not None and got.extend(m.records) or len(got) == 30, what="every record, once"
+    )
     assert sorted(got) == list(range(30))
 
 

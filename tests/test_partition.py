@@ -24,8 +24,10 @@ from tests.helpers import ROOT, Role, wait_for
 
 pytestmark = [
     pytest.mark.timeout(120),
-    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
-                       reason="network namespaces need root and iproute2 (CI has both)"),
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("ip") is None,
+        reason="network namespaces need root and iproute2 (CI has both)",
+    ),
 ]
 
 SINK_IP, ROUTER_SINK_SIDE = "192.0.2.1", "192.0.2.254"  # TEST-NET-1
@@ -61,14 +63,20 @@ def hosts():
     """Three namespaces: a sink host and a client host, and a router between them."""
     tag = f"{os.getpid() % 100000}"
     h = Hosts(f"zfan-s{tag}", f"zfan-c{tag}", f"zfan-r{tag}")
-    links = ((h.sink, f"zs{tag}", SINK_IP, f"zrs{tag}", ROUTER_SINK_SIDE),
-             (h.client, f"zc{tag}", CLIENT_IP, f"zrc{tag}", ROUTER_CLIENT_SIDE))
+    links = (
+        (h.sink, f"zs{tag}", SINK_IP, f"zrs{tag}", ROUTER_SINK_SIDE),
+        (h.client, f"zc{tag}", CLIENT_IP, f"zrc{tag}", ROUTER_CLIENT_SIDE),
+    )
     try:
         for ns in (h.sink, h.client, h.router):
             ip("netns", "add", ns)
             ip("-n", ns, "link", "set", "lo", "up")
-        subprocess.run(["ip", "netns", "exec", h.router, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
-                       check=True, capture_output=True, timeout=10)
+        subprocess.run(
+            ["ip", "netns", "exec", h.router, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
         for ns, dev, addr, router_dev, gateway in links:
             ip("link", "add", dev, "type", "veth", "peer", "name", router_dev)
             ip("link", "set", dev, "netns", ns)
@@ -85,9 +93,24 @@ def hosts():
 
 
 def status(ns: str, port: int) -> dict:
-    out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "zfan", "status", "--json",
-                          f"--control=tcp://127.0.0.1:{port}"], capture_output=True, text=True, timeout=20,
-                         cwd=ROOT)
+    out = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            "-m",
+            "zfan",
+            "status",
+            "--json",
+            f"--control=tcp://127.0.0.1:{port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -135,16 +158,33 @@ def test_a_sink_cut_off_for_15_s_dead_letters_nothing_and_takes_batches_again_wi
 
     try:
         # --max-attempts 1: a single attempt charged for the cut would dead-letter its batch.
-        sink = role("sink", "--ledger", str(tmp_path / "z.db"), "--max-attempts", "1",
-                    *[f"--{n}=tcp://*:{port}" for n, port in ports.items()], prefix=on_sink)
+        sink = role(
+            "sink",
+            "--ledger",
+            str(tmp_path / "z.db"),
+            "--max-attempts",
+            "1",
+            *[f"--{n}=tcp://*:{port}" for n, port in ports.items()],
+            prefix=on_sink,
+        )
         sink.wait_ready()
         for i in range(2):
-            role("worker", remote["control"], "--app", "tests.apps:ids", "--name", f"remote-{i}",
-                 prefix=on_client).wait_ready()
+            role(
+                "worker", remote["control"], "--app", "tests.apps:ids", "--name", f"remote-{i}", prefix=on_client
+            ).wait_ready()
         sub = role("subscribe", remote["results"], remote["control"], "--topic", "readings", prefix=on_client)
         sub.wait_ready()
-        prod = role("produce", remote["intake"], remote["control"], "--topic", "readings", "--timeout", "60",
-                    stdin=subprocess.PIPE, prefix=on_client)
+        prod = role(
+            "produce",
+            remote["intake"],
+            remote["control"],
+            "--topic",
+            "readings",
+            "--timeout",
+            "60",
+            stdin=subprocess.PIPE,
+            prefix=on_client,
+        )
         prod.wait_ready()
         feed = Feed(prod.proc, rate=4000)
         wait_for(lambda: status(sink_ns, ports["control"]).get("batches_in", 0) >= 10, 20, what="intake flowing")
@@ -154,8 +194,12 @@ def test_a_sink_cut_off_for_15_s_dead_letters_nothing_and_takes_batches_again_wi
         stored = status(sink_ns, ports["control"])["batches_in"]
         hosts.heal()
         healed = time.monotonic()
-        wait_for(lambda: status(sink_ns, ports["control"])["batches_in"] > stored, 30, interval=0.1,
-                 what="a new batch stored after the heal")
+        wait_for(
+            lambda: status(sink_ns, ports["control"])["batches_in"] > stored,
+            30,
+            interval=0.1,
+            what="a new batch stored after the heal",
+        )
         back = time.monotonic() - healed
         assert back < HEAL_TARGET, f"intake flowed again {back:.1f} s after the heal"
 

@@ -11,8 +11,15 @@ from zfan.errors import ProtocolError, SerializationError
 
 pytestmark = pytest.mark.timeout(30)
 
-SAMPLE = {"str": "x", "int": 7, "list[str]": ["a", "b"], "list[int]": [1, 2], "list[prefix]": ["", "a."],
-          "map": {"k": 1}, "bool": True}
+SAMPLE = {
+    "str": "x",
+    "int": 7,
+    "list[str]": ["a", "b"],
+    "list[int]": [1, 2],
+    "list[prefix]": ["", "a."],
+    "map": {"k": 1},
+    "bool": True,
+}
 
 
 def sample_fields(mtype: str) -> list:
@@ -26,6 +33,7 @@ def reason_of(frame: bytes, **kw) -> str:
 
 
 # --- round trip -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mtype", sorted(p.SCHEMA))
 def test_every_message_type_round_trips(mtype):
@@ -56,6 +64,7 @@ def test_allowed_restricts_the_types_accepted():
 
 
 # --- rejections -----------------------------------------------------------------------------
+
 
 def test_oversized_header_is_rejected_before_parsing():
     frame = p.encode(p.FAILED, 1, 1, 1, "x" * p.MAX_HEADER_BYTES)
@@ -102,13 +111,16 @@ def test_bin_where_a_string_list_is_expected_is_rejected():
     assert reason_of(frame) in ("bad header", "bad field")
 
 
-@pytest.mark.parametrize("mtype,fields", [
-    (p.BATCH, ["prod", -1, "t", 1]),
-    (p.BATCH, ["prod", 1, "t", -5]),
-    (p.LEASE, [-1, 1, 1, "t", 1]),
-    (p.ACK, [[1, -2, 3]]),
-    (p.RESULT, [1, 1, 1, ["t"], [-1]]),
-])
+@pytest.mark.parametrize(
+    "mtype,fields",
+    [
+        (p.BATCH, ["prod", -1, "t", 1]),
+        (p.BATCH, ["prod", 1, "t", -5]),
+        (p.LEASE, [-1, 1, 1, "t", 1]),
+        (p.ACK, [[1, -2, 3]]),
+        (p.RESULT, [1, 1, 1, ["t"], [-1]]),
+    ],
+)
 def test_negative_ints_are_rejected(mtype, fields):
     assert reason_of(msgpack.packb([p.VERSION, mtype, *fields])) == "bad field"
 
@@ -128,50 +140,62 @@ def test_largest_int_is_accepted_in_int_lists():
     assert p.decode(p.encode(p.ACK, [0, p.MAX_INT])) == (p.ACK, [[0, p.MAX_INT]])
 
 
-@pytest.mark.parametrize("header", [
-    [p.VERSION, p.BATCH, "prod", 1 << 63, "t", 1],       # SQLite cannot store it: refused at the door
-    [p.VERSION, p.BATCH, "prod", 1, "t", (1 << 64) - 1],
-    [p.VERSION, p.ACK, [1, 1 << 63]],
-    [p.VERSION, p.RESULT, 1, 1, 1, ["t"], [1 << 63]],
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        [p.VERSION, p.BATCH, "prod", 1 << 63, "t", 1],  # SQLite cannot store it: refused at the door
+        [p.VERSION, p.BATCH, "prod", 1, "t", (1 << 64) - 1],
+        [p.VERSION, p.ACK, [1, 1 << 63]],
+        [p.VERSION, p.RESULT, 1, 1, 1, ["t"], [1 << 63]],
+    ],
+)
 def test_ints_from_two_to_the_63_are_refused(header):
     assert reason_of(msgpack.packb(header)) == "bad field"
 
 
-@pytest.mark.parametrize("header", [
-    [True, p.HEARTBEAT, 0],
-    [1.0, p.HEARTBEAT, 0],
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        [True, p.HEARTBEAT, 0],
+        [1.0, p.HEARTBEAT, 0],
+    ],
+)
 def test_version_must_be_the_integer_1(header):
     assert reason_of(msgpack.packb(header)) == "bad version"
 
 
-@pytest.mark.parametrize("header", [
-    [p.VERSION, p.BATCH, "prod", 1, "", 1],
-    [p.VERSION, p.BATCH, "", 1, "t", 1],
-    [p.VERSION, p.RESULT, 1, 1, 1, [""], [1]],
-    [p.VERSION, p.HELLO, "worker", "", 4],
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        [p.VERSION, p.BATCH, "prod", 1, "", 1],
+        [p.VERSION, p.BATCH, "", 1, "t", 1],
+        [p.VERSION, p.RESULT, 1, 1, 1, [""], [1]],
+        [p.VERSION, p.HELLO, "worker", "", 4],
+    ],
+)
 def test_empty_names_and_topics_are_refused(header):
     assert reason_of(msgpack.packb(header)) == "bad field"
 
 
-@pytest.mark.parametrize("mtype,fields", [
-    (p.BATCH, ["prod", "1", "t", 1]),            # str for int
-    (p.BATCH, [7, 1, "t", 1]),                   # int for str
-    (p.BATCH, ["prod", 1.0, "t", 1]),            # float for int
-    (p.BATCH, ["prod", True, "t", 1]),           # bool for int
-    (p.BATCH, ["prod", None, "t", 1]),           # nil for int
-    (p.HELLO, ["worker", ["w1"], 2]),            # list for str
-    (p.ACK, [5]),                                # int for list[int]
-    (p.ACK, [["1"]]),                            # list[str] for list[int]
-    (p.RESULT, [1, 1, 1, "t", [1]]),             # str for list[str]
-    (p.RESULT, [1, 1, 1, [1], [1]]),             # list[int] for list[str]
-    (p.STATUS, [[1, 2]]),                        # list for the status map
-    (p.BATCH, ["p" * (p.MAX_NAME + 1), 1, "t", 1]),   # producer id too long
-    (p.BATCH, ["prod", 1, "t" * (p.MAX_TOPIC + 1), 1]),  # topic too long
-    (p.HELLO, ["w" * 17, "w1", 1]),              # role too long
-])
+@pytest.mark.parametrize(
+    "mtype,fields",
+    [
+        (p.BATCH, ["prod", "1", "t", 1]),  # str for int
+        (p.BATCH, [7, 1, "t", 1]),  # int for str
+        (p.BATCH, ["prod", 1.0, "t", 1]),  # float for int
+        (p.BATCH, ["prod", True, "t", 1]),  # bool for int
+        (p.BATCH, ["prod", None, "t", 1]),  # nil for int
+        (p.HELLO, ["worker", ["w1"], 2]),  # list for str
+        (p.ACK, [5]),  # int for list[int]
+        (p.ACK, [["1"]]),  # list[str] for list[int]
+        (p.RESULT, [1, 1, 1, "t", [1]]),  # str for list[str]
+        (p.RESULT, [1, 1, 1, [1], [1]]),  # list[int] for list[str]
+        (p.STATUS, [[1, 2]]),  # list for the status map
+        (p.BATCH, ["p" * (p.MAX_NAME + 1), 1, "t", 1]),  # producer id too long
+        (p.BATCH, ["prod", 1, "t" * (p.MAX_TOPIC + 1), 1]),  # topic too long
+        (p.HELLO, ["w" * 17, "w1", 1]),  # role too long
+    ],
+)
 def test_wrong_field_types_are_rejected(mtype, fields):
     with pytest.raises(ProtocolError) as info:
         p.decode(msgpack.packb([p.VERSION, mtype, *fields]))
@@ -179,23 +203,26 @@ def test_wrong_field_types_are_rejected(mtype, fields):
     assert mtype in str(info.value)
 
 
-@pytest.mark.parametrize("frame,reason", [
-    (b"\xc1", "bad header"),                                     # never-used msgpack byte
-    (b"", "bad header"),
-    (b"\x93\x01", "bad header"),                                 # truncated array
-    (msgpack.packb({"v": 1}), "bad header"),                     # not an array
-    (msgpack.packb([1]), "bad header"),                          # no type
-    (msgpack.packb("batch"), "bad header"),
-    (msgpack.packb([2, p.HELLO, "worker", "w1", 1]), "bad version"),
-    (msgpack.packb([0, p.HELLO, "worker", "w1", 1]), "bad version"),
-    (msgpack.packb([1, "nope"]), "unknown type"),
-    (msgpack.packb([1, 3, "x"]), "unknown type"),
-    (msgpack.packb([1, p.HELLO, "worker", "w1"]), "bad header"),          # too few fields
-    (msgpack.packb([1, p.HELLO, "worker", "w1", 1, 2]), "bad header"),    # too many fields
-    (msgpack.packb([1, p.BYE, "extra"]), "bad header"),
-    (msgpack.packb([1, p.STATUS, {"a": 1}, 2]), "bad header"),
-    (msgpack.packb([1, p.STATUS, {1: 2}]), "bad header"),                 # non-str map key
-])
+@pytest.mark.parametrize(
+    "frame,reason",
+    [
+        (b"\xc1", "bad header"),  # never-used msgpack byte
+        (b"", "bad header"),
+        (b"\x93\x01", "bad header"),  # truncated array
+        (msgpack.packb({"v": 1}), "bad header"),  # not an array
+        (msgpack.packb([1]), "bad header"),  # no type
+        (msgpack.packb("batch"), "bad header"),
+        (msgpack.packb([2, p.HELLO, "worker", "w1", 1]), "bad version"),
+        (msgpack.packb([0, p.HELLO, "worker", "w1", 1]), "bad version"),
+        (msgpack.packb([1, "nope"]), "unknown type"),
+        (msgpack.packb([1, 3, "x"]), "unknown type"),
+        (msgpack.packb([1, p.HELLO, "worker", "w1"]), "bad header"),  # too few fields
+        (msgpack.packb([1, p.HELLO, "worker", "w1", 1, 2]), "bad header"),  # too many fields
+        (msgpack.packb([1, p.BYE, "extra"]), "bad header"),
+        (msgpack.packb([1, p.STATUS, {"a": 1}, 2]), "bad header"),
+        (msgpack.packb([1, p.STATUS, {1: 2}]), "bad header"),  # non-str map key
+    ],
+)
 def test_malformed_headers_are_rejected_with_a_reason(frame, reason):
     assert reason_of(frame) == reason
 
@@ -206,6 +233,7 @@ def test_error_message_names_the_field_count():
 
 
 # --- records ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 65535, 65536, 65537])
 def test_join_records_decodes_to_the_list(n):
@@ -278,10 +306,13 @@ def test_decode_records_enforces_max_records():
     assert info.value.reason == "bad payload"
 
 
-@pytest.mark.parametrize("header", [
-    [p.VERSION, p.BATCH, "prod", 1, "t", p.MAX_RECORDS + 1],
-    [p.VERSION, p.RESULT, 1, 1, 1, ["t"], [p.MAX_RECORDS + 1]],
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        [p.VERSION, p.BATCH, "prod", 1, "t", p.MAX_RECORDS + 1],
+        [p.VERSION, p.RESULT, 1, 1, 1, ["t"], [p.MAX_RECORDS + 1]],
+    ],
+)
 def test_a_count_past_max_records_is_refused(header):
     # A claimed count is summed into the sink's counters: a huge one must not overflow them.
     assert reason_of(msgpack.packb(header)) == "bad field"

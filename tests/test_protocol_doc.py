@@ -28,6 +28,7 @@ DEFAULT_LIVENESS = 3
 
 # --- encoding (sections 3 and 4) -----------------------------------------------------------
 
+
 def header(mtype: str, *fields: Any) -> bytes:
     return msgpack.packb([VERSION, mtype, *fields])
 
@@ -67,6 +68,7 @@ def drain(sock: zmq.Socket) -> list[list[bytes]]:
 
 
 # --- the roles ------------------------------------------------------------------------------
+
 
 class ControlPeer:
     """A DEALER on the control socket: hello/welcome, heartbeats, reset, epochs (section 6)."""
@@ -144,8 +146,13 @@ class HandProducer(ControlPeer):
 
     role = "producer"
 
-    def __init__(self, make: Callable[[int], zmq.Socket], endpoints: dict[str, str], producer_id: str,
-                 resend_after: float | None = 2.0) -> None:
+    def __init__(
+        self,
+        make: Callable[[int], zmq.Socket],
+        endpoints: dict[str, str],
+        producer_id: str,
+        resend_after: float | None = 2.0,
+    ) -> None:
         super().__init__(make, endpoints["control"], producer_id, 0)
         self.push = make(zmq.PUSH)
         self.push.connect(endpoints["intake"])
@@ -193,8 +200,14 @@ class HandWorker(ControlPeer):
 
     role = "worker"
 
-    def __init__(self, make: Callable[[int], zmq.Socket], control: str, name: str, credit: int,
-                 process: Callable[[str, list[Any]], dict[str, list[Any]]]) -> None:
+    def __init__(
+        self,
+        make: Callable[[int], zmq.Socket],
+        control: str,
+        name: str,
+        credit: int,
+        process: Callable[[str, list[Any]], dict[str, list[Any]]],
+    ) -> None:
         super().__init__(make, control, name, credit)
         self.process = process
         self.leases: list[tuple[int, int, int, str, int]] = []
@@ -216,10 +229,12 @@ class HandWorker(ControlPeer):
             self.sock.send(header("failed", epoch, batch_id, attempt, f"{type(exc).__name__}: {exc}"))
             return
         topics = list(out)
-        self.sock.send_multipart([
-            header("result", epoch, batch_id, attempt, topics, [len(out[t]) for t in topics]),
-            *(payload_of(out[t]) for t in topics),
-        ])
+        self.sock.send_multipart(
+            [
+                header("result", epoch, batch_id, attempt, topics, [len(out[t]) for t in topics]),
+                *(payload_of(out[t]) for t in topics),
+            ]
+        )
 
 
 class HandSubscriber:
@@ -270,8 +285,7 @@ class HandSubscriber:
             if last is not None and seq > last + 1:
                 self.gaps += seq - last - 1
             self.last[topic] = seq
-            msg = {"type": mtype, "topic": topic, "seq": seq, "batch_id": fields[2],
-                   "records": records_of(frames[2])}
+            msg = {"type": mtype, "topic": topic, "seq": seq, "batch_id": fields[2], "records": records_of(frames[2])}
             if mtype == "publish":
                 msg["count"] = fields[3]
             else:
@@ -324,6 +338,7 @@ def query_status(make: Callable[[int], zmq.Socket], control: str) -> dict[str, A
 
 # --- fixtures -------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def make(ctx):
     """Sockets of the test's own, every one closed with linger 0 at teardown."""
@@ -342,8 +357,13 @@ def make(ctx):
 
 @pytest.fixture
 def sink(ctx, ipc, tmp_path):
-    s = Sink(intake=ipc["intake"], control=ipc["control"], results=ipc["results"],
-             ledger=str(tmp_path / "ledger.db"), context=ctx)
+    s = Sink(
+        intake=ipc["intake"],
+        control=ipc["control"],
+        results=ipc["results"],
+        ledger=str(tmp_path / "ledger.db"),
+        context=ctx,
+    )
     s.start()
     yield s
     s.close()
@@ -359,6 +379,7 @@ def fan_out(topic: str, records: list[Any]) -> dict[str, list[Any]]:
 
 
 # --- tests ----------------------------------------------------------------------------------
+
 
 @pytest.mark.timeout(30)
 def test_roles_written_from_the_spec_deliver_every_record_once(sink, make, ipc):
@@ -378,8 +399,9 @@ def test_roles_written_from_the_spec_deliver_every_record_once(sink, make, ipc):
         producer.send(seq, "numbers", [{"n": n} for n in range(first, first + per_batch)])
 
     loop.until(lambda: not producer.unacked, what="acks for every seq")
-    loop.until(lambda: len(sub.on("doc.square")) == batches and len(sub.on("doc.parity")) == batches,
-               what="every result")
+    loop.until(
+        lambda: len(sub.on("doc.square")) == batches and len(sub.on("doc.parity")) == batches, what="every result"
+    )
     loop.sync(sub)  # a barrier: everything published before the answer has arrived
 
     assert set(producer.acks) == set(range(1, batches + 1))
@@ -430,8 +452,10 @@ def test_duplicate_batch_is_acked_twice_and_processed_once(sink, make, ipc):
     loop.until(lambda: producer.acks[2] == 1, what="the ack of seq 2")
     loop.until(lambda: len(sub.messages) == 4, what="the results of two batches")
 
-    status = loop.until(lambda: (s := query_status(make, ipc["control"]))["published"] == 4 and s,
-                        what="the sink to have published both batches")
+    status = loop.until(
+        lambda: (s := query_status(make, ipc["control"]))["published"] == 4 and s,
+        what="the sink to have published both batches",
+    )
     loop.sync(sub)  # everything published so far has arrived
 
     assert producer.pushed == {1: 2, 2: 1}
@@ -475,8 +499,9 @@ def test_failed_batch_is_replayed_then_dead_lettered_and_stale_answers_are_fence
     producer.send(2, "numbers", [{"n": n} for n in range(5)])
     loop.until(lambda: not producer.unacked, what="both acks")
     loop.until(lambda: sub.on("zfan.dead") and len(sub.on("doc.square")) == 1, what="the dead letter")
-    status = loop.until(lambda: (s := query_status(make, ipc["control"]))["published"] == 3 and s,
-                        what="everything published")
+    status = loop.until(
+        lambda: (s := query_status(make, ipc["control"]))["published"] == 3 and s, what="everything published"
+    )
     loop.sync(sub)
 
     doom_leases = [lease for lease in worker.leases if lease[3] == "doom"]
@@ -517,10 +542,17 @@ def test_rejected_messages_are_dropped_and_counted_without_reply(sink, make, ipc
     mtype, fields = parse(wait_for(lambda: peer.poll(50) and peer.recv_multipart(), what="a reset")[0])
     assert (mtype, fields) == ("reset", ["unknown peer: send hello"])
 
-    expected = {"reserved topic": 1, "bad frame count": 1, "bad version": 1, "bad credit": 1,
-                "bad header": 1, "unexpected type": 1}
-    status = wait_for(lambda: (s := query_status(make, ipc["control"]))["rejected"] == expected and s,
-                      what="every rejection counted")
+    expected = {
+        "reserved topic": 1,
+        "bad frame count": 1,
+        "bad version": 1,
+        "bad credit": 1,
+        "bad header": 1,
+        "unexpected type": 1,
+    }
+    status = wait_for(
+        lambda: (s := query_status(make, ipc["control"]))["rejected"] == expected and s, what="every rejection counted"
+    )
     assert status["resets"] == 1
     assert "batches_in" not in status and status["workers"] == []
     # The rejected messages were answered by nothing: the reset above was the first reply, and
@@ -587,9 +619,10 @@ def test_heads_and_a_cursor_of_more_topics_than_one_answer_holds_come_in_pages(s
     assert heads_sweep(sock, ["nothing."], 0)[0] == {}
 
     positions = [(t, 1) for t in topics]
-    for part in (positions[:n // 2], positions[n // 2:]):
+    for part in (positions[: n // 2], positions[n // 2 :]):
         sock.send(header("commit", "doc-durable", [t for t, _ in part], [s for _, s in part]))
     assert cursor_pages(sock, "nobody") == [[]], "nothing stored: a first run"
-    pages_read = loop.until(lambda: (c := cursor_pages(sock, "doc-durable")) and len(c) > 1 and c,
-                            what="the committed positions")
+    pages_read = loop.until(
+        lambda: (c := cursor_pages(sock, "doc-durable")) and len(c) > 1 and c, what="the committed positions"
+    )
     assert [pair for page in pages_read for pair in page] == positions

@@ -41,6 +41,7 @@ def held(s: Sequencer[M]) -> int:
 
 # --- delivery ---------------------------------------------------------------------------------
 
+
 def test_results_in_order_are_delivered_at_once(clock):
     s = make(clock)
     assert offer(s, "t", 1, 2, 3) == [True, True, True]
@@ -100,6 +101,7 @@ def test_duplicates_are_dropped_from_the_stream_and_from_replays(clock):
 
 # --- what to ask the sink for ----------------------------------------------------------------
 
+
 def test_requests_ask_for_the_gap_before_the_first_held_result(clock):
     s = make(clock)
     offer(s, "t", 1, 5, 6, 9)
@@ -145,6 +147,7 @@ def test_requests_per_topic(clock):
 
 
 # --- where a subscriber starts ----------------------------------------------------------------
+
 
 def test_a_long_gap_is_asked_for_one_sink_answer_at_a_time(clock):
     from zfan.protocol import MAX_REPLAY
@@ -212,6 +215,7 @@ def test_head_of_an_unseen_topic_asks_from_its_start(clock):
 
 # --- results the sink no longer has ------------------------------------------------------------
 
+
 def test_missing_reports_a_retention_gap_and_releases_what_was_held(clock):
     s = make(clock)
     offer(s, "t", 1, 6, 7)
@@ -258,6 +262,7 @@ def test_missing_ends_the_wait_for_an_answer(clock):
 
 
 # --- without a control channel, and with little memory -----------------------------------------
+
 
 def test_without_repair_a_gap_is_skipped_and_counted(clock):
     s = make(clock, repair=False)

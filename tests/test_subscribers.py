@@ -39,8 +39,9 @@ def seqs_of(msgs: Iterable) -> dict[str, list[int]]:
     return seqs
 
 
-def take(sub: Subscriber, records: int, timeout: float = 20.0,
-         handler: Callable[[object], object] | None = None) -> list:
+def take(
+    sub: Subscriber, records: int, timeout: float = 20.0, handler: Callable[[object], object] | None = None
+) -> list:
     """Results from the subscriber until they hold `records` records; fail at the deadline."""
     got: list = []
     n = 0
@@ -48,8 +49,10 @@ def take(sub: Subscriber, records: int, timeout: float = 20.0,
     while n < records:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise AssertionError(f"timed out after {timeout} s with {n} of {records} records "
-                                 f"(replayed {sub.replayed}, duplicates {sub.duplicates}, gaps {sub.gaps})")
+            raise AssertionError(
+                f"timed out after {timeout} s with {n} of {records} records "
+                f"(replayed {sub.replayed}, duplicates {sub.duplicates}, gaps {sub.gaps})"
+            )
         msg = sub.recv(min(left, 0.25))
         if msg is not None:
             if handler is not None:
@@ -61,11 +64,17 @@ def take(sub: Subscriber, records: int, timeout: float = 20.0,
 
 def all_done(control: str, ctx, batches: int | None = None) -> Callable[[], bool]:
     """True once the sink has every batch it received done (and published)."""
+
     def done() -> bool:
         info = query_status(control, context=ctx)
-        return (info["pending"] == 0 and info["leased"] == 0 and info["done"] > 0
-                and info.get("published", 0) >= info.get("batches_done", 0)
-                and (batches is None or info["done"] >= batches))
+        return (
+            info["pending"] == 0
+            and info["leased"] == 0
+            and info["done"] > 0
+            and info.get("published", 0) >= info.get("batches_done", 0)
+            and (batches is None or info["done"] >= batches)
+        )
+
     return done
 
 
@@ -102,12 +111,15 @@ def sink(tmp_path, ctx):
 
 # --- 1. a slow subscriber -------------------------------------------------------------------------
 
+
 def test_a_slow_subscriber_catches_up_with_every_result_once_in_order(tmp_path, ipc, ctx):
     n, size = 3000, 10
     # ipc: small kernel buffers, so that ZeroMQ's queues (10 at the sink, 5 here) fill and drop.
-    with Sink(**ipc, ledger=str(tmp_path / "z.db"), publish_hwm=10, context=ctx) as sink, \
-            Worker(echo, control=sink.control, context=ctx), \
-            Subscriber(results=sink.results, control=sink.control, hwm=5, context=ctx) as sub:
+    with (
+        Sink(**ipc, ledger=str(tmp_path / "z.db"), publish_hwm=10, context=ctx) as sink,
+        Worker(echo, control=sink.control, context=ctx),
+        Subscriber(results=sink.results, control=sink.control, hwm=5, context=ctx) as sub,
+    ):
         assert sub.wait_ready(5)
         with Producer(intake=sink.intake, control=sink.control, batch_size=size, context=ctx) as prod:
             streamer = Streamer(prod, numbered(0, n, pad=500))
@@ -127,15 +139,20 @@ def test_a_slow_subscriber_catches_up_with_every_result_once_in_order(tmp_path, 
 
 # --- 2. late subscribers -----------------------------------------------------------------------------
 
+
 def test_a_late_durable_subscriber_gets_everything_retained_and_a_plain_one_only_what_follows(sink, ctx):
-    with Worker(echo, control=sink.control, context=ctx), \
-            Producer(intake=sink.intake, control=sink.control, batch_size=10, context=ctx) as prod:
+    with (
+        Worker(echo, control=sink.control, context=ctx),
+        Producer(intake=sink.intake, control=sink.control, batch_size=10, context=ctx) as prod,
+    ):
         prod.send_many(numbered(0, 500), "t")
         prod.flush()
         wait_for(all_done(sink.control, ctx), what="the first 500 records published")
 
-        with Subscriber(results=sink.results, control=sink.control, durable="late", context=ctx) as late, \
-                Subscriber(results=sink.results, control=sink.control, context=ctx) as plain:
+        with (
+            Subscriber(results=sink.results, control=sink.control, durable="late", context=ctx) as late,
+            Subscriber(results=sink.results, control=sink.control, context=ctx) as plain,
+        ):
             assert late.wait_ready(5) and plain.wait_ready(5)
             old = take(late, 500)
             verdict = check(range(500), ids_of(old), seqs_of(old))
@@ -157,15 +174,19 @@ def test_a_late_durable_subscriber_gets_everything_retained_and_a_plain_one_only
             assert verdict.ok, verdict
 
 
-START_RACE = ("zfan/nodes/subscriber.py _from_stream offers live results to the Sequencer before the "
-              "subscriber knows where to start, which sets Sequencer.next[topic] = 1; start_at "
-              "(zfan/sequencing.py) then skips that topic, so the durable cursor or the heads are ignored "
-              "and the subscriber starts at seq 1")
+START_RACE = (
+    "zfan/nodes/subscriber.py _from_stream offers live results to the Sequencer before the "
+    "subscriber knows where to start, which sets Sequencer.next[topic] = 1; start_at "
+    "(zfan/sequencing.py) then skips that topic, so the durable cursor or the heads are ignored "
+    "and the subscriber starts at seq 1"
+)
 
 
 def test_a_plain_subscriber_that_starts_while_results_flow_does_not_get_the_history(sink, ctx):
-    with Worker(echo, control=sink.control, context=ctx), \
-            Producer(intake=sink.intake, control=sink.control, batch_size=10, context=ctx) as prod:
+    with (
+        Worker(echo, control=sink.control, context=ctx),
+        Producer(intake=sink.intake, control=sink.control, batch_size=10, context=ctx) as prod,
+    ):
         prod.send_many(numbered(0, 500), "t")
         prod.flush()
         wait_for(all_done(sink.control, ctx, 50), what="the first 500 records published")
@@ -184,10 +205,13 @@ def test_a_plain_subscriber_that_starts_while_results_flow_does_not_get_the_hist
 
 # --- 3. durable subscribers resume where the last one stopped -----------------------------------------
 
+
 def test_a_durable_subscriber_resumes_exactly_after_the_last_one(sink, ctx):
     n = 3000
-    with Worker(echo, control=sink.control, context=ctx), \
-            Producer(intake=sink.intake, control=sink.control, batch_size=10, context=ctx) as prod:
+    with (
+        Worker(echo, control=sink.control, context=ctx),
+        Producer(intake=sink.intake, control=sink.control, batch_size=10, context=ctx) as prod,
+    ):
         with Subscriber(results=sink.results, control=sink.control, durable="d", context=ctx) as first:
             assert first.wait_ready(5)
             streamer = Streamer(prod, numbered(0, n))
@@ -205,8 +229,10 @@ def test_a_durable_subscriber_resumes_exactly_after_the_last_one(sink, ctx):
 
 
 def test_a_durable_subscriber_resumes_exactly_after_the_last_one_while_results_flow(sink, ctx):
-    with Worker(echo, control=sink.control, context=ctx), \
-            Producer(intake=sink.intake, control=sink.control, batch_size=10, context=ctx) as prod:
+    with (
+        Worker(echo, control=sink.control, context=ctx),
+        Producer(intake=sink.intake, control=sink.control, batch_size=10, context=ctx) as prod,
+    ):
         with Subscriber(results=sink.results, control=sink.control, durable="d", context=ctx) as first:
             assert first.wait_ready(5)
             prod.send_many(numbered(0, 1000), "t")
@@ -229,14 +255,29 @@ def endpoint_args(ipc: dict[str, str], *names: str) -> list[str]:
 
 def test_cli_durable_subscribe_twice_takes_every_result_once(tmp_path, ipc, roles, ctx):
     n = 2000
-    sink = roles("sink", "--workers", "1", "--app", "zfan.apps:echo", "--ledger", str(tmp_path / "z.db"),
-                 *endpoint_args(ipc, "intake", "control", "results"))
+    sink = roles(
+        "sink",
+        "--workers",
+        "1",
+        "--app",
+        "zfan.apps:echo",
+        "--ledger",
+        str(tmp_path / "z.db"),
+        *endpoint_args(ipc, "intake", "control", "results"),
+    )
     sink.wait_ready()
     prod = run_cli("produce", "--count", str(n), "--batch-size", "100", *endpoint_args(ipc, "intake", "control"))
     assert prod.returncode == 0, prod.stderr
-    info = wait_for(lambda: (i := query_status(ipc["control"], context=ctx))["pending"] == 0
-                    and i["leased"] == 0 and i["done"] >= 1 and i.get("published", 0) >= i["done"] and i,
-                    what="every batch published")
+    info = wait_for(
+        lambda: (
+            (i := query_status(ipc["control"], context=ctx))["pending"] == 0
+            and i["leased"] == 0
+            and i["done"] >= 1
+            and i.get("published", 0) >= i["done"]
+            and i
+        ),
+        what="every batch published",
+    )
     results = info["published"]  # one per batch: echo publishes each batch on its own topic
     sub = ("subscribe", "--durable", "cli", *endpoint_args(ipc, "results", "control"))
     first = run_cli(*sub, "--count", "7")
@@ -254,20 +295,23 @@ def test_cli_durable_subscribe_twice_takes_every_result_once(tmp_path, ipc, role
 
 # --- 4. retention ----------------------------------------------------------------------------------------
 
+
 def wait_pruned(sink, ctx, n: int) -> None:
     """Pruning runs about once a second: wait until it has dropped `n` results."""
-    wait_for(lambda: query_status(sink.control, context=ctx).get("results_pruned", 0) >= n,
-             what=f"{n} results pruned")
+    wait_for(lambda: query_status(sink.control, context=ctx).get("results_pruned", 0) >= n, what=f"{n} results pruned")
 
 
 @contextmanager
 def retaining(results: int, tmp_path, ctx):
     """A sink that keeps only the newest `results` results, an echo worker, and a producer of
     one record per batch."""
-    with Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), retain_count=results,
-              context=ctx) as sink, \
-            Worker(echo, control=sink.control, context=ctx), \
-            Producer(intake=sink.intake, control=sink.control, batch_size=1, context=ctx) as prod:
+    with (
+        Sink(
+            intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), retain_count=results, context=ctx
+        ) as sink,
+        Worker(echo, control=sink.control, context=ctx),
+        Producer(intake=sink.intake, control=sink.control, batch_size=1, context=ctx) as prod,
+    ):
         yield sink, prod
 
 
@@ -289,8 +333,7 @@ def test_a_durable_subscriber_behind_the_retention_is_told_what_it_lost_and_goes
             after = take(sub, 20)
             assert sub.recv(0.2) is None
         assert query_status(sink.control, context=ctx)["results_pruned"] == 80
-    assert str(gap.value) == ("results t seq 11 to 80 are lost to this subscriber: "
-                              "no longer retained by the sink")
+    assert str(gap.value) == ("results t seq 11 to 80 are lost to this subscriber: no longer retained by the sink")
     assert (gap.value.topic, gap.value.first, gap.value.last) == ("t", 11, 80)
     assert sub.lost == 70
     assert all(m.records == [{"id": m.seq - 1}] for m in before + after)
@@ -338,10 +381,16 @@ def test_a_durable_subscriber_skips_quietly_only_on_its_first_run(tmp_path, ctx)
 
 # --- 5. zfan sink --retain ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("value", ["garbage", "0", "-3h", "10x"])
 def test_sink_refuses_a_retention_it_cannot_read(value, tmp_path, ipc):
-    res = run_cli("sink", f"--retain={value}", "--ledger", str(tmp_path / "z.db"),
-                  *endpoint_args(ipc, "intake", "control", "results"))
+    res = run_cli(
+        "sink",
+        f"--retain={value}",
+        "--ledger",
+        str(tmp_path / "z.db"),
+        *endpoint_args(ipc, "intake", "control", "results"),
+    )
     assert res.returncode == 2, (res.returncode, res.stderr)
     assert "Traceback" not in res.stderr
     lines = res.stderr.strip().splitlines()
@@ -354,8 +403,14 @@ def test_sink_refuses_a_retention_it_cannot_read(value, tmp_path, ipc):
 
 @pytest.mark.parametrize("value", ["30m", "5000"])
 def test_sink_accepts_a_count_or_an_age_to_retain(value, tmp_path, ipc, roles):
-    sink = roles("sink", "--retain", value, "--ledger", str(tmp_path / "z.db"),
-                 *endpoint_args(ipc, "intake", "control", "results"))
+    sink = roles(
+        "sink",
+        "--retain",
+        value,
+        "--ledger",
+        str(tmp_path / "z.db"),
+        *endpoint_args(ipc, "intake", "control", "results"),
+    )
     assert "zfan sink: ready" in sink.wait_ready()
     assert sink.stop() == 0, sink.stderr
     assert "error" not in sink.stderr.lower(), sink.stderr
@@ -363,14 +418,17 @@ def test_sink_accepts_a_count_or_an_age_to_retain(value, tmp_path, ipc, roles):
 
 # --- 6. a sink restart ---------------------------------------------------------------------------------------
 
+
 def test_a_subscriber_ends_with_every_result_once_across_a_sink_restart(tmp_path, ipc, ctx):
     n1, n2 = 1000, 1000
     ledger = str(tmp_path / "z.db")
     sink = Sink(**ipc, ledger=ledger, context=ctx).start()
     try:
-        with Worker(echo, control=ipc["control"], context=ctx), \
-                Producer(intake=ipc["intake"], control=ipc["control"], batch_size=10, context=ctx) as prod, \
-                Subscriber(results=ipc["results"], control=ipc["control"], context=ctx) as sub:
+        with (
+            Worker(echo, control=ipc["control"], context=ctx),
+            Producer(intake=ipc["intake"], control=ipc["control"], batch_size=10, context=ctx) as prod,
+            Subscriber(results=ipc["results"], control=ipc["control"], context=ctx) as sub,
+        ):
             assert sub.wait_ready(5)
             streamer = Streamer(prod, numbered(0, n1))
             got = take(sub, 200)
@@ -395,15 +453,19 @@ def test_a_subscriber_ends_with_every_result_once_across_a_sink_restart(tmp_path
 
 def test_numbering_continues_after_a_restart_when_every_result_was_pruned(tmp_path, ipc, ctx):
     ledger = str(tmp_path / "z.db")
-    with Worker(echo, control=ipc["control"], context=ctx), \
-            Producer(intake=ipc["intake"], control=ipc["control"], batch_size=10, context=ctx) as prod:
+    with (
+        Worker(echo, control=ipc["control"], context=ctx),
+        Producer(intake=ipc["intake"], control=ipc["control"], batch_size=10, context=ctx) as prod,
+    ):
         with Sink(**ipc, ledger=ledger, retain_age=0.2, context=ctx) as sink:
             with Subscriber(results=sink.results, control=sink.control, durable="d", context=ctx) as sub:
                 assert sub.wait_ready(5)
                 prod.send_many(numbered(0, 500), "t")
                 before = take(sub, 500)
-            wait_for(lambda: query_status(sink.control, context=ctx).get("results_pruned", 0) >= 50,
-                     what="every result older than 0.2 s pruned")
+            wait_for(
+                lambda: query_status(sink.control, context=ctx).get("results_pruned", 0) >= 50,
+                what="every result older than 0.2 s pruned",
+            )
         with Sink(**ipc, ledger=ledger, retain_age=0.2, context=ctx) as sink:
             with Subscriber(results=sink.results, control=sink.control, durable="d", context=ctx) as sub:
                 assert sub.wait_ready(5)
@@ -424,6 +486,7 @@ def test_a_result_whose_records_cannot_be_decoded_is_reported_once_and_skipped(c
     port = pub.bind_to_random_port("tcp://127.0.0.1")
     try:
         with Subscriber(results=f"tcp://127.0.0.1:{port}", context=ctx) as sub:
+
             def sync() -> bool:
                 """Answer the subscriber's handshake as a sink does."""
                 sub.wait_ready(0.01)  # the subscriber is single-threaded: let it read meanwhile
@@ -437,8 +500,9 @@ def test_a_result_whose_records_cannot_be_decoded_is_reported_once_and_skipped(c
             for seq, payload in ((1, msgpack.packb([1])), (2, b"\xc1 not msgpack"), (3, msgpack.packb([3]))):
                 pub.send_multipart([b"t", p.encode(p.PUBLISH, "t", seq, seq, 1), payload])
             first = sub.recv(5)
-            with pytest.raises(RetentionGap, match="results t seq 2 to 2 are lost to this subscriber: "
-                                                   "its records cannot be decoded"):
+            with pytest.raises(
+                RetentionGap, match="results t seq 2 to 2 are lost to this subscriber: its records cannot be decoded"
+            ):
                 sub.recv(5)
             third = sub.recv(5)
             assert sub.rejected["bad payload"] == 1

@@ -38,14 +38,20 @@ def echo(records: list[Any]) -> list[Any]:
     return records
 
 
-def readings(count: int | None = None, *, sensors: int = 16, start: int = 0, source: str = "p",
-             seed: int | None = None) -> Iterator[dict[str, Any]]:
+def readings(
+    count: int | None = None, *, sensors: int = 16, start: int = 0, source: str = "p", seed: int | None = None
+) -> Iterator[dict[str, Any]]:
     """Synthetic sensor readings, about 100 bytes each: ``{"id", "sensor", "ts", "value", "unit"}``."""
     rng = random.Random(seed)
     ts = 1_700_000_000.0
     i = start
     while count is None or i < start + count:
         s = rng.randrange(sensors)
-        yield {"id": i, "sensor": f"{source}-{s:03d}", "ts": round(ts + i * 0.001, 3),
-               "value": round(20.0 + 5.0 * rng.random() + s * 0.1, 3), "unit": "celsius"}
+        yield {
+            "id": i,
+            "sensor": f"{source}-{s:03d}",
+            "ts": round(ts + i * 0.001, 3),
+            "value": round(20.0 + 5.0 * rng.random() + s * 0.1, 3),
+            "unit": "celsius",
+        }
         i += 1

@@ -32,9 +32,7 @@ def check_endpoint(endpoint: str, *, what: str = "endpoint") -> str:
     m = _IPC.match(endpoint)
     if m and m.group("path").strip():
         return endpoint
-    raise ConfigError(
-        f"{what} {endpoint!r} is not a valid endpoint: use tcp://HOST:PORT or ipc:///path/to/socket"
-    )
+    raise ConfigError(f"{what} {endpoint!r} is not a valid endpoint: use tcp://HOST:PORT or ipc:///path/to/socket")
 
 
 def connect_address(bound: str) -> str:

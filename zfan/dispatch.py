@@ -26,8 +26,9 @@ from .liveness import Beat, LastHeard, Tracker
 log = logging.getLogger(__name__)
 
 INTAKE_TYPES = frozenset({p.BATCH})
-CONTROL_TYPES = frozenset({p.HELLO, p.HEARTBEAT, p.RESULT, p.FAILED, p.STATUS, p.BYE,
-                           p.REPLAY, p.HEADS, p.GET_CURSOR, p.COMMIT})
+CONTROL_TYPES = frozenset(
+    {p.HELLO, p.HEARTBEAT, p.RESULT, p.FAILED, p.STATUS, p.BYE, p.REPLAY, p.HEADS, p.GET_CURSOR, p.COMMIT}
+)
 # Requests any peer may make without a hello: they change no peer's state.
 STATELESS = frozenset({p.HELLO, p.STATUS, p.REPLAY, p.HEADS, p.GET_CURSOR, p.COMMIT})
 PRUNE_EVERY = 1.0  # seconds between retention passes
@@ -93,12 +94,21 @@ class Outbox:
 
 
 class SinkCore:
-    def __init__(self, ledger: Ledger, *, limits: Limits | None = None, timing: Timing | None = None,
-                 max_attempts: int = 3,
-                 batch_timeout: float = 300.0, cache_bytes: int = 256 << 20,
-                 retain_count: int | None = None, retain_age: float | None = None,
-                 key_allowed: Callable[[str], bool] | None = None,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        limits: Limits | None = None,
+        timing: Timing | None = None,
+        max_attempts: int = 3,
+        batch_timeout: float = 300.0,
+        cache_bytes: int = 256 << 20,
+        retain_count: int | None = None,
+        retain_age: float | None = None,
+        key_allowed: Callable[[str], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.ledger = ledger
         # With CURVE: whether a message's key is still allowed (keys can be removed while
         # their connections stay open).
@@ -139,9 +149,16 @@ class SinkCore:
         # Results stored but not yet known to be published: an earlier sink's leftovers first.
         self._to_publish: list[Stored] = list(ledger.results_after(ledger.published_upto()))
         self._handlers: dict[str, Callable[[bytes, list[Any], list[bytes]], None]] = {
-            p.HELLO: self._hello, p.HEARTBEAT: self._heartbeat, p.RESULT: self._result,
-            p.FAILED: self._failed, p.STATUS: self._status, p.BYE: self._bye,
-            p.REPLAY: self._replay, p.HEADS: self._heads, p.GET_CURSOR: self._get_cursor, p.COMMIT: self._commit,
+            p.HELLO: self._hello,
+            p.HEARTBEAT: self._heartbeat,
+            p.RESULT: self._result,
+            p.FAILED: self._failed,
+            p.STATUS: self._status,
+            p.BYE: self._bye,
+            p.REPLAY: self._replay,
+            p.HEADS: self._heads,
+            p.GET_CURSOR: self._get_cursor,
+            p.COMMIT: self._commit,
         }
 
     # --- events ----------------------------------------------------------------------------
@@ -221,8 +238,7 @@ class SinkCore:
             lease = self.leases.pop(batch_id)
             # The worker keeps the batch in `held` (its credit stays used) until it answers.
             self.counts["leased"] -= 1
-            self._lease_ended(batch_id, lease.attempt,
-                              f"batch timeout: no result after {self.batch_timeout:g} s")
+            self._lease_ended(batch_id, lease.attempt, f"batch timeout: no result after {self.batch_timeout:g} s")
             self.stats["batch timeouts"] += 1
         if self.beat.due(now):
             header = p.encode(p.HEARTBEAT, self.epoch)
@@ -251,8 +267,11 @@ class SinkCore:
         # is pending again, exactly what recover() makes of a lease after a crash.
         if self.ledger.uncommitted:
             now = self.clock()
-            if self._acks or self._to_publish or (self._dirty_since is not None
-                                                   and now >= self._dirty_since + COMMIT_WITHIN):
+            if (
+                self._acks
+                or self._to_publish
+                or (self._dirty_since is not None and now >= self._dirty_since + COMMIT_WITHIN)
+            ):
                 self.ledger.commit()
                 self._dirty_since = None
             elif self._dirty_since is None:
@@ -292,8 +311,12 @@ class SinkCore:
         return {
             "epoch": self.epoch,
             "workers": [
-                {"name": w.name, "credit": w.credit, "in_flight": len(w.held),
-                 "idle_ms": round(self.peers.idle(w.rid, now) * 1000) if w.rid in self.peers else None}
+                {
+                    "name": w.name,
+                    "credit": w.credit,
+                    "in_flight": len(w.held),
+                    "idle_ms": round(self.peers.idle(w.rid, now) * 1000) if w.rid in self.peers else None,
+                }
                 for w in self.workers.values()
             ],
             "producers": len(self.producers),
@@ -403,9 +426,11 @@ class SinkCore:
         name, after_topic = fields
         # One row beyond a page tells whether another page follows.
         rows = self.ledger.cursor_page(name, after_topic, p.MAX_TOPICS + 1)
-        page = rows[:p.pairs_that_fit(rows)]
-        self._send(rid, p.encode(p.CURSOR, name, after_topic, [t for t, _ in page], [s for _, s in page],
-                                 len(page) < len(rows)))
+        page = rows[: p.pairs_that_fit(rows)]
+        self._send(
+            rid,
+            p.encode(p.CURSOR, name, after_topic, [t for t, _ in page], [s for _, s in page], len(page) < len(rows)),
+        )
 
     def _commit(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
         name, topics, seqs = fields
@@ -443,11 +468,16 @@ class SinkCore:
             self.leases[batch.batch_id] = Lease(worker.rid, attempt, now + self.batch_timeout)
             self.counts["pending"] -= 1
             self.counts["leased"] += 1
-            self._out.to_peers.append((worker.rid, [
-                p.encode(p.LEASE, self.epoch, batch.batch_id, attempt, batch.topic, batch.count), payload]))
+            self._out.to_peers.append(
+                (
+                    worker.rid,
+                    [p.encode(p.LEASE, self.epoch, batch.batch_id, attempt, batch.topic, batch.count), payload],
+                )
+            )
 
-    def _lease_ended(self, batch_id: int, attempt: int, error: str, *, charge: bool = True,
-                     suspect: bool = False) -> None:
+    def _lease_ended(
+        self, batch_id: int, attempt: int, error: str, *, charge: bool = True, suspect: bool = False
+    ) -> None:
         """A lease ended without a result: replay the batch, or dead-letter it at max attempts.
         A lease that ended through no fault of the batch (`charge` false) gives its attempt back;
         one that may have been its fault (`suspect`) is replayed alone to find out."""
@@ -463,8 +493,12 @@ class SinkCore:
             seq = self._next_seq(p.DEAD_TOPIC)
             self._to_publish.append(self.ledger.dead_letter(batch_id, p.DEAD_TOPIC, seq, error))
             self.counts["dead"] += 1
-            log.warning("batch %d dead-lettered after %d attempts: %s", batch_id, attempt,
-                        error.strip().splitlines()[-1] if error.strip() else "")
+            log.warning(
+                "batch %d dead-lettered after %d attempts: %s",
+                batch_id,
+                attempt,
+                error.strip().splitlines()[-1] if error.strip() else "",
+            )
         else:
             self.ledger.release(batch_id, error)
             # To the front: a replayed batch is the oldest work there is.
@@ -500,18 +534,30 @@ class SinkCore:
             self.producers = {k: v for k, v in self.producers.items() if v != rid}
         if worker is None:
             return
-        live = [(b, a) for b, a in worker.held
-                if (lease := self.leases.get(b)) is not None and lease.rid == rid and lease.attempt == a]
+        live = [
+            (b, a)
+            for b, a in worker.held
+            if (lease := self.leases.get(b)) is not None and lease.rid == rid and lease.attempt == a
+        ]
         cut = why == "silent" and not fault
         (log.warning if live else log.info)(
-            "worker %s gone (%s); replaying %d batch(es)%s", worker.name, why, len(live),
-            " at no cost of an attempt: every peer fell silent at once, the sink's own link failed" if cut else "")
+            "worker %s gone (%s); replaying %d batch(es)%s",
+            worker.name,
+            why,
+            len(live),
+            " at no cost of an attempt: every peer fell silent at once, the sink's own link failed" if cut else "",
+        )
         # Newest first, since each goes to the front of the queue: they end up oldest first.
         for batch_id, attempt in sorted(live, reverse=True):
             del self.leases[batch_id]
             self.counts["leased"] -= 1
-            self._lease_ended(batch_id, attempt, f"worker {worker.name} {why} (attempt {attempt})",
-                              charge=fault and len(live) == 1, suspect=fault and len(live) > 1)
+            self._lease_ended(
+                batch_id,
+                attempt,
+                f"worker {worker.name} {why} (attempt {attempt})",
+                charge=fault and len(live) == 1,
+                suspect=fault and len(live) > 1,
+            )
 
     # --- helpers ---------------------------------------------------------------------------
     def _next_seq(self, topic: str) -> int:
@@ -538,8 +584,9 @@ class SinkCore:
             if len(self._logged) > 10_000:
                 self._logged.clear()  # bounded however many peers misbehave
             self._logged[peer] = now
-            log.warning("refused a message from %s: %s (%d refused so far)", _peer_name(peer), exc,
-                        sum(self.rejected.values()))
+            log.warning(
+                "refused a message from %s: %s (%d refused so far)", _peer_name(peer), exc, sum(self.rejected.values())
+            )
 
     def _publish_frames(self, s: Stored) -> list[bytes]:
         if s.kind == 0:

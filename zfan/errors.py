@@ -31,8 +31,9 @@ class LedgerFull(LedgerError):
 
     def __init__(self, ledger: str) -> None:
         # Acks follow commits, so what was acknowledged is in the ledger; the rest is resent.
-        super().__init__(f"ledger {ledger}: disk full; nothing acknowledged is lost "
-                         "(free space and start the sink again)")
+        super().__init__(
+            f"ledger {ledger}: disk full; nothing acknowledged is lost (free space and start the sink again)"
+        )
         self.ledger = ledger
 
 

@@ -46,8 +46,9 @@ class HeadLog:
         if len(self._positions) > 2 * len(self._at) + _SLACK:
             self._compact()
 
-    def page(self, after: int, prefixes: tuple[str, ...], heads: dict[str, int],
-             scan_limit: int = SCAN_LIMIT) -> tuple[list[tuple[str, int]], int, bool]:
+    def page(
+        self, after: int, prefixes: tuple[str, ...], heads: dict[str, int], scan_limit: int = SCAN_LIMIT
+    ) -> tuple[list[tuple[str, int]], int, bool]:
         """The (topic, head) pairs of topics matching `prefixes` whose head changed after
         position `after`, in change order, as many as one header holds; the position to ask
         from next; and whether more may follow."""

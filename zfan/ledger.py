@@ -161,8 +161,9 @@ class Ledger:
     def recover(self) -> int:
         """Put batches leased by an earlier sink back to pending; return how many. The sink's
         own death is no fault of the batch: that lease does not count as an attempt."""
-        n = self._write("UPDATE batches SET state=?, attempts=max(attempts - 1, 0) WHERE state=?",
-                        (PENDING, LEASED)).rowcount
+        n = self._write(
+            "UPDATE batches SET state=?, attempts=max(attempts - 1, 0) WHERE state=?", (PENDING, LEASED)
+        ).rowcount
         self.commit()
         return n
 
@@ -184,8 +185,11 @@ class Ledger:
 
     def save_heads(self, heads: dict[str, int]) -> None:
         for topic, seq in heads.items():
-            self._write("INSERT INTO topics (topic, seq) VALUES (?,?) "
-                        "ON CONFLICT (topic) DO UPDATE SET seq=max(seq, excluded.seq)", (topic, seq))
+            self._write(
+                "INSERT INTO topics (topic, seq) VALUES (?,?) "
+                "ON CONFLICT (topic) DO UPDATE SET seq=max(seq, excluded.seq)",
+                (topic, seq),
+            )
 
     def published_upto(self) -> int:
         rows = self._read("SELECT value FROM meta WHERE key='published'")
@@ -193,8 +197,8 @@ class Ledger:
 
     def results_after(self, result_id: int) -> list[Stored]:
         rows = self._read(
-            "SELECT id, batch_id, topic, seq, count, kind, payload FROM results WHERE id > ? ORDER BY id",
-            (result_id,))
+            "SELECT id, batch_id, topic, seq, count, kind, payload FROM results WHERE id > ? ORDER BY id", (result_id,)
+        )
         return [Stored(*r) for r in rows]
 
     # --- the life of a batch ---------------------------------------------------------------
@@ -202,7 +206,8 @@ class Ledger:
         """Store a new batch as pending and return its id; None if (producer, seq) is stored already."""
         cur = self._write(
             "INSERT OR IGNORE INTO batches (producer, seq, topic, count, payload, state) VALUES (?,?,?,?,?,?)",
-            (producer, seq, topic, count, payload, PENDING))
+            (producer, seq, topic, count, payload, PENDING),
+        )
         return cur.lastrowid if cur.rowcount else None
 
     def payload(self, batch_id: int) -> bytes:
@@ -218,8 +223,10 @@ class Ledger:
 
     def release(self, batch_id: int, error: str | None = None, *, attempts: int | None = None) -> None:
         """Back to pending, keeping the attempt count unless given (and the last error, if any)."""
-        self._write("UPDATE batches SET state=?, error=coalesce(?, error), attempts=coalesce(?, attempts) WHERE id=?",
-                    (PENDING, error, attempts, batch_id))
+        self._write(
+            "UPDATE batches SET state=?, error=coalesce(?, error), attempts=coalesce(?, attempts) WHERE id=?",
+            (PENDING, error, attempts, batch_id),
+        )
 
     def store_results(self, batch_id: int, rows: list[tuple[str, int, int, bytes]]) -> list[Stored]:
         """Store a batch's results (topic, seq, count, payload) and mark the batch done."""
@@ -227,7 +234,8 @@ class Ledger:
         for topic, seq, count, payload in rows:
             rid = self._write(
                 "INSERT INTO results (batch_id, topic, seq, count, kind, payload, created) VALUES (?,?,?,?,0,?,?)",
-                (batch_id, topic, seq, count, payload, time.time())).lastrowid
+                (batch_id, topic, seq, count, payload, time.time()),
+            ).lastrowid
             assert rid is not None
             stored.append(Stored(rid, batch_id, topic, seq, count, 0, payload))
         self._write("UPDATE batches SET state=?, payload=NULL, error=NULL WHERE id=?", (DONE, batch_id))
@@ -239,7 +247,8 @@ class Ledger:
         self._write("UPDATE batches SET state=?, error=? WHERE id=?", (DEAD, error, batch_id))
         rid = self._write(
             "INSERT INTO results (batch_id, topic, seq, count, kind, payload, created) VALUES (?,?,?,?,1,?,?)",
-            (batch_id, topic, seq, count, payload, time.time())).lastrowid
+            (batch_id, topic, seq, count, payload, time.time()),
+        ).lastrowid
         assert rid is not None
         return Stored(rid, batch_id, topic, seq, count, 1, bytes(payload))
 
@@ -258,7 +267,9 @@ class Ledger:
     def results_range(self, topic: str, first: int, last: int, limit: int) -> list[Stored]:
         rows = self._read(
             "SELECT id, batch_id, topic, seq, count, kind, payload FROM results "
-            "WHERE topic=? AND seq BETWEEN ? AND ? ORDER BY seq LIMIT ?", (topic, first, last, limit))
+            "WHERE topic=? AND seq BETWEEN ? AND ? ORDER BY seq LIMIT ?",
+            (topic, first, last, limit),
+        )
         return [Stored(*r) for r in rows]
 
     def cursor(self, name: str) -> dict[str, int]:
@@ -266,14 +277,21 @@ class Ledger:
 
     def cursor_page(self, name: str, after_topic: str, limit: int) -> list[tuple[str, int]]:
         """Up to `limit` positions of a durable name, of the topics after `after_topic`, in topic order."""
-        return [(topic, seq) for topic, seq in self._read(
-            "SELECT topic, seq FROM cursors WHERE name=? AND topic > ? ORDER BY topic LIMIT ?",
-            (name, after_topic, limit))]
+        return [
+            (topic, seq)
+            for topic, seq in self._read(
+                "SELECT topic, seq FROM cursors WHERE name=? AND topic > ? ORDER BY topic LIMIT ?",
+                (name, after_topic, limit),
+            )
+        ]
 
     def save_cursor(self, name: str, positions: dict[str, int]) -> None:
         for topic, seq in positions.items():
-            self._write("INSERT INTO cursors (name, topic, seq) VALUES (?,?,?) "
-                        "ON CONFLICT (name, topic) DO UPDATE SET seq=max(seq, excluded.seq)", (name, topic, seq))
+            self._write(
+                "INSERT INTO cursors (name, topic, seq) VALUES (?,?,?) "
+                "ON CONFLICT (name, topic) DO UPDATE SET seq=max(seq, excluded.seq)",
+                (name, topic, seq),
+            )
 
     def producer_keys(self) -> dict[str, str]:
         return dict(self._read("SELECT producer, key FROM producer_keys"))
@@ -281,27 +299,31 @@ class Ledger:
     def bind_key(self, producer: str, key: str) -> None:
         self._write("INSERT OR IGNORE INTO producer_keys (producer, key) VALUES (?,?)", (producer, key))
 
-    def prune(self, *, keep: int | None, max_age: float | None, now: float,
-              keep_batches: int = KEEP_BATCHES) -> tuple[int, int]:
+    def prune(
+        self, *, keep: int | None, max_age: float | None, now: float, keep_batches: int = KEEP_BATCHES
+    ) -> tuple[int, int]:
         """Drop published results beyond the retention, and finished batches beyond the newest
         `keep_batches`. Returns how many results and batches went."""
         upto = self.published_upto()
         dropped = 0
         if keep is not None:
-            dropped += self._write("DELETE FROM results WHERE id <= min(?, (SELECT max(id) FROM results) - ?)",
-                                   (upto, keep)).rowcount
+            dropped += self._write(
+                "DELETE FROM results WHERE id <= min(?, (SELECT max(id) FROM results) - ?)", (upto, keep)
+            ).rowcount
         if max_age is not None:
-            dropped += self._write("DELETE FROM results WHERE id <= ? AND created < ?",
-                                   (upto, now - max_age)).rowcount
+            dropped += self._write("DELETE FROM results WHERE id <= ? AND created < ?", (upto, now - max_age)).rowcount
         # A finished batch's row (without its payload) is what makes a late resend of it a
         # duplicate; resends come within seconds or minutes, so the newest ones are what counts.
-        batches = self._write("DELETE FROM batches WHERE state=? AND id <= (SELECT max(id) FROM batches) - ?",
-                              (DONE, keep_batches)).rowcount
+        batches = self._write(
+            "DELETE FROM batches WHERE state=? AND id <= (SELECT max(id) FROM batches) - ?", (DONE, keep_batches)
+        ).rowcount
         if batches:
             # A key's claim on a producer id lasts as long as the rows that deduplicate its
             # batches: with those gone, the id starts afresh whoever uses it.
-            self._write("DELETE FROM producer_keys WHERE NOT EXISTS "
-                        "(SELECT 1 FROM batches b WHERE b.producer = producer_keys.producer)")
+            self._write(
+                "DELETE FROM producer_keys WHERE NOT EXISTS "
+                "(SELECT 1 FROM batches b WHERE b.producer = producer_keys.producer)"
+            )
         return dropped, batches
 
     def integrity_check(self) -> str:
@@ -325,8 +347,10 @@ def _disk_full(exc: sqlite3.Error) -> bool:
 
 
 def _refuse(path: str, why: str) -> LedgerError:
-    return LedgerError(f"ledger {path} is not a zfan ledger or is corrupt ({why}); "
-                       "it was left untouched: move it away or point --ledger elsewhere")
+    return LedgerError(
+        f"ledger {path} is not a zfan ledger or is corrupt ({why}); "
+        "it was left untouched: move it away or point --ledger elsewhere"
+    )
 
 
 def _open(path: str) -> sqlite3.Connection:

@@ -49,8 +49,10 @@ class LedgerLock:
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise LedgerFull(self.ledger) from None
-            raise LedgerError(f"ledger {self.ledger} is not writable (cannot create {self.path}: "
-                              f"{exc.strerror}): choose a path you can write with --ledger") from None
+            raise LedgerError(
+                f"ledger {self.ledger} is not writable (cannot create {self.path}: "
+                f"{exc.strerror}): choose a path you can write with --ledger"
+            ) from None
         locked = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -93,8 +95,7 @@ class LedgerLock:
     def _write(self) -> None:
         assert self._fd is not None
         self._renewed = self._wall()
-        data = json.dumps({"host": self.host, "pid": os.getpid(), "token": self.token,
-                           "stamp": self._renewed}).encode()
+        data = json.dumps({"host": self.host, "pid": os.getpid(), "token": self.token, "stamp": self._renewed}).encode()
         try:
             # Always the same size, written in place: renewing needs no new disk block, so a
             # full disk cannot stop a sink whose ledger still has room.
@@ -102,12 +103,15 @@ class LedgerLock:
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise LedgerFull(self.ledger) from None
-            raise LedgerError(f"ledger {self.ledger}: cannot write its lock file {self.path} "
-                              f"({exc.strerror})") from None
+            raise LedgerError(
+                f"ledger {self.ledger}: cannot write its lock file {self.path} ({exc.strerror})"
+            ) from None
 
     def _in_use(self, owner: dict[str, Any]) -> str:
-        return (f"ledger {self.ledger} is in use by {_who(owner)}: one sink per ledger; "
-                "stop that sink first, or give this one another --ledger")
+        return (
+            f"ledger {self.ledger} is in use by {_who(owner)}: one sink per ledger; "
+            "stop that sink first, or give this one another --ledger"
+        )
 
     def __enter__(self) -> LedgerLock:
         self.acquire()

@@ -78,8 +78,14 @@ SCHEMA: dict[str, tuple[tuple[str, str], ...]] = {
     LEASE: (("epoch", _INT), ("batch_id", _INT), ("attempt", _INT), ("topic", _STR), ("count", _INT)),
     RESET: (("reason", _STR),),
     PUBLISH: (("topic", _STR), ("seq", _INT), ("batch_id", _INT), ("count", _INT)),
-    DEAD: (("topic", _STR), ("seq", _INT), ("batch_id", _INT), ("attempts", _INT), ("error", _STR),
-           ("source_topic", _STR)),
+    DEAD: (
+        ("topic", _STR),
+        ("seq", _INT),
+        ("batch_id", _INT),
+        ("attempts", _INT),
+        ("error", _STR),
+        ("source_topic", _STR),
+    ),
     SYNC: (("token", _STR),),
     REPLAY: (("topic", _STR), ("first", _INT), ("last", _INT)),
     MISSING: (("topic", _STR), ("first", _INT), ("last", _INT), ("reason", _STR)),
@@ -100,8 +106,16 @@ STATUS_REPLY_FIELDS = (("info", _MAP),)
 PAYLOAD_FRAMES = {BATCH: 1, LEASE: 1, PUBLISH: 1, DEAD: 1}
 
 _NON_EMPTY = frozenset({"producer_id", "name", "topic", "source_topic", "role", "token"})
-_STR_LIMITS = {"producer_id": MAX_NAME, "name": MAX_NAME, "topic": MAX_TOPIC, "source_topic": MAX_TOPIC,
-               "role": 16, "error": MAX_ERROR, "reason": 1024, "token": MAX_TOPIC}
+_STR_LIMITS = {
+    "producer_id": MAX_NAME,
+    "name": MAX_NAME,
+    "topic": MAX_TOPIC,
+    "source_topic": MAX_TOPIC,
+    "role": 16,
+    "error": MAX_ERROR,
+    "reason": 1024,
+    "token": MAX_TOPIC,
+}
 
 
 class _Extension(ValueError):
@@ -131,9 +145,16 @@ def decode(frame: bytes, *, allowed: frozenset[str] | None = None) -> tuple[str,
         raise ProtocolError("header too large", f"{len(frame)} bytes")
     try:
         msg = msgpack.unpackb(
-            frame, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True,
-            max_str_len=MAX_ERROR, max_bin_len=0, max_array_len=max(MAX_SEQS, MAX_TOPICS) + 8,
-            max_map_len=64, max_ext_len=0,
+            frame,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_reject_ext,
+            use_list=True,
+            max_str_len=MAX_ERROR,
+            max_bin_len=0,
+            max_array_len=max(MAX_SEQS, MAX_TOPICS) + 8,
+            max_map_len=64,
+            max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises several unrelated types on hostile bytes
         raise ProtocolError("bad header", _not_msgpack(exc)) from None
@@ -168,16 +189,25 @@ def _check(mtype: str, name: str, kind: str, value: Any) -> None:
             ok = bool(value)
     elif kind == _INTS:
         top = MAX_RECORDS if name == "counts" else MAX_INT
-        ok = type(value) is list and len(value) <= max(MAX_SEQS, MAX_TOPICS) and all(
-            type(v) is int and 0 <= v <= top for v in value)
+        ok = (
+            type(value) is list
+            and len(value) <= max(MAX_SEQS, MAX_TOPICS)
+            and all(type(v) is int and 0 <= v <= top for v in value)
+        )
     elif kind == _STRS:
-        ok = type(value) is list and len(value) <= MAX_TOPICS and all(
-            type(v) is str and v and len(v.encode()) <= MAX_TOPIC for v in value)
+        ok = (
+            type(value) is list
+            and len(value) <= MAX_TOPICS
+            and all(type(v) is str and v and len(v.encode()) <= MAX_TOPIC for v in value)
+        )
     elif kind == _BOOL:
         ok = type(value) is bool
     elif kind == _PREFIXES:
-        ok = type(value) is list and len(value) <= MAX_TOPICS and all(
-            type(v) is str and len(v.encode()) <= MAX_TOPIC for v in value)
+        ok = (
+            type(value) is list
+            and len(value) <= MAX_TOPICS
+            and all(type(v) is str and len(v.encode()) <= MAX_TOPIC for v in value)
+        )
     else:
         ok = type(value) is dict and _plain(value)
     if not ok:
@@ -241,9 +271,15 @@ def decode_records(payload: bytes, *, max_records: int = 10_000_000) -> list[Any
     """Unpack a payload of records, refusing extension types and oversized containers."""
     try:
         records = msgpack.unpackb(
-            payload, raw=False, strict_map_key=False, ext_hook=_reject_ext,
-            max_array_len=max_records, max_bin_len=len(payload), max_str_len=len(payload),
-            max_map_len=len(payload), max_ext_len=0,
+            payload,
+            raw=False,
+            strict_map_key=False,
+            ext_hook=_reject_ext,
+            max_array_len=max_records,
+            max_bin_len=len(payload),
+            max_str_len=len(payload),
+            max_map_len=len(payload),
+            max_ext_len=0,
         )
     except Exception as exc:
         raise ProtocolError("bad payload", _not_msgpack(exc)) from None

@@ -47,8 +47,15 @@ class _Ask:
 
 
 class Sequencer(Generic[M]):
-    def __init__(self, *, clock: Callable[[], float], repair: bool = True, ask_every: float = 1.0,
-                 hold_limit: int = 100_000, max_asking: int = MAX_ASKING) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float],
+        repair: bool = True,
+        ask_every: float = 1.0,
+        hold_limit: int = 100_000,
+        max_asking: int = MAX_ASKING,
+    ) -> None:
         self.clock = clock
         self.repair = repair  # without a way to ask for replays, a gap is counted and skipped
         self.ask_every = ask_every

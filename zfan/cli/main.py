@@ -41,56 +41,126 @@ def cli() -> None:
 @cli.command()
 @role("sink")
 @endpoints("intake", "control", "results")
-@click.option("--ledger", default="zfan.db", show_default=True, envvar="ZFAN_LEDGER",
-              help="SQLite ledger file (':memory:' keeps nothing across restarts)")
-@click.option("--fsync", type=click.Choice(["normal", "full"]), default="normal", show_default=True,
-              help="full: survive power loss, at a cost; normal survives process crashes")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="local worker processes to start beside the sink")
-@click.option("--app", default="zfan.apps:rollup", show_default=True, metavar="MODULE:FUNCTION",
-              help="what local workers run")
-@click.option("--credit", type=click.IntRange(1, 1000), default=64, show_default=True,
-              help="batches each local worker holds at once")
-@click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True,
-              help="failed attempts before a batch is dead-lettered on topic zfan.dead")
-@click.option("--batch-timeout", type=click.FloatRange(min=0.001), default=300.0, show_default=True,
-              help="seconds a worker may hold a batch before it is replayed elsewhere")
-@click.option("--retain", default="100000", show_default=True, metavar="COUNT|AGE",
-              help="published results kept for subscribers to repair gaps and replay: "
-                   "a count (100000) or an age (30m, 12h, 7d)")
+@click.option(
+    "--ledger",
+    default="zfan.db",
+    show_default=True,
+    envvar="ZFAN_LEDGER",
+    help="SQLite ledger file (':memory:' keeps nothing across restarts)",
+)
+@click.option(
+    "--fsync",
+    type=click.Choice(["normal", "full"]),
+    default="normal",
+    show_default=True,
+    help="full: survive power loss, at a cost; normal survives process crashes",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="local worker processes to start beside the sink",
+)
+@click.option(
+    "--app", default="zfan.apps:rollup", show_default=True, metavar="MODULE:FUNCTION", help="what local workers run"
+)
+@click.option(
+    "--credit",
+    type=click.IntRange(1, 1000),
+    default=64,
+    show_default=True,
+    help="batches each local worker holds at once",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="failed attempts before a batch is dead-lettered on topic zfan.dead",
+)
+@click.option(
+    "--batch-timeout",
+    type=click.FloatRange(min=0.001),
+    default=300.0,
+    show_default=True,
+    help="seconds a worker may hold a batch before it is replayed elsewhere",
+)
+@click.option(
+    "--retain",
+    default="100000",
+    show_default=True,
+    metavar="COUNT|AGE",
+    help="published results kept for subscribers to repair gaps and replay: a count (100000) or an age (30m, 12h, 7d)",
+)
 @timing
 @curve(server=True)
-def sink(intake: str, control: str, results: str, ledger: str, fsync: str, workers: int, app: str,
-         credit: int, max_attempts: int, batch_timeout: float, retain: str, timing: Timing,
-         curve: Curve | None) -> int:
+def sink(
+    intake: str,
+    control: str,
+    results: str,
+    ledger: str,
+    fsync: str,
+    workers: int,
+    app: str,
+    credit: int,
+    max_attempts: int,
+    batch_timeout: float,
+    retain: str,
+    timing: Timing,
+    curve: Curve | None,
+) -> int:
     """Receive batches, record them in the ledger, lease them to workers, publish results."""
     retain_count, retain_age = parse_retention(retain)
     if workers:
         load_app(app)  # fail here, once and clearly, rather than in every worker
-    settings = SinkSettings(intake=intake, control=control, results=results, ledger=ledger, fsync=fsync,
-                            timing=timing, max_attempts=max_attempts, batch_timeout=batch_timeout,
-                            retain_count=retain_count, retain_age=retain_age, curve=curve)
+    settings = SinkSettings(
+        intake=intake,
+        control=control,
+        results=results,
+        ledger=ledger,
+        fsync=fsync,
+        timing=timing,
+        max_attempts=max_attempts,
+        batch_timeout=batch_timeout,
+        retain_count=retain_count,
+        retain_age=retain_age,
+        curve=curve,
+    )
     node = Sink(settings, workers=workers, app=app, worker_credit=credit)
     node.start()
     on_stop(node.stop)
-    ready("sink", intake=node.intake, control=node.control, results=node.results, ledger=ledger,
-          epoch=node.epoch, workers=workers, curve="on" if curve else "off")
+    ready(
+        "sink",
+        intake=node.intake,
+        control=node.control,
+        results=node.results,
+        ledger=ledger,
+        epoch=node.epoch,
+        workers=workers,
+        curve="on" if curve else "off",
+    )
     return _wait(node)
 
 
 @cli.command()
 @role("worker")
 @endpoints("control")
-@click.option("--app", default="zfan.apps:rollup", show_default=True, metavar="MODULE:FUNCTION",
-              help="the function to run on each batch: process(records) -> list | dict[topic, list]")
-@click.option("--credit", type=click.IntRange(1, 1000), default=64, show_default=True,
-              help="batches to hold at once")
+@click.option(
+    "--app",
+    default="zfan.apps:rollup",
+    show_default=True,
+    metavar="MODULE:FUNCTION",
+    help="the function to run on each batch: process(records) -> list | dict[topic, list]",
+)
+@click.option("--credit", type=click.IntRange(1, 1000), default=64, show_default=True, help="batches to hold at once")
 @click.option("--name", default=None, help="how the sink names this worker [default: random]")
 @click.option("--parent", type=int, default=None, hidden=True, help="end when this process does")
 @timing
 @curve(server=False)
-def worker(control: str, app: str, credit: int, name: str | None, parent: int | None, timing: Timing,
-           curve: Curve | None) -> int:
+def worker(
+    control: str, app: str, credit: int, name: str | None, parent: int | None, timing: Timing, curve: Curve | None
+) -> int:
     """Run an app on batches leased by a sink."""
     if parent is not None:
         die_with_parent(parent)
@@ -107,28 +177,68 @@ def worker(control: str, app: str, credit: int, name: str | None, parent: int | 
 @role("produce")
 @endpoints("intake", "control")
 @click.option("--file", "path", type=click.File("r"), default=None, help="JSON lines to send [default: stdin]")
-@click.option("--count", type=click.IntRange(min=0), default=None,
-              help="send this many synthetic sensor readings instead of reading input")
-@click.option("--start", type=click.IntRange(min=0), default=0, show_default=True,
-              help="first id of the synthetic readings")
-@click.option("--sensors", type=click.IntRange(min=1), default=16, show_default=True,
-              help="distinct sensors in the synthetic readings")
+@click.option(
+    "--count",
+    type=click.IntRange(min=0),
+    default=None,
+    help="send this many synthetic sensor readings instead of reading input",
+)
+@click.option(
+    "--start", type=click.IntRange(min=0), default=0, show_default=True, help="first id of the synthetic readings"
+)
+@click.option(
+    "--sensors",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="distinct sensors in the synthetic readings",
+)
 @click.option("--topic", default="readings", show_default=True, help="topic of every batch")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--linger-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
-              help="send a partial batch once its first record is this old")
-@click.option("--window", type=click.IntRange(min=1), default=64, show_default=True,
-              help="unacknowledged batches allowed before sending blocks")
+@click.option(
+    "--linger-ms",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="send a partial batch once its first record is this old",
+)
+@click.option(
+    "--window",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="unacknowledged batches allowed before sending blocks",
+)
 @click.option("--producer-id", default=None, help="[default: random]")
 @click.option("--strict", is_flag=True, help="stop at the first line that is not JSON (default: skip it)")
-@click.option("--timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
-              help="seconds to wait at the end for the sink to acknowledge everything")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="seconds to wait at the end for the sink to acknowledge everything",
+)
 @click.option("--progress/--no-progress", default=None, help="[default: on a terminal]")
 @timing
 @curve(server=False)
-def produce(intake: str, control: str, path: TextIO | None, count: int | None, start: int, sensors: int,
-            topic: str, batch_size: int, linger_ms: float, window: int, producer_id: str | None,
-            strict: bool, timeout: float, progress: bool | None, timing: Timing, curve: Curve | None) -> int:
+def produce(
+    intake: str,
+    control: str,
+    path: TextIO | None,
+    count: int | None,
+    start: int,
+    sensors: int,
+    topic: str,
+    batch_size: int,
+    linger_ms: float,
+    window: int,
+    producer_id: str | None,
+    strict: bool,
+    timeout: float,
+    progress: bool | None,
+    timing: Timing,
+    curve: Curve | None,
+) -> int:
     """Send records to a sink; exit 0 once the sink has acknowledged every one."""
     if count is not None and path is not None:
         raise ConfigError("give --count or --file, not both")
@@ -138,8 +248,17 @@ def produce(intake: str, control: str, path: TextIO | None, count: int | None, s
     else:
         source = JsonLines(path or sys.stdin, strict=strict, name=getattr(path, "name", "stdin"))
     extra = {"producer_id": producer_id} if producer_id else {}
-    settings = ProducerSettings(intake=intake, control=control, topic=topic, batch_size=batch_size,
-                                linger_ms=linger_ms, window=window, timing=timing, curve=curve, **extra)
+    settings = ProducerSettings(
+        intake=intake,
+        control=control,
+        topic=topic,
+        batch_size=batch_size,
+        linger_ms=linger_ms,
+        window=window,
+        timing=timing,
+        curve=curve,
+        **extra,
+    )
     node = Producer(settings)
     node.start()
     stopping = threading.Event()
@@ -157,25 +276,46 @@ def produce(intake: str, control: str, path: TextIO | None, count: int | None, s
         node.stop()
     live.done(node.sent_records, node.acked_records)
     skipped = getattr(source, "skipped", 0)
-    click.echo(f"zfan produce: {node.sent_records} record(s) sent and acknowledged"
-               + (f", {skipped} line(s) skipped as not JSON" if skipped else ""), err=True)
+    click.echo(
+        f"zfan produce: {node.sent_records} record(s) sent and acknowledged"
+        + (f", {skipped} line(s) skipped as not JSON" if skipped else ""),
+        err=True,
+    )
     return RET_OK
 
 
 @cli.command()
 @role("subscribe")
 @endpoints("results", "control")
-@click.option("--topic", "topics", multiple=True, default=[""], metavar="PREFIX",
-              help="topic prefix to receive (repeatable) [default: everything]")
-@click.option("--durable", default=None, metavar="NAME",
-              help="keep this subscriber's position at the sink and resume from it next time "
-                   "(the first time: from the oldest result the sink retains)")
+@click.option(
+    "--topic",
+    "topics",
+    multiple=True,
+    default=[""],
+    metavar="PREFIX",
+    help="topic prefix to receive (repeatable) [default: everything]",
+)
+@click.option(
+    "--durable",
+    default=None,
+    metavar="NAME",
+    help="keep this subscriber's position at the sink and resume from it next time "
+    "(the first time: from the oldest result the sink retains)",
+)
 @click.option("--count", type=click.IntRange(min=1), default=None, help="exit after this many results")
-@click.option("--idle-timeout", type=click.FloatRange(min=0), default=None,
-              help="exit after this many seconds without a result")
+@click.option(
+    "--idle-timeout", type=click.FloatRange(min=0), default=None, help="exit after this many seconds without a result"
+)
 @curve(server=False)
-def subscribe(results: str, control: str, topics: tuple[str, ...], durable: str | None, count: int | None,
-              idle_timeout: float | None, curve: Curve | None) -> int:
+def subscribe(
+    results: str,
+    control: str,
+    topics: tuple[str, ...],
+    durable: str | None,
+    count: int | None,
+    idle_timeout: float | None,
+    curve: Curve | None,
+) -> int:
     """Print published results as JSON lines on stdout, each topic in order, gaps repaired."""
     stopping = threading.Event()
     on_stop(stopping.set)
@@ -187,8 +327,9 @@ def subscribe(results: str, control: str, topics: tuple[str, ...], durable: str 
                 return RET_OK
             waited += 1
             if waited == 5:
-                logging.getLogger("zfan").warning("no answer yet from a sink at results=%s control=%s; waiting",
-                                                  results, control)
+                logging.getLogger("zfan").warning(
+                    "no answer yet from a sink at results=%s control=%s; waiting", results, control
+                )
         ready("subscribe", results=results, topics=",".join(topics) or "*", durable=durable or "-")
         n, last = 0, time.monotonic()
         while not stopping.is_set() and (count is None or n < count):
@@ -223,24 +364,46 @@ def status(control: str, as_json: bool, timeout: float, curve: Curve | None) -> 
 
 @cli.command()
 @role("up")
-@click.option("--seconds", type=click.FloatRange(min=0.1), default=None,
-              help="stream for this long [default: 5 unless --records is given]")
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="stream for this long [default: 5 unless --records is given]",
+)
 @click.option("--records", type=click.IntRange(min=1), default=None, help="stream this many records")
 @click.option("--producers", type=click.IntRange(1, 64), default=4, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True)
-@click.option("--sensors", type=click.IntRange(min=1), default=8, show_default=True,
-              help="sensors per producer; each is a topic sensor.<id>")
+@click.option(
+    "--sensors",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="sensors per producer; each is a topic sensor.<id>",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--progress/--no-progress", default=None, help="[default: on a terminal]")
-def up(seconds: float | None, records: int | None, producers: int, workers: int, sensors: int,
-       batch_size: int, progress: bool | None) -> int:
+def up(
+    seconds: float | None,
+    records: int | None,
+    producers: int,
+    workers: int,
+    sensors: int,
+    batch_size: int,
+    progress: bool | None,
+) -> int:
     """Run a whole local pipeline (sink, workers, producers, subscriber) and count the result."""
     if seconds is None and records is None:
         seconds = 5.0
     live = Live(sys.stderr, enabled=progress, total=records)
-    report = pipeline.run(seconds=seconds, records=records, producers=producers, workers=workers,
-                          sensors=sensors, batch_size=batch_size,
-                          progress=lambda p: live.update(p.sent, p.acked, p.delivered, p.elapsed))
+    report = pipeline.run(
+        seconds=seconds,
+        records=records,
+        producers=producers,
+        workers=workers,
+        sensors=sensors,
+        batch_size=batch_size,
+        progress=lambda p: live.update(p.sent, p.acked, p.delivered, p.elapsed),
+    )
     live.done(report.sent, report.acked, report.delivered, report.elapsed)
     click.echo(summary(report))
     return RET_OK if report.ok else RET_ERROR

@@ -27,8 +27,12 @@ RET_TIMEOUT = 6  # the sink did not answer or acknowledge in time
 RET_AUTH = 7  # the encrypted handshake failed: a key refused or wrong
 
 _CODES: list[tuple[type[ZfanError], int]] = [
-    (ConfigError, RET_USAGE), (AppError, RET_APP), (BindError, RET_BIND),
-    (LedgerError, RET_LEDGER), (DeliveryTimeout, RET_TIMEOUT), (AuthError, RET_AUTH),
+    (ConfigError, RET_USAGE),
+    (AppError, RET_APP),
+    (BindError, RET_BIND),
+    (LedgerError, RET_LEDGER),
+    (DeliveryTimeout, RET_TIMEOUT),
+    (AuthError, RET_AUTH),
 ]
 
 ENDPOINTS = {
@@ -44,8 +48,15 @@ def endpoints(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         for name in reversed(names):
             env, default, text = ENDPOINTS[name]
-            f = click.option(f"--{name}", envvar=env, default=default, show_default=True,
-                             show_envvar=True, metavar="ENDPOINT", help=f"{text}; tcp:// or ipc://")(f)
+            f = click.option(
+                f"--{name}",
+                envvar=env,
+                default=default,
+                show_default=True,
+                show_envvar=True,
+                metavar="ENDPOINT",
+                help=f"{text}; tcp:// or ipc://",
+            )(f)
         return f
 
     return decorate
@@ -53,10 +64,20 @@ def endpoints(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
 
 def timing(f: Callable[..., Any]) -> Callable[..., Any]:
     """Add --heartbeat and --liveness, passed on as one Timing."""
-    f = click.option("--liveness", type=click.IntRange(min=1), default=Timing.liveness, show_default=True,
-                     help="missed heartbeats before a peer is declared dead")(f)
-    f = click.option("--heartbeat", type=click.FloatRange(min=0.01), default=Timing.heartbeat,
-                     show_default=True, help="seconds between heartbeats")(f)
+    f = click.option(
+        "--liveness",
+        type=click.IntRange(min=1),
+        default=Timing.liveness,
+        show_default=True,
+        help="missed heartbeats before a peer is declared dead",
+    )(f)
+    f = click.option(
+        "--heartbeat",
+        type=click.FloatRange(min=0.01),
+        default=Timing.heartbeat,
+        show_default=True,
+        help="seconds between heartbeats",
+    )(f)
 
     @functools.wraps(f)
     def wrapper(*args: Any, heartbeat: float, liveness: int, **kwargs: Any) -> Any:
@@ -70,8 +91,13 @@ def curve(*, server: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     --curve-secret, --curve-server-key), passed on as one `curve` (None when not given)."""
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
-        @click.option("--curve-secret", envvar="ZFAN_CURVE_SECRET", default=None, metavar="FILE",
-                      help="this node's secret key file (from `zfan keys generate`): encrypt and authenticate")
+        @click.option(
+            "--curve-secret",
+            envvar="ZFAN_CURVE_SECRET",
+            default=None,
+            metavar="FILE",
+            help="this node's secret key file (from `zfan keys generate`): encrypt and authenticate",
+        )
         @functools.wraps(f)
         def wrapper(*args: Any, curve_secret: str | None, curve_other: str | None, **kwargs: Any) -> Any:
             if curve_secret is None and curve_other is None:
@@ -84,12 +110,24 @@ def curve(*, server: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]
 
         if server:
             other_flag, other_field = "--allow-keys", "allow_keys"
-            option = click.option("--allow-keys", "curve_other", envvar="ZFAN_ALLOW_KEYS", default=None,
-                                  metavar="FOLDER", help="folder of the client public keys (*.key) let in")
+            option = click.option(
+                "--allow-keys",
+                "curve_other",
+                envvar="ZFAN_ALLOW_KEYS",
+                default=None,
+                metavar="FOLDER",
+                help="folder of the client public keys (*.key) let in",
+            )
         else:
             other_flag, other_field = "--curve-server-key", "server_key"
-            option = click.option("--curve-server-key", "curve_other", envvar="ZFAN_CURVE_SERVER_KEY",
-                                  default=None, metavar="FILE", help="the sink's public key file")
+            option = click.option(
+                "--curve-server-key",
+                "curve_other",
+                envvar="ZFAN_CURVE_SERVER_KEY",
+                default=None,
+                metavar="FILE",
+                help="the sink's public key file",
+            )
         return option(wrapper)
 
     return decorate
@@ -100,12 +138,19 @@ def role(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     with its exit code, and Ctrl-C / SIGTERM turned into a clean stop."""
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
-        @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-                      default="info", show_default=True, envvar="ZFAN_LOG_LEVEL", help="what to log on stderr")
+        @click.option(
+            "--log-level",
+            type=click.Choice(["debug", "info", "warning", "error"]),
+            default="info",
+            show_default=True,
+            envvar="ZFAN_LOG_LEVEL",
+            help="what to log on stderr",
+        )
         @functools.wraps(f)
         def wrapper(*args: Any, log_level: str, **kwargs: Any) -> Any:
-            logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                                format=f"zfan {name}: %(levelname)s %(message)s")
+            logging.basicConfig(
+                level=log_level.upper(), stream=sys.stderr, format=f"zfan {name}: %(levelname)s %(message)s"
+            )
             try:
                 code = f(*args, **kwargs)
             except ZfanError as exc:
@@ -115,8 +160,11 @@ def role(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                 code = RET_OK
             except Exception as exc:  # a bug, not a user's mistake: still one line, details on request
                 logging.getLogger("zfan").debug("internal error", exc_info=True)
-                click.echo(f"zfan {name}: internal error: {type(exc).__name__}: {exc} "
-                           "(run with --log-level debug for the traceback)", err=True)
+                click.echo(
+                    f"zfan {name}: internal error: {type(exc).__name__}: {exc} "
+                    "(run with --log-level debug for the traceback)",
+                    err=True,
+                )
                 code = RET_ERROR
             sys.exit(code or RET_OK)
 

@@ -18,8 +18,9 @@ class Live:
         self._last = 0.0
         self._started = time.monotonic()
 
-    def update(self, sent: int, acked: int, delivered: int | None = None, elapsed: float | None = None,
-               *, force: bool = False) -> None:
+    def update(
+        self, sent: int, acked: int, delivered: int | None = None, elapsed: float | None = None, *, force: bool = False
+    ) -> None:
         if not self.enabled:
             return
         now = time.monotonic()
@@ -44,15 +45,21 @@ class Live:
 
 
 def status_table(info: dict[str, Any]) -> str:
-    lines = [f"sink epoch {info.get('epoch')}: {info.get('producers', 0)} producer(s), "
-             f"{len(info.get('workers', []))} worker(s)"]
-    lines.append("batches: " + ", ".join(
-        f"{k} {info.get(k, 0):,}" for k in ("pending", "leased", "done", "dead")))
+    lines = [
+        f"sink epoch {info.get('epoch')}: {info.get('producers', 0)} producer(s), "
+        f"{len(info.get('workers', []))} worker(s)"
+    ]
+    lines.append("batches: " + ", ".join(f"{k} {info.get(k, 0):,}" for k in ("pending", "leased", "done", "dead")))
     rejected = info.get("rejected") or {}
-    lines.append(f"rejected messages: {sum(rejected.values()):,}"
-                 + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(rejected.items())) + ")" if rejected else ""))
-    others = {k: v for k, v in info.items() if k not in {"epoch", "producers", "workers", "pending", "leased",
-                                                          "done", "dead", "rejected"}}
+    lines.append(
+        f"rejected messages: {sum(rejected.values()):,}"
+        + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(rejected.items())) + ")" if rejected else "")
+    )
+    others = {
+        k: v
+        for k, v in info.items()
+        if k not in {"epoch", "producers", "workers", "pending", "leased", "done", "dead", "rejected"}
+    }
     if others:
         lines.append(", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in sorted(others.items())))
     workers = info.get("workers", [])
@@ -67,11 +74,13 @@ def status_table(info: dict[str, Any]) -> str:
 
 def summary(r: Report) -> str:
     verdict = "ok" if r.ok else "FAILED"
-    return "\n".join([
-        f"zfan up: {verdict}",
-        f"  records in:    {r.sent:,} from {r.producers} producers (acknowledged {r.acked:,})",
-        f"  results out:   {r.results:,} roll-ups on {r.topics} topics (sensor.<id>), "
-        f"covering {r.delivered:,} records",
-        f"  throughput:    {r.rate:,.0f} records/s over {r.elapsed:.2f} s, {r.workers} workers",
-        f"  lost {r.lost:,}, duplicated {r.duplicated:,}  (counted per sensor against what was sent)",
-    ])
+    return "\n".join(
+        [
+            f"zfan up: {verdict}",
+            f"  records in:    {r.sent:,} from {r.producers} producers (acknowledged {r.acked:,})",
+            f"  results out:   {r.results:,} roll-ups on {r.topics} topics (sensor.<id>), "
+            f"covering {r.delivered:,} records",
+            f"  throughput:    {r.rate:,.0f} records/s over {r.elapsed:.2f} s, {r.workers} workers",
+            f"  lost {r.lost:,}, duplicated {r.duplicated:,}  (counted per sensor against what was sent)",
+        ]
+    )

@@ -21,11 +21,25 @@ _PR_SET_PDEATHSIG = 1
 class LocalWorkers:
     """N worker processes; one that exits is started again, no more than once a second each."""
 
-    def __init__(self, n: int, *, control: str, app: str, credit: int, timing: Timing,
-                 curve: Curve | None = None) -> None:
-        self._cmd = [sys.executable, "-m", "zfan", "worker", "--control", control, "--app", app,
-                     "--credit", str(credit), "--heartbeat", str(timing.heartbeat),
-                     "--liveness", str(timing.liveness)]
+    def __init__(
+        self, n: int, *, control: str, app: str, credit: int, timing: Timing, curve: Curve | None = None
+    ) -> None:
+        self._cmd = [
+            sys.executable,
+            "-m",
+            "zfan",
+            "worker",
+            "--control",
+            control,
+            "--app",
+            app,
+            "--credit",
+            str(credit),
+            "--heartbeat",
+            str(timing.heartbeat),
+            "--liveness",
+            str(timing.liveness),
+        ]
         if curve is not None:
             # Local workers hold the sink's own keypair, which the sink lets in.
             self._cmd += ["--curve-secret", curve.secret_file, "--curve-server-key", curve.secret_file]
@@ -34,8 +48,10 @@ class LocalWorkers:
         self.restarts = 0
 
     def _spawn(self, i: int) -> subprocess.Popen:
-        return subprocess.Popen([*self._cmd, "--name", f"local-{i + 1}", "--log-level", "warning",
-                                 "--parent", str(os.getpid())], stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            [*self._cmd, "--name", f"local-{i + 1}", "--log-level", "warning", "--parent", str(os.getpid())],
+            stdin=subprocess.DEVNULL,
+        )
 
     def check(self) -> None:
         now = time.monotonic()

@@ -78,9 +78,17 @@ class _Tally:
         return sum(self.per_sensor.values())
 
 
-def run(*, seconds: float | None = 5.0, records: int | None = None, producers: int = 4, workers: int = 2,
-        sensors: int = 8, batch_size: int = 1000, settle: float = 30.0,
-        progress: Callable[[Progress], None] | None = None) -> Report:
+def run(
+    *,
+    seconds: float | None = 5.0,
+    records: int | None = None,
+    producers: int = 4,
+    workers: int = 2,
+    sensors: int = 8,
+    batch_size: int = 1000,
+    settle: float = 30.0,
+    progress: Callable[[Progress], None] | None = None,
+) -> Report:
     if seconds is None and records is None:
         raise ZfanError("zfan up needs --seconds or --records to know when to stop")
     tmp = tempfile.mkdtemp(prefix="zfan-up-")
@@ -91,15 +99,40 @@ def run(*, seconds: float | None = 5.0, records: int | None = None, producers: i
     try:
         with open(log_path, "w") as log_file:
             sink = subprocess.Popen(
-                [sys.executable, "-m", "zfan", "sink", "--log-level", "warning", "--workers", str(workers),
-                 "--app", "zfan.apps:rollup", "--ledger", os.path.join(tmp, "zfan.db"),
-                 *(f"--{k}={v}" for k, v in ends.items())],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file)
+                [
+                    sys.executable,
+                    "-m",
+                    "zfan",
+                    "sink",
+                    "--log-level",
+                    "warning",
+                    "--workers",
+                    str(workers),
+                    "--app",
+                    "zfan.apps:rollup",
+                    "--ledger",
+                    os.path.join(tmp, "zfan.db"),
+                    *(f"--{k}={v}" for k, v in ends.items()),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+            )
         _wait_for_workers(sink, ends["control"], workers, log_path, ctx)
         try:
-            report = _stream(ends, ctx, seconds=seconds, records=records, producers=producers, sensors=sensors,
-                             batch_size=batch_size, workers=workers, settle=settle, progress=progress,
-                             sink_alive=lambda: sink is not None and sink.poll() is None)
+            report = _stream(
+                ends,
+                ctx,
+                seconds=seconds,
+                records=records,
+                producers=producers,
+                sensors=sensors,
+                batch_size=batch_size,
+                workers=workers,
+                settle=settle,
+                progress=progress,
+                sink_alive=lambda: sink is not None and sink.poll() is None,
+            )
         except ZfanError as exc:
             raise _sink_stopped(sink, log_path) or exc from None
         if (stopped := _sink_stopped(sink, log_path)) is not None:
@@ -112,8 +145,9 @@ def run(*, seconds: float | None = 5.0, records: int | None = None, producers: i
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _wait_for_workers(sink: subprocess.Popen, control: str, workers: int, log_path: str,
-                      ctx: zmq.Context, timeout: float = 30.0) -> None:
+def _wait_for_workers(
+    sink: subprocess.Popen, control: str, workers: int, log_path: str, ctx: zmq.Context, timeout: float = 30.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if (stopped := _sink_stopped(sink, log_path)) is not None:
@@ -142,16 +176,34 @@ def _sink_stopped(sink: subprocess.Popen[bytes], log_path: str) -> ZfanError | N
 class _Fleet:
     """Producer threads streaming sensor readings, each counting what it sent per sensor."""
 
-    def __init__(self, ends: dict[str, str], ctx: zmq.Context, *, producers: int, sensors: int,
-                 batch_size: int, records: int | None, settle: float) -> None:
-        self.prods = [Producer(intake=ends["intake"], control=ends["control"], producer_id=f"node{i}",
-                               topic="readings", batch_size=batch_size, context=ctx).start()
-                      for i in range(producers)]
+    def __init__(
+        self,
+        ends: dict[str, str],
+        ctx: zmq.Context,
+        *,
+        producers: int,
+        sensors: int,
+        batch_size: int,
+        records: int | None,
+        settle: float,
+    ) -> None:
+        self.prods = [
+            Producer(
+                intake=ends["intake"],
+                control=ends["control"],
+                producer_id=f"node{i}",
+                topic="readings",
+                batch_size=batch_size,
+                context=ctx,
+            ).start()
+            for i in range(producers)
+        ]
         self.sent: list[Counter[str]] = [Counter() for _ in self.prods]
         self.errors: list[BaseException] = []
         self.stopping = threading.Event()
-        self._quota = None if records is None else [
-            records // producers + (i < records % producers) for i in range(producers)]
+        self._quota = (
+            None if records is None else [records // producers + (i < records % producers) for i in range(producers)]
+        )
         self._sensors = sensors
         self._settle = settle
         self._threads = [threading.Thread(target=self._produce, args=(i,), daemon=True) for i in range(producers)]
@@ -195,9 +247,20 @@ class _Fleet:
                 self.errors.append(exc)
 
 
-def _stream(ends: dict[str, str], ctx: zmq.Context, *, seconds: float | None, records: int | None,
-            producers: int, sensors: int, batch_size: int, workers: int, settle: float,
-            progress: Callable[[Progress], None] | None, sink_alive: Callable[[], bool]) -> Report:
+def _stream(
+    ends: dict[str, str],
+    ctx: zmq.Context,
+    *,
+    seconds: float | None,
+    records: int | None,
+    producers: int,
+    sensors: int,
+    batch_size: int,
+    workers: int,
+    settle: float,
+    progress: Callable[[Progress], None] | None,
+    sink_alive: Callable[[], bool],
+) -> Report:
     tally = _Tally()
     stop_sub = threading.Event()
     sub = Subscriber(results=ends["results"], control=ends["control"], topics=("sensor.",), context=ctx)
@@ -208,8 +271,9 @@ def _stream(ends: dict[str, str], ctx: zmq.Context, *, seconds: float | None, re
     sub_thread.start()
 
     start = time.monotonic()
-    fleet = _Fleet(ends, ctx, producers=producers, sensors=sensors, batch_size=batch_size, records=records,
-                   settle=settle)
+    fleet = _Fleet(
+        ends, ctx, producers=producers, sensors=sensors, batch_size=batch_size, records=records, settle=settle
+    )
 
     def report_progress() -> None:
         if progress is not None:
@@ -236,9 +300,18 @@ def _stream(ends: dict[str, str], ctx: zmq.Context, *, seconds: float | None, re
         raise err if isinstance(err, ZfanError) else ZfanError(f"a producer failed: {err!r}")
     lost = sum(max(0, n - tally.per_sensor[s]) for s, n in expected.items())
     extra = sum(max(0, tally.per_sensor[s] - expected[s]) for s in tally.per_sensor)
-    return Report(producers=producers, workers=workers, sent=total, acked=fleet.records_acked,
-                  delivered=tally.delivered, results=tally.results, topics=len(tally.per_sensor), lost=lost,
-                  duplicated=tally.duplicated + extra, elapsed=max(tally.last - start, 1e-9))
+    return Report(
+        producers=producers,
+        workers=workers,
+        sent=total,
+        acked=fleet.records_acked,
+        delivered=tally.delivered,
+        results=tally.results,
+        topics=len(tally.per_sensor),
+        lost=lost,
+        duplicated=tally.duplicated + extra,
+        elapsed=max(tally.last - start, 1e-9),
+    )
 
 
 def _subscribe(sub: Subscriber, tally: _Tally, stop: threading.Event) -> None:

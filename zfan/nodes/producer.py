@@ -37,8 +37,9 @@ class Producer(Service):
 
     role = "producer"
 
-    def __init__(self, settings: ProducerSettings | None = None, *, context: zmq.Context | None = None,
-                 **overrides: Any) -> None:
+    def __init__(
+        self, settings: ProducerSettings | None = None, *, context: zmq.Context | None = None, **overrides: Any
+    ) -> None:
         super().__init__(context)
         s = self.settings = settings or ProducerSettings(**overrides)
         self._lock = threading.Lock()  # guards the batcher, seq and the hand-off queue
@@ -101,11 +102,12 @@ class Producer(Service):
             packed: bytes = self._packer.pack(record)
         except (TypeError, ValueError, OverflowError) as exc:
             self._packer.reset()
-            raise SerializationError(
-                f"record of type {type(record).__name__} cannot be sent: {exc}") from None
+            raise SerializationError(f"record of type {type(record).__name__} cannot be sent: {exc}") from None
         if len(packed) > self._max_record:
-            raise SerializationError(f"record of {len(packed):,} bytes packed is larger than a frame may be "
-                                     f"({self._max_record:,} bytes: Limits.max_frame)")
+            raise SerializationError(
+                f"record of {len(packed):,} bytes packed is larger than a frame may be "
+                f"({self._max_record:,} bytes: Limits.max_frame)"
+            )
         return packed
 
     def _pack_all(self, records: list[Any]) -> bytes | None:
@@ -116,7 +118,7 @@ class Producer(Service):
         except (TypeError, ValueError, OverflowError):
             self._packer.reset()
             return None
-        body = packed[len(p.array_header(len(records))):]
+        body = packed[len(p.array_header(len(records))) :]
         return body if len(body) <= self._max_record else None
 
     def _queue(self, topic: str, packed: bytes, count: int) -> None:
@@ -168,8 +170,9 @@ class Producer(Service):
     def acked_records(self) -> int:
         return self._window.acked_records
 
-    def _hand_off(self, topic: str, batch: Batch, *, block: bool,
-                  deadline: float | None = None, timeout: float = 0.0) -> bool:
+    def _hand_off(
+        self, topic: str, batch: Batch, *, block: bool, deadline: float | None = None, timeout: float = 0.0
+    ) -> bool:
         """Give a sealed batch to the I/O thread once the window has room."""
         if not block:
             if not self._slots.acquire(blocking=False):

@@ -157,8 +157,9 @@ class AllowList:
     def _signature(self) -> tuple:
         try:
             with os.scandir(self.folder) as entries:
-                return tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size)
-                                    for e in entries if e.name.endswith(".key")))
+                return tuple(
+                    sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in entries if e.name.endswith(".key"))
+                )
         except OSError:
             return self._seen  # the folder is gone for a moment: keep what was read
 
@@ -173,8 +174,12 @@ class AllowList:
             log.warning("cannot read the keys in %s (%s); keeping the keys read before", self.folder, exc)
             return
         if self._seen and keys != self._keys:
-            log.info("allowed keys re-read from %s: %d added, %d removed", self.folder,
-                     len(keys - self._keys), len(self._keys - keys))
+            log.info(
+                "allowed keys re-read from %s: %d added, %d removed",
+                self.folder,
+                len(keys - self._keys),
+                len(self._keys - keys),
+            )
         self._seen, self._keys = seen, keys
 
     def callback(self, domain: str, key: bytes) -> bool:
@@ -205,9 +210,9 @@ def start_authenticator(ctx: zmq.Context, curve: Curve) -> tuple[ThreadAuthentic
 _FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the sink refused this node's key (it is not in the sink's --allow-keys)",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the sink and this node disagree on encryption (one uses CURVE, "
-                                         "the other does not)",
+    "the other does not)",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the encrypted handshake failed: is --curve-server-key the sink's "
-                                          "public key?",
+    "public key?",
 }
 
 
@@ -225,8 +230,9 @@ class Handshakes:
         self.ever_succeeded = False
 
 
-def secure_client(sock: zmq.Socket, curve: Curve | None, endpoint: str,
-                  history: Handshakes | None = None) -> HandshakeWatch:
+def secure_client(
+    sock: zmq.Socket, curve: Curve | None, endpoint: str, history: Handshakes | None = None
+) -> HandshakeWatch:
     """Make `sock` a CURVE client if given keys (before it connects), and watch its handshakes
     either way: a plaintext client of an encrypted sink must say so too."""
     if curve is not None:
@@ -237,14 +243,18 @@ def secure_client(sock: zmq.Socket, curve: Curve | None, endpoint: str,
 class HandshakeWatch:
     """Reads a socket's monitor and turns a failed handshake into an AuthError."""
 
-    def __init__(self, sock: zmq.Socket, endpoint: str, *, encrypted: bool = True,
-                 history: Handshakes | None = None) -> None:
+    def __init__(
+        self, sock: zmq.Socket, endpoint: str, *, encrypted: bool = True, history: Handshakes | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.encrypted = encrypted
         self.history = history or Handshakes()
         self.monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_HANDSHAKE_SUCCEEDED
+        )
         self._sock = sock
         self._failures = 0  # failed handshakes since the last one that succeeded
 
@@ -262,10 +272,16 @@ class HandshakeWatch:
                 self._failures = 0
             elif event in _FAILURES:
                 self._failures += 1
-                if (event == zmq.EVENT_HANDSHAKE_FAILED_AUTH or not self.history.ever_succeeded
-                        or self._failures >= REPEATED_FAILURES):
-                    why = _FAILURES[event] if self.encrypted else (
-                        "the sink requires encryption: give --curve-secret and --curve-server-key")
+                if (
+                    event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                    or not self.history.ever_succeeded
+                    or self._failures >= REPEATED_FAILURES
+                ):
+                    why = (
+                        _FAILURES[event]
+                        if self.encrypted
+                        else ("the sink requires encryption: give --curve-secret and --curve-server-key")
+                    )
                     raise AuthError(f"cannot connect to {self.endpoint}: {why}")
 
     def close(self) -> None:

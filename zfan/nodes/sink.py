@@ -33,8 +33,16 @@ class Sink(Service):
 
     role = "sink"
 
-    def __init__(self, settings: SinkSettings | None = None, *, workers: int = 0, app: str | None = None,
-                 worker_credit: int = 64, context: zmq.Context | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        settings: SinkSettings | None = None,
+        *,
+        workers: int = 0,
+        app: str | None = None,
+        worker_credit: int = 64,
+        context: zmq.Context | None = None,
+        **overrides: Any,
+    ) -> None:
         self.settings = settings or SinkSettings(**overrides)
         # The ZAP authenticator is one per context: an encrypted sink gets a context of its own.
         self._own_ctx = context is None and self.settings.curve is not None
@@ -77,15 +85,23 @@ class Sink(Service):
             self.intake = connect_address(bind(pull, s.intake, "intake endpoint"))
             self.control = connect_address(bind(router, s.control, "control endpoint"))
             self.results = connect_address(bind(xpub, s.results, "results endpoint"))
-            core = SinkCore(ledger, limits=s.limits, timing=s.timing, max_attempts=s.max_attempts,
-                            batch_timeout=s.batch_timeout, cache_bytes=s.cache_bytes,
-                            retain_count=s.retain_count, retain_age=s.retain_age,
-                            key_allowed=allow.allows if allow is not None else None)
+            core = SinkCore(
+                ledger,
+                limits=s.limits,
+                timing=s.timing,
+                max_attempts=s.max_attempts,
+                batch_timeout=s.batch_timeout,
+                cache_bytes=s.cache_bytes,
+                retain_count=s.retain_count,
+                retain_age=s.retain_age,
+                key_allowed=allow.allows if allow is not None else None,
+            )
             self.epoch = core.epoch
             workers, app, credit = self._local
             if workers:
-                self._workers = LocalWorkers(workers, control=self.control, app=app or "", credit=credit,
-                                             timing=s.timing, curve=s.curve)
+                self._workers = LocalWorkers(
+                    workers, control=self.control, app=app or "", credit=credit, timing=s.timing, curve=s.curve
+                )
             if core.recovered:
                 log.info("recovered %d leased batch(es) from the ledger", core.recovered)
             self._ready.set()
@@ -107,8 +123,9 @@ class Sink(Service):
         if self._own_ctx:
             self._ctx.term()
 
-    def _loop(self, core: SinkCore, pull: zmq.Socket, router: zmq.Socket, xpub: zmq.Socket,
-              lock: LedgerLock | None) -> None:
+    def _loop(
+        self, core: SinkCore, pull: zmq.Socket, router: zmq.Socket, xpub: zmq.Socket, lock: LedgerLock | None
+    ) -> None:
         curve = self.settings.curve is not None
         poller = zmq.Poller()
         for sock in (pull, router, xpub):

@@ -14,8 +14,9 @@ from .security import secure_client
 from .transport import connect, socket
 
 
-def query_status(control: str, *, timeout: float = 3.0, context: zmq.Context | None = None,
-                 curve: Curve | None = None) -> dict[str, Any]:
+def query_status(
+    control: str, *, timeout: float = 3.0, context: zmq.Context | None = None, curve: Curve | None = None
+) -> dict[str, Any]:
     sock = socket(context or zmq.Context.instance(), zmq.DEALER, max_frame=p.MAX_HEADER_BYTES)
     watch = secure_client(sock, curve, control)
     try:

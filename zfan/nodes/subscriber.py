@@ -68,8 +68,7 @@ class Message:
     attempts: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"topic": self.topic, "seq": self.seq, "batch": self.batch_id,
-                             "records": self.records}
+        d: dict[str, Any] = {"topic": self.topic, "seq": self.seq, "batch": self.batch_id, "records": self.records}
         if self.dead:
             d.update(source_topic=self.source_topic, attempts=self.attempts, error=self.error)
         return d
@@ -84,8 +83,9 @@ class Subscriber:
     result the sink retains).
     """
 
-    def __init__(self, settings: SubscriberSettings | None = None, *, context: zmq.Context | None = None,
-                 **overrides: Any) -> None:
+    def __init__(
+        self, settings: SubscriberSettings | None = None, *, context: zmq.Context | None = None, **overrides: Any
+    ) -> None:
         if isinstance(overrides.get("topics"), list):
             overrides["topics"] = tuple(overrides["topics"])
         self.settings = s = settings or SubscriberSettings(**overrides)
@@ -180,8 +180,9 @@ class Subscriber:
             if msg is not None:
                 yield msg
 
-    def run(self, callback: Callable[[Message], object], *, count: int | None = None,
-            timeout: float | None = None) -> int:
+    def run(
+        self, callback: Callable[[Message], object], *, count: int | None = None, timeout: float | None = None
+    ) -> int:
         """Call ``callback`` with each result until ``count`` results, or ``timeout`` seconds
         with nothing new. Returns how many were delivered."""
         n = 0
@@ -275,7 +276,7 @@ class Subscriber:
         try:
             if len(frames) != 3:
                 raise ProtocolError("bad frame count", f"{len(frames)} frames")
-            if frames[0] != frames[0][:p.MAX_TOPIC] or not frames[1]:
+            if frames[0] != frames[0][: p.MAX_TOPIC] or not frames[1]:
                 raise ProtocolError("bad header", "topic frame too long or empty header")
             msg = self._message(frames[1], frames[2])
             if msg is not None and frames[0] != msg.topic.encode():

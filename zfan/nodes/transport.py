@@ -57,8 +57,9 @@ def bind(sock: zmq.Socket, endpoint: str, what: str) -> str:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise BindError(f"{what} {endpoint}: address already in use "
-                            "(is another sink running? choose another port)") from None
+            raise BindError(
+                f"{what} {endpoint}: address already in use (is another sink running? choose another port)"
+            ) from None
         if exc.errno == errno.EADDRNOTAVAIL:
             raise BindError(f"{what} {endpoint}: address not available on this machine") from None
         if exc.errno in (errno.ENOENT, errno.EACCES, errno.ENAMETOOLONG):

@@ -31,8 +31,16 @@ CONTROL_TYPES = frozenset({p.WELCOME, p.HEARTBEAT, p.LEASE, p.RESET, p.STATUS})
 DEFAULT_LIMITS = Limits()
 
 
-def run_batch(process: Process, epoch: int, batch_id: int, attempt: int, topic: str,
-              payload: bytes, *, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
+def run_batch(
+    process: Process,
+    epoch: int,
+    batch_id: int,
+    attempt: int,
+    topic: str,
+    payload: bytes,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+) -> list[bytes]:
     """Run the function on one batch; return the RESULT or FAILED message to send back."""
     try:
         out = process(p.decode_records(payload))
@@ -41,7 +49,7 @@ def run_batch(process: Process, epoch: int, batch_id: int, attempt: int, topic: 
         _check_fits(header, topics, payloads, limits)
     except Exception:
         # The end of a traceback says most; cut by bytes, since the limit is in bytes.
-        error = traceback.format_exc().encode()[-p.MAX_ERROR:].decode(errors="ignore")
+        error = traceback.format_exc().encode()[-p.MAX_ERROR :].decode(errors="ignore")
         return [p.encode(p.FAILED, epoch, batch_id, attempt, error)]
     return [header, *payloads]
 
@@ -51,15 +59,21 @@ def _check_fits(header: bytes, topics: list[str], payloads: list[bytes], limits:
     connection) and the batch would wait out its timeout: a failure the user can read is better."""
     for t, data in zip(topics, payloads, strict=True):
         if len(data) > limits.max_frame:
-            raise ValueError(f"process() returned {len(data):,} bytes of records for topic {t!r}, more "
-                             f"than one frame may hold ({limits.max_frame:,}): return fewer or smaller records")
+            raise ValueError(
+                f"process() returned {len(data):,} bytes of records for topic {t!r}, more "
+                f"than one frame may hold ({limits.max_frame:,}): return fewer or smaller records"
+            )
     if len(topics) > p.MAX_TOPICS or len(header) > p.MAX_HEADER_BYTES:
-        raise ValueError(f"process() returned {len(topics):,} topics, more than one result may name "
-                         f"({p.MAX_TOPICS:,} topics, {p.MAX_HEADER_BYTES:,} bytes of topic names)")
+        raise ValueError(
+            f"process() returned {len(topics):,} topics, more than one result may name "
+            f"({p.MAX_TOPICS:,} topics, {p.MAX_HEADER_BYTES:,} bytes of topic names)"
+        )
     total = len(header) + sum(map(len, payloads))
     if total > limits.max_message:
-        raise ValueError(f"process() returned {total:,} bytes in all, more than one message may hold "
-                         f"({limits.max_message:,}): return fewer or smaller records")
+        raise ValueError(
+            f"process() returned {total:,} bytes in all, more than one message may hold "
+            f"({limits.max_message:,}): return fewer or smaller records"
+        )
 
 
 def _split(out: Any, topic: str) -> tuple[list[str], list[int], list[bytes]]:
@@ -69,13 +83,14 @@ def _split(out: Any, topic: str) -> tuple[list[str], list[int], list[bytes]]:
     if isinstance(out, (list, tuple)):
         out = {topic: out}
     if not isinstance(out, dict):
-        raise TypeError(f"process() returned {type(out).__name__}; expected a list, "
-                        "a dict of topic -> list, or None")
+        raise TypeError(f"process() returned {type(out).__name__}; expected a list, a dict of topic -> list, or None")
     topics, counts, payloads = [], [], []
     for t, records in out.items():
         if not isinstance(t, str) or not t or len(t.encode()) > p.MAX_TOPIC or t.startswith("zfan."):
-            raise ValueError(f"process() returned topic {t!r}; topics are non-empty strings of at most "
-                             f"{p.MAX_TOPIC} bytes, not starting with 'zfan.'")
+            raise ValueError(
+                f"process() returned topic {t!r}; topics are non-empty strings of at most "
+                f"{p.MAX_TOPIC} bytes, not starting with 'zfan.'"
+            )
         if not isinstance(records, (list, tuple)):
             raise TypeError(f"process() returned {type(records).__name__} for topic {t!r}; expected a list")
         if records:
@@ -93,8 +108,14 @@ class Worker(Service):
 
     role = "worker"
 
-    def __init__(self, process: Process, settings: WorkerSettings | None = None, *,
-                 context: zmq.Context | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        process: Process,
+        settings: WorkerSettings | None = None,
+        *,
+        context: zmq.Context | None = None,
+        **overrides: Any,
+    ) -> None:
         if not callable(process):
             raise TypeError(f"process must be callable, not {type(process).__name__}")
         super().__init__(context)
