@@ -16,9 +16,10 @@ from .errors import (
 from .nodes.producer import Producer
 from .nodes.sink import Sink
 from .nodes.status import query_status
-from .nodes.subscriber import Message, Subscriber
+from .nodes.subscriber import Subscriber
 from .nodes.worker import Worker
 from .sequencing import RetentionGap
+from .subscription import Message
 
 __version__ = "0.1.0"
 

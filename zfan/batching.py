@@ -1,5 +1,5 @@
-"""The producer's bookkeeping, with no sockets: open batches per topic, and the window of
-batches sent but not yet acknowledged."""
+"""The producer's open batches per topic, with no sockets: records collect until a batch is
+full or has lingered long enough."""
 
 from __future__ import annotations
 
@@ -84,43 +84,6 @@ class Batcher:
     def __len__(self) -> int:
         return sum(e.count for e in self._open.values())
 
-
-@dataclass
-class Sent:
-    seq: int
-    count: int
-    frames: list[bytes]
-    sent_at: float  # 0 when not yet sent
-
-
-class Window:
-    """Batches handed to the sink and not yet acknowledged, by seq."""
-
-    def __init__(self) -> None:
-        self._unacked: dict[int, Sent] = {}
-        self.acked_records = 0
-        self.acked_batches = 0
-
-    def add(self, sent: Sent) -> None:
-        self._unacked[sent.seq] = sent
-
-    def ack(self, seqs: list[int]) -> int:
-        """Forget acknowledged batches; return how many were still unacked (repeats are ignored)."""
-        n = 0
-        for seq in seqs:
-            sent = self._unacked.pop(seq, None)
-            if sent is not None:
-                n += 1
-                self.acked_records += sent.count
-        self.acked_batches += n
-        return n
-
-    def due(self, now: float, resend_after: float) -> list[Sent]:
-        """Batches never sent, or sent longer ago than ``resend_after`` without an ack."""
-        return [s for s in self._unacked.values() if now - s.sent_at >= resend_after or not s.sent_at]
-
-    def all(self) -> list[Sent]:
-        return list(self._unacked.values())
-
-    def __len__(self) -> int:
-        return len(self._unacked)
+    @property
+    def empty(self) -> bool:
+        return not self._open

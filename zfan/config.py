@@ -5,9 +5,13 @@ Nothing here reads the environment: the CLI does that, once, and passes values i
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypedDict, TypeVar
 
 from .errors import ConfigError
 
@@ -232,4 +236,75 @@ class SubscriberSettings:
                 raise ConfigError("a durable subscriber needs the sink's control endpoint")
         if isinstance(self.topics, str):
             raise ConfigError("topics must be a list of prefixes, not a single string")
+        if isinstance(self.topics, list):
+            object.__setattr__(self, "topics", tuple(self.topics))
         _positive("hwm", self.hwm, integer=True)
+
+
+# The keyword options each role's constructor takes: the fields of its settings, typed, so that
+# `Producer(intak=...)` is an error under a type checker (and a TypeError at run time).
+class SinkOptions(TypedDict, total=False):
+    intake: str
+    control: str
+    results: str
+    ledger: str
+    fsync: str
+    timing: Timing
+    max_attempts: int
+    batch_timeout: float
+    cache_bytes: int
+    publish_hwm: int
+    retain_count: int | None
+    retain_age: float | None
+    curve: Curve | None
+    limits: Limits
+
+
+class WorkerOptions(TypedDict, total=False):
+    control: str
+    credit: int
+    name: str
+    timing: Timing
+    curve: Curve | None
+    limits: Limits
+
+
+class ProducerOptions(TypedDict, total=False):
+    intake: str
+    control: str
+    producer_id: str
+    topic: str
+    batch_size: int
+    linger_ms: float
+    window: int
+    resend_after: float
+    timing: Timing
+    curve: Curve | None
+    limits: Limits
+
+
+class SubscriberOptions(TypedDict, total=False):
+    results: str
+    control: str | None
+    topics: tuple[str, ...] | list[str]
+    durable: str | None
+    hwm: int
+    curve: Curve | None
+    limits: Limits
+
+
+S = TypeVar("S")
+
+
+def settings_from(role: str, cls: type[S], settings: S | None, options: Mapping[str, Any]) -> S:
+    """A role's settings: `settings` as given, with keyword `options` in place of its fields. An
+    unknown option is a TypeError that names the role and the option it may have meant."""
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    for key in options:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"{role}() got an unexpected keyword argument {key!r}{hint}")
+    if settings is None:
+        return cls(**options)
+    return dataclasses.replace(settings, **options)  # type: ignore[type-var]

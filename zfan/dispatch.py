@@ -25,12 +25,9 @@ from .liveness import Beat, LastHeard, Tracker
 
 log = logging.getLogger(__name__)
 
-INTAKE_TYPES = frozenset({p.BATCH})
-CONTROL_TYPES = frozenset(
-    {p.HELLO, p.HEARTBEAT, p.RESULT, p.FAILED, p.STATUS, p.BYE, p.REPLAY, p.HEADS, p.GET_CURSOR, p.COMMIT}
-)
+INTAKE_TYPES: frozenset[type[p.Message]] = frozenset({p.Batch})
 # Requests any peer may make without a hello: they change no peer's state.
-STATELESS = frozenset({p.HELLO, p.STATUS, p.REPLAY, p.HEADS, p.GET_CURSOR, p.COMMIT})
+STATELESS: frozenset[type[p.Message]] = frozenset({p.Hello, p.Status, p.Replay, p.Heads, p.GetCursor, p.Commit})
 PRUNE_EVERY = 1.0  # seconds between retention passes
 LOG_EVERY = 10.0  # seconds between two log lines about one peer's refused messages
 # Writes that nothing sent waits for (leases, publish marks, cursors) are committed with the
@@ -148,18 +145,19 @@ class SinkCore:
         self._out = Outbox()
         # Results stored but not yet known to be published: an earlier sink's leftovers first.
         self._to_publish: list[Stored] = list(ledger.results_after(ledger.published_upto()))
-        self._handlers: dict[str, Callable[[bytes, list[Any], list[bytes]], None]] = {
-            p.HELLO: self._hello,
-            p.HEARTBEAT: self._heartbeat,
-            p.RESULT: self._result,
-            p.FAILED: self._failed,
-            p.STATUS: self._status,
-            p.BYE: self._bye,
-            p.REPLAY: self._replay,
-            p.HEADS: self._heads,
-            p.GET_CURSOR: self._get_cursor,
-            p.COMMIT: self._commit,
+        self._handlers: dict[type[p.Message], Callable[[bytes, Any], None]] = {
+            p.Hello: self._hello,
+            p.Heartbeat: self._heartbeat,
+            p.Result: self._result,
+            p.Failed: self._failed,
+            p.Status: self._status,
+            p.Bye: self._bye,
+            p.Replay: self._replay,
+            p.Heads: self._heads,
+            p.GetCursor: self._get_cursor,
+            p.Commit: self._commit,
         }
+        self._control_types = frozenset(self._handlers)
 
     # --- events ----------------------------------------------------------------------------
     def intake(self, frames: list[bytes], key: str | None = None) -> None:
@@ -167,19 +165,18 @@ class SinkCore:
         `key` is the sender's public key, which must be the one its producer id is bound to."""
         try:
             self._check_size(frames)
-            if len(frames) != 2:
-                raise ProtocolError("bad frame count", f"batch has {len(frames)} frames, expected 2")
             self._check_key(key)
-            _, (producer_id, seq, topic, count) = p.decode(frames[0], allowed=INTAKE_TYPES)
-            if topic.startswith("zfan."):
-                raise ProtocolError("reserved topic", topic)
-            if key is not None and self._keys.get(producer_id) != key:
-                raise ProtocolError("producer id of another key", producer_id)
+            batch = p.decode(frames, allowed=INTAKE_TYPES)
+            assert isinstance(batch, p.Batch)
+            if batch.topic.startswith("zfan."):
+                raise ProtocolError("reserved topic", batch.topic)
+            if key is not None and self._keys.get(batch.producer_id) != key:
+                raise ProtocolError("producer id of another key", batch.producer_id)
         except ProtocolError as exc:
             self._reject(exc, key or "intake")
             return
         self.heard.heard("intake", self.clock())
-        payload = frames[1]
+        producer_id, seq, topic, count, payload = batch.producer_id, batch.seq, batch.topic, batch.count, batch.payload
         batch_id = self.ledger.insert_batch(producer_id, seq, topic, count, payload)
         if batch_id is None:
             self.stats["duplicate batches"] += 1
@@ -198,10 +195,8 @@ class SinkCore:
         self._key = key
         try:
             self._check_size(frames)
-            if not frames:
-                raise ProtocolError("bad frame count", "empty message")
             self._check_key(key)
-            mtype, fields = p.decode(frames[0], allowed=CONTROL_TYPES)
+            msg = p.decode(frames, allowed=self._control_types)
         except ProtocolError as exc:
             self._reject(exc, rid)
             return
@@ -209,15 +204,15 @@ class SinkCore:
         self.heard.heard(rid, now)
         if rid in self.roles:
             self.peers.seen(rid, now)
-        elif mtype not in STATELESS:
+        elif type(msg) not in STATELESS:
             # A peer this sink does not know (it was declared dead, or the sink restarted).
-            if mtype in (p.RESULT, p.FAILED):
+            if isinstance(msg, (p.Result, p.Failed)):
                 self.stats["fenced results"] += 1  # its lease went to another worker
-            self._send(rid, p.encode(p.RESET, "unknown peer: send hello"))
+            self._send(rid, p.Reset("unknown peer: send hello"))
             self.stats["resets"] += 1
             return
         try:
-            self._handlers[mtype](rid, fields, frames[1:])
+            self._handlers[type(msg)](rid, msg)
         except ProtocolError as exc:
             self._reject(exc, rid)
 
@@ -241,9 +236,9 @@ class SinkCore:
             self._lease_ended(batch_id, lease.attempt, f"batch timeout: no result after {self.batch_timeout:g} s")
             self.stats["batch timeouts"] += 1
         if self.beat.due(now):
-            header = p.encode(p.HEARTBEAT, self.epoch)
+            beat = p.encode(p.Heartbeat(self.epoch))
             for rid in self.peers.peers():
-                self._send(rid, header)  # type: ignore[arg-type]
+                self._out.to_peers.append((rid, beat))  # type: ignore[arg-type]
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_EVERY
             keep, max_age = self.retain
@@ -280,10 +275,10 @@ class SinkCore:
         for producer_id, seqs in self._acks.items():
             rid = self.producers.get(producer_id)
             if rid is not None:
-                out.to_peers.append((rid, [p.encode(p.ACK, seqs)]))
+                out.to_peers.append((rid, p.encode(p.Ack(seqs))))
         self._acks.clear()
         if self._to_publish:
-            out.publish.extend(self._publish_frames(s) for s in self._to_publish)
+            out.publish.extend([s.topic.encode(), *p.encode(self._published(s))] for s in self._to_publish)
             self.stats["published"] += len(self._to_publish)
             # Committed with a later turn (COMMIT_WITHIN): a crash before then publishes these
             # again with the same per-topic seq, and subscribers discard what they have seen.
@@ -326,8 +321,8 @@ class SinkCore:
         }
 
     # --- control handlers ------------------------------------------------------------------
-    def _hello(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
-        role, name, credit = fields
+    def _hello(self, rid: bytes, msg: p.Hello) -> None:
+        role, name, credit = msg.role, msg.name, msg.credit
         if role not in p.ROLES:
             raise ProtocolError("bad role", role)
         if role == "worker" and not 0 < credit <= p.MAX_CREDIT:
@@ -353,39 +348,35 @@ class SinkCore:
         elif role == "producer":
             self.producers[name] = rid
         t = self.timing
-        self._send(rid, p.encode(p.WELCOME, self.epoch, round(t.heartbeat * 1000), t.liveness))
+        self._send(rid, p.Welcome(self.epoch, round(t.heartbeat * 1000), t.liveness))
 
-    def _heartbeat(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
+    def _heartbeat(self, rid: bytes, msg: p.Heartbeat) -> None:
         pass  # being heard from is all a heartbeat says
 
-    def _bye(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
+    def _bye(self, rid: bytes, msg: p.Bye) -> None:
         self.peers.forget(rid)
         self._drop_peer(rid, "said bye")
 
-    def _status(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
-        self._send(rid, p.encode(p.STATUS, self.status()))
+    def _status(self, rid: bytes, msg: p.Status) -> None:
+        self._send(rid, p.StatusReply(self.status()))
 
-    def _result(self, rid: bytes, fields: list[Any], payloads: list[bytes]) -> None:
-        epoch, batch_id, attempt, topics, counts = fields
-        if len(topics) != len(counts) or len(payloads) != len(topics):
-            raise ProtocolError("bad frame count", "result needs one count and one payload per topic")
-        for topic in topics:
+    def _result(self, rid: bytes, msg: p.Result) -> None:
+        for topic in msg.topics:
             if topic.startswith("zfan."):
                 raise ProtocolError("reserved topic", topic)
-        if not self._settle(rid, epoch, batch_id, attempt):
+        if not self._settle(rid, msg.epoch, msg.batch_id, msg.attempt):
             return
         rows = []
-        for topic, count, payload in zip(topics, counts, payloads, strict=True):
+        for topic, count, payload in zip(msg.topics, msg.counts, msg.payloads, strict=True):
             rows.append((topic, self._next_seq(topic), count, payload))
-        self._to_publish.extend(self.ledger.store_results(batch_id, rows))
+        self._to_publish.extend(self.ledger.store_results(msg.batch_id, rows))
         self.counts["done"] += 1
         self.stats["batches done"] += 1
 
-    def _failed(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
-        epoch, batch_id, attempt, error = fields
-        if self._settle(rid, epoch, batch_id, attempt):
+    def _failed(self, rid: bytes, msg: p.Failed) -> None:
+        if self._settle(rid, msg.epoch, msg.batch_id, msg.attempt):
             self.stats["batches failed"] += 1
-            self._lease_ended(batch_id, attempt, error)
+            self._lease_ended(msg.batch_id, msg.attempt, msg.error)
 
     def _settle(self, rid: bytes, epoch: int, batch_id: int, attempt: int) -> bool:
         """Close the lease a worker answered for; False (and counted) if the answer is fenced."""
@@ -402,42 +393,37 @@ class SinkCore:
         return True
 
     # --- subscribers: replay, topic heads, durable cursors ---------------------------------
-    def _replay(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
-        topic, first, last = fields
-        first, last = max(first, 1), min(last, self.topic_seq.get(topic, 0))
+    def _replay(self, rid: bytes, msg: p.Replay) -> None:
+        topic = msg.topic
+        first, last = max(msg.first, 1), min(msg.last, self.topic_seq.get(topic, 0))
         if first > last:
             return  # nothing published there yet
         rows = self.ledger.results_range(topic, first, last, p.MAX_REPLAY)
         if not rows or rows[0].seq > first:
             gap_end = rows[0].seq - 1 if rows else last
-            self._send(rid, p.encode(p.MISSING, topic, first, gap_end, "no longer retained by the sink"))
+            self._send(rid, p.Missing(topic, first, gap_end, "no longer retained by the sink"))
             self.stats["replays refused"] += 1
         for stored in rows:
-            self._send(rid, *self._publish_frames(stored)[1:])
+            self._send(rid, self._published(stored))
         if rows:
             self.stats["results replayed"] += len(rows)
 
-    def _heads(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
-        prefixes, after = fields
-        heads, upto, more = self._head_log.page(after, tuple(prefixes), self.topic_seq)
-        self._send(rid, p.encode(p.TOPICS, after, [t for t, _ in heads], [s for _, s in heads], upto, more))
+    def _heads(self, rid: bytes, msg: p.Heads) -> None:
+        heads, upto, more = self._head_log.page(msg.after, tuple(msg.prefixes), self.topic_seq)
+        self._send(rid, p.Topics(msg.after, [t for t, _ in heads], [s for _, s in heads], upto, more))
 
-    def _get_cursor(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
-        name, after_topic = fields
+    def _get_cursor(self, rid: bytes, msg: p.GetCursor) -> None:
+        name, after_topic = msg.name, msg.after_topic
         # One row beyond a page tells whether another page follows.
         rows = self.ledger.cursor_page(name, after_topic, p.MAX_TOPICS + 1)
         page = rows[: p.pairs_that_fit(rows)]
-        self._send(
-            rid,
-            p.encode(p.CURSOR, name, after_topic, [t for t, _ in page], [s for _, s in page], len(page) < len(rows)),
-        )
+        self._send(rid, p.Cursor(name, after_topic, [t for t, _ in page], [s for _, s in page], len(page) < len(rows)))
 
-    def _commit(self, rid: bytes, fields: list[Any], _: list[bytes]) -> None:
-        name, topics, seqs = fields
+    def _commit(self, rid: bytes, msg: p.Commit) -> None:
         positions: dict[str, int] = {}
-        for topic, seq in zip(topics, seqs, strict=True):
+        for topic, seq in zip(msg.topics, msg.seqs, strict=True):
             positions[topic] = max(seq, positions.get(topic, 0))
-        self.ledger.save_cursor(name, positions)
+        self.ledger.save_cursor(msg.name, positions)
 
     # --- leases ----------------------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -468,12 +454,7 @@ class SinkCore:
             self.leases[batch.batch_id] = Lease(worker.rid, attempt, now + self.batch_timeout)
             self.counts["pending"] -= 1
             self.counts["leased"] += 1
-            self._out.to_peers.append(
-                (
-                    worker.rid,
-                    [p.encode(p.LEASE, self.epoch, batch.batch_id, attempt, batch.topic, batch.count), payload],
-                )
-            )
+            self._send(worker.rid, p.Lease(self.epoch, batch.batch_id, attempt, batch.topic, batch.count, payload))
 
     def _lease_ended(
         self, batch_id: int, attempt: int, error: str, *, charge: bool = True, suspect: bool = False
@@ -567,8 +548,8 @@ class SinkCore:
         self._head_log.changed(topic)
         return seq
 
-    def _send(self, rid: bytes, *frames: bytes) -> None:
-        self._out.to_peers.append((rid, list(frames)))
+    def _send(self, rid: bytes, msg: p.Message) -> None:
+        self._out.to_peers.append((rid, p.encode(msg)))
 
     def _check_size(self, frames: list[bytes]) -> None:
         if len(frames) > self.limits.max_frames:
@@ -588,10 +569,8 @@ class SinkCore:
                 "refused a message from %s: %s (%d refused so far)", _peer_name(peer), exc, sum(self.rejected.values())
             )
 
-    def _publish_frames(self, s: Stored) -> list[bytes]:
+    def _published(self, s: Stored) -> p.Publish | p.Dead:
         if s.kind == 0:
-            header = p.encode(p.PUBLISH, s.topic, s.seq, s.batch_id, s.count)
-        else:
-            source, _, attempts, error = self.ledger.batch_info(s.batch_id)
-            header = p.encode(p.DEAD, s.topic, s.seq, s.batch_id, attempts, error or "", source)
-        return [s.topic.encode(), header, s.payload]
+            return p.Publish(s.topic, s.seq, s.batch_id, s.count, s.payload)
+        source, _, attempts, error = self.ledger.batch_info(s.batch_id)
+        return p.Dead(s.topic, s.seq, s.batch_id, attempts, error or "", source, s.payload)

@@ -8,7 +8,10 @@ specification; this module is its one implementation.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
@@ -63,47 +66,234 @@ MAX_INT = (1 << 63) - 1
 
 _STR, _INT, _STRS, _INTS, _MAP, _BOOL = "str", "int", "list[str]", "list[int]", "map", "bool"
 _PREFIXES = "list[prefix]"  # topic prefixes: strings that may be empty (the empty one matches all)
+_KINDS = {"str": _STR, "int": _INT, "list[str]": _STRS, "list[int]": _INTS, "bool": _BOOL, "dict[str, Any]": _MAP}
 
-# type -> the fields after [VERSION, type], in order.
-SCHEMA: dict[str, tuple[tuple[str, str], ...]] = {
-    BATCH: (("producer_id", _STR), ("seq", _INT), ("topic", _STR), ("count", _INT)),
-    HELLO: (("role", _STR), ("name", _STR), ("credit", _INT)),
-    HEARTBEAT: (("epoch", _INT),),
-    RESULT: (("epoch", _INT), ("batch_id", _INT), ("attempt", _INT), ("topics", _STRS), ("counts", _INTS)),
-    FAILED: (("epoch", _INT), ("batch_id", _INT), ("attempt", _INT), ("error", _STR)),
-    STATUS: (),
-    BYE: (),
-    WELCOME: (("epoch", _INT), ("heartbeat_ms", _INT), ("liveness", _INT)),
-    ACK: (("seqs", _INTS),),
-    LEASE: (("epoch", _INT), ("batch_id", _INT), ("attempt", _INT), ("topic", _STR), ("count", _INT)),
-    RESET: (("reason", _STR),),
-    PUBLISH: (("topic", _STR), ("seq", _INT), ("batch_id", _INT), ("count", _INT)),
-    DEAD: (
-        ("topic", _STR),
-        ("seq", _INT),
-        ("batch_id", _INT),
-        ("attempts", _INT),
-        ("error", _STR),
-        ("source_topic", _STR),
-    ),
-    SYNC: (("token", _STR),),
-    REPLAY: (("topic", _STR), ("first", _INT), ("last", _INT)),
-    MISSING: (("topic", _STR), ("first", _INT), ("last", _INT), ("reason", _STR)),
-    # Heads and cursors come in pages: `after` is where a page starts, echoed in its answer so
-    # that a repeated request's answer is told apart; `more` says another page follows.
-    HEADS: (("prefixes", _PREFIXES), ("after", _INT)),
-    TOPICS: (("after", _INT), ("topics", _STRS), ("seqs", _INTS), ("upto", _INT), ("more", _BOOL)),
-    GET_CURSOR: (("name", _STR), ("after_topic", _STR)),
-    CURSOR: (("name", _STR), ("after_topic", _STR), ("topics", _STRS), ("seqs", _INTS), ("more", _BOOL)),
-    COMMIT: (("name", _STR), ("topics", _STRS), ("seqs", _INTS)),
-}
+
+# --- the messages ---------------------------------------------------------------------------
+# One frozen class per message type. Header fields come in the order declared; `payload`
+# (one frame) and `payloads` (a frame per topic) are the frames after the header.
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    TYPE: ClassVar[str]
+    FIELDS: ClassVar[tuple[tuple[str, str], ...]]  # header fields: (name, kind)
+    PAYLOADS: ClassVar[int | None]  # payload frames after the header; None: one per topic
+
+
+MESSAGES: dict[str, type[Message]] = {}
+M = TypeVar("M", bound=type[Message])
+
+
+def _message(mtype: str) -> Callable[[M], M]:
+    def register(cls: M) -> M:
+        names = [f for f in dataclasses.fields(cls) if f.name not in ("payload", "payloads")]
+        cls.TYPE = mtype
+        cls.FIELDS = tuple((f.name, _PREFIXES if f.name == "prefixes" else _KINDS[str(f.type)]) for f in names)
+        cls.PAYLOADS = None if "payloads" in cls.__dataclass_fields__ else int("payload" in cls.__dataclass_fields__)
+        if mtype != STATUS or cls.FIELDS == ():  # the status reply shares its type with the request
+            MESSAGES[mtype] = cls
+        return cls
+
+    return register
+
+
+# intake: producer PUSH -> sink PULL
+@_message(BATCH)
+@dataclass(frozen=True, slots=True)
+class Batch(Message):
+    producer_id: str
+    seq: int
+    topic: str
+    count: int
+    payload: bytes
+
+
+# control: any DEALER -> sink ROUTER
+@_message(HELLO)
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    role: str
+    name: str
+    credit: int
+
+
+@_message(HEARTBEAT)
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    epoch: int
+
+
+@_message(RESULT)
+@dataclass(frozen=True, slots=True)
+class Result(Message):
+    epoch: int
+    batch_id: int
+    attempt: int
+    topics: list[str]
+    counts: list[int]
+    payloads: list[bytes]
+
+
+@_message(FAILED)
+@dataclass(frozen=True, slots=True)
+class Failed(Message):
+    epoch: int
+    batch_id: int
+    attempt: int
+    error: str
+
+
+@_message(STATUS)
+@dataclass(frozen=True, slots=True)
+class Status(Message):
+    pass
+
+
+@_message(STATUS)
+@dataclass(frozen=True, slots=True)
+class StatusReply(Message):
+    info: dict[str, Any]
+
+
+@_message(BYE)
+@dataclass(frozen=True, slots=True)
+class Bye(Message):
+    pass
+
+
+# control: sink ROUTER -> DEALER
+@_message(WELCOME)
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    epoch: int
+    heartbeat_ms: int
+    liveness: int
+
+
+@_message(ACK)
+@dataclass(frozen=True, slots=True)
+class Ack(Message):
+    seqs: list[int]
+
+
+@_message(LEASE)
+@dataclass(frozen=True, slots=True)
+class Lease(Message):
+    epoch: int
+    batch_id: int
+    attempt: int
+    topic: str
+    count: int
+    payload: bytes
+
+
+@_message(RESET)
+@dataclass(frozen=True, slots=True)
+class Reset(Message):
+    reason: str
+
+
+# results: sink XPUB -> SUB, after a first frame that is the topic; also replayed on control
+@_message(PUBLISH)
+@dataclass(frozen=True, slots=True)
+class Publish(Message):
+    topic: str
+    seq: int
+    batch_id: int
+    count: int
+    payload: bytes
+
+
+@_message(DEAD)
+@dataclass(frozen=True, slots=True)
+class Dead(Message):
+    topic: str
+    seq: int
+    batch_id: int
+    attempts: int
+    error: str
+    source_topic: str
+    payload: bytes
+
+
+@_message(SYNC)
+@dataclass(frozen=True, slots=True)
+class Sync(Message):
+    token: str
+
+
+# control: a subscriber's DEALER -> sink ROUTER (no hello needed), and the answers
+@_message(REPLAY)
+@dataclass(frozen=True, slots=True)
+class Replay(Message):
+    topic: str
+    first: int
+    last: int
+
+
+@_message(MISSING)
+@dataclass(frozen=True, slots=True)
+class Missing(Message):
+    topic: str
+    first: int
+    last: int
+    reason: str
+
+
+# Heads and cursors come in pages: `after` is where a page starts, echoed in its answer so
+# that a repeated request's answer is told apart; `more` says another page follows.
+@_message(HEADS)
+@dataclass(frozen=True, slots=True)
+class Heads(Message):
+    prefixes: list[str]
+    after: int
+
+
+@_message(TOPICS)
+@dataclass(frozen=True, slots=True)
+class Topics(Message):
+    after: int
+    topics: list[str]
+    seqs: list[int]
+    upto: int
+    more: bool
+
+
+@_message(GET_CURSOR)
+@dataclass(frozen=True, slots=True)
+class GetCursor(Message):
+    name: str
+    after_topic: str
+
+
+@_message(CURSOR)
+@dataclass(frozen=True, slots=True)
+class Cursor(Message):
+    name: str
+    after_topic: str
+    topics: list[str]
+    seqs: list[int]
+    more: bool
+
+
+@_message(COMMIT)
+@dataclass(frozen=True, slots=True)
+class Commit(Message):
+    name: str
+    topics: list[str]
+    seqs: list[int]
+
+
+# type -> the header fields after [VERSION, type], in order (docs/PROTOCOL.md's tables).
+SCHEMA: dict[str, tuple[tuple[str, str], ...]] = {t: cls.FIELDS for t, cls in MESSAGES.items()}
 # Messages that carry parallel lists must have them of equal length.
-PARALLEL = {TOPICS: (1, 2), CURSOR: (2, 3), COMMIT: (1, 2)}
-# The status reply reuses the STATUS type with one field, a map; requests have none.
-STATUS_REPLY_FIELDS = (("info", _MAP),)
-
-# How many payload frames follow the header, per type (RESULT: one per topic).
-PAYLOAD_FRAMES = {BATCH: 1, LEASE: 1, PUBLISH: 1, DEAD: 1}
+PARALLEL = {
+    TOPICS: ("topics", "seqs"),
+    CURSOR: ("topics", "seqs"),
+    COMMIT: ("topics", "seqs"),
+    RESULT: ("topics", "counts"),
+}
 
 _NON_EMPTY = frozenset({"producer_id", "name", "topic", "source_topic", "role", "token"})
 _STR_LIMITS = {
@@ -134,13 +324,50 @@ def _not_msgpack(exc: Exception) -> str:
     return f"not msgpack ({type(exc).__name__})"
 
 
-def encode(mtype: str, *fields: Any) -> bytes:
-    """The header frame for a message of this type. Callers pass fields in SCHEMA order."""
-    return msgpack.packb([VERSION, mtype, *fields])
+def encode(msg: Message) -> list[bytes]:
+    """The frames of a message: its header, then its payloads."""
+    header: bytes = msgpack.packb([VERSION, msg.TYPE, *[getattr(msg, name) for name, _ in msg.FIELDS]])
+    if msg.PAYLOADS is None:
+        return [header, *msg.payloads]  # type: ignore[attr-defined]
+    if msg.PAYLOADS:
+        return [header, msg.payload]  # type: ignore[attr-defined]
+    return [header]
 
 
-def decode(frame: bytes, *, allowed: frozenset[str] | None = None) -> tuple[str, list[Any]]:
-    """Decode and check a header frame: (type, fields). Raises ProtocolError with a short reason."""
+def header(msg: Message) -> bytes:
+    """The header frame alone, of a message that has no payload."""
+    return encode(msg)[0]
+
+
+def decode(frames: list[bytes], *, allowed: frozenset[type[Message]] | None = None) -> Message:
+    """Check a message's frames and return it; raises ProtocolError with a short reason."""
+    if not frames:
+        raise ProtocolError("bad frame count", "empty message")
+    mtype, fields = _unpack(frames[0])
+    cls = StatusReply if mtype == STATUS and len(fields) == 1 else MESSAGES[mtype]
+    if allowed is not None and cls not in allowed:
+        raise ProtocolError("unexpected type", mtype)
+    if len(fields) != len(cls.FIELDS):
+        raise ProtocolError("bad header", f"{mtype} takes {len(cls.FIELDS)} fields, got {len(fields)}")
+    for value, (name, kind) in zip(fields, cls.FIELDS, strict=True):
+        _check(mtype, name, kind, value)
+    named = dict(zip((name for name, _ in cls.FIELDS), fields, strict=True))
+    pair = PARALLEL.get(mtype)
+    if pair is not None and len(named[pair[0]]) != len(named[pair[1]]):
+        raise ProtocolError("bad field", f"{mtype}: lists of different lengths")
+    make: Callable[..., Message] = cls
+    payloads = frames[1:]
+    if cls.PAYLOADS is None:
+        if len(payloads) != len(named["topics"]):
+            raise ProtocolError("bad frame count", f"{mtype} needs one payload frame per topic")
+        return make(*fields, payloads)
+    if len(payloads) != cls.PAYLOADS:
+        raise ProtocolError("bad frame count", f"{mtype} has {len(frames)} frames, expected {cls.PAYLOADS + 1}")
+    return make(*fields, *payloads)
+
+
+def _unpack(frame: bytes) -> tuple[str, list[Any]]:
+    """A header's type and fields, once it is known to be msgpack of the right shape."""
     if len(frame) > MAX_HEADER_BYTES:
         raise ProtocolError("header too large", f"{len(frame)} bytes")
     try:
@@ -163,20 +390,8 @@ def decode(frame: bytes, *, allowed: frozenset[str] | None = None) -> tuple[str,
     version, mtype, *fields = msg
     if type(version) is not int or version != VERSION:
         raise ProtocolError("bad version", repr(version)[:40])
-    if not isinstance(mtype, str) or mtype not in SCHEMA:
+    if not isinstance(mtype, str) or mtype not in MESSAGES:
         raise ProtocolError("unknown type", repr(mtype)[:40])
-    if allowed is not None and mtype not in allowed:
-        raise ProtocolError("unexpected type", mtype)
-    schema = SCHEMA[mtype]
-    if mtype == STATUS and len(fields) == 1:
-        schema = STATUS_REPLY_FIELDS
-    if len(fields) != len(schema):
-        raise ProtocolError("bad header", f"{mtype} takes {len(schema)} fields, got {len(fields)}")
-    for value, (name, kind) in zip(fields, schema, strict=True):
-        _check(mtype, name, kind, value)
-    pair = PARALLEL.get(mtype)
-    if pair and len(fields[pair[0]]) != len(fields[pair[1]]):
-        raise ProtocolError("bad field", f"{mtype}: lists of different lengths")
     return mtype, fields
 
 

@@ -32,8 +32,11 @@ class RetentionGap(ZfanError):
 
 
 class Sequenced(Protocol):
-    topic: str
-    seq: int
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def seq(self) -> int: ...
 
 
 M = TypeVar("M", bound=Sequenced)

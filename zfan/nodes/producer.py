@@ -8,27 +8,34 @@ sockets, sends, resends, heartbeats and takes acks.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq
 
 from .. import protocol as p
-from ..batching import Batch, Batcher, Sent, Window
-from ..config import ProducerSettings, check_topic
-from ..errors import Closed, DeliveryTimeout, ProtocolError, SerializationError, ZfanError
+from ..batching import Batch, Batcher
+from ..config import ProducerSettings, check_topic, settings_from
+from ..delivery import ProducerCore, Sent
+from ..errors import Closed, SerializationError, ZfanError
+from ..session import Dial, Joined, Lost
+from .handoff import Handoff
 from .security import Handshakes, HandshakeWatch, check_handshakes, secure_client
 from .service import Service
-from .transport import Backoff, connect, drain, socket, welcome_timing
+from .transport import Ctx, Sock, connect, drain, socket
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ..config import ProducerOptions
 
 log = logging.getLogger(__name__)
 
-CONTROL_TYPES = frozenset({p.WELCOME, p.HEARTBEAT, p.ACK, p.RESET})
 PAYLOAD_OVERHEAD = 5  # the array header in front of a batch's packed records
 
 
@@ -38,32 +45,28 @@ class Producer(Service):
     role = "producer"
 
     def __init__(
-        self, settings: ProducerSettings | None = None, *, context: zmq.Context | None = None, **overrides: Any
+        self,
+        settings: ProducerSettings | None = None,
+        *,
+        context: Ctx | None = None,
+        **options: Unpack[ProducerOptions],
     ) -> None:
+        s = self.settings = settings_from("Producer", ProducerSettings, settings, options)
         super().__init__(context)
-        s = self.settings = settings or ProducerSettings(**overrides)
-        self._lock = threading.Lock()  # guards the batcher, seq and the hand-off queue
         # A payload must fit one frame (ZeroMQ drops a connection that sends a larger one).
         self._max_record = s.limits.max_frame - PAYLOAD_OVERHEAD
         self._batcher = Batcher(s.batch_size, s.linger_ms / 1000, max_bytes=self._max_record)
+        self._handoff = Handoff(self._batcher, s.window, self._wakeup, self._seal)
         self._packer = msgpack.Packer()
         # (producer id, seq) is what the sink deduplicates on, so a producer that runs again
         # under the same id must not reuse a seq: each run starts at the wall clock in ns,
         # past every seq an earlier run used (it would take a billion batches a second to
         # catch up) and far below the 2^63 limit.
         self._seq = time.time_ns()
-        self._handoff: deque[Sent] = deque()
-        self._slots = threading.Semaphore(s.window)  # free places in the window
-        self._acked = threading.Condition()
-        self._window = Window()
-        self._outstanding = 0  # handed off and not yet acked (under _acked)
         self._topics: set[str] = set()
-        self._push_watch: HandshakeWatch | None = None  # set by the I/O thread: intake's handshakes
         self._handshakes = Handshakes()
-        self._beat = self._expiry = 0.0  # the sink's heartbeat timing, from its welcome (I/O thread)
         self._closed = False
-        self._window_full = False  # a lingering batch waits for an ack before it can go
-        self._parked: tuple[str, Batch] | None = None  # that batch (I/O thread)
+        self._acked_records = 0
         self.sent_records = 0
         self.connected = threading.Event()
 
@@ -122,31 +125,21 @@ class Producer(Service):
         return body if len(body) <= self._max_record else None
 
     def _queue(self, topic: str, packed: bytes, count: int) -> None:
-        with self._lock:
-            sealed = self._batcher.add(topic, packed, time.monotonic(), count)
-            self.sent_records += count
-        for batch in sealed:
-            self._hand_off(topic, batch, block=True)
+        self._handoff.add(topic, packed, count)
+        self.sent_records += count
+
+    def _seal(self, topic: str, batch: Batch) -> Sent:
+        self._seq += 1
+        msg = p.Batch(
+            self.settings.producer_id, self._seq, topic, batch.count, p.join_records(batch.pieces, batch.count)
+        )
+        return Sent(self._seq, batch.count, p.encode(msg), 0.0)
 
     def flush(self, timeout: float = 30.0) -> None:
         """Return once every record sent so far is acknowledged; raise DeliveryTimeout if not."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                batch = self._batcher.take_any()
-            if batch is None:
-                break
-            self._hand_off(*batch, block=True, deadline=deadline, timeout=timeout)
-        with self._acked:
-            while self._outstanding or self._parked is not None:
-                left = deadline - time.monotonic()
-                if not self.running:
-                    raise self._stopped_error()
-                if left <= 0:
-                    raise DeliveryTimeout(self._outstanding + (self._parked is not None), timeout)
-                self._acked.wait(min(left, 0.1))
+        self._handoff.flush(timeout)
 
-    def close(self, timeout: float = 30.0) -> None:  # type: ignore[override]
+    def close(self, timeout: float = 30.0) -> None:
         """Flush, then stop. Raises DeliveryTimeout (after stopping) if the sink never acked."""
         if self._closed:
             return
@@ -157,178 +150,115 @@ class Producer(Service):
             self._closed = True
             super().close()
 
-    def _stopped_error(self) -> ZfanError:
-        if isinstance(self.error, ZfanError):
-            return self.error
-        return ZfanError(f"producer's I/O thread has stopped; {self._outstanding} batch(es) unacknowledged")
-
     @property
     def unacked(self) -> int:
-        return self._outstanding
+        return self._handoff.unacked
 
     @property
     def acked_records(self) -> int:
-        return self._window.acked_records
-
-    def _hand_off(
-        self, topic: str, batch: Batch, *, block: bool, deadline: float | None = None, timeout: float = 0.0
-    ) -> bool:
-        """Give a sealed batch to the I/O thread once the window has room."""
-        if not block:
-            if not self._slots.acquire(blocking=False):
-                self._window_full = True
-                return False
-        while block and not self._slots.acquire(timeout=0.1):
-            if not self.running:
-                raise self._stopped_error()
-            if deadline is not None and time.monotonic() > deadline:
-                raise DeliveryTimeout(self._outstanding + 1, timeout)  # this one is not acknowledged either
-        with self._lock:
-            self._seq += 1
-            header = p.encode(p.BATCH, self.settings.producer_id, self._seq, topic, batch.count)
-            self._handoff.append(Sent(self._seq, batch.count, [header, p.join_records(batch.pieces, batch.count)], 0.0))
-        with self._acked:
-            self._outstanding += 1
-        self._wakeup.set()
-        return True
+        return self._acked_records
 
     # --- the I/O thread --------------------------------------------------------------------
     def _serve(self) -> None:
         s = self.settings
-        push = self._open_push()
+        core = ProducerCore(s.producer_id, s.timing, time.monotonic(), resend_after=s.resend_after)
+        ctl: Sock | None = None
+        push: Sock | None = None
+        watches: list[HandshakeWatch] = []
         try:
             self._ready.set()
-            backoff = Backoff(s.timing.heartbeat)
             while not self._stopping.is_set():
-                if self._session(push):
-                    backoff.reset()
-                if self._stopping.wait(backoff.next()):
-                    break
-                # A session ends when the sink went silent: the intake connection may be just as
-                # dead, its batches stuck behind TCP's backed-off retransmits long after the
-                # network heals. A new one costs nothing: the next welcome resends what is unacked.
-                self._close_push(push)
-                push = self._open_push()
-        finally:
-            self._close_push(push)
-
-    def _open_push(self) -> zmq.Socket:
-        s = self.settings
-        push = socket(self._ctx, zmq.PUSH)
-        self._push_watch = secure_client(push, s.curve, s.intake, self._handshakes)
-        try:
-            connect(push, s.intake, "intake endpoint")
-        except BaseException:
-            self._close_push(push)
-            raise
-        return push
-
-    def _close_push(self, push: zmq.Socket) -> None:
-        if self._push_watch is not None:
-            self._push_watch.close()
-        push.close(linger=0)
-
-    def _session(self, push: zmq.Socket) -> bool:
-        """One control connection, until the sink goes silent or we stop. True if welcomed."""
-        s = self.settings
-        ctl = socket(self._ctx, zmq.DEALER, max_frame=p.MAX_HEADER_BYTES)  # it receives headers only
-        watch = secure_client(ctl, s.curve, s.control, self._handshakes)
-        connect(ctl, s.control, "control endpoint")
-        poller = zmq.Poller()
-        poller.register(ctl, zmq.POLLIN)
-        poller.register(self._wakeup.fileno(), zmq.POLLIN)
-        epoch = 0
-        welcomed = False
-        self._beat, self._expiry = s.timing.heartbeat, s.timing.expiry  # until the sink says its own
-        heard = time.monotonic()
-        next_beat = heard + self._beat
-        ctl.send(p.encode(p.HELLO, "producer", s.producer_id, 0))
-        try:
-            while not self._stopping.is_set():
-                ready = dict(poller.poll(self._wait(next_beat) * 1000))
                 now = time.monotonic()
-                check_handshakes(watch, self._push_watch)
-                if self._wakeup.fileno() in ready:
-                    self._wakeup.clear()
-                self._seal_lingering(now)
-                while self._handoff:
-                    self._window.add(self._handoff.popleft())
-                if ctl in ready:
-                    for frames in drain(ctl):
-                        heard = now
-                        epoch = self._control(frames, ctl, epoch)
-                    next_beat = min(next_beat, now + self._beat)  # a welcome may ask for a faster pace
-                if epoch:
-                    self._send_due(push, now)
-                if now - heard > self._expiry:
-                    log.warning("sink %s silent for %.1f s; reconnecting", s.control, now - heard)
+                event = core.tick(now)
+                if isinstance(event, Lost):
+                    log.warning("sink %s: %s; connecting again", s.control, event.reason)
                     self.connected.clear()
-                    return welcomed
-                welcomed = welcomed or bool(epoch)
-                if now >= next_beat:
-                    ctl.send(p.encode(p.HEARTBEAT, epoch))
-                    next_beat = now + self._beat
-            return welcomed
+                    # The intake connection may be just as dead, its batches stuck behind TCP's
+                    # backed-off retransmits long after the network heals: both are replaced.
+                    ctl, push = self._close(ctl, push, watches)
+                elif isinstance(event, Dial):
+                    ctl, push = self._open(ctl, push, watches)
+                assert (ctl is None) == (push is None)
+                blocked = ctl is not None and push is not None and self._turn(core, ctl, push, watches, now)
+                self._wait(core, ctl, push, blocked)
+            if ctl is not None:
+                core.session.close()
+                self._send(ctl, core.session.take())
         finally:
-            watch.close()
-            ctl.close(linger=0)
+            self._close(ctl, push, watches)
 
-    def _wait(self, next_beat: float) -> float:
-        """Seconds to poll: until the next heartbeat, or the oldest open batch's linger."""
-        now = time.monotonic()
-        with self._lock:
-            linger = None if self._window_full else self._batcher.next_due(now)
-        wait = next_beat - now if linger is None else min(linger, next_beat - now)
-        return max(0.0, wait)
+    def _ended(self) -> None:
+        self._handoff.stop(self._stopped_error())
 
-    def _send_due(self, push: zmq.Socket, now: float) -> None:
-        """Push batches never sent, and those unacknowledged for `resend_after`."""
-        for sent in self._window.due(now, self.settings.resend_after):
+    def _turn(self, core: ProducerCore, ctl: Sock, push: Sock, watches: list[HandshakeWatch], now: float) -> bool:
+        """Take what arrived and what callers sealed, push what is due; True if intake is full."""
+        check_handshakes(*watches)
+        self._wakeup.clear()
+        for sent in self._handoff.take(now):
+            core.add(sent)
+        for frames in drain(ctl):
+            event, acked = core.received(frames, now)
+            if acked:
+                self._acked_records = core.window.acked_records
+                self._handoff.acked(acked)
+            if isinstance(event, Joined):
+                self.connected.set()
+            elif isinstance(event, Lost):
+                self.connected.clear()
+        self._send(ctl, core.session.take())
+        for sent in core.due(now):
             try:
                 push.send_multipart(sent.frames, zmq.NOBLOCK)
             except zmq.Again:
-                return  # the sink's pipe is full: try again next turn
-            sent.sent_at = now
+                return True  # the sink's pipe is full: wait until it takes more
+            core.pushed(sent, now)
+        return False
 
-    def _control(self, frames: list[bytes], ctl: zmq.Socket, epoch: int) -> int:
-        try:
-            mtype, fields = p.decode(frames[0], allowed=CONTROL_TYPES)
-        except ProtocolError as exc:
-            log.warning("ignored a message from the sink: %s", exc)
-            return epoch
-        if mtype == p.ACK:
-            n = self._window.ack(fields[0])
-            if n:
-                self._window_full = False
-                self._slots.release(n)
-                with self._acked:
-                    self._outstanding -= n
-                    self._acked.notify_all()
-        elif mtype == p.WELCOME:
-            if fields[0] != epoch:
-                # A sink we had not met (or one that restarted): everything unacked goes again.
-                for sent in self._window.all():
-                    sent.sent_at = 0.0
-            self._beat, self._expiry = welcome_timing(fields, self.settings.timing)
-            self.connected.set()
-            return int(fields[0])
-        elif mtype == p.RESET or (mtype == p.HEARTBEAT and epoch and fields[0] != epoch):
-            self.connected.clear()
-            ctl.send(p.encode(p.HELLO, "producer", self.settings.producer_id, 0))
-            return 0
-        return epoch
+    def _wait(self, core: ProducerCore, ctl: Sock | None, push: Sock | None, blocked: bool) -> None:
+        """Poll until something arrives, a caller wakes us, or the cores' next deadline."""
+        now = time.monotonic()
+        due = core.session.next_deadline() if blocked else core.next_deadline()
+        linger = self._handoff.linger_deadline(now)
+        if linger is not None:
+            due = min(due, linger)
+        poller = zmq.Poller()
+        poller.register(self._wakeup.fileno(), zmq.POLLIN)
+        if ctl is not None:
+            poller.register(ctl, zmq.POLLIN)
+        if blocked and push is not None:
+            poller.register(push, zmq.POLLOUT)
+        poller.poll(math.ceil(max(0.0, due - now) * 1000))
 
-    def _seal_lingering(self, now: float) -> None:
-        while True:
-            due = self._parked
-            if due is None:
-                with self._lock:
-                    due = self._batcher.take_due(now)
-            if due is None:
-                return
-            if not self._hand_off(*due, block=False):
-                self._parked = due  # window full: it goes first once an ack makes room
-                return
-            self._parked = None
-            while self._handoff:
-                self._window.add(self._handoff.popleft())
+    def _send(self, ctl: Sock, messages: list[p.Message]) -> None:
+        for msg in messages:
+            ctl.send_multipart(p.encode(msg), zmq.NOBLOCK)
+
+    def _open(self, ctl: Sock | None, push: Sock | None, watches: list[HandshakeWatch]) -> tuple[Sock, zmq.Socket]:
+        self._close(ctl, push, watches)
+        s = self.settings
+        push = socket(self._ctx, zmq.PUSH)
+        ctl = socket(self._ctx, zmq.DEALER, max_frame=p.MAX_HEADER_BYTES)  # it receives headers only
+        for sock, endpoint, what in ((push, s.intake, "intake endpoint"), (ctl, s.control, "control endpoint")):
+            watches.append(secure_client(sock, s.curve, endpoint, self._handshakes))
+            try:
+                connect(sock, endpoint, what)
+            except BaseException:
+                self._close(ctl, push, watches)
+                raise
+        return ctl, push
+
+    def _close(self, ctl: Sock | None, push: Sock | None, watches: list[HandshakeWatch]) -> tuple[None, None]:
+        for watch in watches:
+            watch.close()
+        watches.clear()
+        for sock in (ctl, push):
+            if sock is not None:
+                sock.close(linger=0)
+        return None, None
+
+    def _stopped_error(self) -> ZfanError:
+        if isinstance(self.error, ZfanError):
+            return self.error
+        if self._stopping.is_set():
+            return Closed("producer is closed")
+        return ZfanError("producer's I/O thread has stopped")

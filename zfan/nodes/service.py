@@ -91,4 +91,8 @@ class Service:
                 log.exception("%s stopped by an unexpected error", self.role)
             self._error = exc
         finally:
+            self._ended()
             self._ready.set()
+
+    def _ended(self) -> None:
+        """Called on the I/O thread as it ends, once `error` says why."""

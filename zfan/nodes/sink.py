@@ -176,4 +176,4 @@ class Sink(Service):
                     token = topic.decode()
                 except UnicodeDecodeError:
                     continue
-                xpub.send_multipart([topic, p.encode(p.SYNC, token)])
+                xpub.send_multipart([topic, p.header(p.Sync(token))])

@@ -21,7 +21,7 @@ def query_status(
     watch = secure_client(sock, curve, control)
     try:
         connect(sock, control, "control endpoint")
-        sock.send(p.encode(p.STATUS))
+        sock.send_multipart(p.encode(p.Status()))
         deadline = time.monotonic() + timeout
         while not sock.poll(50):
             watch.check()
@@ -29,13 +29,12 @@ def query_status(
                 raise ZfanError(f"no answer from a sink at {control} within {timeout:g} s (is it running?)")
         frames = sock.recv_multipart()
         try:
-            mtype, fields = p.decode(frames[0], allowed=frozenset({p.STATUS}))
+            reply = p.decode(frames, allowed=frozenset({p.StatusReply, p.Status}))
         except ProtocolError as exc:
             raise ZfanError(f"the sink at {control} answered something else: {exc}") from None
-        if not fields:
+        if not isinstance(reply, p.StatusReply):
             raise ZfanError(f"the sink at {control} sent an empty status")
-        info: dict[str, Any] = fields[0]
-        return info
+        return reply.info
     finally:
         watch.close()
         sock.close(linger=0)

@@ -7,11 +7,15 @@ import errno
 import os
 import random
 from collections.abc import Iterator
+from typing import TypeAlias
 
 import zmq
 
 from ..config import Timing
 from ..errors import BindError, ConfigError
+
+Sock: TypeAlias = "zmq.Socket[bytes]"
+Ctx: TypeAlias = "zmq.Context[zmq.Socket[bytes]]"
 
 # Messages taken from one socket per turn of a loop: enough to amortise a commit, few enough
 # that one busy socket cannot starve the others.

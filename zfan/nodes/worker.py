@@ -7,51 +7,50 @@ second thread, so heartbeats keep flowing while a long batch runs.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from .. import protocol as p
-from ..config import Limits, WorkerSettings
-from ..errors import ProtocolError, SerializationError
-from .security import Handshakes, secure_client
+from ..config import Limits, WorkerSettings, settings_from
+from ..errors import SerializationError
+from ..leases import WorkerCore
+from ..session import Dial, Joined, Lost
+from .security import Handshakes, HandshakeWatch, secure_client
 from .service import Service
-from .transport import Backoff, connect, drain, socket, welcome_timing
+from .transport import Ctx, Sock, connect, drain, socket
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ..config import WorkerOptions
 
 log = logging.getLogger(__name__)
 
 Process = Callable[[list[Any]], "list[Any] | dict[str, list[Any]] | None"]
-CONTROL_TYPES = frozenset({p.WELCOME, p.HEARTBEAT, p.LEASE, p.RESET, p.STATUS})
 DEFAULT_LIMITS = Limits()
 
 
-def run_batch(
-    process: Process,
-    epoch: int,
-    batch_id: int,
-    attempt: int,
-    topic: str,
-    payload: bytes,
-    *,
-    limits: Limits = DEFAULT_LIMITS,
-) -> list[bytes]:
+def run_batch(process: Process, lease: p.Lease, *, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
     """Run the function on one batch; return the RESULT or FAILED message to send back."""
+    epoch, batch_id, attempt = lease.epoch, lease.batch_id, lease.attempt
     try:
-        out = process(p.decode_records(payload))
-        topics, counts, payloads = _split(out, topic)
-        header = p.encode(p.RESULT, epoch, batch_id, attempt, topics, counts)
-        _check_fits(header, topics, payloads, limits)
+        out = process(p.decode_records(lease.payload))
+        topics, counts, payloads = _split(out, lease.topic)
+        frames = p.encode(p.Result(epoch, batch_id, attempt, topics, counts, payloads))
+        _check_fits(frames[0], topics, payloads, limits)
     except Exception:
         # The end of a traceback says most; cut by bytes, since the limit is in bytes.
         error = traceback.format_exc().encode()[-p.MAX_ERROR :].decode(errors="ignore")
-        return [p.encode(p.FAILED, epoch, batch_id, attempt, error)]
-    return [header, *payloads]
+        return p.encode(p.Failed(epoch, batch_id, attempt, error))
+    return frames
 
 
 def _check_fits(header: bytes, topics: list[str], payloads: list[bytes], limits: Limits) -> None:
@@ -113,114 +112,100 @@ class Worker(Service):
         process: Process,
         settings: WorkerSettings | None = None,
         *,
-        context: zmq.Context | None = None,
-        **overrides: Any,
+        context: Ctx | None = None,
+        **options: Unpack[WorkerOptions],
     ) -> None:
         if not callable(process):
             raise TypeError(f"process must be callable, not {type(process).__name__}")
+        self.settings = settings_from("Worker", WorkerSettings, settings, options)
         super().__init__(context)
-        self.settings = settings or WorkerSettings(**overrides)
         self.process = process
-        self.processed = 0  # batches answered, successfully or not
-        self._jobs: queue.Queue[tuple[int, int, int, str, bytes] | None] = queue.Queue()
-        self._done: deque[tuple[int, list[bytes]]] = deque()
-        # State of the I/O thread only: the sink's epoch and heartbeat timing, from its welcome.
-        self._epoch = 0
-        self._welcomed = False
+        # Leases for the function's thread, and its answers for the I/O thread.
+        self._jobs: queue.SimpleQueue[p.Lease | None] = queue.SimpleQueue()
+        self._done: deque[tuple[p.Lease, list[bytes]]] = deque()
         self._handshakes = Handshakes()
-        self._beat = self._expiry = 0.0
 
     # --- the function's thread -------------------------------------------------------------
     def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            epoch = job[0]
-            self._done.append((epoch, run_batch(self.process, *job, limits=self.settings.limits)))
+        while (lease := self._jobs.get()) is not None:
+            self._done.append((lease, run_batch(self.process, lease, limits=self.settings.limits)))
             self._wakeup.set()
 
     # --- the I/O thread --------------------------------------------------------------------
     def _serve(self) -> None:
+        s = self.settings
+        core = WorkerCore(s.name, s.credit, s.timing, time.monotonic())
         worker_thread = threading.Thread(target=self._work, name="zfan-worker-process", daemon=True)
         worker_thread.start()
+        sock: Sock | None = None
+        watch: HandshakeWatch | None = None
         try:
             self._ready.set()
-            backoff = Backoff(self.settings.timing.heartbeat)
             while not self._stopping.is_set():
-                if self._session():
-                    backoff.reset()  # we were welcomed: a fresh loss starts over
-                self._stopping.wait(backoff.next())
+                now = time.monotonic()
+                event = core.tick(now)
+                if isinstance(event, Lost):
+                    log.warning("sink %s: %s; connecting again", s.control, event.reason)
+                    self._drop_jobs()
+                    sock, watch = self._close(sock, watch)
+                elif isinstance(event, Dial):
+                    self._close(sock, watch)
+                    sock, watch = self._open()
+                if sock is not None:
+                    self._turn(core, sock, watch, now)
+                self._wait(core, sock)
+            if sock is not None:
+                core.session.close()  # bye lets the sink replay our batches at once
+                self._send(sock, core.session.take())
+                sock, watch = self._close(sock, watch, linger=100)  # time for the bye to leave
         finally:
             self._jobs.put(None)
+            self._close(sock, watch)
 
-    def _session(self) -> bool:
-        """One connection to the sink, until it goes silent or we stop. True if welcomed."""
+    def _turn(self, core: WorkerCore, sock: Sock, watch: HandshakeWatch | None, now: float) -> None:
+        if watch is not None:
+            watch.check()
+        self._wakeup.clear()
+        while self._done:
+            lease, answer = self._done.popleft()
+            if core.finished(lease):
+                sock.send_multipart(answer)
+        for frames in drain(sock):
+            event, job = core.received(frames, now)
+            if isinstance(event, Lost) or (isinstance(event, Joined) and event.new_epoch):
+                self._drop_jobs()
+            if job is not None:
+                self._jobs.put(job)
+        self._send(sock, core.session.take())
+
+    def _wait(self, core: WorkerCore, sock: Sock | None) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wakeup.fileno(), zmq.POLLIN)
+        if sock is not None:
+            poller.register(sock, zmq.POLLIN)
+        poller.poll(math.ceil(max(0.0, core.next_deadline() - time.monotonic()) * 1000))
+
+    def _send(self, sock: Sock, messages: list[p.Message]) -> None:
+        for msg in messages:
+            sock.send_multipart(p.encode(msg))
+
+    def _open(self) -> tuple[Sock, HandshakeWatch]:
         s = self.settings
         sock = socket(self._ctx, zmq.DEALER, max_frame=s.limits.max_frame)
         watch = secure_client(sock, s.curve, s.control, self._handshakes)
-        connect(sock, s.control, "control endpoint")
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._wakeup.fileno(), zmq.POLLIN)
-        self._epoch, self._welcomed = 0, False
-        self._beat, self._expiry = s.timing.heartbeat, s.timing.expiry  # until the sink says its own
-        heard = time.monotonic()
-        next_beat = heard + self._beat
-        sock.send(p.encode(p.HELLO, "worker", s.name, s.credit))
         try:
-            while not self._stopping.is_set():
-                ready = dict(poller.poll(max(0.0, next_beat - time.monotonic()) * 1000))
-                now = time.monotonic()
-                watch.check()
-                if self._wakeup.fileno() in ready:
-                    self._wakeup.clear()
-                self._send_done(sock)
-                if sock in ready:
-                    for frames in drain(sock):
-                        heard = now
-                        self._on_message(sock, frames)
-                    next_beat = min(next_beat, now + self._beat)  # a welcome may ask for a faster pace
-                if now - heard > self._expiry:
-                    log.warning("sink %s silent for %.1f s; reconnecting", s.control, now - heard)
-                    return self._welcomed
-                if now >= next_beat:
-                    sock.send(p.encode(p.HEARTBEAT, self._epoch))
-                    next_beat = now + self._beat
-            if self._welcomed:
-                sock.send(p.encode(p.BYE))  # lets the sink replay our batches at once
-            return self._welcomed
-        finally:
+            connect(sock, s.control, "control endpoint")
+        except BaseException:
+            self._close(sock, watch)
+            raise
+        return sock, watch
+
+    def _close(self, sock: Sock | None, watch: HandshakeWatch | None, linger: int = 0) -> tuple[None, None]:
+        if watch is not None:
             watch.close()
-            sock.close(linger=100 if self._welcomed else 0)
-
-    def _send_done(self, sock: zmq.Socket) -> None:
-        while self._done:
-            epoch, frames = self._done.popleft()
-            self.processed += 1
-            if epoch == self._epoch:  # an older sink's lease is fenced: not worth sending
-                sock.send_multipart(frames)
-
-    def _on_message(self, sock: zmq.Socket, frames: list[bytes]) -> None:
-        try:
-            mtype, fields = p.decode(frames[0], allowed=CONTROL_TYPES)
-        except ProtocolError as exc:
-            log.warning("ignored a message from the sink: %s", exc)
-            return
-        if mtype == p.WELCOME:
-            if self._welcomed and fields[0] != self._epoch:
-                self._drop_jobs()
-            self._epoch, self._welcomed = fields[0], True
-            self._beat, self._expiry = welcome_timing(fields, self.settings.timing)
-            log.info("joined sink %s (epoch %d)", self.settings.control, self._epoch)
-        elif mtype == p.LEASE and len(frames) == 2 and fields[0] == self._epoch:
-            self._jobs.put((*fields[:4], frames[1]))
-        elif mtype == p.RESET or (mtype == p.HEARTBEAT and self._welcomed and fields[0] != self._epoch):
-            # The sink forgot us or restarted: what we hold is fenced already.
-            self._drop_jobs()
-            self._welcomed = False
-            s = self.settings
-            sock.send(p.encode(p.HELLO, "worker", s.name, s.credit))
+        if sock is not None:
+            sock.close(linger=linger)
+        return None, None
 
     def _drop_jobs(self) -> None:
         """Forget leases not yet started: the sink replays them."""

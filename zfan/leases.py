@@ -1,0 +1,72 @@
+"""The worker's core, with no sockets: its session with the sink, and the leases it holds.
+
+A lease is run only if it comes from the sink that welcomed us, in its current epoch; its
+answer is sent only if the lease is still ours when the answer is ready. What the sink can no
+longer accept (it restarted, reset our session, or went silent and has replayed our batches
+to others) is dropped here, not sent to be fenced there.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from . import protocol as p
+from .config import Timing
+from .errors import ProtocolError
+from .session import SESSION_TYPES, Event, Joined, Lost, Session
+
+log = logging.getLogger(__name__)
+
+CONTROL_TYPES: frozenset[type[p.Message]] = SESSION_TYPES | {p.Lease}
+
+
+class WorkerCore:
+    def __init__(self, name: str, credit: int, timing: Timing, now: float, *, rng: random.Random | None = None) -> None:
+        self.session = Session("worker", name, timing, now, credit=credit, rng=rng)
+        self.credit = credit
+        self.held: set[tuple[int, int, int]] = set()  # (epoch, batch_id, attempt) of leases not answered
+        self.ignored = 0  # messages from the sink that could not be decoded
+        self.fenced = 0  # leases or answers dropped because they belong to an earlier session
+        self.answered = 0  # batches whose result or failure went back to the sink
+
+    def received(self, frames: list[bytes], now: float) -> tuple[Event | None, p.Lease | None]:
+        """A message from the sink: (what it meant to the session, a lease to run). When the
+        event is Joined with a new epoch, or Lost, the leases not yet started are void."""
+        try:
+            msg = p.decode(frames, allowed=CONTROL_TYPES)
+        except ProtocolError as exc:
+            self.ignored += 1
+            log.warning("ignored a message from the sink: %s", exc)
+            return None, None
+        event = self.session.received(msg, now)
+        if isinstance(event, Lost) or (isinstance(event, Joined) and event.new_epoch):
+            self.held.clear()  # the sink forgot us or restarted: what we hold is fenced already
+        if isinstance(event, Joined):
+            log.info("joined the sink (epoch %d)", event.epoch)
+        if isinstance(msg, p.Lease):
+            if not self.session.joined or msg.epoch != self.session.epoch:
+                self.fenced += 1
+                return event, None
+            self.held.add((msg.epoch, msg.batch_id, msg.attempt))
+            return event, msg
+        return event, None
+
+    def tick(self, now: float) -> Event | None:
+        event = self.session.tick(now)
+        if isinstance(event, Lost):
+            self.held.clear()  # a silent sink has replayed them, or will, to other workers
+        return event
+
+    def finished(self, lease: p.Lease) -> bool:
+        """A lease's answer is ready: whether to send it (False if the lease is no longer ours)."""
+        key = (lease.epoch, lease.batch_id, lease.attempt)
+        if key not in self.held:
+            self.fenced += 1
+            return False
+        self.held.discard(key)
+        self.answered += 1
+        return True
+
+    def next_deadline(self) -> float:
+        return self.session.next_deadline()

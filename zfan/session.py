@@ -1,0 +1,173 @@
+"""A client's control session with the sink, with no sockets: the part every producer, worker
+and subscriber shares.
+
+hello -> welcome, heartbeats both ways (any message from the sink counts as one), the sink's
+silence, a reset or a new epoch, the wait before dialling again, bye. It is fed what came from
+the sink (``received``) and the passing of time (``tick``), both with the time passed in, and
+says what to send (``outbox``) and what happened (the events it returns). The role's own core
+wraps it; the socket loop around that only polls until ``next_deadline()``.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass
+
+from . import protocol as p
+from .config import Timing
+
+SESSION_TYPES: frozenset[type[p.Message]] = frozenset({p.Welcome, p.Heartbeat, p.Reset})
+BACKOFF_CAP = 2.0  # seconds: the longest wait between two dials
+
+
+@dataclass(frozen=True)
+class Dial:
+    """Open a new control connection now (the first, or one after the sink went silent) and
+    send the outbox on it: the hello is in it."""
+
+
+@dataclass(frozen=True)
+class Joined:
+    """The sink welcomed us. `new_epoch`: a sink we had not met, or one that restarted, so
+    what the last one leased or numbered is fenced."""
+
+    epoch: int
+    new_epoch: bool
+
+
+@dataclass(frozen=True)
+class Lost:
+    """The session ended. With `redial` the connection is dropped (its socket must be closed; a
+    Dial follows after a backoff); without, the hello is already in the outbox."""
+
+    reason: str
+    redial: bool
+
+
+Event = Dial | Joined | Lost
+
+
+class State(enum.Enum):
+    IDLE = "idle"  # waiting to dial
+    HELLO = "hello"  # hello sent, no welcome yet
+    JOINED = "joined"
+    CLOSED = "closed"  # said bye
+
+
+class Backoff:
+    """Waits between dials: from `first`, doubling up to `cap`, with jitter so that many peers
+    of a restarted sink do not all come back at once; reset once a session got going."""
+
+    def __init__(self, first: float, cap: float = BACKOFF_CAP, rng: random.Random | None = None) -> None:
+        self.first, self.cap = first, cap
+        self._next = first
+        self._rng = rng or random.Random()
+
+    def reset(self) -> None:
+        self._next = self.first
+
+    def next(self) -> float:
+        wait = self._next * self._rng.uniform(0.5, 1.0)
+        self._next = min(self._next * 2, self.cap)
+        return wait
+
+
+class Session:
+    def __init__(
+        self, role: str, name: str, timing: Timing, now: float, *, credit: int = 0, rng: random.Random | None = None
+    ) -> None:
+        self.hello = p.Hello(role, name, credit)
+        self.timing = timing
+        self.state = State.IDLE
+        self.epoch = 0  # of the sink that last welcomed us; kept across sessions
+        self.outbox: list[p.Message] = []
+        self.backoff = Backoff(timing.heartbeat, rng=rng)
+        self.dials = 0
+        self.silent_since: float | None = None  # when the sink was last heard, while it is lost
+        self._beat, self._expiry = timing.heartbeat, timing.expiry  # until a welcome says the sink's own
+        self._heard = now
+        self._next_beat = now
+        self._dial_at = now
+
+    @property
+    def joined(self) -> bool:
+        return self.state is State.JOINED
+
+    def take(self) -> list[p.Message]:
+        """What to send on the control connection, in order; the outbox is empty afterwards."""
+        out, self.outbox = self.outbox, []
+        return out
+
+    def received(self, msg: p.Message, now: float) -> Event | None:
+        """A message from the sink (any type counts as a sign of life); returns what its session
+        part meant, if anything."""
+        if self.state in (State.IDLE, State.CLOSED):
+            return None  # left over from a connection already given up
+        self._heard = now
+        self.silent_since = None
+        if isinstance(msg, p.Welcome):
+            return self._welcome(msg)
+        if isinstance(msg, p.Reset):
+            return self._hello_again(now, f"the sink reset the session ({msg.reason})")
+        if isinstance(msg, p.Heartbeat) and self.joined and msg.epoch != self.epoch:
+            return self._hello_again(now, f"the sink restarted (epoch {self.epoch} -> {msg.epoch})")
+        return None
+
+    def tick(self, now: float) -> Event | None:
+        """What the passing of time did: a dial due, a heartbeat due, or the sink silent too long."""
+        if self.state is State.CLOSED:
+            return None
+        if self.state is State.IDLE:
+            if now < self._dial_at:
+                return None
+            self.state = State.HELLO
+            self.dials += 1
+            self._heard = self._next_beat = now
+            self.outbox.append(self.hello)
+            self._next_beat = now + self._beat
+            return Dial()
+        silent = now - self._heard
+        if silent > self._expiry:
+            self.state = State.IDLE
+            self.silent_since = self._heard
+            self._dial_at = now + self.backoff.next()
+            self._beat, self._expiry = self.timing.heartbeat, self.timing.expiry
+            return Lost(f"the sink has been silent for {silent:.1f} s", redial=True)
+        if now >= self._next_beat:
+            self.outbox.append(p.Heartbeat(self.epoch if self.joined else 0))
+            self._next_beat = max(self._next_beat + self._beat, now + self._beat / 2)
+        return None
+
+    def close(self) -> None:
+        """Say bye if welcomed (so that the sink replays or forgets what is ours at once)."""
+        if self.joined:
+            self.outbox.append(p.Bye())
+        self.state = State.CLOSED
+
+    def next_deadline(self) -> float:
+        """When tick() next has something to do."""
+        if self.state is State.CLOSED:
+            return float("inf")
+        if self.state is State.IDLE:
+            return self._dial_at
+        # Just past the expiry: the sink is lost only once silent for *more* than that.
+        return min(self._next_beat, self._heard + self._expiry + 1e-3)
+
+    def _welcome(self, msg: p.Welcome) -> Joined:
+        new = msg.epoch != self.epoch
+        self.epoch = msg.epoch
+        self.state = State.JOINED
+        self.backoff.reset()
+        if msg.heartbeat_ms and msg.liveness:
+            # Beat as often as the sink expects, and give it the silence it allows itself.
+            self._beat = msg.heartbeat_ms / 1000
+            self._expiry = self._beat * msg.liveness
+            self._next_beat = min(self._next_beat, self._heard + self._beat)
+        return Joined(msg.epoch, new)
+
+    def _hello_again(self, now: float, reason: str) -> Lost:
+        self.state = State.HELLO
+        self.outbox.append(self.hello)
+        self._next_beat = now + self._beat
+        return Lost(reason, redial=False)
