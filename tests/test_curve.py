@@ -66,9 +66,9 @@ def test_allowed_keys_run_the_whole_pipeline_encrypted(sink, keys, ctx):
 @pytest.mark.parametrize(
     "who, message",
     [
-        ("intruder", "the sink refused this node's key (it is not in the sink's --allow-keys)"),
-        ("wrong server key", "the encrypted handshake failed: is --curve-server-key the sink's public key?"),
-        ("plaintext", "the sink requires encryption: give --curve-secret and --curve-server-key"),
+        ("intruder", "the sink refused this node's key (it is not in the sink's allow_keys=)"),
+        ("wrong server key", "the encrypted handshake failed: is server_key= the sink's public key?"),
+        ("plaintext", "the sink requires encryption: give secret_file= and server_key="),
     ],
 )
 def test_a_node_the_sink_does_not_let_in_is_refused_and_told_why(sink, keys, ctx, who, message):
@@ -275,7 +275,7 @@ def test_cli_refused_key_exits_with_one_line_and_the_sink_logs_it(keys, ipc, tmp
             ["produce", "--count", "1", "--curve-server-key", "{k}/sink.key"],
             "--curve-server-key needs --curve-secret too",
         ),
-        (["sink", "--curve-secret", "{k}/sink.key_secret"], "also needs --allow-keys FOLDER"),
+        (["sink", "--curve-secret", "{k}/sink.key_secret"], "also needs --allow-keys (a folder of the public keys it lets in)"),
         (
             ["sink", "--curve-secret", "{k}/sink.key_secret", "--allow-keys", "{k}/nowhere"],
             "--allow-keys {k}/nowhere: no such folder",

@@ -349,28 +349,28 @@ def _disk_full(exc: sqlite3.Error) -> bool:
 def _refuse(path: str, why: str) -> LedgerError:
     return LedgerError(
         f"ledger {path} is not a zfan ledger or is corrupt ({why}); "
-        "it was left untouched: move it away or point --ledger elsewhere"
+        "it was left untouched: move it away or point ledger= elsewhere"
     )
 
 
 def _open(path: str) -> sqlite3.Connection:
     if os.path.isdir(path):
-        raise LedgerError(f"ledger {path} is a directory: give a file path with --ledger")
+        raise LedgerError(f"ledger {path} is a directory: give a file path as ledger=")
     if path != ":memory:":
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise LedgerError(f"ledger {path}: folder {folder} does not exist")
         if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-            raise LedgerError(f"ledger {path} is not writable: choose a path you can write with --ledger")
+            raise LedgerError(f"ledger {path} is not writable: choose a path you can write for ledger=")
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except sqlite3.OperationalError as exc:
-        raise LedgerError(f"ledger {path} is not writable ({exc}): choose a path you can write with --ledger") from None
+        raise LedgerError(f"ledger {path} is not writable ({exc}): choose a path you can write for ledger=") from None
     try:
         db.execute("PRAGMA user_version").fetchone()  # reads the header: fails here if not a database
     except sqlite3.OperationalError as exc:
         db.close()
-        raise LedgerError(f"ledger {path} is not writable ({exc}): choose a path you can write with --ledger") from None
+        raise LedgerError(f"ledger {path} is not writable ({exc}): choose a path you can write for ledger=") from None
     except sqlite3.DatabaseError as exc:
         db.close()
         raise _refuse(path, str(exc)) from None

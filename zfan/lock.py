@@ -51,7 +51,7 @@ class LedgerLock:
                 raise LedgerFull(self.ledger) from None
             raise LedgerError(
                 f"ledger {self.ledger} is not writable (cannot create {self.path}: "
-                f"{exc.strerror}): choose a path you can write with --ledger"
+                f"{exc.strerror}): choose a path you can write for ledger="
             ) from None
         locked = True
         try:
@@ -110,7 +110,7 @@ class LedgerLock:
     def _in_use(self, owner: dict[str, Any]) -> str:
         return (
             f"ledger {self.ledger} is in use by {_who(owner)}: one sink per ledger; "
-            "stop that sink first, or give this one another --ledger"
+            "stop that sink first, or give this one another ledger="
         )
 
     def __enter__(self) -> LedgerLock:

@@ -17,7 +17,7 @@ from ..config import Curve, ProducerSettings, SinkSettings, SubscriberSettings, 
 from ..errors import ConfigError
 from ..feeds import JsonLines
 from ..loading import load_app
-from ..nodes import pipeline, security
+from ..nodes import security
 from ..nodes.local import die_with_parent
 from ..nodes.producer import Producer
 from ..nodes.sink import Sink
@@ -25,6 +25,7 @@ from ..nodes.status import query_status
 from ..nodes.subscriber import Subscriber
 from ..nodes.worker import Worker
 from ..sequencing import RetentionGap
+from . import pipeline
 from .options import RET_ERROR, RET_OK, curve, endpoints, on_stop, ready, role, timing
 from .show import Live, status_table, summary
 
@@ -112,8 +113,6 @@ def sink(
 ) -> int:
     """Receive batches, record them in the ledger, lease them to workers, publish results."""
     retain_count, retain_age = parse_retention(retain)
-    if workers:
-        load_app(app)  # fail here, once and clearly, rather than in every worker
     settings = SinkSettings(
         intake=intake,
         control=control,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -154,7 +155,7 @@ def role(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             try:
                 code = f(*args, **kwargs)
             except ZfanError as exc:
-                click.echo(f"zfan {name}: error: {exc}", err=True)
+                click.echo(f"zfan {name}: error: {in_flags(str(exc))}", err=True)
                 code = next((c for cls, c in _CODES if isinstance(exc, cls)), RET_ERROR)
             except KeyboardInterrupt:
                 code = RET_OK
@@ -182,6 +183,29 @@ def on_stop(stop: Callable[[], None]) -> None:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+# The library's errors name its arguments (`app=`, `ledger=`); a person at the terminal reads
+# the flags that set them.
+FLAGS = {
+    "app": "--app",
+    "ledger": "--ledger",
+    "secret_file": "--curve-secret",
+    "server_key": "--curve-server-key",
+    "allow_keys": "--allow-keys",
+}
+_ARGUMENT = re.compile(r"\b(" + "|".join(FLAGS) + r")=")
+
+
+def in_flags(message: str) -> str:
+    """A library error's message with each `argument=` it names written as its flag."""
+
+    def flag(m: re.Match[str]) -> str:
+        # "app='x': ..." becomes "--app 'x': ...", and "needs allow_keys= (...)" "needs --allow-keys (...)"
+        value_follows = m.end() < len(message) and message[m.end()] not in " ,.;:)"
+        return FLAGS[m.group(1)] + (" " if value_follows else "")
+
+    return _ARGUMENT.sub(flag, message)
 
 
 def ready(role_name: str, **fields: Any) -> None:

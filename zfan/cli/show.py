@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, TextIO
 
-from ..nodes.pipeline import Report
+from .pipeline import Report
 
 
 class Live:

@@ -12,14 +12,20 @@ import sys
 import time
 
 from ..config import Curve, Timing
+from ..errors import AppError
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+APP_FAILED = 3  # what `zfan worker` exits with when its app cannot be imported or called
+STARTUP = 5.0  # seconds: a worker that ends sooner than this after it was started failed to start
+GIVE_UP = 3  # failed starts in a row, of every local worker at once, before the sink stops
 
 
 class LocalWorkers:
-    """N worker processes; one that exits is started again, no more than once a second each."""
+    """N worker processes; one that exits is started again, no more than once a second each.
+    Restarting cannot help when the app itself fails: a worker that says its app cannot be
+    loaded, or every worker failing to start GIVE_UP times in a row, ends the sink with AppError."""
 
     def __init__(
         self, n: int, *, control: str, app: str, credit: int, timing: Timing, curve: Curve | None = None
@@ -43,8 +49,10 @@ class LocalWorkers:
         if curve is not None:
             # Local workers hold the sink's own keypair, which the sink lets in.
             self._cmd += ["--curve-secret", curve.secret_file, "--curve-server-key", curve.secret_file]
+        self.app = app
         self.procs = [self._spawn(i) for i in range(n)]
         self._started = [time.monotonic()] * n
+        self._failed = [0] * n  # failed starts in a row, per worker
         self.restarts = 0
 
     def _spawn(self, i: int) -> subprocess.Popen:
@@ -56,11 +64,29 @@ class LocalWorkers:
     def check(self) -> None:
         now = time.monotonic()
         for i, proc in enumerate(self.procs):
-            if proc.poll() is not None and now - self._started[i] >= 1.0:
-                log.warning("local worker %d exited with %s; starting it again", i + 1, proc.returncode)
-                self.procs[i] = self._spawn(i)
-                self._started[i] = now
-                self.restarts += 1
+            code = proc.poll()
+            up = now - self._started[i]
+            if code is None:
+                if up >= STARTUP:
+                    self._failed[i] = 0
+                continue
+            if up < 1.0:
+                continue  # restarted at most once a second
+            self._failed[i] = self._failed[i] + 1 if up < STARTUP else 0
+            self._give_up_if_hopeless(i, code)
+            log.warning("local worker %d exited with %s; starting it again", i + 1, code)
+            self.procs[i] = self._spawn(i)
+            self._started[i] = now
+            self.restarts += 1
+
+    def _give_up_if_hopeless(self, i: int, code: int) -> None:
+        if code == APP_FAILED:
+            raise AppError(f"local worker {i + 1} cannot load app {self.app!r} (its error is above); the sink stops")
+        if all(n >= GIVE_UP for n in self._failed):
+            raise AppError(
+                f"every local worker running app {self.app!r} ended within {STARTUP:g} s of starting, "
+                f"{GIVE_UP} times in a row (the last with exit code {code}); the sink stops"
+            )
 
     def stop(self, timeout: float = 5.0) -> None:
         stop_processes(self.procs, timeout)

@@ -47,36 +47,36 @@ def generate(folder: str, name: str) -> tuple[str, str]:
 
 def load_secret(path: str) -> tuple[bytes, bytes]:
     """(public, secret) from a NAME.key_secret file."""
-    public, secret = _load(path, "--curve-secret")
+    public, secret = _load(path, "secret_file=")
     if secret is None:
-        raise ConfigError(f"--curve-secret {path}: holds no secret key (give the .key_secret file)")
+        raise ConfigError(f"secret_file={path}: holds no secret key (give the .key_secret file)")
     return public, secret
 
 
-def load_public(path: str, what: str = "--curve-server-key") -> bytes:
+def load_public(path: str, what: str = "server_key=") -> bytes:
     return _load(path, what)[0]
 
 
 def _load(path: str, what: str) -> tuple[bytes, bytes | None]:
     if not os.path.isfile(path):
-        raise ConfigError(f"{what} {path}: no such file")
+        raise ConfigError(f"{what}{path}: no such file")
     if not os.access(path, os.R_OK):
-        raise ConfigError(f"{what} {path}: not readable")
+        raise ConfigError(f"{what}{path}: not readable")
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (ValueError, OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{what} {path}: not a key file made by `zfan keys generate` ({exc})") from None
+        raise ConfigError(f"{what}{path}: not a key file made by `zfan keys generate` ({exc})") from None
     return public, secret
 
 
 def check_allow_folder(folder: str) -> int:
     if not os.path.isdir(folder):
-        raise ConfigError(f"--allow-keys {folder}: no such folder")
+        raise ConfigError(f"allow_keys={folder}: no such folder")
     keys = [f for f in os.listdir(folder) if f.endswith(".key")]
     if not keys:
-        raise ConfigError(f"--allow-keys {folder}: holds no public keys (*.key); no client could connect")
+        raise ConfigError(f"allow_keys={folder}: holds no public keys (*.key); no client could connect")
     for name in keys:
-        _load(os.path.join(folder, name), "--allow-keys")
+        _load(os.path.join(folder, name), "allow_keys=")
     return len(keys)
 
 
@@ -85,11 +85,11 @@ def validate(curve: Curve, *, server: bool) -> None:
     load_secret(curve.secret_file)
     if server:
         if curve.allow_keys is None:
-            raise ConfigError("a sink with --curve-secret also needs --allow-keys FOLDER (the public keys it lets in)")
+            raise ConfigError("a sink with secret_file= also needs allow_keys= (a folder of the public keys it lets in)")
         check_allow_folder(curve.allow_keys)
     else:
         if curve.server_key is None:
-            raise ConfigError("with --curve-secret, a client also needs --curve-server-key (the sink's public key)")
+            raise ConfigError("with secret_file=, a client also needs server_key= (the sink's public key)")
         load_public(curve.server_key)
 
 
@@ -106,7 +106,7 @@ def make_server(sock: zmq.Socket, curve: Curve) -> None:
 
 def make_client(sock: zmq.Socket, curve: Curve) -> None:
     if curve.server_key is None:
-        raise ConfigError("with --curve-secret, a client also needs --curve-server-key (the sink's public key)")
+        raise ConfigError("with secret_file=, a client also needs server_key= (the sink's public key)")
     public, secret = load_secret(curve.secret_file)
     sock.curve_secretkey = secret
     sock.curve_publickey = public
@@ -197,7 +197,7 @@ class AllowList:
 
 def start_authenticator(ctx: zmq.Context, curve: Curve) -> tuple[ThreadAuthenticator, AllowList]:
     if curve.allow_keys is None:
-        raise ConfigError("a sink with --curve-secret also needs --allow-keys FOLDER (the public keys it lets in)")
+        raise ConfigError("a sink with secret_file= also needs allow_keys= (a folder of the public keys it lets in)")
     check_allow_folder(curve.allow_keys)
     public, _ = load_secret(curve.secret_file)
     auth = ThreadAuthenticator(ctx, log=_RefusalLog())  # type: ignore[arg-type]
@@ -208,10 +208,10 @@ def start_authenticator(ctx: zmq.Context, curve: Curve) -> tuple[ThreadAuthentic
 
 
 _FAILURES = {
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the sink refused this node's key (it is not in the sink's --allow-keys)",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the sink refused this node's key (it is not in the sink's allow_keys=)",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the sink and this node disagree on encryption (one uses CURVE, "
     "the other does not)",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the encrypted handshake failed: is --curve-server-key the sink's "
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the encrypted handshake failed: is server_key= the sink's "
     "public key?",
 }
 
@@ -280,7 +280,7 @@ class HandshakeWatch:
                     why = (
                         _FAILURES[event]
                         if self.encrypted
-                        else ("the sink requires encryption: give --curve-secret and --curve-server-key")
+                        else ("the sink requires encryption: give secret_file= and server_key=")
                     )
                     raise AuthError(f"cannot connect to {self.endpoint}: {why}")
 

@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from .. import protocol as p
-from ..config import SinkSettings, connect_address
+from ..config import SinkSettings, connect_address, settings_from
 from ..dispatch import SinkCore
 from ..errors import ConfigError
 from ..ledger import Ledger
+from ..loading import load_app
 from ..lock import LedgerLock
 from .local import LocalWorkers
 from .security import make_server, start_authenticator
 from .service import Service
-from .transport import bind, drain, drain_keyed, socket
+from .transport import Ctx, bind, drain, drain_keyed, socket
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ..config import SinkOptions
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +46,17 @@ class Sink(Service):
         workers: int = 0,
         app: str | None = None,
         worker_credit: int = 64,
-        context: zmq.Context | None = None,
-        **overrides: Any,
+        context: Ctx | None = None,
+        **options: Unpack[SinkOptions],
     ) -> None:
-        self.settings = settings or SinkSettings(**overrides)
+        self.settings = settings_from("Sink", SinkSettings, settings, options)
         # The ZAP authenticator is one per context: an encrypted sink gets a context of its own.
         self._own_ctx = context is None and self.settings.curve is not None
         super().__init__(zmq.Context() if self._own_ctx else context)
         if workers and not app:
             raise ConfigError("local workers need app='module:function', e.g. app='zfan.apps:rollup'")
+        if workers and app:
+            load_app(app)  # fail here, once and clearly, rather than in every worker
         self._local = (workers, app, worker_credit)
         self._workers: LocalWorkers | None = None
         self.intake = self.control = self.results = ""

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import errno
 import os
-import random
 from collections.abc import Iterator
 from typing import TypeAlias
 
 import zmq
 
-from ..config import Timing
 from ..errors import BindError, ConfigError
 
 Sock: TypeAlias = "zmq.Socket[bytes]"
@@ -88,15 +86,6 @@ def drain(sock: zmq.Socket, limit: int = DRAIN) -> Iterator[list[bytes]]:
             return
 
 
-def welcome_timing(welcome: list, own: Timing) -> tuple[float, float]:
-    """(heartbeat interval, expiry) for a session, from a WELCOME's heartbeat_ms and liveness:
-    beat as often as the sink expects, and give it the silence it allows itself."""
-    _, heartbeat_ms, liveness = welcome
-    if not heartbeat_ms or not liveness:
-        return own.heartbeat, own.expiry
-    return heartbeat_ms / 1000, heartbeat_ms / 1000 * liveness
-
-
 def drain_keyed(sock: zmq.Socket, keyed: bool, limit: int = DRAIN) -> Iterator[tuple[list[bytes], str | None]]:
     """Like drain(), with the CURVE key each message came with (ZAP's User-Id) when `keyed`."""
     if not keyed:
@@ -109,23 +98,6 @@ def drain_keyed(sock: zmq.Socket, keyed: bool, limit: int = DRAIN) -> Iterator[t
         except zmq.Again:
             return
         yield [f.bytes for f in parts], parts[-1].get("User-Id")
-
-
-class Backoff:
-    """Waits between reconnects: from `first`, doubling up to `cap`, with jitter so that many
-    peers of a restarted sink do not all come back at once; reset once a session got going."""
-
-    def __init__(self, first: float, cap: float = 2.0) -> None:
-        self.first, self.cap = first, cap
-        self._next = first
-
-    def reset(self) -> None:
-        self._next = self.first
-
-    def next(self) -> float:
-        wait = self._next * random.uniform(0.5, 1.0)
-        self._next = min(self._next * 2, self.cap)
-        return wait
 
 
 class Wakeup:

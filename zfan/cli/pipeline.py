@@ -24,10 +24,10 @@ import zmq
 
 from ..apps import readings
 from ..errors import LedgerError, ZfanError
-from .local import stop_processes
-from .producer import Producer
-from .status import query_status
-from .subscriber import Subscriber
+from ..nodes.local import stop_processes
+from ..nodes.producer import Producer
+from ..nodes.status import query_status
+from ..nodes.subscriber import Subscriber
 
 CHUNK = 500  # readings each producer thread hands to send_many() at once
 
