@@ -272,10 +272,10 @@ def test_a_result_too_big_for_one_message_is_a_failure_a_person_reads(out, limit
     from zfan.nodes.worker import run_batch
 
     kw = {"limits": Limits(**limits)} if limits else {}
-    frames = run_batch(lambda records: out, 1, 7, 1, "in", p.encode_records([1]), **kw)
-    mtype, fields = p.decode(frames[0])
-    assert (mtype, len(frames)) == (p.FAILED, 1)
-    assert says in fields[-1]
+    frames = run_batch(lambda records: out, p.Lease(1, 7, 1, "in", 1, p.encode_records([1])), **kw)
+    failed = p.decode(frames)
+    assert isinstance(failed, p.Failed) and len(frames) == 1
+    assert says in failed.error
 
 
 def test_a_producer_run_again_under_its_id_is_not_taken_for_a_resend(sink, ctx):
@@ -296,16 +296,16 @@ def test_a_peer_that_takes_another_peers_routing_id_is_not_heard(sink, ctx):
     clash.setsockopt(zmq.ROUTING_ID, b"victim")
     try:
         worker.connect(sink.control)
-        worker.send(p.encode(p.HELLO, "worker", "honest", 1))
-        assert worker.poll(5000) and p.decode(worker.recv())[0] == p.WELCOME
+        worker.send_multipart(p.encode(p.Hello("worker", "honest", 1)))
+        assert worker.poll(5000) and isinstance(p.decode(worker.recv_multipart()), p.Welcome)
         clash.connect(sink.control)
-        clash.send(p.encode(p.BYE))
+        clash.send_multipart(p.encode(p.Bye()))
         with Producer(intake=sink.intake, control=sink.control, context=ctx) as prod:
             prod.send({"id": 1})
         lease = None
         while lease is None and worker.poll(5000):
             frames = worker.recv_multipart()
-            if p.decode(frames[0])[0] == p.LEASE:
+            if isinstance(p.decode(frames), p.Lease):
                 lease = frames
         assert lease is not None, "the honest worker, still known, got the batch"
         assert not clash.poll(200), "nothing went to the clashing connection"

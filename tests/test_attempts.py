@@ -140,7 +140,7 @@ def test_a_worker_dying_with_several_batches_charges_only_the_one_that_kills_aga
         else:
             assert lease.attempt == 1, "an innocent batch never paid"
             send_result(core, rid, lease)
-            core.control(rid, [p.encode(p.BYE)])  # one batch each, so that each gets a new worker
+            core.control(rid, p.encode(p.Bye()))  # one batch each, so that each gets a new worker
             done.append(lease.batch_id)
     assert sorted(done) == [1, 3]
     assert status_counts(core) == {"pending": 0, "leased": 0, "done": 2, "dead": 1}

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from zfan.batching import Batch, Batcher, Sent, Window
+from zfan.batching import Batch, Batcher
+from zfan.delivery import Sent, Window
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -275,7 +275,10 @@ def test_cli_refused_key_exits_with_one_line_and_the_sink_logs_it(keys, ipc, tmp
             ["produce", "--count", "1", "--curve-server-key", "{k}/sink.key"],
             "--curve-server-key needs --curve-secret too",
         ),
-        (["sink", "--curve-secret", "{k}/sink.key_secret"], "also needs --allow-keys (a folder of the public keys it lets in)"),
+        (
+            ["sink", "--curve-secret", "{k}/sink.key_secret"],
+            "also needs --allow-keys (a folder of the public keys it lets in)",
+        ),
         (
             ["sink", "--curve-secret", "{k}/sink.key_secret", "--allow-keys", "{k}/nowhere"],
             "--allow-keys {k}/nowhere: no such folder",

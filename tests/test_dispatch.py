@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 import pytest
@@ -27,66 +28,43 @@ LIVENESS = 3  # a peer silent for more than 3 s is dead
 # --- helpers --------------------------------------------------------------------------------
 
 
-@dataclass
-class Msg:
+@dataclass(frozen=True)
+class Sent:
+    """A message the sink sent to a peer: the peer's routing id and the decoded message, whose
+    fields read through (a lease's `sent.batch_id` is `sent.msg.batch_id`)."""
+
     rid: bytes
-    mtype: str
-    fields: list
-    rest: list[bytes]
+    msg: p.Message
 
-
-@dataclass
-class LeaseMsg:
-    rid: bytes
-    epoch: int
-    batch_id: int
-    attempt: int
-    topic: str
-    count: int
-    payload: bytes
-
-
-@dataclass
-class Pub:
-    topic: str
-    mtype: str
-    fields: list
-    payload: bytes
-
-    @property
-    def seq(self) -> int:
-        return self.fields[1]
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.msg, name)
 
 
 class Turn:
-    """One end_turn(), decoded."""
+    """One end_turn(), decoded: what each peer was sent, and what was published."""
 
     def __init__(self, core: SinkCore) -> None:
         out = core.end_turn()
-        self.msgs = []
-        for rid, frames in out.to_peers:
-            mtype, fields = p.decode(frames[0])
-            self.msgs.append(Msg(rid, mtype, fields, frames[1:]))
-        self.pubs = []
+        self.msgs = [Sent(rid, p.decode(frames)) for rid, frames in out.to_peers]
+        self.pubs: list[p.Publish | p.Dead] = []
         for frames in out.publish:
             assert len(frames) == 3, frames
-            mtype, fields = p.decode(frames[1])
-            assert frames[0] == fields[0].encode()  # the SUB prefix is the topic
-            self.pubs.append(Pub(fields[0], mtype, fields, frames[2]))
+            pub = p.decode(frames[1:], allowed=frozenset({p.Publish, p.Dead}))
+            assert isinstance(pub, (p.Publish, p.Dead))
+            assert frames[0] == pub.topic.encode()  # the SUB prefix is the topic
+            self.pubs.append(pub)
 
-    def of(self, mtype: str, rid: bytes | None = None) -> list[Msg]:
-        return [m for m in self.msgs if m.mtype == mtype and (rid is None or m.rid == rid)]
+    def of(self, cls: type[p.Message], rid: bytes | None = None) -> list[Sent]:
+        return [m for m in self.msgs if type(m.msg) is cls and (rid is None or m.rid == rid)]
 
     @property
-    def leases(self) -> list[LeaseMsg]:
-        out = []
-        for m in self.of(p.LEASE):
-            assert len(m.rest) == 1
-            out.append(LeaseMsg(m.rid, *m.fields, m.rest[0]))
-        return out
+    def leases(self) -> list[Sent]:
+        return self.of(p.Lease)
 
     def acks(self, rid: bytes) -> list[list[int]]:
-        return [m.fields[0] for m in self.of(p.ACK, rid)]
+        return [m.seqs for m in self.of(p.Ack, rid)]
 
 
 def records(*values) -> bytes:
@@ -99,7 +77,7 @@ def batch(
     payload = records(f"{producer}-{seq}") if payload is None else payload
     if count is None:
         count = len(msgpack.unpackb(payload))
-    return [p.encode(p.BATCH, producer, seq, topic, count), payload]
+    return p.encode(p.Batch(producer, seq, topic, count, payload))
 
 
 def make_core(ledger: Ledger, clock, **kw) -> SinkCore:
@@ -108,39 +86,42 @@ def make_core(ledger: Ledger, clock, **kw) -> SinkCore:
 
 
 def hello_worker(core: SinkCore, rid: bytes, credit: int) -> None:
-    core.control(rid, [p.encode(p.HELLO, "worker", rid.decode(), credit)])
+    core.control(rid, p.encode(p.Hello("worker", rid.decode(), credit)))
 
 
 def hello_producer(core: SinkCore, rid: bytes, name: str) -> None:
-    core.control(rid, [p.encode(p.HELLO, "producer", name, 0)])
+    core.control(rid, p.encode(p.Hello("producer", name, 0)))
 
 
 def send_result(
     core: SinkCore,
     rid: bytes,
-    lease: LeaseMsg | tuple,
+    lease: Sent | tuple,
     outputs: dict[str, bytes] | None = None,
     epoch: int | None = None,
 ) -> None:
     """A RESULT for a lease (or a (batch_id, attempt) pair), with one payload per topic."""
-    batch_id, attempt = (lease.batch_id, lease.attempt) if isinstance(lease, LeaseMsg) else lease
+    batch_id, attempt = (lease.batch_id, lease.attempt) if isinstance(lease, Sent) else lease
     if outputs is None:
         outputs = {"out": records(f"result-of-{batch_id}")}
     topics = list(outputs)
     counts = [len(msgpack.unpackb(v)) for v in outputs.values()]
-    header = p.encode(p.RESULT, core.epoch if epoch is None else epoch, batch_id, attempt, topics, counts)
-    core.control(rid, [header, *outputs.values()])
+    result = p.Result(core.epoch if epoch is None else epoch, batch_id, attempt, topics, counts, list(outputs.values()))
+    core.control(rid, p.encode(result))
 
 
-def send_failed(
-    core: SinkCore, rid: bytes, lease: LeaseMsg | tuple, error: str = "boom", epoch: int | None = None
-) -> None:
-    batch_id, attempt = (lease.batch_id, lease.attempt) if isinstance(lease, LeaseMsg) else lease
-    core.control(rid, [p.encode(p.FAILED, core.epoch if epoch is None else epoch, batch_id, attempt, error)])
+def send_failed(core: SinkCore, rid: bytes, lease: Sent | tuple, error: str = "boom", epoch: int | None = None) -> None:
+    batch_id, attempt = (lease.batch_id, lease.attempt) if isinstance(lease, Sent) else lease
+    core.control(rid, p.encode(p.Failed(core.epoch if epoch is None else epoch, batch_id, attempt, error)))
 
 
 def heartbeat(core: SinkCore, rid: bytes) -> None:
-    core.control(rid, [p.encode(p.HEARTBEAT, core.epoch)])
+    core.control(rid, p.encode(p.Heartbeat(core.epoch)))
+
+
+def count_of(pub: p.Publish | p.Dead) -> int:
+    assert isinstance(pub, p.Publish), pub
+    return pub.count
 
 
 def settle(core: SinkCore) -> None:
@@ -189,7 +170,7 @@ def test_worker_gets_at_most_its_credit_until_it_answers(core):
     for seq in range(1, 6):
         core.intake(batch("prod", seq))
     turn = Turn(core)
-    assert [m.rid for m in turn.of(p.WELCOME)] == [b"w1"]
+    assert [m.rid for m in turn.of(p.Welcome)] == [b"w1"]
     first = turn.leases
     assert [(le.rid, le.attempt) for le in first] == [(b"w1", 1), (b"w1", 1)]
     for _ in range(3):
@@ -311,8 +292,8 @@ def test_batch_is_acked_in_the_turn_that_commits_it(core, ledger):
 
 def test_producer_gets_welcome_with_epoch_and_timing(core):
     hello_producer(core, b"p1", "prod-1")
-    (welcome,) = Turn(core).of(p.WELCOME, b"p1")
-    assert welcome.fields == [core.epoch, round(HEARTBEAT * 1000), LIVENESS]
+    (welcome,) = Turn(core).of(p.Welcome, b"p1")
+    assert welcome.msg == p.Welcome(core.epoch, round(HEARTBEAT * 1000), LIVENESS)
 
 
 def test_duplicate_batch_is_stored_once_and_acked_again(core, ledger):
@@ -393,13 +374,13 @@ def test_a_producer_id_in_use_by_a_live_connection_is_refused_until_it_goes_quie
     Turn(core)
     hello_producer(core, b"intruder", "prod-1")
     assert core.rejected["producer id in use"] == 1
-    assert not Turn(core).of(p.WELCOME, b"intruder")
+    assert not Turn(core).of(p.Welcome, b"intruder")
     core.intake(batch("prod-1", 1))
     assert Turn(core).acks(b"p1") == [[1]], "acks still go to the first connection"
     clock.advance(core.timing.expiry + 0.01)
     core.tick()
     hello_producer(core, b"intruder", "prod-1")
-    assert Turn(core).of(p.WELCOME, b"intruder")
+    assert Turn(core).of(p.Welcome, b"intruder")
 
 
 # --- results --------------------------------------------------------------------------------
@@ -413,14 +394,14 @@ def test_results_are_published_once_with_per_topic_seq(core, ledger):
     for le in leases:
         send_result(core, b"w1", le, {"out": records(f"r{le.batch_id}")})
     turn = Turn(core)
-    assert [(pub.mtype, pub.topic, pub.seq) for pub in turn.pubs] == [
-        (p.PUBLISH, "out", 1),
-        (p.PUBLISH, "out", 2),
-        (p.PUBLISH, "out", 3),
+    assert [(type(pub), pub.topic, pub.seq) for pub in turn.pubs] == [
+        (p.Publish, "out", 1),
+        (p.Publish, "out", 2),
+        (p.Publish, "out", 3),
     ]
-    assert [pub.fields[2] for pub in turn.pubs] == [le.batch_id for le in leases]
+    assert [pub.batch_id for pub in turn.pubs] == [le.batch_id for le in leases]
     assert [msgpack.unpackb(pub.payload) for pub in turn.pubs] == [[f"r{le.batch_id}"] for le in leases]
-    assert turn.pubs[0].fields[3] == 1  # record count
+    assert isinstance(turn.pubs[0], p.Publish) and turn.pubs[0].count == 1  # record count
     for _ in range(3):
         assert Turn(core).pubs == []  # never twice
     assert core.stats["published"] == 3
@@ -433,13 +414,13 @@ def test_result_fans_out_to_several_topics(core, ledger):
     first, second = Turn(core).leases
     send_result(core, b"w1", first, {"a": records(1, 2), "b": records(3)})
     turn = Turn(core)
-    assert [(pub.topic, pub.seq, pub.fields[3], msgpack.unpackb(pub.payload)) for pub in turn.pubs] == [
+    assert [(pub.topic, pub.seq, count_of(pub), msgpack.unpackb(pub.payload)) for pub in turn.pubs] == [
         ("a", 1, 2, [1, 2]),
         ("b", 1, 1, [3]),
     ]
     send_result(core, b"w1", second, {"b": records(4), "c": records()})
     turn = Turn(core)
-    assert [(pub.topic, pub.seq, pub.fields[3]) for pub in turn.pubs] == [("b", 2, 1), ("c", 1, 0)]
+    assert [(pub.topic, pub.seq, count_of(pub)) for pub in turn.pubs] == [("b", 2, 1), ("c", 1, 0)]
     assert peek(ledger.path, "SELECT batch_id, topic, seq, count, kind FROM results ORDER BY id") == [
         (first.batch_id, "a", 1, 2, 0),
         (first.batch_id, "b", 1, 1, 0),
@@ -491,9 +472,9 @@ def test_status_request_from_a_client_gets_a_reply(core):
     core.intake(batch("prod", 1))
     core.intake(batch("prod", 2))
     Turn(core)
-    core.control(b"cli", [p.encode(p.STATUS)])
-    (reply,) = Turn(core).of(p.STATUS, b"cli")
-    info = reply.fields[0]
+    core.control(b"cli", p.encode(p.Status()))
+    (reply,) = Turn(core).of(p.StatusReply, b"cli")
+    info = reply.info
     assert (info["pending"], info["leased"], info["done"]) == (1, 1, 0)
     assert info["epoch"] == core.epoch
     assert [w["name"] for w in info["workers"]] == ["w1"]
@@ -614,7 +595,7 @@ def test_silent_worker_is_dropped_and_its_batches_replayed(core, clock):
     send_result(core, b"w1", lease)
     turn = Turn(core)
     assert turn.pubs == []
-    assert [m.fields for m in turn.of(p.RESET, b"w1")] == [["unknown peer: send hello"]]
+    assert [m.msg for m in turn.of(p.Reset, b"w1")] == [p.Reset("unknown peer: send hello")]
     send_result(core, other, replay)
     assert len(Turn(core).pubs) == 1
 
@@ -665,16 +646,16 @@ def test_heartbeats_are_sent_to_peers_every_interval(core, clock):
     hello_producer(core, b"p1", "prod")
     Turn(core)
 
-    def beats() -> list[Msg]:
+    def beats() -> list[Sent]:
         core.tick()
-        return Turn(core).of(p.HEARTBEAT)
+        return Turn(core).of(p.Heartbeat)
 
     clock.advance(HEARTBEAT / 2)
     assert beats() == []
     clock.advance(HEARTBEAT / 2)
     sent = beats()
     assert sorted(m.rid for m in sent) == [b"p1", b"w1"]
-    assert all(m.fields == [core.epoch] for m in sent)
+    assert all(m.msg == p.Heartbeat(core.epoch) for m in sent)
     assert beats() == []  # once per interval, however often tick() runs
     clock.advance(HEARTBEAT * 0.9)
     assert beats() == []
@@ -703,13 +684,13 @@ def test_heartbeats_stop_for_a_dropped_peer(core, clock):
         Turn(core)
     clock.advance(HEARTBEAT)
     core.tick()
-    assert [m.rid for m in Turn(core).of(p.HEARTBEAT)] == [b"w2"]
+    assert [m.rid for m in Turn(core).of(p.Heartbeat)] == [b"w2"]
 
 
 def test_heartbeat_from_an_unknown_peer_gets_reset(core):
     heartbeat(core, b"ghost")
     turn = Turn(core)
-    assert [(m.rid, m.mtype) for m in turn.msgs] == [(b"ghost", p.RESET)]
+    assert [(m.rid, type(m.msg)) for m in turn.msgs] == [(b"ghost", p.Reset)]
     assert core.stats["resets"] == 1
     assert core.status()["workers"] == []
 
@@ -719,7 +700,7 @@ def test_bye_replays_the_workers_batches_at_once(core):
     hello_worker(core, b"w2", 1)
     core.intake(batch("prod", 1))
     (lease,) = Turn(core).leases
-    core.control(lease.rid, [p.encode(p.BYE)])
+    core.control(lease.rid, p.encode(p.Bye()))
     (replay,) = Turn(core).leases
     assert replay.rid != lease.rid
     # A worker that stops cleanly was not killed by its batch: the batch owes no attempt.
@@ -778,22 +759,19 @@ def test_batch_is_dead_lettered_once_after_max_attempts(ledger, clock):
     turn = Turn(core)
     (dead,) = turn.pubs
     assert dead.topic == p.DEAD_TOPIC
-    assert dead.mtype == p.DEAD
-    topic, seq, batch_id, attempts, err, source = dead.fields
-    assert (topic, seq, batch_id, attempts, err, source) == (p.DEAD_TOPIC, 1, poison, 3, error, "jobs")
-    assert dead.payload == payload
+    assert dead == p.Dead(p.DEAD_TOPIC, 1, poison, 3, error, "jobs", payload)
     # The rest keep flowing, in the same turn.
     (nxt,) = turn.leases
     assert msgpack.unpackb(nxt.payload) == ["prod-2"]
     assert status_counts(core) == {"pending": 1, "leased": 1, "done": 0, "dead": 1}
     send_result(core, b"w1", nxt)
     turn = Turn(core)
-    assert [(pub.mtype, pub.topic, pub.seq) for pub in turn.pubs] == [(p.PUBLISH, "out", 1)]
+    assert [(type(pub), pub.topic, pub.seq) for pub in turn.pubs] == [(p.Publish, "out", 1)]
     (last,) = turn.leases
     send_result(core, b"w1", last)
     Turn(core)
     for _ in range(3):
-        assert all(pub.mtype != p.DEAD for pub in Turn(core).pubs)
+        assert all(not isinstance(pub, p.Dead) for pub in Turn(core).pubs)
     assert status_counts(core) == {"pending": 0, "leased": 0, "done": 2, "dead": 1}
     assert peek(ledger.path, "SELECT topic, seq, kind FROM results WHERE batch_id=?", (poison,)) == [
         (p.DEAD_TOPIC, 1, 1)
@@ -815,7 +793,7 @@ def test_dead_letters_have_their_own_sequence(ledger, clock):
     send_failed(core, b"w1", c, "e3")
     turn = Turn(core)
     assert [(pub.topic, pub.seq) for pub in turn.pubs] == [(p.DEAD_TOPIC, 1), ("out", 1), (p.DEAD_TOPIC, 2)]
-    assert [pub.fields[4] for pub in turn.pubs if pub.mtype == p.DEAD] == ["e1", "e3"]
+    assert [pub.error for pub in turn.pubs if isinstance(pub, p.Dead)] == ["e1", "e3"]
 
 
 # --- batch timeout -------------------------------------------------------------------------
@@ -856,7 +834,7 @@ def test_lease_past_its_deadline_is_replayed(slow_core, clock):
     assert nxt.rid == lease.rid
     assert msgpack.unpackb(nxt.payload) == ["prod-2"]
     send_result(core, other, replay)
-    assert [(pub.topic, pub.seq, pub.fields[2]) for pub in Turn(core).pubs] == [("out", 1, lease.batch_id)]
+    assert [(pub.topic, pub.seq, pub.batch_id) for pub in Turn(core).pubs] == [("out", 1, lease.batch_id)]
 
 
 def test_timeout_error_is_recorded_and_leads_to_dead_letter(ledger, clock):
@@ -869,8 +847,8 @@ def test_timeout_error_is_recorded_and_leads_to_dead_letter(ledger, clock):
     clock.advance(10.0)
     core.tick()
     (dead,) = Turn(core).pubs
-    assert dead.mtype == p.DEAD
-    assert "batch timeout" in dead.fields[4]
+    assert isinstance(dead, p.Dead)
+    assert "batch timeout" in dead.error
 
 
 def test_timed_out_worker_is_never_given_more_than_its_credit(slow_core, clock):
@@ -915,7 +893,7 @@ def test_unreachable_worker_is_dropped_and_its_batches_replayed(core):
     assert core.stats["replays"] == 2
     assert [w["name"] for w in core.status()["workers"]] == ["w2"]
     heartbeat(core, b"w1")
-    assert Turn(core).of(p.RESET, b"w1")
+    assert Turn(core).of(p.Reset, b"w1")
 
 
 def test_replayed_batches_keep_their_order(core):
@@ -975,7 +953,7 @@ def test_restart_has_a_larger_epoch_and_puts_leases_back(ledger, clock, reopen):
     # The old worker's result is refused (and counted as fenced) until it says hello, and then
     # fenced by the epoch.
     send_result(core, b"w1", second, epoch=old.epoch)
-    assert Turn(core).of(p.RESET, b"w1")
+    assert Turn(core).of(p.Reset, b"w1")
     assert core.stats["fenced results"] == 1
     hello_worker(core, b"w1", 2)
     turn = Turn(core)
@@ -996,9 +974,7 @@ def test_restart_republishes_unmarked_results_with_the_same_seq(ledger, clock, r
     ledger.close()  # crash before the publish mark was committed
     core = make_core(reopen(), clock)
     turn = Turn(core)
-    assert [(pub.topic, pub.seq, pub.fields, pub.payload) for pub in turn.pubs] == [
-        (pub.topic, pub.seq, pub.fields, pub.payload) for pub in published
-    ]
+    assert turn.pubs == published  # every header field and payload the same
     assert Turn(core).pubs == []
     # New results continue each topic's sequence.
     hello_worker(core, b"w1", 1)
@@ -1025,7 +1001,7 @@ def test_restart_republishes_dead_letters_too(ledger, clock, reopen):
     ledger.close()
     core = make_core(reopen(), clock, max_attempts=1)
     (again,) = Turn(core).pubs
-    assert (again.mtype, again.fields, again.payload) == (p.DEAD, dead.fields, dead.payload)
+    assert isinstance(again, p.Dead) and again == dead
 
 
 def test_restart_dedups_batches_stored_before_the_crash(ledger, clock, reopen):
@@ -1049,15 +1025,15 @@ BAD_INTAKE = [
     ("not msgpack", [b"\xc1\xc1", GOOD_PAYLOAD], "bad header"),
     ("wrong version", [msgpack.packb([2, p.BATCH, "prod", 1, "in", 1]), GOOD_PAYLOAD], "bad version"),
     ("unknown type", [msgpack.packb([1, "bulk", "prod", 1, "in", 1]), GOOD_PAYLOAD], "unknown type"),
-    ("control type on intake", [p.encode(p.HELLO, "producer", "prod", 0), GOOD_PAYLOAD], "unexpected type"),
+    ("control type on intake", [p.header(p.Hello("producer", "prod", 0)), GOOD_PAYLOAD], "unexpected type"),
     ("seq is a string", [msgpack.packb([1, p.BATCH, "prod", "1", "in", 1]), GOOD_PAYLOAD], "bad field"),
     ("negative count", [msgpack.packb([1, p.BATCH, "prod", 1, "in", -1]), GOOD_PAYLOAD], "bad field"),
     ("missing field", [msgpack.packb([1, p.BATCH, "prod", 1, "in"]), GOOD_PAYLOAD], "bad header"),
-    ("no payload", [p.encode(p.BATCH, "prod", 1, "in", 1)], "bad frame count"),
-    ("two payloads", [p.encode(p.BATCH, "prod", 1, "in", 1), GOOD_PAYLOAD, GOOD_PAYLOAD], "bad frame count"),
+    ("no payload", [p.header(p.Batch("prod", 1, "in", 1, GOOD_PAYLOAD))], "bad frame count"),
+    ("two payloads", [*p.encode(p.Batch("prod", 1, "in", 1, GOOD_PAYLOAD)), GOOD_PAYLOAD], "bad frame count"),
     ("no frames", [], "bad frame count"),
-    ("reserved topic", [p.encode(p.BATCH, "prod", 1, "zfan.x", 1), GOOD_PAYLOAD], "reserved topic"),
-    ("dead topic", [p.encode(p.BATCH, "prod", 1, p.DEAD_TOPIC, 1), GOOD_PAYLOAD], "reserved topic"),
+    ("reserved topic", p.encode(p.Batch("prod", 1, "zfan.x", 1, GOOD_PAYLOAD)), "reserved topic"),
+    ("dead topic", p.encode(p.Batch("prod", 1, p.DEAD_TOPIC, 1, GOOD_PAYLOAD)), "reserved topic"),
 ]
 
 
@@ -1081,7 +1057,8 @@ def test_malformed_batch_is_rejected_and_changes_nothing(core, ledger, frames, r
 
 
 def _result_header(epoch, batch_id, attempt, topics, counts):
-    return p.encode(p.RESULT, epoch, batch_id, attempt, topics, counts)
+    """A result's header alone: the test adds its payload frames."""
+    return p.header(p.Result(epoch, batch_id, attempt, topics, counts, []))
 
 
 BAD_CONTROL = [
@@ -1089,8 +1066,8 @@ BAD_CONTROL = [
     ("no frames", lambda e, b: [], "bad frame count"),
     ("wrong version", lambda e, b: [msgpack.packb([9, p.HEARTBEAT, e])], "bad version"),
     ("unknown type", lambda e, b: [msgpack.packb([1, "shout", e])], "unknown type"),
-    ("sink-only type", lambda e, b: [p.encode(p.LEASE, e, b, 1, "in", 1), GOOD_PAYLOAD], "unexpected type"),
-    ("batch on control", lambda e, b: [p.encode(p.BATCH, "prod", 9, "in", 1), GOOD_PAYLOAD], "unexpected type"),
+    ("sink-only type", lambda e, b: p.encode(p.Lease(e, b, 1, "in", 1, GOOD_PAYLOAD)), "unexpected type"),
+    ("batch on control", lambda e, b: p.encode(p.Batch("prod", 9, "in", 1, GOOD_PAYLOAD)), "unexpected type"),
     (
         "batch_id is a string",
         lambda e, b: [msgpack.packb([1, p.RESULT, e, str(b), 1, ["out"], [1]]), GOOD_PAYLOAD],
@@ -1147,25 +1124,25 @@ def test_malformed_control_message_is_rejected_and_changes_nothing(core, ledger,
 )
 def test_bad_hello_is_rejected(core, role, credit, reason):
     core.intake(batch("prod", 1))
-    core.control(b"x1", [p.encode(p.HELLO, role, "x1", credit)])
+    core.control(b"x1", p.encode(p.Hello(role, "x1", credit)))
     assert core.rejected == {reason: 1}
     turn = Turn(core)
     assert turn.msgs == []
     assert core.status()["workers"] == []
     heartbeat(core, b"x1")
-    assert Turn(core).of(p.RESET, b"x1")  # it did not join
+    assert Turn(core).of(p.Reset, b"x1")  # it did not join
 
 
 def test_worker_with_max_credit_is_accepted(core):
     hello_worker(core, b"w1", p.MAX_CREDIT)
-    assert Turn(core).of(p.WELCOME, b"w1")
+    assert Turn(core).of(p.Welcome, b"w1")
     assert core.rejected == {}
 
 
 def test_rejects_are_counted_by_reason(core):
     core.intake([b"\xc1", GOOD_PAYLOAD])
     core.intake([b"\xc1", GOOD_PAYLOAD])
-    core.intake([p.encode(p.BATCH, "prod", 1, "zfan.x", 1), GOOD_PAYLOAD])
+    core.intake(p.encode(p.Batch("prod", 1, "zfan.x", 1, GOOD_PAYLOAD)))
     core.control(b"c", [b"\xc1"])
     assert core.rejected == {"bad header": 3, "reserved topic": 1}
     assert core.status()["rejected"] == {"bad header": 3, "reserved topic": 1}
@@ -1177,9 +1154,9 @@ def test_messages_from_unknown_peers_get_reset_and_change_nothing(core, ledger):
     (lease,) = Turn(core).leases
     send_result(core, b"ghost", lease)
     send_failed(core, b"ghost", lease)
-    core.control(b"ghost", [p.encode(p.BYE)])
+    core.control(b"ghost", p.encode(p.Bye()))
     turn = Turn(core)
-    assert [(m.rid, m.mtype) for m in turn.msgs] == [(b"ghost", p.RESET)] * 3
+    assert [(m.rid, type(m.msg)) for m in turn.msgs] == [(b"ghost", p.Reset)] * 3
     assert turn.pubs == []
     assert core.stats["resets"] == 3
     assert status_counts(core)["leased"] == 1
@@ -1199,8 +1176,8 @@ def test_nothing_is_lost_or_published_twice_under_churn(ledger, clock):
     total = 120
     poison = 13
     leased: list[tuple[bytes, int, int]] = []
-    published: list[Pub] = []
-    held: dict[bytes, list[LeaseMsg]] = {w: [] for w in workers}
+    published: list[p.Publish | p.Dead] = []
+    held: dict[bytes, list[Sent]] = {w: [] for w in workers}
     for step in range(300):
         if step < total:
             core.intake(batch("prod", step + 1))  # one batch per half second
@@ -1248,9 +1225,10 @@ def test_nothing_is_lost_or_published_twice_under_churn(ledger, clock):
     outs = [pub for pub in published if pub.topic == "out"]
     assert [pub.seq for pub in outs] == list(range(1, len(outs) + 1))
     # Every batch exactly once: a result, or for the poison batch a dead letter.
-    assert sorted(pub.fields[2] for pub in outs) == [b for b in range(1, total + 1) if b != poison]
-    dead = [pub for pub in published if pub.topic == p.DEAD_TOPIC]
-    assert [(d.seq, d.fields[2], d.fields[3]) for d in dead] == [(1, poison, 4)]
+    assert sorted(pub.batch_id for pub in outs) == [b for b in range(1, total + 1) if b != poison]
+    dead = [pub for pub in published if isinstance(pub, p.Dead)]
+    assert len(outs) + len(dead) == len(published)
+    assert [(d.topic, d.seq, d.batch_id, d.attempts) for d in dead] == [(p.DEAD_TOPIC, 1, poison, 4)]
     assert status_counts(core) == {"pending": 0, "leased": 0, "done": total - 1, "dead": 1}
     assert ledger.counts() == status_counts(core)
 
@@ -1260,8 +1238,8 @@ def test_messages_over_the_limits_are_refused_before_decoding(ledger, clock):
 
     core = make_core(ledger, clock, limits=Limits(max_frames=4, max_message=1000))
     hello_producer(core, b"p1", "prod-1")
-    core.intake([p.encode(p.BATCH, "prod-1", 1, "t", 1), b"\x91" + b"\xc4\xff" + b"x" * 1100])
-    core.control(b"w1", [p.encode(p.HEARTBEAT, 0)] * 5)
+    core.intake(p.encode(p.Batch("prod-1", 1, "t", 1, b"\x91" + b"\xc4\xff" + b"x" * 1100)))
+    core.control(b"w1", [p.header(p.Heartbeat(0))] * 5)
     core.intake(batch("prod-1", 2))
     assert core.rejected == {"message too large": 1, "too many frames": 1}
     assert Turn(core).acks(b"p1") == [[2]], "what fits the limits goes on"
@@ -1278,9 +1256,9 @@ def test_answers_about_many_long_topics_stay_within_a_header(core):
     for lease, part in zip(leases, (topics[:3000], topics[3000:]), strict=True):
         send_result(core, b"w", lease, {t: records(1) for t in part})
     Turn(core)
-    core.control(b"s", [p.encode(p.HEADS, [""], 0)])
-    (answer,) = Turn(core).of(p.TOPICS, b"s")
-    _, named, seqs, _, more = answer.fields
+    core.control(b"s", p.encode(p.Heads([""], 0)))
+    (answer,) = Turn(core).of(p.Topics, b"s")
+    named, seqs, more = answer.topics, answer.seqs, answer.more
     assert 3900 < len(named) < 6000 and set(seqs) == {1} and set(named) <= set(topics) and more
     # A durable position over all of them, committed in parts that each fit, reads back in
     # pages that each fit (tests/test_heads.py reads every page).
@@ -1288,11 +1266,11 @@ def test_answers_about_many_long_topics_stay_within_a_header(core):
     while pairs:
         n = p.pairs_that_fit(pairs, reserve=200)
         part, pairs = pairs[:n], pairs[n:]
-        core.control(b"s", [p.encode(p.COMMIT, "n" * p.MAX_NAME, [t for t, _ in part], [s for _, s in part])])
+        core.control(b"s", p.encode(p.Commit("n" * p.MAX_NAME, [t for t, _ in part], [s for _, s in part])))
     Turn(core)
-    core.control(b"s", [p.encode(p.GET_CURSOR, "n" * p.MAX_NAME, "")])
-    (cursor,) = Turn(core).of(p.CURSOR, b"s")
-    assert 3900 < len(cursor.fields[2]) < 6000 and set(cursor.fields[3]) == {1} and cursor.fields[4]
+    core.control(b"s", p.encode(p.GetCursor("n" * p.MAX_NAME, "")))
+    (cursor,) = Turn(core).of(p.Cursor, b"s")
+    assert 3900 < len(cursor.topics) < 6000 and set(cursor.seqs) == {1} and cursor.more
     assert core.status()["rejected"] == {}
 
 

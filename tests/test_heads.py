@@ -41,14 +41,14 @@ def publish(core: SinkCore, topics: list[str], per: int = p.MAX_TOPICS) -> None:
 
 
 def heads_page(core: SinkCore, after: int, prefixes: tuple[str, ...] = ("",)) -> tuple[dict[str, int], int, bool]:
-    core.control(b"s", [p.encode(p.HEADS, list(prefixes), after)])
+    core.control(b"s", p.encode(p.Heads(list(prefixes), after)))
     out = core.end_turn()
     ((rid, frames),) = out.to_peers
     assert len(frames[0]) <= p.MAX_HEADER_BYTES
-    mtype, (echoed, topics, seqs, upto, more) = p.decode(frames[0])
-    assert (rid, mtype, echoed) == (b"s", p.TOPICS, after)
-    assert len(set(topics)) == len(topics), "a topic at most once in a page"
-    return dict(zip(topics, seqs, strict=True)), upto, more
+    answer = p.decode(frames)
+    assert isinstance(answer, p.Topics) and (rid, answer.after) == (b"s", after)
+    assert len(set(answer.topics)) == len(answer.topics), "a topic at most once in a page"
+    return dict(zip(answer.topics, answer.seqs, strict=True)), answer.upto, answer.more
 
 
 def sweep(core: SinkCore, after: int = 0, prefixes: tuple[str, ...] = ("",)) -> tuple[dict[str, int], int, int]:
@@ -170,22 +170,23 @@ def cursor_pages(core: SinkCore, name: str) -> list[list[tuple[str, int]]]:
     pages = []
     after, more = "", True
     while more:
-        core.control(b"s", [p.encode(p.GET_CURSOR, name, after)])
+        core.control(b"s", p.encode(p.GetCursor(name, after)))
         ((rid, frames),) = core.end_turn().to_peers
         assert len(frames[0]) <= p.MAX_HEADER_BYTES
-        mtype, (echoed_name, echoed, topics, seqs, more) = p.decode(frames[0])
-        assert (mtype, echoed_name, echoed) == (p.CURSOR, name, after)
-        pages.append(list(zip(topics, seqs, strict=True)))
+        cursor = p.decode(frames)
+        assert isinstance(cursor, p.Cursor) and (cursor.name, cursor.after_topic) == (name, after)
+        pages.append(list(zip(cursor.topics, cursor.seqs, strict=True)))
+        more = cursor.more
         if more:
-            after = topics[-1]
+            after = cursor.topics[-1]
     return pages
 
 
 def test_a_cursor_of_25000_topics_comes_in_pages_in_topic_order(core):
     positions = [(f"t.{i:05d}", i + 1) for i in range(25_000)]
     for part in (positions[i : i + p.MAX_TOPICS] for i in range(0, len(positions), p.MAX_TOPICS)):
-        core.control(b"s", [p.encode(p.COMMIT, "d", [t for t, _ in part], [s for _, s in part])])
-    core.control(b"s", [p.encode(p.COMMIT, "other", ["t.00001"], [9])])
+        core.control(b"s", p.encode(p.Commit("d", [t for t, _ in part], [s for _, s in part])))
+    core.control(b"s", p.encode(p.Commit("other", ["t.00001"], [9])))
     Turn(core)
     pages = cursor_pages(core, "d")
     assert [len(page) for page in pages] == [10_000, 10_000, 5_000]

@@ -22,55 +22,177 @@ SAMPLE = {
 }
 
 
-def sample_fields(mtype: str) -> list:
-    return [SAMPLE[kind] for _, kind in p.SCHEMA[mtype]]
+# Every message class: those of p.MESSAGES, and the status reply, which shares its wire type
+# with the status request.
+CLASSES = sorted({*p.MESSAGES.values(), p.StatusReply}, key=lambda cls: cls.__name__)
 
 
-def reason_of(frame: bytes, **kw) -> str:
+def class_id(cls: type[p.Message]) -> str:
+    return cls.__name__
+
+
+def sample_fields(cls: type[p.Message]) -> list:
+    return [SAMPLE[kind] for _, kind in cls.FIELDS]
+
+
+def sample(cls: type[p.Message]) -> p.Message:
+    """A message of this class: sample header fields, and a distinct payload frame for each
+    payload it carries (a result: one per topic)."""
+    fields = sample_fields(cls)
+    if cls.PAYLOADS is None:
+        return cls(*fields, [msgpack.packb([i]) for i in range(len(SAMPLE["list[str]"]))])
+    return cls(*fields, *(msgpack.packb([i]) for i in range(cls.PAYLOADS)))
+
+
+def payloads_of(msg: p.Message) -> list[bytes]:
+    if msg.PAYLOADS is None:
+        return list(msg.payloads)  # type: ignore[attr-defined]
+    return [msg.payload] if msg.PAYLOADS else []  # type: ignore[attr-defined]
+
+
+def reason_of(frames: bytes | list[bytes], **kw) -> str:
+    """Why decode() refuses a message: all its frames, or a lone header frame."""
     with pytest.raises(ProtocolError) as info:
-        p.decode(frame, **kw)
+        p.decode([frames] if isinstance(frames, bytes) else frames, **kw)
     return info.value.reason
 
 
 # --- round trip -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mtype", sorted(p.SCHEMA))
-def test_every_message_type_round_trips(mtype):
-    fields = sample_fields(mtype)
-    assert p.decode(p.encode(mtype, *fields)) == (mtype, fields)
+@pytest.mark.parametrize("cls", CLASSES, ids=class_id)
+def test_every_message_class_round_trips(cls):
+    msg = sample(cls)
+    frames = p.encode(msg)
+    decoded = p.decode(frames)
+    assert decoded == msg and type(decoded) is cls
+    # On the wire: the header [VERSION, type, fields in FIELDS order], then the payload frames.
+    header = msgpack.packb([p.VERSION, cls.TYPE, *sample_fields(cls)])
+    assert frames == [header, *payloads_of(msg)]
+    assert p.header(msg) == header
+
+
+def test_wire_types_fields_and_payload_frames():
+    assert all(cls.TYPE == mtype and p.SCHEMA[mtype] == cls.FIELDS for mtype, cls in p.MESSAGES.items())
+    assert p.MESSAGES[p.STATUS] is p.Status and p.Status.FIELDS == ()
+    assert p.StatusReply.TYPE == p.STATUS and p.StatusReply.FIELDS == (("info", "map"),)
+    # batch, lease, publish and dead carry one payload frame, a result one per topic, the rest none.
+    assert {cls.TYPE: cls.PAYLOADS for cls in CLASSES if cls.PAYLOADS != 0} == {
+        p.BATCH: 1,
+        p.LEASE: 1,
+        p.PUBLISH: 1,
+        p.DEAD: 1,
+        p.RESULT: None,
+    }
 
 
 def test_status_reply_with_a_map_round_trips():
     info = {"epoch": 3, "pending": 2, "workers": [{"name": "w1", "idle_ms": None}], "rejected": {}}
-    assert p.decode(p.encode(p.STATUS, info)) == (p.STATUS, [info])
+    reply = p.StatusReply(info)
+    assert p.encode(reply) == [msgpack.packb([p.VERSION, p.STATUS, info])]
+    assert p.decode(p.encode(reply)) == reply
 
 
 def test_round_trip_at_the_limits():
-    header = p.encode(p.BATCH, "p" * p.MAX_NAME, p.MAX_INT, "t" * p.MAX_TOPIC, 0)
-    assert p.decode(header) == (p.BATCH, ["p" * p.MAX_NAME, p.MAX_INT, "t" * p.MAX_TOPIC, 0])
+    batch = p.Batch("p" * p.MAX_NAME, p.MAX_INT, "t" * p.MAX_TOPIC, 0, b"\x90")
+    assert p.decode(p.encode(batch)) == batch
     big_error = "e" * p.MAX_ERROR
-    assert p.decode(p.encode(p.FAILED, 1, 2, 3, big_error))[1][3] == big_error
+    failed = p.decode(p.encode(p.Failed(1, 2, 3, big_error)))
+    assert isinstance(failed, p.Failed) and failed.error == big_error
 
 
 def test_unicode_strings_round_trip():
-    assert p.decode(p.encode(p.HELLO, "producer", "prodüct-ü✓", 0)) == (p.HELLO, ["producer", "prodüct-ü✓", 0])
+    hello = p.Hello("producer", "prodüct-ü✓", 0)
+    assert p.decode(p.encode(hello)) == hello
 
 
-def test_allowed_restricts_the_types_accepted():
-    header = p.encode(p.HELLO, "worker", "w1", 2)
-    assert p.decode(header, allowed=frozenset({p.HELLO}))[0] == p.HELLO
-    assert reason_of(header, allowed=frozenset({p.BATCH})) == "unexpected type"
+def test_allowed_restricts_the_classes_accepted():
+    frames = p.encode(p.Hello("worker", "w1", 2))
+    assert p.decode(frames, allowed=frozenset({p.Hello})) == p.Hello("worker", "w1", 2)
+    assert reason_of(frames, allowed=frozenset({p.Batch})) == "unexpected type"
+    assert reason_of(frames, allowed=frozenset()) == "unexpected type"
+    # A type that is not allowed is refused as such before its fields are looked at.
+    assert reason_of(msgpack.packb([p.VERSION, p.LEASE, "junk"]), allowed=frozenset({p.Batch})) == "unexpected type"
+
+
+def test_allowed_tells_the_status_request_from_its_reply():
+    # One wire type, two classes: allowing the request does not allow the reply, nor the reverse.
+    request, reply = p.encode(p.Status()), p.encode(p.StatusReply({"epoch": 1}))
+    assert p.decode(request, allowed=frozenset({p.Status})) == p.Status()
+    assert reason_of(reply, allowed=frozenset({p.Status})) == "unexpected type"
+    assert p.decode(reply, allowed=frozenset({p.StatusReply})) == p.StatusReply({"epoch": 1})
+    assert reason_of(request, allowed=frozenset({p.StatusReply})) == "unexpected type"
+
+
+# --- frame counts ---------------------------------------------------------------------------
+
+
+def test_a_message_of_no_frames_is_a_bad_frame_count():
+    assert reason_of([]) == "bad frame count"
+    assert reason_of([], allowed=frozenset({p.Batch})) == "bad frame count"
+
+
+@pytest.mark.parametrize("cls", [cls for cls in CLASSES if cls.PAYLOADS == 1], ids=class_id)
+def test_a_message_with_a_payload_has_exactly_one_payload_frame(cls):
+    header, payload = p.encode(sample(cls))
+    assert reason_of([header]) == "bad frame count"
+    assert reason_of([header, payload, payload]) == "bad frame count"
+
+
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_a_result_has_one_payload_frame_per_topic(n):
+    header = p.header(p.Result(1, 2, 1, ["a", "b"], [1, 1], []))
+    with pytest.raises(ProtocolError) as info:
+        p.decode([header, *[b"\x91\x01"] * n])
+    assert info.value.reason == "bad frame count"
+    assert p.RESULT in str(info.value)
+
+
+def test_a_result_with_no_topics_has_no_payload_frame():
+    empty = p.Result(1, 2, 1, [], [], [])
+    assert p.encode(empty) == [p.header(empty)]
+    assert p.decode([p.header(empty)]) == empty
+    assert reason_of([p.header(empty), b"\x90"]) == "bad frame count"
+
+
+def test_a_result_whose_counts_and_topics_differ_is_a_bad_frame_count():
+    # PROTOCOL.md 3.3 and 8.3: in a result, topics and counts are checked together with the
+    # payload frames (`bad frame count`), unlike the parallel lists below (`bad field`).
+    header = msgpack.packb([p.VERSION, p.RESULT, 1, 1, 1, ["a", "b"], [1]])
+    assert reason_of([header, b"\x91\x01", b"\x91\x01"]) == "bad frame count"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        [p.VERSION, p.TOPICS, 0, ["a", "b"], [1], 2, False],
+        [p.VERSION, p.CURSOR, "n", "", ["a"], [], False],
+        [p.VERSION, p.COMMIT, "n", ["a"], [1, 2]],
+    ],
+)
+def test_parallel_lists_of_different_lengths_are_a_bad_field(header):
+    assert reason_of(msgpack.packb(header)) == "bad field"
+
+
+def test_header_errors_come_before_frame_count_errors():
+    # A header that is wrong is refused for what is wrong in it, however many frames follow.
+    negative_seq = msgpack.packb([p.VERSION, p.BATCH, "prod", -1, "t", 1])
+    assert reason_of([negative_seq]) == "bad field"
+    assert reason_of([negative_seq, b"\x90", b"\x90"]) == "bad field"
+    empty_topic = msgpack.packb([p.VERSION, p.RESULT, 1, 1, 1, ["t", ""], [1, 1]])
+    assert reason_of([empty_topic]) == "bad field"
+    assert reason_of([msgpack.packb([p.VERSION, p.BATCH, "prod", 1, "t"])]) == "bad header"
+    assert reason_of([b"\xc1"]) == "bad header"
 
 
 # --- rejections -----------------------------------------------------------------------------
 
 
 def test_oversized_header_is_rejected_before_parsing():
-    frame = p.encode(p.FAILED, 1, 1, 1, "x" * p.MAX_HEADER_BYTES)
+    (frame,) = p.encode(p.Failed(1, 1, 1, "x" * p.MAX_HEADER_BYTES))
     assert len(frame) > p.MAX_HEADER_BYTES
     with pytest.raises(ProtocolError) as info:
-        p.decode(frame)
+        p.decode([frame])
     assert info.value.reason == "header too large"
     assert str(len(frame)) in str(info.value)
 
@@ -79,7 +201,7 @@ def test_oversized_header_is_rejected_before_parsing():
 def test_extension_types_are_rejected(ext):
     frame = msgpack.packb([p.VERSION, p.HELLO, ext, "w1", 1])
     with pytest.raises(ProtocolError) as info:
-        p.decode(frame)
+        p.decode([frame])
     assert str(info.value) == "bad header: msgpack extension types are not allowed"
 
 
@@ -91,13 +213,13 @@ def test_extension_type_hidden_in_a_status_map_is_rejected():
 def test_timestamp_extension_in_a_status_map_is_rejected():
     frame = msgpack.packb([p.VERSION, p.STATUS, {"k": msgpack.Timestamp(1, 0)}])
     with pytest.raises(ProtocolError):
-        p.decode(frame)
+        p.decode([frame])
 
 
 def test_timestamp_extension_in_a_typed_field_is_rejected():
     frame = msgpack.packb([p.VERSION, p.HELLO, msgpack.Timestamp(1, 0), "w1", 1])
     with pytest.raises(ProtocolError):
-        p.decode(frame)
+        p.decode([frame])
 
 
 @pytest.mark.parametrize("value", [b"", b"bytes"])
@@ -128,16 +250,16 @@ def test_negative_ints_are_rejected(mtype, fields):
 def test_ints_past_uint64_cannot_be_sent_or_smuggled_as_floats():
     # msgpack has no encoding for ints >= 2**64: encode() refuses them outright ...
     with pytest.raises(OverflowError):
-        p.encode(p.BATCH, "prod", 1 << 64, "t", 1)
+        p.encode(p.Batch("prod", 1 << 64, "t", 1, b"\x90"))
     with pytest.raises(OverflowError):
-        p.encode(p.ACK, [1 << 64])
+        p.encode(p.Ack([1 << 64]))
     # ... and the float spelling of such a number is not an int.
     assert reason_of(msgpack.packb([p.VERSION, p.BATCH, "prod", float(1 << 64), "t", 1])) == "bad field"
     assert reason_of(msgpack.packb([p.VERSION, p.ACK, [1, float(1 << 64)]])) == "bad field"
 
 
 def test_largest_int_is_accepted_in_int_lists():
-    assert p.decode(p.encode(p.ACK, [0, p.MAX_INT])) == (p.ACK, [[0, p.MAX_INT]])
+    assert p.decode(p.encode(p.Ack([0, p.MAX_INT]))) == p.Ack([0, p.MAX_INT])
 
 
 @pytest.mark.parametrize(
@@ -198,7 +320,7 @@ def test_empty_names_and_topics_are_refused(header):
 )
 def test_wrong_field_types_are_rejected(mtype, fields):
     with pytest.raises(ProtocolError) as info:
-        p.decode(msgpack.packb([p.VERSION, mtype, *fields]))
+        p.decode([msgpack.packb([p.VERSION, mtype, *fields])])
     assert info.value.reason == "bad field"
     assert mtype in str(info.value)
 
@@ -229,7 +351,7 @@ def test_malformed_headers_are_rejected_with_a_reason(frame, reason):
 
 def test_error_message_names_the_field_count():
     with pytest.raises(ProtocolError, match="hello takes 3 fields, got 2"):
-        p.decode(msgpack.packb([1, p.HELLO, "worker", "w1"]))
+        p.decode([msgpack.packb([1, p.HELLO, "worker", "w1"])])
 
 
 # --- records ------------------------------------------------------------------------------
@@ -294,7 +416,7 @@ def test_decode_records_rejects_the_timestamp_extension(ts):
 
 def test_decode_rejects_the_timestamp_extension_in_a_header():
     with pytest.raises(ProtocolError) as info:
-        p.decode(msgpack.packb([1, "heartbeat", msgpack.Timestamp(1, 0)]))
+        p.decode([msgpack.packb([1, "heartbeat", msgpack.Timestamp(1, 0)])])
     assert str(info.value) == "bad header: msgpack extension types are not allowed"
 
 
@@ -316,3 +438,8 @@ def test_decode_records_enforces_max_records():
 def test_a_count_past_max_records_is_refused(header):
     # A claimed count is summed into the sink's counters: a huge one must not overflow them.
     assert reason_of(msgpack.packb(header)) == "bad field"
+
+
+def test_frames_after_a_header_that_takes_no_payload_are_ignored():
+    frames = [p.header(p.Heartbeat(3)), b"stray", b"frames"]
+    assert p.decode(frames) == p.Heartbeat(3)

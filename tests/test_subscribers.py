@@ -493,12 +493,12 @@ def test_a_result_whose_records_cannot_be_decoded_is_reported_once_and_skipped(c
                 while pub.poll(0):
                     topic = pub.recv()[1:]
                     if topic.startswith(p.SYNC_PREFIX.encode()):
-                        pub.send_multipart([topic, p.encode(p.SYNC, topic.decode())])
+                        pub.send_multipart([topic, *p.encode(p.Sync(topic.decode()))])
                 return sub.synced
 
             wait_for(sync, what="the subscriber's handshake")
             for seq, payload in ((1, msgpack.packb([1])), (2, b"\xc1 not msgpack"), (3, msgpack.packb([3]))):
-                pub.send_multipart([b"t", p.encode(p.PUBLISH, "t", seq, seq, 1), payload])
+                pub.send_multipart([b"t", *p.encode(p.Publish("t", seq, seq, 1, payload))])
             first = sub.recv(5)
             with pytest.raises(
                 RetentionGap, match="results t seq 2 to 2 are lost to this subscriber: its records cannot be decoded"

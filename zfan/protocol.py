@@ -288,12 +288,8 @@ class Commit(Message):
 # type -> the header fields after [VERSION, type], in order (docs/PROTOCOL.md's tables).
 SCHEMA: dict[str, tuple[tuple[str, str], ...]] = {t: cls.FIELDS for t, cls in MESSAGES.items()}
 # Messages that carry parallel lists must have them of equal length.
-PARALLEL = {
-    TOPICS: ("topics", "seqs"),
-    CURSOR: ("topics", "seqs"),
-    COMMIT: ("topics", "seqs"),
-    RESULT: ("topics", "counts"),
-}
+# (A result's topics and counts, which also match its payload frames, are a frame count matter.)
+PARALLEL = {TOPICS: ("topics", "seqs"), CURSOR: ("topics", "seqs"), COMMIT: ("topics", "seqs")}
 
 _NON_EMPTY = frozenset({"producer_id", "name", "topic", "source_topic", "role", "token"})
 _STR_LIMITS = {
@@ -358,9 +354,11 @@ def decode(frames: list[bytes], *, allowed: frozenset[type[Message]] | None = No
     make: Callable[..., Message] = cls
     payloads = frames[1:]
     if cls.PAYLOADS is None:
-        if len(payloads) != len(named["topics"]):
-            raise ProtocolError("bad frame count", f"{mtype} needs one payload frame per topic")
+        if not len(named["topics"]) == len(named["counts"]) == len(payloads):
+            raise ProtocolError("bad frame count", f"{mtype} needs one count and one payload frame per topic")
         return make(*fields, payloads)
+    if cls.PAYLOADS == 0:
+        return make(*fields)  # frames after a header that takes none are ignored (PROTOCOL.md)
     if len(payloads) != cls.PAYLOADS:
         raise ProtocolError("bad frame count", f"{mtype} has {len(frames)} frames, expected {cls.PAYLOADS + 1}")
     return make(*fields, *payloads)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -85,7 +86,9 @@ def validate(curve: Curve, *, server: bool) -> None:
     load_secret(curve.secret_file)
     if server:
         if curve.allow_keys is None:
-            raise ConfigError("a sink with secret_file= also needs allow_keys= (a folder of the public keys it lets in)")
+            raise ConfigError(
+                "a sink with secret_file= also needs allow_keys= (a folder of the public keys it lets in)"
+            )
         check_allow_folder(curve.allow_keys)
     else:
         if curve.server_key is None:
@@ -149,6 +152,8 @@ class AllowList:
     def __init__(self, folder: str, own_public: bytes) -> None:
         self.folder = folder
         self._own = own_public
+        # The authenticator's thread and the sink's both re-read the folder: one at a time.
+        self._lock = threading.Lock()
         self._seen: tuple = ()
         self._keys: frozenset[bytes] = frozenset({own_public})
         self._checked = 0.0
@@ -164,6 +169,10 @@ class AllowList:
             return self._seen  # the folder is gone for a moment: keep what was read
 
     def _refresh(self) -> None:
+        with self._lock:
+            self._reread()
+
+    def _reread(self) -> None:
         self._checked = time.monotonic()
         seen = self._signature()
         if seen == self._seen:
@@ -211,8 +220,7 @@ _FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the sink refused this node's key (it is not in the sink's allow_keys=)",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the sink and this node disagree on encryption (one uses CURVE, "
     "the other does not)",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the encrypted handshake failed: is server_key= the sink's "
-    "public key?",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the encrypted handshake failed: is server_key= the sink's public key?",
 }
 
 

@@ -29,6 +29,8 @@ class Service:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._closing = threading.Lock()
+        self._close_when_ended = False  # close() gave up waiting: the thread closes the pipe itself
 
     # --- for subclasses --------------------------------------------------------------------
     def _serve(self) -> None:
@@ -64,8 +66,12 @@ class Service:
 
     def close(self, timeout: float = 10.0) -> None:
         self.stop()
-        self.wait(timeout)
-        self._wakeup.close()
+        ended = self.wait(timeout)
+        with self._closing:
+            if ended:
+                self._wakeup.close()
+            else:  # the thread may still poll the pipe: it is closed once the thread is done
+                self._close_when_ended = True
 
     @property
     def running(self) -> bool:
@@ -93,6 +99,9 @@ class Service:
         finally:
             self._ended()
             self._ready.set()
+            with self._closing:
+                if self._close_when_ended:
+                    self._wakeup.close()
 
     def _ended(self) -> None:
         """Called on the I/O thread as it ends, once `error` says why."""

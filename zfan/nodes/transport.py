@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from typing import TypeAlias
 
@@ -101,21 +102,27 @@ def drain_keyed(sock: zmq.Socket, keyed: bool, limit: int = DRAIN) -> Iterator[t
 
 
 class Wakeup:
-    """A self-pipe: another thread calls set(); the owner polls fileno() and calls clear()."""
+    """A self-pipe: another thread calls set(); the owner polls fileno() and calls clear().
+    Once closed, set() does nothing: a descriptor number reused by another file is never written."""
 
     def __init__(self) -> None:
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
+        self._lock = threading.Lock()
+        self._closed = False
 
     def fileno(self) -> int:
         return self._r
 
     def set(self) -> None:
-        try:
-            os.write(self._w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # already full of wake-ups, or closed: either way nothing more to say
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self._w, b"x")
+            except BlockingIOError:
+                pass  # already full of wake-ups
 
     def clear(self) -> None:
         try:
@@ -125,8 +132,9 @@ class Wakeup:
             pass
 
     def close(self) -> None:
-        for fd in (self._r, self._w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self._r)
+            os.close(self._w)
