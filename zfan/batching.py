@@ -4,10 +4,10 @@ full or has lingered long enough."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 
-class Batch(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Batch:
     """A sealed batch: how many records, and their packed bytes in pieces of one or more."""
 
     count: int

@@ -28,7 +28,7 @@ class JsonLines:
                 continue
             try:
                 yield json.loads(line)
-            except ValueError as exc:
+            except json.JSONDecodeError as exc:
                 where = f"{self.name} line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
                 if self.strict:
                     raise ConfigError(f"{where}; stopped (--strict)") from None

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 from .errors import LedgerError, LedgerFull
 
@@ -64,7 +65,8 @@ CREATE TABLE IF NOT EXISTS cursors (
 """
 
 
-class Pending(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Pending:
     batch_id: int
     topic: str
     count: int
@@ -74,7 +76,8 @@ class Pending(NamedTuple):
     suspect: bool = False
 
 
-class Stored(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Stored:
     """A result row as the sink publishes it."""
 
     id: int

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
-from .errors import ProtocolError
+from .errors import ProtocolError, SerializationError
 
 VERSION = 1
 
@@ -473,11 +473,10 @@ def join_records(pieces: list[bytes], count: int | None = None) -> bytes:
 
 def encode_records(records: list[Any]) -> bytes:
     try:
-        return msgpack.packb(records)
+        packed: bytes = msgpack.packb(records)
     except (TypeError, ValueError, OverflowError) as exc:
-        from .errors import SerializationError
-
         raise SerializationError(f"result cannot be encoded with msgpack: {exc}") from None
+    return packed
 
 
 def decode_records(payload: bytes, *, max_records: int = 10_000_000) -> list[Any]:

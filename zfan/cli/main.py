@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -164,8 +165,8 @@ def worker(
     if parent is not None:
         die_with_parent(parent)
     process = load_app(app)
-    extra = {"name": name} if name else {}
-    node = Worker(process, WorkerSettings(control=control, credit=credit, timing=timing, curve=curve, **extra))
+    settings = WorkerSettings(control=control, credit=credit, timing=timing, curve=curve)
+    node = Worker(process, settings if name is None else dataclasses.replace(settings, name=name))
     node.start()
     on_stop(node.stop)
     ready("worker", control=control, app=app, name=node.settings.name, credit=credit)
@@ -246,7 +247,6 @@ def produce(
         source = readings(count, sensors=sensors, start=start, source=topic)
     else:
         source = JsonLines(path or sys.stdin, strict=strict, name=getattr(path, "name", "stdin"))
-    extra = {"producer_id": producer_id} if producer_id else {}
     settings = ProducerSettings(
         intake=intake,
         control=control,
@@ -256,9 +256,8 @@ def produce(
         window=window,
         timing=timing,
         curve=curve,
-        **extra,
     )
-    node = Producer(settings)
+    node = Producer(settings if not producer_id else dataclasses.replace(settings, producer_id=producer_id))
     node.start()
     stopping = threading.Event()
     on_stop(stopping.set)

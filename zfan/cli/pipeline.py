@@ -28,6 +28,7 @@ from ..nodes.local import stop_processes
 from ..nodes.producer import Producer
 from ..nodes.status import query_status
 from ..nodes.subscriber import Subscriber
+from ..nodes.transport import Ctx
 
 CHUNK = 500  # readings each producer thread hands to send_many() at once
 
@@ -146,7 +147,7 @@ def run(
 
 
 def _wait_for_workers(
-    sink: subprocess.Popen, control: str, workers: int, log_path: str, ctx: zmq.Context, timeout: float = 30.0
+    sink: subprocess.Popen[bytes], control: str, workers: int, log_path: str, ctx: Ctx, timeout: float = 30.0
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -179,7 +180,7 @@ class _Fleet:
     def __init__(
         self,
         ends: dict[str, str],
-        ctx: zmq.Context,
+        ctx: Ctx,
         *,
         producers: int,
         sensors: int,
@@ -249,7 +250,7 @@ class _Fleet:
 
 def _stream(
     ends: dict[str, str],
-    ctx: zmq.Context,
+    ctx: Ctx,
     *,
     seconds: float | None,
     records: int | None,

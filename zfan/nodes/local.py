@@ -55,7 +55,7 @@ class LocalWorkers:
         self._failed = [0] * n  # failed starts in a row, per worker
         self.restarts = 0
 
-    def _spawn(self, i: int) -> subprocess.Popen:
+    def _spawn(self, i: int) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [*self._cmd, "--name", f"local-{i + 1}", "--log-level", "warning", "--parent", str(os.getpid())],
             stdin=subprocess.DEVNULL,
@@ -105,7 +105,7 @@ def die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def stop_processes(procs: list[subprocess.Popen], timeout: float = 5.0) -> None:
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 5.0) -> None:
     """SIGTERM each, wait, then SIGKILL whatever is left; every process is reaped."""
     for proc in procs:
         if proc.poll() is None:

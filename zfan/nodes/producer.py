@@ -233,7 +233,7 @@ class Producer(Service):
         for msg in messages:
             ctl.send_multipart(p.encode(msg), zmq.NOBLOCK)
 
-    def _open(self, ctl: Sock | None, push: Sock | None, watches: list[HandshakeWatch]) -> tuple[Sock, zmq.Socket]:
+    def _open(self, ctl: Sock | None, push: Sock | None, watches: list[HandshakeWatch]) -> tuple[Sock, Sock]:
         self._close(ctl, push, watches)
         s = self.settings
         push = socket(self._ctx, zmq.PUSH)

@@ -21,6 +21,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ..config import Curve
 from ..errors import AuthError, ConfigError
+from .transport import Ctx, Sock
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def validate(curve: Curve, *, server: bool) -> None:
         load_public(curve.server_key)
 
 
-def make_server(sock: zmq.Socket, curve: Curve) -> None:
+def make_server(sock: Sock, curve: Curve) -> None:
     public, secret = load_secret(curve.secret_file)
     sock.curve_secretkey = secret
     sock.curve_publickey = public
@@ -107,7 +108,7 @@ def make_server(sock: zmq.Socket, curve: Curve) -> None:
     sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
 
 
-def make_client(sock: zmq.Socket, curve: Curve) -> None:
+def make_client(sock: Sock, curve: Curve) -> None:
     if curve.server_key is None:
         raise ConfigError("with secret_file=, a client also needs server_key= (the sink's public key)")
     public, secret = load_secret(curve.secret_file)
@@ -154,12 +155,12 @@ class AllowList:
         self._own = own_public
         # The authenticator's thread and the sink's both re-read the folder: one at a time.
         self._lock = threading.Lock()
-        self._seen: tuple = ()
+        self._seen: tuple[tuple[str, int, int], ...] = ()
         self._keys: frozenset[bytes] = frozenset({own_public})
         self._checked = 0.0
         self._refresh()
 
-    def _signature(self) -> tuple:
+    def _signature(self) -> tuple[tuple[str, int, int], ...]:
         try:
             with os.scandir(self.folder) as entries:
                 return tuple(
@@ -204,12 +205,12 @@ class AllowList:
         return key.encode() in self._keys
 
 
-def start_authenticator(ctx: zmq.Context, curve: Curve) -> tuple[ThreadAuthenticator, AllowList]:
+def start_authenticator(ctx: Ctx, curve: Curve) -> tuple[ThreadAuthenticator, AllowList]:
     if curve.allow_keys is None:
         raise ConfigError("a sink with secret_file= also needs allow_keys= (a folder of the public keys it lets in)")
     check_allow_folder(curve.allow_keys)
     public, _ = load_secret(curve.secret_file)
-    auth = ThreadAuthenticator(ctx, log=_RefusalLog())  # type: ignore[arg-type]
+    auth = ThreadAuthenticator(ctx, log=_RefusalLog())
     auth.start()
     allow = AllowList(curve.allow_keys, public)
     auth.configure_curve_callback(domain=DOMAIN, credentials_provider=allow)
@@ -238,9 +239,7 @@ class Handshakes:
         self.ever_succeeded = False
 
 
-def secure_client(
-    sock: zmq.Socket, curve: Curve | None, endpoint: str, history: Handshakes | None = None
-) -> HandshakeWatch:
+def secure_client(sock: Sock, curve: Curve | None, endpoint: str, history: Handshakes | None = None) -> HandshakeWatch:
     """Make `sock` a CURVE client if given keys (before it connects), and watch its handshakes
     either way: a plaintext client of an encrypted sink must say so too."""
     if curve is not None:
@@ -251,9 +250,7 @@ def secure_client(
 class HandshakeWatch:
     """Reads a socket's monitor and turns a failed handshake into an AuthError."""
 
-    def __init__(
-        self, sock: zmq.Socket, endpoint: str, *, encrypted: bool = True, history: Handshakes | None = None
-    ) -> None:
+    def __init__(self, sock: Sock, endpoint: str, *, encrypted: bool = True, history: Handshakes | None = None) -> None:
         self.endpoint = endpoint
         self.encrypted = encrypted
         self.history = history or Handshakes()
@@ -274,7 +271,7 @@ class HandshakeWatch:
         mid-handshake: for it they count only when they repeat with no success between.
         """
         while self.monitor.poll(0):
-            event = recv_monitor_message(self.monitor)["event"]
+            event = zmq.Event(recv_monitor_message(self.monitor)["event"])
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.history.ever_succeeded = True
                 self._failures = 0

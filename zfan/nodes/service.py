@@ -14,7 +14,7 @@ from typing import Any
 import zmq
 
 from ..errors import ZfanError
-from .transport import Wakeup
+from .transport import Ctx, Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class Service:
     role = "service"
 
-    def __init__(self, context: zmq.Context | None = None) -> None:
+    def __init__(self, context: Ctx | None = None) -> None:
         self._ctx = context or zmq.Context.instance()
         self._stopping = threading.Event()
         self._wakeup = Wakeup()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -19,7 +20,7 @@ from ..lock import LedgerLock
 from .local import LocalWorkers
 from .security import make_server, start_authenticator
 from .service import Service
-from .transport import Ctx, bind, drain, drain_keyed, socket
+from .transport import Ctx, Sock, bind, drain, drain_keyed, socket
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -115,9 +116,9 @@ class Sink(Service):
             self._ready.set()
             self._loop(core, pull, router, xpub, lock)
         finally:
-            for sock in (pull, router, xpub):
-                if sock is not None:
-                    sock.close(linger=0)
+            for opened in (pull, router, xpub):
+                if opened is not None:
+                    opened.close(linger=0)
             if self._workers is not None:
                 self._workers.stop()
             ledger.close()
@@ -131,16 +132,14 @@ class Sink(Service):
         if self._own_ctx:
             self._ctx.term()
 
-    def _loop(
-        self, core: SinkCore, pull: zmq.Socket, router: zmq.Socket, xpub: zmq.Socket, lock: LedgerLock | None
-    ) -> None:
+    def _loop(self, core: SinkCore, pull: Sock, router: Sock, xpub: Sock, lock: LedgerLock | None) -> None:
         curve = self.settings.curve is not None
         poller = zmq.Poller()
         for sock in (pull, router, xpub):
             poller.register(sock, zmq.POLLIN)
         poller.register(self._wakeup.fileno(), zmq.POLLIN)
         while not self._stopping.is_set():
-            ready = dict(poller.poll(core.next_deadline() * 1000))
+            ready = dict(poller.poll(math.ceil(core.next_deadline() * 1000)))
             if pull in ready:
                 for frames, key in drain_keyed(pull, curve):
                     core.intake(frames, key)
@@ -160,7 +159,7 @@ class Sink(Service):
         self._send(core, router, xpub)  # acks for what the last turn committed
         core.ledger.commit()  # and what it left uncommitted
 
-    def _send(self, core: SinkCore, router: zmq.Socket, xpub: zmq.Socket) -> None:
+    def _send(self, core: SinkCore, router: Sock, xpub: Sock) -> None:
         out = core.end_turn()
         for rid, frames in out.to_peers:
             try:
@@ -172,7 +171,7 @@ class Sink(Service):
         for frames in out.publish:
             xpub.send_multipart(frames)
 
-    def _subscriptions(self, xpub: zmq.Socket) -> None:
+    def _subscriptions(self, xpub: Sock) -> None:
         """A subscriber announces itself by subscribing to a private sync topic; since ZeroMQ
         delivers a connection's subscriptions in order, answering on that topic tells it that
         all its real subscriptions are in place."""

@@ -11,11 +11,11 @@ from .. import protocol as p
 from ..config import Curve
 from ..errors import ProtocolError, ZfanError
 from .security import secure_client
-from .transport import connect, socket
+from .transport import Ctx, connect, socket
 
 
 def query_status(
-    control: str, *, timeout: float = 3.0, context: zmq.Context | None = None, curve: Curve | None = None
+    control: str, *, timeout: float = 3.0, context: Ctx | None = None, curve: Curve | None = None
 ) -> dict[str, Any]:
     sock = socket(context or zmq.Context.instance(), zmq.DEALER, max_frame=p.MAX_HEADER_BYTES)
     watch = secure_client(sock, curve, control)

@@ -32,7 +32,7 @@ CONNECT_TIMEOUT = 2000  # a dial into a cut network gives up and retries, rather
 CLIENTS = frozenset({zmq.DEALER, zmq.PUSH, zmq.SUB})
 
 
-def socket(ctx: zmq.Context, kind: int, *, hwm: int | None = None, max_frame: int | None = None) -> zmq.Socket:
+def socket(ctx: Ctx, kind: int, *, hwm: int | None = None, max_frame: int | None = None) -> Sock:
     s = ctx.socket(kind)
     s.setsockopt(zmq.LINGER, 0)
     if kind in CLIENTS:
@@ -54,7 +54,7 @@ def socket(ctx: zmq.Context, kind: int, *, hwm: int | None = None, max_frame: in
     return s
 
 
-def bind(sock: zmq.Socket, endpoint: str, what: str) -> str:
+def bind(sock: Sock, endpoint: str, what: str) -> str:
     """Bind and return the address actually bound (a tcp port of * becomes a number)."""
     try:
         sock.bind(endpoint)
@@ -71,14 +71,14 @@ def bind(sock: zmq.Socket, endpoint: str, what: str) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
-def connect(sock: zmq.Socket, endpoint: str, what: str) -> None:
+def connect(sock: Sock, endpoint: str, what: str) -> None:
     try:
         sock.connect(endpoint)
     except zmq.ZMQError as exc:
         raise ConfigError(f"{what} {endpoint}: cannot connect ({exc.strerror})") from None
 
 
-def drain(sock: zmq.Socket, limit: int = DRAIN) -> Iterator[list[bytes]]:
+def drain(sock: Sock, limit: int = DRAIN) -> Iterator[list[bytes]]:
     """Every message ready on the socket, up to ``limit``, without blocking."""
     for _ in range(limit):
         try:
@@ -87,7 +87,7 @@ def drain(sock: zmq.Socket, limit: int = DRAIN) -> Iterator[list[bytes]]:
             return
 
 
-def drain_keyed(sock: zmq.Socket, keyed: bool, limit: int = DRAIN) -> Iterator[tuple[list[bytes], str | None]]:
+def drain_keyed(sock: Sock, keyed: bool, limit: int = DRAIN) -> Iterator[tuple[list[bytes], str | None]]:
     """Like drain(), with the CURVE key each message came with (ZAP's User-Id) when `keyed`."""
     if not keyed:
         for frames in drain(sock, limit):
@@ -98,7 +98,8 @@ def drain_keyed(sock: zmq.Socket, keyed: bool, limit: int = DRAIN) -> Iterator[t
             parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return
-        yield [f.bytes for f in parts], parts[-1].get("User-Id")
+        key = parts[-1].get("User-Id")
+        yield [f.bytes for f in parts], key if isinstance(key, str) else None
 
 
 class Wakeup:
