@@ -96,6 +96,7 @@ class SubscriberCore:
         self._cursor = _Pages(after="", done=durable is None)  # after: the last topic read
         self._first_run = False  # a durable name the sink has no position for yet
         self._early: list[Message] = []
+        self._early_lost: list[tuple[str, int]] = []  # (topic, seq) of undecodable results before then
         self._next_commit = now + COMMIT_EVERY
         self._taken: dict[str, int] = {}  # last seq handed to the caller, per topic
         self._committed: dict[str, int] = {}
@@ -297,15 +298,18 @@ class SubscriberCore:
             start: dict[str, int] = {}
             for topic, seq in heads:
                 start.setdefault(topic, seq)
-            for msg in self._early:
-                start[msg.topic] = min(start.get(msg.topic, msg.seq), msg.seq - 1)
+            for topic, seq in [(m.topic, m.seq) for m in self._early] + self._early_lost:
+                start[topic] = min(start.get(topic, seq), seq - 1)
             self.seq.start_at(start)
         self.started = True
         for topic, seq in heads:
             self.seq.head(topic, seq)
         for msg in self._early:
             self.seq.offer(msg)
+        for topic, seq in self._early_lost:
+            self._undecodable(topic, seq)
         self._early.clear()
+        self._early_lost.clear()
         self._heads.early = []
 
     # --- results ---------------------------------------------------------------------------
@@ -318,11 +322,26 @@ class SubscriberCore:
             records = p.decode_records(msg.payload)
         except ProtocolError as exc:
             self._reject(exc)
-            self.seq.missing(msg.topic, msg.seq, msg.seq, "its records cannot be decoded")
+            self._undecodable(msg.topic, msg.seq)
             return None
         if isinstance(msg, p.Dead):
             return Message(msg.topic, msg.seq, msg.batch_id, records, True, msg.error, msg.source_topic, msg.attempts)
         return Message(msg.topic, msg.seq, msg.batch_id, records)
+
+    def _undecodable(self, topic: str, seq: int) -> None:
+        """A result whose records cannot be decoded is reported lost in its place: once it is the
+        next of its topic. Before that, what comes before it is still owed (and asked for, with
+        it); before the start, where its topic starts is not known yet."""
+        if not self.started:
+            self._early_lost.append((topic, seq))
+            return
+        nxt = self.seq.next.get(topic)
+        if nxt is not None and seq > nxt:
+            if self.seq.repair:
+                self.seq.head(topic, seq)  # its copy asked for again comes back here as the next
+                return
+            self.seq.skipped += seq - nxt  # without repair, the results before it are skipped
+        self.seq.missing(topic, seq, seq, "its records cannot be decoded")
 
     def _reject(self, exc: ProtocolError) -> None:
         self.rejected[exc.reason] += 1
