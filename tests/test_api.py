@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import Counter
 from datetime import datetime
@@ -18,10 +19,11 @@ from zfan import (
     Subscriber,
     Timing,
     Worker,
+    config,
     query_status,
 )
 from zfan import protocol as p
-from zfan.apps import readings, rollup
+from zfan.apps import echo, readings, rollup
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -323,3 +325,23 @@ def test_send_many_stops_at_a_record_it_cannot_send_and_keeps_those_before(sink,
             prod.send_many([{"id": 1}, {"id": 2}, {"bad": {3}}, {"id": 4}])
         prod.flush(timeout=5)
         assert prod.acked_records == 2
+
+
+@pytest.mark.parametrize("role", [Producer, Subscriber, Sink, lambda **kw: Worker(echo, **kw)])
+def test_a_mistyped_option_is_a_type_error_that_names_the_option_meant(role):
+    with pytest.raises(TypeError) as info:
+        role(contrl="tcp://127.0.0.1:5558")
+    assert str(info.value).endswith("() got an unexpected keyword argument 'contrl' (did you mean 'control'?)")
+
+
+@pytest.mark.parametrize(
+    "options, settings",
+    [
+        (config.SinkOptions, config.SinkSettings),
+        (config.WorkerOptions, config.WorkerSettings),
+        (config.ProducerOptions, config.ProducerSettings),
+        (config.SubscriberOptions, config.SubscriberSettings),
+    ],
+)
+def test_every_setting_is_a_typed_keyword_option(options, settings):
+    assert set(options.__annotations__) == {f.name for f in dataclasses.fields(settings)}
