@@ -134,8 +134,8 @@ class Session:
             self._dial_at = now + self.backoff.next()
             self._beat, self._expiry = self.timing.heartbeat, self.timing.expiry
             return Lost(f"the sink has been silent for {silent:.1f} s", redial=True)
-        if now >= self._next_beat:
-            self.outbox.append(p.Heartbeat(self.epoch if self.joined else 0))
+        if self.joined and now >= self._next_beat:
+            self.outbox.append(p.Heartbeat(self.epoch))
             self._next_beat = max(self._next_beat + self._beat, now + self._beat / 2)
         return None
 
@@ -152,7 +152,8 @@ class Session:
         if self.state is State.IDLE:
             return self._dial_at
         # Just past the expiry: the sink is lost only once silent for *more* than that.
-        return min(self._next_beat, self._heard + self._expiry + 1e-3)
+        expiry = self._heard + self._expiry + 1e-3
+        return min(self._next_beat, expiry) if self.joined else expiry
 
     def _welcome(self, msg: p.Welcome) -> Joined:
         new = msg.epoch != self.epoch

@@ -335,8 +335,8 @@ class SubscriberCore:
         if not self.started:
             self._early_lost.append((topic, seq))
             return
-        nxt = self.seq.next.get(topic)
-        if nxt is not None and seq > nxt:
+        nxt = self.seq.next.get(topic, 1 if self.seq.repair else seq)  # where offer() would start it
+        if seq > nxt:
             if self.seq.repair:
                 self.seq.head(topic, seq)  # its copy asked for again comes back here as the next
                 return

@@ -171,6 +171,7 @@ class Producer(Service):
                 now = time.monotonic()
                 event = core.tick(now)
                 if isinstance(event, Lost):
+                    check_handshakes(*watches)  # a refused handshake, not silence, may be why
                     log.warning("sink %s: %s; connecting again", s.control, event.reason)
                     self.connected.clear()
                     # The intake connection may be just as dead, its batches stuck behind TCP's
@@ -180,7 +181,7 @@ class Producer(Service):
                     ctl, push = self._open(ctl, push, watches)
                 assert (ctl is None) == (push is None)
                 blocked = ctl is not None and push is not None and self._turn(core, ctl, push, watches, now)
-                self._wait(core, ctl, push, blocked)
+                self._wait(core, ctl, push, watches, blocked)
             if ctl is not None:
                 core.session.close()
                 self._send(ctl, core.session.take())
@@ -214,7 +215,9 @@ class Producer(Service):
             core.pushed(sent, now)
         return False
 
-    def _wait(self, core: ProducerCore, ctl: Sock | None, push: Sock | None, blocked: bool) -> None:
+    def _wait(
+        self, core: ProducerCore, ctl: Sock | None, push: Sock | None, watches: list[HandshakeWatch], blocked: bool
+    ) -> None:
         """Poll until something arrives, a caller wakes us, or the cores' next deadline."""
         now = time.monotonic()
         due = core.session.next_deadline() if blocked else core.next_deadline()
@@ -227,6 +230,8 @@ class Producer(Service):
             poller.register(ctl, zmq.POLLIN)
         if blocked and push is not None:
             poller.register(push, zmq.POLLOUT)
+        for watch in watches:  # a failed handshake is news at once
+            poller.register(watch.monitor, zmq.POLLIN)
         poller.poll(math.ceil(max(0.0, due - now) * 1000))
 
     def _send(self, ctl: Sock, messages: list[p.Message]) -> None:

@@ -188,6 +188,9 @@ class Subscriber:
         poller.register(self._sub, zmq.POLLIN)
         if self._ctl is not None:
             poller.register(self._ctl, zmq.POLLIN)
+        for watch in (self._sub_watch, self._ctl_watch):
+            if watch is not None:  # a failed handshake is news at once
+                poller.register(watch.monitor, zmq.POLLIN)
         now = time.monotonic()
         ready = dict(poller.poll(math.ceil(max(0.0, min(wait, core.next_deadline() - now)) * 1000)))
         now = time.monotonic()
@@ -203,6 +206,7 @@ class Subscriber:
     def _tick(self) -> None:
         event = self._core.tick(time.monotonic())
         if isinstance(event, Lost):
+            check_handshakes(self._ctl_watch)  # a refused handshake, not silence, may be why
             log.warning("sink %s: %s; connecting again", self.settings.control, event.reason)
             self._close_control()
         elif isinstance(event, Dial):

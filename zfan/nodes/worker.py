@@ -145,6 +145,8 @@ class Worker(Service):
                 now = time.monotonic()
                 event = core.tick(now)
                 if isinstance(event, Lost):
+                    if watch is not None:
+                        watch.check()  # a refused handshake, not silence, may be why
                     log.warning("sink %s: %s; connecting again", s.control, event.reason)
                     self._drop_jobs()
                     sock, watch = self._close(sock, watch)
@@ -153,7 +155,7 @@ class Worker(Service):
                     sock, watch = self._open()
                 if sock is not None:
                     self._turn(core, sock, watch, now)
-                self._wait(core, sock)
+                self._wait(core, sock, watch)
             if sock is not None:
                 core.session.close()  # bye lets the sink replay our batches at once
                 self._send(sock, core.session.take())
@@ -178,11 +180,13 @@ class Worker(Service):
                 self._jobs.put(job)
         self._send(sock, core.session.take())
 
-    def _wait(self, core: WorkerCore, sock: Sock | None) -> None:
+    def _wait(self, core: WorkerCore, sock: Sock | None, watch: HandshakeWatch | None) -> None:
         poller = zmq.Poller()
         poller.register(self._wakeup.fileno(), zmq.POLLIN)
         if sock is not None:
             poller.register(sock, zmq.POLLIN)
+        if watch is not None:  # a failed handshake is news at once
+            poller.register(watch.monitor, zmq.POLLIN)
         poller.poll(math.ceil(max(0.0, core.next_deadline() - time.monotonic()) * 1000))
 
     def _send(self, sock: Sock, messages: list[p.Message]) -> None:
