@@ -119,7 +119,7 @@ def test_take_any_drains_everything_for_flush():
 # --- Window ---------------------------------------------------------------------------------
 
 
-def sent(seq: int, count: int = 1, at: float = T0) -> Sent:
+def sent(seq: int, count: int = 1, at: float | None = T0) -> Sent:
     return Sent(seq=seq, count=count, frames=[f"h{seq}".encode(), b"payload"], sent_at=at)
 
 
@@ -149,7 +149,7 @@ def test_repeated_and_unknown_acks_are_ignored():
 
 def test_due_returns_unsent_and_overdue_batches_only():
     w = Window()
-    w.add(sent(1, at=0))  # never sent
+    w.add(sent(1, at=None))  # never sent
     w.add(sent(2, at=T0))  # just sent
     w.add(sent(3, at=T0 - 2.0))  # sent 2 s ago
     assert sorted(s.seq for s in w.due(T0, resend_after=2.0)) == [1, 3]
@@ -172,7 +172,7 @@ def test_resend_after_updating_sent_at_waits_again():
 
 def test_due_keeps_the_frames_to_resend():
     w = Window()
-    w.add(sent(7, at=0))
+    w.add(sent(7, at=None))
     (s,) = w.due(T0, resend_after=2.0)
     assert s.frames == [b"h7", b"payload"]
 

@@ -27,7 +27,7 @@ def producer(now: float = 100.0, resend: float = RESEND) -> ProducerCore:
 
 
 def batch(seq: int, count: int = 2) -> Sent:
-    return Sent(seq, count, [f"batch {seq}".encode()], 0.0)
+    return Sent(seq, count, [f"batch {seq}".encode()])
 
 
 def welcome(core: ProducerCore, now: float, msg: p.Welcome = WELCOME) -> None:

@@ -28,7 +28,7 @@ class Sent:
     seq: int
     count: int
     frames: list[bytes]
-    sent_at: float  # 0 when not yet sent (or to be sent again at once)
+    sent_at: float | None = None  # None until sent (and when it is to be sent again at once)
 
 
 class Window:
@@ -55,13 +55,13 @@ class Window:
 
     def due(self, now: float, resend_after: float) -> list[Sent]:
         """Batches never sent, or sent longer ago than ``resend_after`` without an ack."""
-        return [s for s in self._unacked.values() if now - s.sent_at >= resend_after or not s.sent_at]
+        return [s for s in self._unacked.values() if s.sent_at is None or now - s.sent_at >= resend_after]
 
     def next_due(self, resend_after: float) -> float | None:
-        """When the next batch falls due (0 if one is due at once), None if none is unacked."""
+        """When the next batch falls due (-inf if one is due at once), None if none is unacked."""
         if not self._unacked:
             return None
-        return min(s.sent_at + resend_after if s.sent_at else 0.0 for s in self._unacked.values())
+        return min(float("-inf") if s.sent_at is None else s.sent_at + resend_after for s in self._unacked.values())
 
     def all(self) -> list[Sent]:
         return list(self._unacked.values())
@@ -98,7 +98,7 @@ class ProducerCore:
             # A sink we just (re)joined may never have had what the last connection pushed:
             # everything unacked goes again.
             for sent in self.window.all():
-                sent.sent_at = 0.0
+                sent.sent_at = None
         return event, 0
 
     def tick(self, now: float) -> Event | None:

@@ -133,7 +133,7 @@ class Producer(Service):
         msg = p.Batch(
             self.settings.producer_id, self._seq, topic, batch.count, p.join_records(batch.pieces, batch.count)
         )
-        return Sent(self._seq, batch.count, p.encode(msg), 0.0)
+        return Sent(self._seq, batch.count, p.encode(msg))
 
     def flush(self, timeout: float = 30.0) -> None:
         """Return once every record sent so far is acknowledged; raise DeliveryTimeout if not."""
