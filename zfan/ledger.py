@@ -72,7 +72,7 @@ class Pending:
     count: int
     attempts: int
     # Held by a worker that died holding several: one of them may have killed it, so it is run
-    # alone until it answers (see SinkCore._drop_peer).
+    # alone until it answers (see Leasing.drop in leasing.py).
     suspect: bool = False
 
 

@@ -30,7 +30,8 @@ class Service:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._closing = threading.Lock()
-        self._close_when_ended = False  # close() gave up waiting: the thread closes the pipe itself
+        self._close_when_ended = False
+        self._failed_to_start = False  # close() gave up waiting: the thread closes the pipe itself
 
     # --- for subclasses --------------------------------------------------------------------
     def _serve(self) -> None:
@@ -47,8 +48,9 @@ class Service:
         if not self._ready.wait(timeout):
             self.stop()
             raise ZfanError(f"{self.role} did not start within {timeout:g} s")
-        if self._error is not None:
+        if self._failed_to_start:
             self._thread.join()
+            assert self._error is not None
             raise self._error
         return self
 
@@ -96,6 +98,8 @@ class Service:
             if not isinstance(exc, ZfanError):
                 log.exception("%s stopped by an unexpected error", self.role)
             self._error = exc
+            # Why start() raises; a failure after the sockets were up is for whoever waits next.
+            self._failed_to_start = not self._ready.is_set()
         finally:
             self._ended()
             self._ready.set()

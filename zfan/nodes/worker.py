@@ -21,7 +21,7 @@ import zmq
 from .. import protocol as p
 from ..config import Limits, WorkerSettings, settings_from
 from ..errors import SerializationError
-from ..leases import WorkerCore
+from ..jobs import WorkerCore
 from ..session import Dial, Joined, Lost
 from .security import Handshakes, HandshakeWatch, secure_client
 from .service import Service

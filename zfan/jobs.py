@@ -1,4 +1,4 @@
-"""The worker's core, with no sockets: its session with the sink, and the leases it holds.
+"""The worker's core, with no sockets: its session with the sink, and the jobs it holds (leases).
 
 A lease is run only if it comes from the sink that welcomed us, in its current epoch; its
 answer is sent only if the lease is still ours when the answer is ready. What the sink can no

@@ -1,4 +1,4 @@
-"""The worker's core with no sockets (zfan.leases): which leases it runs, and whose answers it
+"""The worker's core with no sockets (zfan.jobs): which leases it runs, and whose answers it
 sends back, once the sink welcomed, reset, restarted or went silent, on a fake clock."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from zfan import protocol as p
 from zfan.config import Timing
-from zfan.leases import WorkerCore
+from zfan.jobs import WorkerCore
 from zfan.session import Dial, Joined, Lost
 
 pytestmark = pytest.mark.timeout(30)

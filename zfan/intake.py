@@ -1,0 +1,67 @@
+"""Batches from producers: checked, stored once each (a resent batch is known by its producer id
+and seq), queued for leasing, and acknowledged once the turn's commit has made them durable.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+from . import protocol as p
+from .errors import ProtocolError
+from .leasing import Backlog
+from .ledger import Ledger, Pending
+
+INTAKE_TYPES: frozenset[type[p.Message]] = frozenset({p.Batch})
+
+
+class Intake:
+    def __init__(
+        self,
+        ledger: Ledger,
+        backlog: Backlog,
+        counts: dict[str, int],
+        stats: Counter[str],
+        owns: Callable[[str, str], bool],
+    ) -> None:
+        self._ledger = ledger
+        self._backlog = backlog
+        self._counts = counts
+        self._stats = stats
+        self._owns = owns  # whether a CURVE key is the one a producer id is bound to
+        self._acks: dict[str, list[int]] = {}  # producer id -> seqs to acknowledge
+
+    def decode(self, frames: list[bytes], key: str | None) -> p.Batch:
+        """The batch in `frames`; with CURVE, `key` is the sender's, which must be the one its
+        producer id is bound to. Raises ProtocolError."""
+        batch = p.decode(frames, allowed=INTAKE_TYPES)
+        assert isinstance(batch, p.Batch)
+        if batch.topic.startswith("zfan."):
+            raise ProtocolError("reserved topic", batch.topic)
+        if key is not None and not self._owns(batch.producer_id, key):
+            raise ProtocolError("producer id of another key", batch.producer_id)
+        return batch
+
+    def store(self, batch: p.Batch) -> None:
+        """Store a batch unless it came before, and acknowledge it either way."""
+        producer_id, seq, topic, count, payload = batch.producer_id, batch.seq, batch.topic, batch.count, batch.payload
+        batch_id = self._ledger.insert_batch(producer_id, seq, topic, count, payload)
+        if batch_id is None:
+            self._stats["duplicate batches"] += 1
+        else:
+            self._backlog.add(Pending(batch_id, topic, count, 0), payload)
+            self._counts["pending"] += 1
+            self._stats["batches in"] += 1
+            self._stats["records in"] += count
+        self._acks.setdefault(producer_id, []).append(seq)
+
+    @property
+    def acks_waiting(self) -> bool:
+        """Whether acks wait: the turn must commit what they acknowledge."""
+        return bool(self._acks)
+
+    def take_acks(self) -> list[tuple[str, list[int]]]:
+        """(producer id, seqs) of the batches taken in since the last call."""
+        acks = list(self._acks.items())
+        self._acks.clear()
+        return acks
