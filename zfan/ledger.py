@@ -275,9 +275,6 @@ class Ledger:
         )
         return [Stored(*r) for r in rows]
 
-    def cursor(self, name: str) -> dict[str, int]:
-        return dict(self._read("SELECT topic, seq FROM cursors WHERE name=?", (name,)))
-
     def cursor_page(self, name: str, after_topic: str, limit: int) -> list[tuple[str, int]]:
         """Up to `limit` positions of a durable name, of the topics after `after_topic`, in topic order."""
         return [

@@ -84,7 +84,6 @@ class Session:
         self.outbox: list[p.Message] = []
         self.backoff = Backoff(timing.heartbeat, rng=rng)
         self.dials = 0
-        self.silent_since: float | None = None  # when the sink was last heard, while it is lost
         self._beat, self._expiry = timing.heartbeat, timing.expiry  # until a welcome says the sink's own
         self._heard = now
         self._next_beat = now
@@ -105,7 +104,6 @@ class Session:
         if self.state in (State.IDLE, State.CLOSED):
             return None  # left over from a connection already given up
         self._heard = now
-        self.silent_since = None
         if isinstance(msg, p.Welcome):
             return self._welcome(msg)
         if isinstance(msg, p.Reset):
@@ -130,7 +128,6 @@ class Session:
         silent = now - self._heard
         if silent > self._expiry:
             self.state = State.IDLE
-            self.silent_since = self._heard
             self._dial_at = now + self.backoff.next()
             self._beat, self._expiry = self.timing.heartbeat, self.timing.expiry
             return Lost(f"the sink has been silent for {silent:.1f} s", redial=True)
