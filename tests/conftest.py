@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import gc
+import sys
 import threading
 
 import pytest
@@ -25,6 +27,16 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture(autouse=True)
+def _leaks_found_where_made():
+    """From Python 3.13 an SQLite connection left open warns (an error here) when the garbage
+    collector frees it, which may be during a later test or at the end of the run. Collecting
+    after each test makes the test that left it open the one that fails."""
+    yield
+    if sys.version_info >= (3, 13):
+        gc.collect()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import signal
 import socket
 import sqlite3
 import stat
+from contextlib import closing
 
 import pytest
 
@@ -54,7 +55,7 @@ def test_four_processes_deliver_every_record_exactly_once(tmp_path, ipc, roles):
 
     assert sub.stop() == 0
     assert sink.stop() == 0, sink.stderr
-    with sqlite3.connect(tmp_path / "z.db") as db:
+    with closing(sqlite3.connect(tmp_path / "z.db")) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
@@ -148,7 +149,7 @@ def test_roles_stop_cleanly_on_signals(tmp_path, ipc, roles, sig):
         r.proc.send_signal(sig)
         assert r.wait(15) == 0, r.stderr
         assert "Traceback" not in r.stderr
-    with sqlite3.connect(tmp_path / "z.db") as db:
+    with closing(sqlite3.connect(tmp_path / "z.db")) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
@@ -264,8 +265,9 @@ def test_ledger_path_is_a_directory(tmp_path, ipc):
 
 def test_someone_elses_database_is_not_taken_over(tmp_path, ipc):
     path = tmp_path / "app.db"
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db:
         db.execute("CREATE TABLE users (name TEXT)")
+        db.commit()
     before = path.read_bytes()
     res = run_cli("sink", "--ledger", str(path), *endpoint_args(ipc, "intake", "control", "results"))
     one_line_error(res, 5, "not a zfan ledger", "it holds other tables", "left untouched")

@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import threading
 import time
+from contextlib import closing
 
 import pytest
 
@@ -220,7 +221,7 @@ def test_sink_killed_at_random_points_and_restarted(tmp_path, ipc, roles, ctx):
     assert info["epoch"] == kills + 1
     assert info["pending"] == 0 and info["leased"] == 0 and info["done"] == 300
     assert sink.stop() == 0
-    with sqlite3.connect(db) as ledger:
+    with closing(sqlite3.connect(db)) as ledger:
         assert ledger.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert ledger.execute("SELECT count(*) FROM batches").fetchone()[0] == 300, "each batch stored once"
 
