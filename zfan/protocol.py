@@ -9,6 +9,7 @@ specification; this module is its one implementation.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -69,6 +70,56 @@ _PREFIXES = "list[prefix]"  # topic prefixes: strings that may be empty (the emp
 _KINDS = {"str": _STR, "int": _INT, "list[str]": _STRS, "list[int]": _INTS, "bool": _BOOL, "dict[str, Any]": _MAP}
 
 
+_NON_EMPTY = frozenset({"producer_id", "name", "topic", "source_topic", "role", "token"})
+_STR_LIMITS = {
+    "producer_id": MAX_NAME,
+    "name": MAX_NAME,
+    "topic": MAX_TOPIC,
+    "source_topic": MAX_TOPIC,
+    "role": 16,
+    "error": MAX_ERROR,
+    "reason": 1024,
+    "token": MAX_TOPIC,
+}
+
+
+def _validator(name: str, kind: str) -> Callable[[Any], bool]:
+    """The check of one header field, made once per field of each message type."""
+    if kind == _INT:
+        top = MAX_RECORDS if name == "count" else MAX_INT
+        return lambda v: type(v) is int and 0 <= v <= top
+    if kind == _STR:
+        limit, empty_ok = _STR_LIMITS.get(name, MAX_TOPIC), name not in _NON_EMPTY
+        return lambda v: type(v) is str and (empty_ok or v != "") and len(v.encode()) <= limit
+    if kind == _INTS:
+        top = MAX_RECORDS if name == "counts" else MAX_INT
+        longest = max(MAX_SEQS, MAX_TOPICS)
+        return lambda v: type(v) is list and len(v) <= longest and all(type(x) is int and 0 <= x <= top for x in v)
+    if kind in (_STRS, _PREFIXES):
+        empty_ok = kind == _PREFIXES  # the empty prefix matches every topic; a topic is never empty
+        return lambda v: (
+            type(v) is list
+            and len(v) <= MAX_TOPICS
+            and all(type(x) is str and (empty_ok or x != "") and len(x.encode()) <= MAX_TOPIC for x in v)
+        )
+    if kind == _BOOL:
+        return lambda v: type(v) is bool
+    return lambda v: type(v) is dict and _plain(v)
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Only plain values, a few levels deep."""
+    if depth > 4:
+        return False
+    if value is None or type(value) in (bool, int, float, str):
+        return True
+    if type(value) is list:
+        return all(_plain(v, depth + 1) for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and _plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
 # --- the messages ---------------------------------------------------------------------------
 # One frozen class per message type. Header fields come in the order declared; `payload`
 # (one frame) and `payloads` (a frame per topic) are the frames after the header.
@@ -79,9 +130,18 @@ class Message:
     TYPE: ClassVar[str]
     FIELDS: ClassVar[tuple[tuple[str, str], ...]]  # header fields: (name, kind)
     PAYLOADS: ClassVar[int | None]  # payload frames after the header; None: one per topic
+    # Worked out once per class, for the hot path: the header's values in order, a check per
+    # field, and where the lists that must be of one length are.
+    _values: ClassVar[Callable[[Any], tuple[Any, ...]]]
+    _checks: ClassVar[tuple[tuple[str, Callable[[Any], bool]], ...]]
+    _pairs: ClassVar[tuple[tuple[int, int], ...]]
+    _per_topic: ClassVar[tuple[int, int]]  # a result's topics and counts
 
 
 MESSAGES: dict[str, type[Message]] = {}
+# Messages that carry parallel lists must have them of equal length. (A result's topics and
+# counts, which also match its payload frames, are a frame count matter.)
+PARALLEL = {TOPICS: ("topics", "seqs"), CURSOR: ("topics", "seqs"), COMMIT: ("topics", "seqs")}
 M = TypeVar("M", bound=type[Message])
 
 
@@ -91,6 +151,14 @@ def _message(mtype: str) -> Callable[[M], M]:
         cls.TYPE = mtype
         cls.FIELDS = tuple((f.name, _PREFIXES if f.name == "prefixes" else _KINDS[str(f.type)]) for f in names)
         cls.PAYLOADS = None if "payloads" in cls.__dataclass_fields__ else int("payload" in cls.__dataclass_fields__)
+        header = [name for name, _ in cls.FIELDS]
+        get = operator.attrgetter(*header) if header else (lambda msg: ())
+        cls._values = get if len(header) > 1 else (lambda msg: (get(msg),) if header else ())
+        cls._checks = tuple((name, _validator(name, kind)) for name, kind in cls.FIELDS)
+        pair = PARALLEL.get(mtype)
+        cls._pairs = () if pair is None else ((header.index(pair[0]), header.index(pair[1])),)
+        if cls.PAYLOADS is None:
+            cls._per_topic = (header.index("topics"), header.index("counts"))
         if mtype != STATUS or cls.FIELDS == ():  # the status reply shares its type with the request
             MESSAGES[mtype] = cls
         return cls
@@ -287,21 +355,6 @@ class Commit(Message):
 
 # type -> the header fields after [VERSION, type], in order (docs/PROTOCOL.md's tables).
 SCHEMA: dict[str, tuple[tuple[str, str], ...]] = {t: cls.FIELDS for t, cls in MESSAGES.items()}
-# Messages that carry parallel lists must have them of equal length.
-# (A result's topics and counts, which also match its payload frames, are a frame count matter.)
-PARALLEL = {TOPICS: ("topics", "seqs"), CURSOR: ("topics", "seqs"), COMMIT: ("topics", "seqs")}
-
-_NON_EMPTY = frozenset({"producer_id", "name", "topic", "source_topic", "role", "token"})
-_STR_LIMITS = {
-    "producer_id": MAX_NAME,
-    "name": MAX_NAME,
-    "topic": MAX_TOPIC,
-    "source_topic": MAX_TOPIC,
-    "role": 16,
-    "error": MAX_ERROR,
-    "reason": 1024,
-    "token": MAX_TOPIC,
-}
 
 
 class _Extension(ValueError):
@@ -322,7 +375,7 @@ def _not_msgpack(exc: Exception) -> str:
 
 def encode(msg: Message) -> list[bytes]:
     """The frames of a message: its header, then its payloads."""
-    header: bytes = msgpack.packb([VERSION, msg.TYPE, *[getattr(msg, name) for name, _ in msg.FIELDS]])
+    header: bytes = msgpack.packb((VERSION, msg.TYPE, *type(msg)._values(msg)))
     if msg.PAYLOADS is None:
         return [header, *msg.payloads]  # type: ignore[attr-defined]
     if msg.PAYLOADS:
@@ -345,16 +398,17 @@ def decode(frames: list[bytes], *, allowed: frozenset[type[Message]] | None = No
         raise ProtocolError("unexpected type", mtype)
     if len(fields) != len(cls.FIELDS):
         raise ProtocolError("bad header", f"{mtype} takes {len(cls.FIELDS)} fields, got {len(fields)}")
-    for value, (name, kind) in zip(fields, cls.FIELDS, strict=True):
-        _check(mtype, name, kind, value)
-    named = dict(zip((name for name, _ in cls.FIELDS), fields, strict=True))
-    pair = PARALLEL.get(mtype)
-    if pair is not None and len(named[pair[0]]) != len(named[pair[1]]):
-        raise ProtocolError("bad field", f"{mtype}: lists of different lengths")
-    make: Callable[..., Message] = cls
+    for value, (name, ok) in zip(fields, cls._checks, strict=True):
+        if not ok(value):
+            raise ProtocolError("bad field", f"{mtype}.{name}")
     payloads = frames[1:]
+    for a, b in cls._pairs:
+        if len(fields[a]) != len(fields[b]):
+            raise ProtocolError("bad field", f"{mtype}: lists of different lengths")
+    make: Callable[..., Message] = cls
     if cls.PAYLOADS is None:
-        if not len(named["topics"]) == len(named["counts"]) == len(payloads):
+        topics, counts = cls._per_topic
+        if not len(fields[topics]) == len(fields[counts]) == len(payloads):
             raise ProtocolError("bad frame count", f"{mtype} needs one count and one payload frame per topic")
         return make(*fields, payloads)
     if cls.PAYLOADS == 0:
@@ -391,53 +445,6 @@ def _unpack(frame: bytes) -> tuple[str, list[Any]]:
     if not isinstance(mtype, str) or mtype not in MESSAGES:
         raise ProtocolError("unknown type", repr(mtype)[:40])
     return mtype, fields
-
-
-def _check(mtype: str, name: str, kind: str, value: Any) -> None:
-    if kind == _INT:
-        ok = type(value) is int and 0 <= value <= (MAX_RECORDS if name == "count" else MAX_INT)
-    elif kind == _STR:
-        ok = type(value) is str and len(value.encode()) <= _STR_LIMITS.get(name, MAX_TOPIC)
-        if ok and name in _NON_EMPTY:
-            ok = bool(value)
-    elif kind == _INTS:
-        top = MAX_RECORDS if name == "counts" else MAX_INT
-        ok = (
-            type(value) is list
-            and len(value) <= max(MAX_SEQS, MAX_TOPICS)
-            and all(type(v) is int and 0 <= v <= top for v in value)
-        )
-    elif kind == _STRS:
-        ok = (
-            type(value) is list
-            and len(value) <= MAX_TOPICS
-            and all(type(v) is str and v and len(v.encode()) <= MAX_TOPIC for v in value)
-        )
-    elif kind == _BOOL:
-        ok = type(value) is bool
-    elif kind == _PREFIXES:
-        ok = (
-            type(value) is list
-            and len(value) <= MAX_TOPICS
-            and all(type(v) is str and len(v.encode()) <= MAX_TOPIC for v in value)
-        )
-    else:
-        ok = type(value) is dict and _plain(value)
-    if not ok:
-        raise ProtocolError("bad field", f"{mtype}.{name}")
-
-
-def _plain(value: Any, depth: int = 0) -> bool:
-    """Only plain values, a few levels deep."""
-    if depth > 4:
-        return False
-    if value is None or type(value) in (bool, int, float, str):
-        return True
-    if type(value) is list:
-        return all(_plain(v, depth + 1) for v in value)
-    if type(value) is dict:
-        return all(type(k) is str and _plain(v, depth + 1) for k, v in value.items())
-    return False
 
 
 def pairs_that_fit(pairs: list[tuple[str, int]], reserve: int = 1024) -> int:

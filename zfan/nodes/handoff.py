@@ -46,6 +46,7 @@ class Handoff:
         """Seal every open batch and wait until all are acknowledged; DeliveryTimeout if not."""
         deadline = time.monotonic() + timeout
         with self._cond:
+            self._check()  # a producer that stopped says why, even with nothing left to flush
             while (open_ := self._batcher.take_any()) is not None:
                 self._enqueue(*open_, deadline=deadline, timeout=timeout)
             while self._unacked:

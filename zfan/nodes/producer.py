@@ -8,7 +8,6 @@ sockets, sends, resends, heartbeats and takes acks.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Iterable
@@ -27,7 +26,7 @@ from ..session import Dial, Joined, Lost
 from .handoff import Handoff
 from .security import Handshakes, HandshakeWatch, check_handshakes, secure_client
 from .service import Service
-from .transport import Ctx, Sock, connect, drain, socket
+from .transport import Ctx, Poll, Sock, connect, drain, socket
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -69,6 +68,7 @@ class Producer(Service):
         self._acked_records = 0
         self.sent_records = 0
         self.connected = threading.Event()
+        self._poll = Poll()
 
     # --- the caller's side -----------------------------------------------------------------
     def send(self, record: Any, topic: str | None = None) -> None:
@@ -193,7 +193,6 @@ class Producer(Service):
 
     def _turn(self, core: ProducerCore, ctl: Sock, push: Sock, watches: list[HandshakeWatch], now: float) -> bool:
         """Take what arrived and what callers sealed, push what is due; True if intake is full."""
-        check_handshakes(*watches)
         self._wakeup.clear()
         for sent in self._handoff.take(now):
             core.add(sent)
@@ -224,15 +223,15 @@ class Producer(Service):
         linger = self._handoff.linger_deadline(now)
         if linger is not None:
             due = min(due, linger)
-        poller = zmq.Poller()
-        poller.register(self._wakeup.fileno(), zmq.POLLIN)
+        watched: list[tuple[Sock | int, int]] = [(self._wakeup.fileno(), zmq.POLLIN)]
         if ctl is not None:
-            poller.register(ctl, zmq.POLLIN)
+            watched.append((ctl, zmq.POLLIN))
         if blocked and push is not None:
-            poller.register(push, zmq.POLLOUT)
-        for watch in watches:  # a failed handshake is news at once
-            poller.register(watch.monitor, zmq.POLLIN)
-        poller.poll(math.ceil(max(0.0, due - now) * 1000))
+            watched.append((push, zmq.POLLOUT))
+        watched += [(watch.monitor, zmq.POLLIN) for watch in watches]  # a failed handshake is news at once
+        ready = self._poll(watched, due - now)
+        if any(watch.monitor in ready for watch in watches):
+            check_handshakes(*watches)
 
     def _send(self, ctl: Sock, messages: list[p.Message]) -> None:
         for msg in messages:

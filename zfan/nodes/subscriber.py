@@ -10,7 +10,6 @@ again; see zfan.sequencing.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
 from collections import Counter
@@ -26,7 +25,7 @@ from ..sequencing import RetentionGap
 from ..session import Dial, Lost
 from ..subscription import Message, SubscriberCore
 from .security import Handshakes, HandshakeWatch, check_handshakes, secure_client
-from .transport import Ctx, Sock, connect, drain, socket
+from .transport import Ctx, Poll, Sock, connect, drain, socket
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -72,6 +71,7 @@ class Subscriber:
         self._ctl: Sock | None = None  # opened when the core dials
         self._ctl_watch: HandshakeWatch | None = None
         self._closed = False
+        self._poll = Poll()
 
     # --- counters ------------------------------------------------------------------------------
     @property
@@ -181,19 +181,19 @@ class Subscriber:
     # --- one turn: read what is there, ask for what is missing -------------------------------
     def _turn(self, wait: float) -> None:
         """Poll for at most `wait` seconds (less if the core has something due), then take what came."""
-        check_handshakes(self._sub_watch, self._ctl_watch)
         core = self._core
         self._tick()
-        poller = zmq.Poller()
-        poller.register(self._sub, zmq.POLLIN)
+        watched: list[tuple[Sock | int, int]] = [(self._sub, zmq.POLLIN)]
         if self._ctl is not None:
-            poller.register(self._ctl, zmq.POLLIN)
+            watched.append((self._ctl, zmq.POLLIN))
         for watch in (self._sub_watch, self._ctl_watch):
             if watch is not None:  # a failed handshake is news at once
-                poller.register(watch.monitor, zmq.POLLIN)
+                watched.append((watch.monitor, zmq.POLLIN))
         now = time.monotonic()
-        ready = dict(poller.poll(math.ceil(max(0.0, min(wait, core.next_deadline() - now)) * 1000)))
+        ready = self._poll(watched, min(wait, core.next_deadline() - now))
         now = time.monotonic()
+        if any(watch.monitor in ready for watch in (self._sub_watch, self._ctl_watch) if watch is not None):
+            check_handshakes(self._sub_watch, self._ctl_watch)
         if self._sub in ready:
             for frames in drain(self._sub):
                 self._from_stream(frames, now)

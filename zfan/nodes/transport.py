@@ -4,10 +4,11 @@ can read, draining a socket, and a wake-up pipe a thread can poll next to its so
 from __future__ import annotations
 
 import errno
+import math
 import os
 import threading
 from collections.abc import Iterator
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import zmq
 
@@ -100,6 +101,24 @@ def drain_keyed(sock: Sock, keyed: bool, limit: int = DRAIN) -> Iterator[tuple[l
             return
         key = parts[-1].get("User-Id")
         yield [f.bytes for f in parts], key if isinstance(key, str) else None
+
+
+class Poll:
+    """A poller kept while the sockets it watches stay the same: making one each turn costs more
+    than the poll itself when messages are small and many."""
+
+    def __init__(self) -> None:
+        self._watched: list[tuple[Sock | int, int]] = []
+        self._poller = zmq.Poller()
+
+    def __call__(self, watched: list[tuple[Sock | int, int]], seconds: float) -> dict[Any, int]:
+        """Wait up to `seconds` for one of (socket or fd, POLLIN/POLLOUT); what is ready."""
+        if watched != self._watched:
+            self._poller = zmq.Poller()
+            for sock, flags in watched:
+                self._poller.register(sock, flags)
+            self._watched = watched
+        return dict(self._poller.poll(math.ceil(max(0.0, seconds) * 1000)))
 
 
 class Wakeup:

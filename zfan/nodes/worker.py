@@ -7,7 +7,6 @@ second thread, so heartbeats keep flowing while a long batch runs.
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -25,7 +24,7 @@ from ..jobs import WorkerCore
 from ..session import Dial, Joined, Lost
 from .security import Handshakes, HandshakeWatch, secure_client
 from .service import Service
-from .transport import Ctx, Sock, connect, drain, socket
+from .transport import Ctx, Poll, Sock, connect, drain, socket
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -124,6 +123,7 @@ class Worker(Service):
         self._jobs: queue.SimpleQueue[p.Lease | None] = queue.SimpleQueue()
         self._done: deque[tuple[p.Lease, list[bytes]]] = deque()
         self._handshakes = Handshakes()
+        self._poll = Poll()
 
     # --- the function's thread -------------------------------------------------------------
     def _work(self) -> None:
@@ -165,8 +165,6 @@ class Worker(Service):
             self._close(sock, watch)
 
     def _turn(self, core: WorkerCore, sock: Sock, watch: HandshakeWatch | None, now: float) -> None:
-        if watch is not None:
-            watch.check()
         self._wakeup.clear()
         while self._done:
             lease, answer = self._done.popleft()
@@ -181,13 +179,14 @@ class Worker(Service):
         self._send(sock, core.session.take())
 
     def _wait(self, core: WorkerCore, sock: Sock | None, watch: HandshakeWatch | None) -> None:
-        poller = zmq.Poller()
-        poller.register(self._wakeup.fileno(), zmq.POLLIN)
+        watched: list[tuple[Sock | int, int]] = [(self._wakeup.fileno(), zmq.POLLIN)]
         if sock is not None:
-            poller.register(sock, zmq.POLLIN)
+            watched.append((sock, zmq.POLLIN))
         if watch is not None:  # a failed handshake is news at once
-            poller.register(watch.monitor, zmq.POLLIN)
-        poller.poll(math.ceil(max(0.0, core.next_deadline() - time.monotonic()) * 1000))
+            watched.append((watch.monitor, zmq.POLLIN))
+        ready = self._poll(watched, core.next_deadline() - time.monotonic())
+        if watch is not None and watch.monitor in ready:
+            watch.check()
 
     def _send(self, sock: Sock, messages: list[p.Message]) -> None:
         for msg in messages:
