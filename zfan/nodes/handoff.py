@@ -24,7 +24,9 @@ class Handoff:
         self._batcher = batcher
         self._seal = seal  # numbers and encodes a batch (under the lock, so seqs follow the queue)
         self._wakeup = wakeup
-        self._cond = threading.Condition()
+        # One lock, taken for every record (a plain Lock is cheapest); the condition waits on it.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._queue: deque[Sent] = deque()
         self._room = window  # places left in the window: sealed batches count until acked
         self._unacked = 0  # sealed and not yet acknowledged
@@ -34,18 +36,18 @@ class Handoff:
     def add(self, topic: str, packed: bytes, count: int) -> None:
         """Add packed records to their topic's open batch; blocks while a batch they seal waits
         for room in the window."""
-        with self._cond:
+        with self._lock:
             self._check()
-            woke = self._batcher.empty  # a first open batch: the I/O thread must time its linger
+            opened = self._batcher.empty  # a first open batch: the I/O thread must time its linger
             for batch in self._batcher.add(topic, packed, time.monotonic(), count):
                 self._enqueue(topic, batch)
-            if woke:
+            if opened and not self._queue:  # (with a queue, a wake-up is on its way already)
                 self._wakeup.set()
 
     def flush(self, timeout: float) -> None:
         """Seal every open batch and wait until all are acknowledged; DeliveryTimeout if not."""
         deadline = time.monotonic() + timeout
-        with self._cond:
+        with self._lock:
             self._check()  # a producer that stopped says why, even with nothing left to flush
             while (open_ := self._batcher.take_any()) is not None:
                 self._enqueue(*open_, deadline=deadline, timeout=timeout)
@@ -79,7 +81,7 @@ class Handoff:
     def take(self, now: float) -> list[Sent]:
         """Sealed batches, and the open ones that have lingered long enough if the window has
         room for them. Clear the wake-up before calling, so that no wake-up is lost."""
-        with self._cond:
+        with self._lock:
             while self._room > 0 and (due := self._batcher.take_due(now)) is not None:
                 self._room -= 1
                 self._unacked += 1
@@ -90,20 +92,20 @@ class Handoff:
 
     def linger_deadline(self, now: float) -> float | None:
         """When the oldest open batch is due, if the window has room for it."""
-        with self._cond:
+        with self._lock:
             if self._room <= 0:
                 return None  # an ack comes first, and that wakes the I/O thread anyway
             due = self._batcher.next_due(now)
             return None if due is None else now + due
 
     def acked(self, n: int) -> None:
-        with self._cond:
+        with self._lock:
             self._room += n
             self._unacked -= n
             self._cond.notify_all()
 
     def stop(self, why: ZfanError) -> None:
         """The I/O thread has ended: callers waiting, or calling later, get `why`."""
-        with self._cond:
+        with self._lock:
             self._stopped = why
             self._cond.notify_all()
