@@ -330,7 +330,7 @@ def build_ledger(path: str, done: int, open_: int, topics: int = 16) -> dict[str
         for i in range(done):
             bid = led.insert_batch(f"producer-{i % 4}", i // 4 + 1, "readings", 1000, b"\x90")
             assert bid is not None
-            led.lease(bid, 1)
+            led.lease([(bid, 1)])
             topic = f"sensor.{i % topics}"
             seqs[topic] = seqs.get(topic, 0) + 1
             last = led.store_results(bid, [(topic, seqs[topic], 1, result)])[-1].id
@@ -343,7 +343,7 @@ def build_ledger(path: str, done: int, open_: int, topics: int = 16) -> dict[str
             bid = led.insert_batch("producer-open", j + 1, "readings", 100, payload)
             assert bid is not None
             if j % 2:
-                led.lease(bid, 1)
+                led.lease([(bid, 1)])
         led.commit()
     finally:
         led.close()

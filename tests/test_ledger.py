@@ -103,13 +103,13 @@ def test_close_rolls_back_what_was_not_committed(tmp_path):
 def test_the_life_of_a_batch(ledger):
     bid = ledger.insert_batch("prod", 1, "in", 3, b"payload")
     assert ledger.pending() == [Pending(bid, "in", 3, 0)]
-    ledger.lease(bid, 1)
+    ledger.lease([(bid, 1)])
     ledger.commit()
     assert peek(ledger.path, "SELECT state, attempts FROM batches") == [(LEASED, 1)]
     ledger.release(bid, "boom")
     assert ledger.batch_info(bid) == ("in", 3, 1, "boom")
     assert ledger.pending() == [Pending(bid, "in", 3, 1)]
-    ledger.lease(bid, 2)
+    ledger.lease([(bid, 2)])
     stored = ledger.store_results(bid, [("out", 1, 2, b"r1"), ("other", 1, 1, b"r2")])
     ledger.commit()
     assert [(s.topic, s.seq, s.count, s.kind, s.payload) for s in stored] == [
@@ -125,7 +125,7 @@ def test_the_life_of_a_batch(ledger):
 
 def test_dead_letter_keeps_the_payload_and_the_error(ledger):
     bid = ledger.insert_batch("prod", 1, "in", 3, b"payload")
-    ledger.lease(bid, 1)
+    ledger.lease([(bid, 1)])
     stored = ledger.dead_letter(bid, "zfan.dead", 1, "ValueError: bad")
     ledger.commit()
     assert (stored.topic, stored.seq, stored.kind, stored.payload, stored.count) == ("zfan.dead", 1, 1, b"payload", 3)
@@ -137,7 +137,7 @@ def test_dead_letter_keeps_the_payload_and_the_error(ledger):
 def test_recover_puts_leased_batches_back_without_counting_the_interrupted_lease(ledger):
     a = ledger.insert_batch("prod", 1, "t", 1, b"a")
     b = ledger.insert_batch("prod", 2, "t", 1, b"b")
-    ledger.lease(a, 2)  # its second attempt, cut short by the sink's own death
+    ledger.lease([(a, 2)])  # its second attempt, cut short by the sink's own death
     ledger.commit()
     assert ledger.recover() == 1
     assert ledger.pending() == [Pending(a, "t", 1, 1), Pending(b, "t", 1, 0)]
@@ -263,7 +263,7 @@ def test_memory_ledger_works(tmp_path):
 def test_deduplication_outlives_the_results_retention(ledger):
     ids = [ledger.insert_batch("prod", seq, "t", 1, b"x") for seq in range(1, 11)]
     for seq, batch_id in enumerate(ids, 1):
-        ledger.lease(batch_id, 1)
+        ledger.lease([(batch_id, 1)])
         ledger.store_results(batch_id, [("t", seq, 1, b"r")])
     ledger.mark_published(10)
     ledger.commit()
@@ -280,7 +280,7 @@ def test_a_producer_ids_key_is_kept_as_long_as_its_batches(ledger):
     ledger.bind_key("old", "another key")  # the first key keeps the id
     for seq, producer in enumerate(["old"] * 3 + ["new"] * 3, 1):
         batch_id = ledger.insert_batch(producer, seq, "t", 1, b"x")
-        ledger.lease(batch_id, 1)
+        ledger.lease([(batch_id, 1)])
         ledger.store_results(batch_id, [("t", seq, 1, b"r")])
     ledger.commit()
     assert ledger.producer_keys() == {"old": "key-of-old", "new": "key-of-new"}

@@ -138,6 +138,7 @@ class Leasing:
         if not self._backlog or not self.workers:
             return
         workers = [w for w in self.workers.values() if self._fresh(w.rid, now)]
+        leased: list[tuple[int, int]] = []
         while workers and self._backlog:
             first = self._backlog.first()
             if first.suspect:
@@ -152,12 +153,14 @@ class Leasing:
                     break
             batch, payload = self._backlog.take()
             attempt = batch.attempts + 1
-            self._ledger.lease(batch.batch_id, attempt)
+            leased.append((batch.batch_id, attempt))
             worker.hold((batch.batch_id, attempt), batch.count)
             self.leases[batch.batch_id] = Lease(worker.rid, attempt, now + self._batch_timeout)
             self._counts["pending"] -= 1
             self._counts["leased"] += 1
             self._send(worker.rid, p.Lease(self._epoch, batch.batch_id, attempt, batch.topic, batch.count, payload))
+        if leased:
+            self._ledger.lease(leased)
 
     def can_lease(self, now: float) -> bool:
         """Whether batches wait that a worker could take now (they went back after the turn's leasing)."""

@@ -93,6 +93,9 @@ class Ledger:
     def __init__(self, path: str = "zfan.db", *, fsync: str = "normal") -> None:
         self.path = path
         self._db = _open(path)
+        # Batches whose results are stored this transaction: marked done in one statement at
+        # the commit, which writes them with the results or not at all.
+        self._done: list[tuple[int, int]] = []
         try:
             app_id = self._db.execute("PRAGMA application_id").fetchone()[0]
             if app_id != APPLICATION_ID:
@@ -122,20 +125,26 @@ class Ledger:
             raise _failed(self.path, "read", exc) from None
 
     def _write(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        return self._write_many(sql, [args], one=True)
+
+    def _write_many(self, sql: str, rows: list[tuple[Any, ...]], *, one: bool = False) -> sqlite3.Cursor:
         try:
             # The connection's own state, not a flag of ours: SQLite rolls the whole transaction
             # back by itself on some errors (a full disk), and a flag would go on believing it open.
             if not self._db.in_transaction:
                 self._db.execute("BEGIN")
-            return self._db.execute(sql, args)
+            return self._db.execute(sql, rows[0]) if one else self._db.executemany(sql, rows)
         except sqlite3.Error as exc:
             raise _failed(self.path, "write", exc) from None
 
     @property
     def uncommitted(self) -> bool:
-        return self._db.in_transaction
+        return self._db.in_transaction or bool(self._done)
 
     def commit(self) -> None:
+        if self._done:
+            done, self._done = self._done, []
+            self._write_many("UPDATE batches SET state=?, payload=NULL, error=NULL WHERE id=?", done)
         if self._db.in_transaction:
             try:
                 self._db.execute("COMMIT")
@@ -145,6 +154,7 @@ class Ledger:
     def close(self) -> None:
         """Roll back what is not committed, and close. Raises nothing: it also runs on the way
         out of a failure (a commit that found the disk full), and must not hide it."""
+        self._done.clear()
         try:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
@@ -219,10 +229,13 @@ class Ledger:
             raise LedgerError(f"ledger {self.path}: batch {batch_id} has no payload")
         return bytes(rows[0][0])
 
-    def lease(self, batch_id: int, attempt: int) -> None:
+    def lease(self, leases: list[tuple[int, int]]) -> None:
+        """Mark batches leased: (batch_id, attempt) each, in one statement for a whole turn."""
         # Only fixed-size fields change, so SQLite rewrites the row in place and leaves the
         # payload's overflow pages alone (a worker's name here cost a copy of every payload).
-        self._write("UPDATE batches SET state=?, attempts=? WHERE id=?", (LEASED, attempt, batch_id))
+        self._write_many(
+            "UPDATE batches SET state=?, attempts=? WHERE id=?", [(LEASED, attempt, bid) for bid, attempt in leases]
+        )
 
     def release(self, batch_id: int, error: str | None = None, *, attempts: int | None = None) -> None:
         """Back to pending, keeping the attempt count unless given (and the last error, if any)."""
@@ -241,7 +254,7 @@ class Ledger:
             ).lastrowid
             assert rid is not None
             stored.append(Stored(rid, batch_id, topic, seq, count, 0, payload))
-        self._write("UPDATE batches SET state=?, payload=NULL, error=NULL WHERE id=?", (DONE, batch_id))
+        self._done.append((DONE, batch_id))
         return stored
 
     def dead_letter(self, batch_id: int, topic: str, seq: int, error: str) -> Stored:
