@@ -161,9 +161,23 @@ def _message(mtype: str) -> Callable[[M], M]:
             cls._per_topic = (header.index("topics"), header.index("counts"))
         if mtype != STATUS or cls.FIELDS == ():  # the status reply shares its type with the request
             MESSAGES[mtype] = cls
+        _set_slots_directly(cls)
         return cls
 
     return register
+
+
+def _set_slots_directly(cls: type[Message]) -> None:
+    """Give a message class an __init__ that fills its slots through their descriptors. A frozen
+    dataclass's own __init__ goes through object.__setattr__ for each field, which costs more
+    than the rest of decoding a message; the instances stay frozen all the same."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    setters = {f"_set_{name}": getattr(cls, name).__set__ for name in names}
+    body = "".join(f"\n    _set_{name}(self, {name})" for name in names) or "\n    pass"
+    code: dict[str, Any] = {}
+    exec(f"def __init__(self, {', '.join(names)}):{body}", setters, code)
+    code["__init__"].__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = code["__init__"]  # type: ignore[method-assign]
 
 
 # intake: producer PUSH -> sink PULL
