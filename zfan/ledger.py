@@ -65,7 +65,7 @@ CREATE TABLE IF NOT EXISTS cursors (
 """
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pending:
     batch_id: int
     topic: str
@@ -76,7 +76,7 @@ class Pending:
     suspect: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Stored:
     """A result row as the sink publishes it."""
 
