@@ -32,6 +32,7 @@ class Batcher:
         self.linger = linger
         self.max_bytes = max_bytes  # a batch is sealed before its payload would outgrow this
         self._open: dict[str, _Open] = {}
+        self.empty = True  # no batch is open (kept as the open batches come and go: read per record)
 
     def room(self, topic: str) -> int:
         """Records the open batch of `topic` takes before it is sealed."""
@@ -49,11 +50,13 @@ class Batcher:
             entry = None
         if entry is None:
             entry = self._open[topic] = _Open(now)
+            self.empty = False
         entry.pieces.append(packed)
         entry.count += count
         entry.size += len(packed)
         if entry.count >= self.batch_size:
             del self._open[topic]
+            self.empty = not self._open
             sealed.append(Batch(entry.count, entry.pieces))
         return sealed
 
@@ -65,6 +68,7 @@ class Batcher:
         if now - entry.born < self.linger:
             return None
         del self._open[topic]
+        self.empty = not self._open
         return topic, Batch(entry.count, entry.pieces)
 
     def take_any(self) -> tuple[str, Batch] | None:
@@ -73,6 +77,7 @@ class Batcher:
             return None
         topic = next(iter(self._open))
         entry = self._open.pop(topic)
+        self.empty = not self._open
         return topic, Batch(entry.count, entry.pieces)
 
     def next_due(self, now: float) -> float | None:
@@ -84,6 +89,4 @@ class Batcher:
     def __len__(self) -> int:
         return sum(e.count for e in self._open.values())
 
-    @property
-    def empty(self) -> bool:
-        return not self._open
+

@@ -36,12 +36,16 @@ class Handoff:
     def add(self, topic: str, packed: bytes, count: int) -> None:
         """Add packed records to their topic's open batch; blocks while a batch they seal waits
         for room in the window."""
+        # The path of every record: kept short.
         with self._lock:
-            self._check()
+            if self._stopped is not None:
+                raise self._stopped
             opened = self._batcher.empty  # a first open batch: the I/O thread must time its linger
-            for batch in self._batcher.add(topic, packed, time.monotonic(), count):
-                self._enqueue(topic, batch)
-            if opened and not self._queue:  # (with a queue, a wake-up is on its way already)
+            sealed = self._batcher.add(topic, packed, time.monotonic(), count)
+            if sealed:
+                for batch in sealed:
+                    self._enqueue(topic, batch)
+            elif opened and not self._queue:  # (with a queue, a wake-up is on its way already)
                 self._wakeup.set()
 
     def flush(self, timeout: float) -> None:

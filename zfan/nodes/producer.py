@@ -74,7 +74,8 @@ class Producer(Service):
     def send(self, record: Any, topic: str | None = None) -> None:
         """Queue one record. Blocks while the window of unacknowledged batches is full."""
         topic = self._topic(topic)
-        self._queue(topic, self._pack(record), 1)
+        self._handoff.add(topic, self._pack(record), 1)
+        self.sent_records += 1
 
     def send_many(self, records: Iterable[Any], topic: str | None = None) -> None:
         """Queue records, as send() would one by one, for a fraction of the cost per record:
