@@ -88,5 +88,3 @@ class Batcher:
 
     def __len__(self) -> int:
         return sum(e.count for e in self._open.values())
-
-

@@ -16,6 +16,7 @@ from .liveness import Beat, LastHeard, Tracker
 # intervals after the worker's last message: proof that the sink's own link still worked when
 # the worker missed its beat (see Peers.silence_was_theirs).
 WITNESS_AFTER = 1.25
+FRESH_BEATS = 1.5  # heartbeat intervals within which a worker was heard, for it to be given a lease
 
 
 class Peers:
@@ -118,9 +119,10 @@ class Peers:
         return other < last - self._timing.expiry
 
     def fresh(self, rid: bytes, now: float) -> bool:
-        """Heard from within a heartbeat interval: a silent worker, perhaps cut off with the
-        sink's own link, is given nothing new to lose."""
-        return rid in self._tracker and self._tracker.idle(rid, now) <= self._timing.heartbeat
+        """Heard from within FRESH_BEATS heartbeat intervals: a worker that missed a beat, perhaps
+        cut off with the sink's own link, is given nothing new to lose. (One interval would be
+        too tight: a worker that beats on time is heard just about one interval apart.)"""
+        return rid in self._tracker and self._tracker.idle(rid, now) <= FRESH_BEATS * self._timing.heartbeat
 
     def idle_ms(self, rid: bytes, now: float) -> int | None:
         return round(self._tracker.idle(rid, now) * 1000) if rid in self._tracker else None

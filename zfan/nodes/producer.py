@@ -166,6 +166,7 @@ class Producer(Service):
         ctl: Sock | None = None
         push: Sock | None = None
         watches: list[HandshakeWatch] = []
+        ready: dict[Any, int] = {}
         try:
             self._ready.set()
             while not self._stopping.is_set():
@@ -181,8 +182,8 @@ class Producer(Service):
                 elif isinstance(event, Dial):
                     ctl, push = self._open(ctl, push, watches)
                 assert (ctl is None) == (push is None)
-                blocked = ctl is not None and push is not None and self._turn(core, ctl, push, watches, now)
-                self._wait(core, ctl, push, watches, blocked)
+                blocked = ctl is not None and push is not None and self._turn(core, ctl, push, ready, now)
+                ready = self._wait(core, ctl, push, watches, blocked)
             if ctl is not None:
                 core.session.close()
                 self._send(ctl, core.session.take())
@@ -192,12 +193,13 @@ class Producer(Service):
     def _ended(self) -> None:
         self._handoff.stop(self._stopped_error())
 
-    def _turn(self, core: ProducerCore, ctl: Sock, push: Sock, watches: list[HandshakeWatch], now: float) -> bool:
+    def _turn(self, core: ProducerCore, ctl: Sock, push: Sock, ready: dict[Any, int], now: float) -> bool:
         """Take what arrived and what callers sealed, push what is due; True if intake is full."""
-        self._wakeup.clear()
+        if self._wakeup.fileno() in ready:
+            self._wakeup.clear()
         for sent in self._handoff.take(now):
             core.add(sent)
-        for frames in drain(ctl):
+        for frames in drain(ctl) if ctl in ready else ():
             event, acked = core.received(frames, now)
             if acked:
                 self._acked_records = core.window.acked_records
@@ -217,8 +219,8 @@ class Producer(Service):
 
     def _wait(
         self, core: ProducerCore, ctl: Sock | None, push: Sock | None, watches: list[HandshakeWatch], blocked: bool
-    ) -> None:
-        """Poll until something arrives, a caller wakes us, or the cores' next deadline."""
+    ) -> dict[Any, int]:
+        """Poll until something arrives, a caller wakes us, or the cores' next deadline; what is ready."""
         now = time.monotonic()
         due = core.session.next_deadline() if blocked else core.next_deadline()
         linger = self._handoff.linger_deadline(now)
@@ -233,6 +235,7 @@ class Producer(Service):
         ready = self._poll(watched, due - now)
         if any(watch.monitor in ready for watch in watches):
             check_handshakes(*watches)
+        return ready
 
     def _send(self, ctl: Sock, messages: list[p.Message]) -> None:
         for msg in messages:

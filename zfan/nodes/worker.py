@@ -139,6 +139,7 @@ class Worker(Service):
         worker_thread.start()
         sock: Sock | None = None
         watch: HandshakeWatch | None = None
+        ready: dict[Any, int] = {}
         try:
             self._ready.set()
             while not self._stopping.is_set():
@@ -154,8 +155,8 @@ class Worker(Service):
                     self._close(sock, watch)
                     sock, watch = self._open()
                 if sock is not None:
-                    self._turn(core, sock, watch, now)
-                self._wait(core, sock, watch)
+                    self._turn(core, sock, ready, now)
+                ready = self._wait(core, sock, watch)
             if sock is not None:
                 core.session.close()  # bye lets the sink replay our batches at once
                 self._send(sock, core.session.take())
@@ -164,13 +165,14 @@ class Worker(Service):
             self._jobs.put(None)
             self._close(sock, watch)
 
-    def _turn(self, core: WorkerCore, sock: Sock, watch: HandshakeWatch | None, now: float) -> None:
-        self._wakeup.clear()
+    def _turn(self, core: WorkerCore, sock: Sock, ready: dict[Any, int], now: float) -> None:
+        if self._wakeup.fileno() in ready:
+            self._wakeup.clear()
         while self._done:
             lease, answer = self._done.popleft()
             if core.finished(lease):
                 sock.send_multipart(answer)
-        for frames in drain(sock):
+        for frames in drain(sock) if sock in ready else ():
             event, job = core.received(frames, now)
             if isinstance(event, Lost) or (isinstance(event, Joined) and event.new_epoch):
                 self._drop_jobs()
@@ -178,7 +180,8 @@ class Worker(Service):
                 self._jobs.put(job)
         self._send(sock, core.session.take())
 
-    def _wait(self, core: WorkerCore, sock: Sock | None, watch: HandshakeWatch | None) -> None:
+    def _wait(self, core: WorkerCore, sock: Sock | None, watch: HandshakeWatch | None) -> dict[Any, int]:
+        """Poll until the sink sends, the function finishes a batch, or the core's next deadline."""
         watched: list[tuple[Sock | int, int]] = [(self._wakeup.fileno(), zmq.POLLIN)]
         if sock is not None:
             watched.append((sock, zmq.POLLIN))
@@ -187,6 +190,7 @@ class Worker(Service):
         ready = self._poll(watched, core.next_deadline() - time.monotonic())
         if watch is not None and watch.monitor in ready:
             watch.check()
+        return ready
 
     def _send(self, sock: Sock, messages: list[p.Message]) -> None:
         for msg in messages:
