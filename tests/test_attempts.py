@@ -106,10 +106,10 @@ def test_a_lone_worker_that_dies_costs_its_batch_an_attempt(ledger, clock):
     assert lease.attempt == 2
 
 
-def test_a_worker_not_heard_within_a_heartbeat_gets_no_lease(ledger, clock):
+def test_a_worker_that_missed_a_beat_gets_no_lease(ledger, clock):
     core = make_core(ledger, clock)
     hello_worker(core, b"w1", 4)
-    clock.advance(HEARTBEAT * 1.5)
+    clock.advance(HEARTBEAT * 1.5 + 0.01)  # its next beat is late: perhaps it is cut off
     core.intake(batch("prod", 1))
     core.tick()
     assert Turn(core).leases == []
@@ -117,6 +117,17 @@ def test_a_worker_not_heard_within_a_heartbeat_gets_no_lease(ledger, clock):
     heartbeat(core, b"w1")
     (lease,) = Turn(core).leases
     assert lease.rid == b"w1" and lease.attempt == 1
+
+
+def test_a_worker_that_beats_on_time_gets_leases_between_its_beats(ledger, clock):
+    """Heard a little more than one interval apart, as a worker on schedule is, it stays fresh:
+    a batch that comes between two beats goes at once, not at the next beat."""
+    core = make_core(ledger, clock)
+    hello_worker(core, b"w1", 4)
+    clock.advance(HEARTBEAT * 1.2)
+    core.intake(batch("prod", 1))
+    (lease,) = Turn(core).leases
+    assert lease.rid == b"w1"
 
 
 def test_a_worker_dying_with_several_batches_charges_only_the_one_that_kills_again_alone(ledger, clock):
