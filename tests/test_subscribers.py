@@ -137,6 +137,18 @@ def test_a_slow_subscriber_catches_up_with_every_result_once_in_order(tmp_path, 
     assert sub.lost == 0 and sub.gaps == 0
 
 
+def test_a_caller_busy_for_longer_than_the_expiry_keeps_its_session(sink, ctx, caplog):
+    """What the sink sent while the caller was away counts before its silence does: coming
+    back, the subscriber does not take a sink that kept beating for a lost one."""
+    with Subscriber(results=sink.results, control=sink.control, context=ctx) as sub:
+        assert sub.wait_ready(5)
+        time.sleep(3 * sink.settings.timing.expiry)  # the point of this test: a caller busy elsewhere
+        with caplog.at_level("WARNING", logger="zfan"):
+            assert sub.recv(0.3) is None
+        assert [r.getMessage() for r in caplog.records if "connecting again" in r.getMessage()] == []
+        assert sub._core.session is not None and sub._core.session.dials == 1
+
+
 # --- 2. late subscribers -----------------------------------------------------------------------------
 
 

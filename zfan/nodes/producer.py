@@ -171,6 +171,8 @@ class Producer(Service):
             self._ready.set()
             while not self._stopping.is_set():
                 now = time.monotonic()
+                if ctl is not None:
+                    self._take(core, ctl, ready, now)  # first: a sink heard from is not a sink lost
                 event = core.tick(now)
                 if isinstance(event, Lost):
                     check_handshakes(*watches)  # a refused handshake, not silence, may be why
@@ -182,7 +184,7 @@ class Producer(Service):
                 elif isinstance(event, Dial):
                     ctl, push = self._open(ctl, push, watches)
                 assert (ctl is None) == (push is None)
-                blocked = ctl is not None and push is not None and self._turn(core, ctl, push, ready, now)
+                blocked = ctl is not None and push is not None and self._give(core, ctl, push, now)
                 ready = self._wait(core, ctl, push, watches, blocked)
             if ctl is not None:
                 core.session.close()
@@ -193,8 +195,8 @@ class Producer(Service):
     def _ended(self) -> None:
         self._handoff.stop(self._stopped_error())
 
-    def _turn(self, core: ProducerCore, ctl: Sock, push: Sock, ready: dict[Any, int], now: float) -> bool:
-        """Take what arrived and what callers sealed, push what is due; True if intake is full."""
+    def _take(self, core: ProducerCore, ctl: Sock, ready: dict[Any, int], now: float) -> None:
+        """Take what callers sealed and what the sink sent."""
         if self._wakeup.fileno() in ready:
             self._wakeup.clear()
         for sent in self._handoff.take(now):
@@ -208,6 +210,9 @@ class Producer(Service):
                 self.connected.set()
             elif isinstance(event, Lost):
                 self.connected.clear()
+
+    def _give(self, core: ProducerCore, ctl: Sock, push: Sock, now: float) -> bool:
+        """Send what the session says, push what is due; True if intake is full."""
         self._send(ctl, core.session.take())
         for sent in core.due(now):
             try:

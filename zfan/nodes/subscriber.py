@@ -182,6 +182,8 @@ class Subscriber:
     def _turn(self, wait: float) -> None:
         """Poll for at most `wait` seconds (less if the core has something due), then take what came."""
         core = self._core
+        # What the sink sent while the caller was away, first: a sink heard from is not a sink lost.
+        self._from_control(time.monotonic())
         self._tick()
         watched: list[tuple[Sock | int, int]] = [(self._sub, zmq.POLLIN)]
         if self._ctl is not None:
@@ -198,10 +200,15 @@ class Subscriber:
             for frames in drain(self._sub):
                 self._from_stream(frames, now)
         if self._ctl is not None and self._ctl in ready:
-            for frames in drain(self._ctl):
-                if isinstance(core.control(frames, now), Lost):
-                    log.info("sink %s reset our session; saying hello again", self.settings.control)
+            self._from_control(now)
         self._tick()
+
+    def _from_control(self, now: float) -> None:
+        if self._ctl is None:
+            return
+        for frames in drain(self._ctl):
+            if isinstance(self._core.control(frames, now), Lost):
+                log.info("sink %s reset our session; saying hello again", self.settings.control)
 
     def _tick(self) -> None:
         event = self._core.tick(time.monotonic())

@@ -144,6 +144,8 @@ class Worker(Service):
             self._ready.set()
             while not self._stopping.is_set():
                 now = time.monotonic()
+                if sock is not None:
+                    self._take(core, sock, ready, now)  # first: a sink heard from is not a sink lost
                 event = core.tick(now)
                 if isinstance(event, Lost):
                     if watch is not None:
@@ -155,7 +157,7 @@ class Worker(Service):
                     self._close(sock, watch)
                     sock, watch = self._open()
                 if sock is not None:
-                    self._turn(core, sock, ready, now)
+                    self._send(sock, core.session.take())
                 ready = self._wait(core, sock, watch)
             if sock is not None:
                 core.session.close()  # bye lets the sink replay our batches at once
@@ -165,7 +167,8 @@ class Worker(Service):
             self._jobs.put(None)
             self._close(sock, watch)
 
-    def _turn(self, core: WorkerCore, sock: Sock, ready: dict[Any, int], now: float) -> None:
+    def _take(self, core: WorkerCore, sock: Sock, ready: dict[Any, int], now: float) -> None:
+        """Answer what the function finished, and take what the sink sent."""
         if self._wakeup.fileno() in ready:
             self._wakeup.clear()
         while self._done:
@@ -178,7 +181,6 @@ class Worker(Service):
                 self._drop_jobs()
             if job is not None:
                 self._jobs.put(job)
-        self._send(sock, core.session.take())
 
     def _wait(self, core: WorkerCore, sock: Sock | None, watch: HandshakeWatch | None) -> dict[Any, int]:
         """Poll until the sink sends, the function finishes a batch, or the core's next deadline."""
