@@ -153,6 +153,26 @@ def test_backoff_doubles_up_to_the_cap_and_starts_over_after_a_welcome():
     assert 0.25 <= wait <= 0.5
 
 
+def test_a_tick_that_comes_late_gives_the_sink_a_beat_to_answer_before_it_is_lost():
+    """Woken long after it asked (a busy process, a caller elsewhere), a session was not
+    listening: it beats at once, and gives up the sink only if that meets silence."""
+    s = joined(100.0)  # expiry 0.125 x 4 = 0.5 s
+    event, out = act(s, 103.0)
+    assert event is None and out == [p.Heartbeat(3)]
+    assert s.joined
+    assert act(s, 103.125)[0] is None  # just a beat later: the sink may still answer
+    assert s.received(p.Reset("unknown peer: send hello"), 103.13) == Lost(
+        "the sink reset the session (unknown peer: send hello)", redial=False
+    )
+    assert s.take() == [HELLO]  # it forgot us while we were away: hello again, same connection
+
+
+def test_a_late_tick_that_meets_silence_still_loses_the_sink():
+    s = joined(100.0)
+    act(s, 103.0)
+    assert lose(s) == pytest.approx(103.126)  # a beat's grace, then the expiry holds again
+
+
 def test_the_own_timing_holds_again_after_a_loss():
     s = joined(100.0)  # the sink said 0.5 s
     lost_at = lose(s)

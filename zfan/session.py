@@ -88,6 +88,7 @@ class Session:
         self._heard = now
         self._next_beat = now
         self._dial_at = now
+        self._wake_at = now  # when tick() asked to run next: silence counts only while we listen
 
     @property
     def joined(self) -> bool:
@@ -114,6 +115,11 @@ class Session:
 
     def tick(self, now: float) -> Event | None:
         """What the passing of time did: a dial due, a heartbeat due, or the sink silent too long."""
+        event = self._tick(now)
+        self._wake_at = self.next_deadline()
+        return event
+
+    def _tick(self, now: float) -> Event | None:
         if self.state is State.CLOSED:
             return None
         if self.state is State.IDLE:
@@ -121,10 +127,16 @@ class Session:
                 return None
             self.state = State.HELLO
             self.dials += 1
-            self._heard = self._next_beat = now
+            self._heard = now
             self.outbox.append(self.hello)
             self._next_beat = now + self._beat
             return Dial()
+        if now - self._wake_at > self._expiry / 2:
+            # Woken this late, we were not listening (a busy process, a caller elsewhere), and
+            # the sink may have forgotten us meanwhile: that proves nothing about it. Beat now
+            # and give it a heartbeat's time to answer (with a reset, if it forgot us).
+            self._heard = max(self._heard, now - self._expiry + self._beat)
+            self._next_beat = now
         silent = now - self._heard
         if silent > self._expiry:
             self.state = State.IDLE
