@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -290,7 +291,10 @@ def test_status_without_a_sink(ipc):
 
 def test_produce_without_a_sink_says_how_many_are_unacked(ipc):
     res = run_cli("produce", "--count", "2500", "--timeout", "1", *endpoint_args(ipc, "intake", "control"))
-    one_line_error(res, 6, "3 batch(es) not acknowledged by the sink after 1 s")
+    one_line_error(res, 6, " batch(es) not acknowledged by the sink after 1 s")
+    # 2500 records in batches of at most 1000; a batch that lingers goes out smaller, so more.
+    unacked = re.search(r"(\d+) batch\(es\) not acknowledged", res.stderr)
+    assert unacked is not None and 3 <= int(unacked.group(1)) <= 2500, res.stderr
 
 
 def test_bad_flag_is_a_usage_error():
