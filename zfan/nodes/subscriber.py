@@ -208,7 +208,8 @@ class Subscriber:
             return
         for frames in drain(self._ctl):
             if isinstance(self._core.control(frames, now), Lost):
-                log.info("sink %s reset our session; saying hello again", self.settings.control)
+                # Expected after the caller was busy for longer than the expiry: no news for a person.
+                log.debug("sink %s reset our session; saying hello again", self.settings.control)
 
     def _tick(self) -> None:
         event = self._core.tick(time.monotonic())
