@@ -11,7 +11,7 @@ import pytest
 
 from zfan import protocol as p
 from zfan.config import Timing
-from zfan.delivery import ProducerCore, Sent
+from zfan.delivery import BatchOutcome, Outcomes, ProducerCore, Sent
 from zfan.session import Dial, Joined, Lost
 
 pytestmark = pytest.mark.timeout(30)
@@ -162,3 +162,71 @@ def test_a_malformed_message_is_counted_not_raised():
     assert core.ignored == 4
     assert len(core.window) == 3 and core.session.joined
     assert push(core, 100.0 + RESEND) == [1, 2, 3]
+
+
+# --- outcomes -------------------------------------------------------------------------------
+
+
+def outcome(core: ProducerCore, now: float = 100.0, *, done=(), dead=(), unknown=()) -> int:
+    msg = p.Outcome(list(done), [seq for seq, _ in dead], [error for _, error in dead], list(unknown))
+    event, n = core.received(p.encode(msg), now)
+    assert event is None
+    return n
+
+
+def test_a_welcome_asks_the_sink_for_outcomes():
+    core = producer(100.0)
+    core.add(batch(1))
+    core.tick(100.0)
+    core.session.take()
+    welcome(core, 100.0)
+    assert core.session.take() == [p.Watch([])]  # nothing acknowledged waits on an outcome yet
+
+
+def test_each_outcome_is_taken_once_with_its_batch_topic_and_records():
+    core = joined(seqs=range(0))
+    core.add(Sent(1, 5, [b"b1"], topic="orders"))
+    core.add(Sent(2, 3, [b"b2"], topic="orders"))
+    push(core, 100.0)
+    assert ack(core, 1, 2) == 2 and core.waiting == 2
+    assert outcome(core, done=[1], dead=[(2, "KeyError: 'value'")]) == 0  # acked already
+    assert core.take_ended() == [
+        BatchOutcome(1, "orders", 5, "done"),
+        BatchOutcome(2, "orders", 3, "dead", "KeyError: 'value'"),
+    ]
+    outcome(core, done=[1])  # told again (a resend's ack): not counted twice
+    assert core.take_ended() == [] and core.waiting == 0
+
+
+def test_an_outcome_acknowledges_a_batch_whose_ack_was_lost():
+    core = joined(seqs=range(1, 3))
+    push(core, 100.0)
+    assert outcome(core, done=[1]) == 1  # a batch that ended is stored
+    assert push(core, 101.0) == [2]  # 1 is not resent
+    assert [o.seq for o in core.take_ended()] == [1]
+
+
+def test_a_new_session_asks_about_the_acknowledged_batches_still_waiting():
+    core = joined(seqs=range(1, 5))
+    push(core, 100.0)
+    ack(core, 1, 2, 3)
+    outcome(core, done=[1])
+    assert [o.seq for o in core.take_ended()] == [1]
+    event, _ = core.received(p.encode(p.Reset("unknown peer: send hello")), 100.5)
+    assert isinstance(event, Lost)
+    core.session.take()
+    welcome(core, 100.6)
+    # 4 is unacknowledged: it goes again, and its ack (or outcome) comes as for any batch.
+    assert core.session.take() == [p.Watch([2, 3])]
+    outcome(core, 100.7, dead=[(2, "ValueError: x")], unknown=[3])
+    assert [(o.seq, o.state, o.ok) for o in core.take_ended()] == [(2, "dead", False), (3, "unknown", False)]
+
+
+def test_outcomes_counts_batches_and_records_and_keeps_the_first_failures():
+    tally = Outcomes()
+    tally.add(BatchOutcome(1, "t", 10, "done"))
+    tally.add(BatchOutcome(2, "t", 4, "dead", "KeyError: 'value'"))
+    tally.add(BatchOutcome(3, "t", 6, "unknown"))
+    assert (tally.done_batches, tally.done_records, tally.dead_records, tally.unknown_records) == (1, 10, 4, 6)
+    assert not tally.ok and tally.first_error == "KeyError: 'value'"
+    assert [o.seq for o in tally.failures] == [2, 3]

@@ -136,3 +136,39 @@ def test_malformed_messages_are_counted_and_change_nothing():
     assert core.ignored == 4 and core.fenced == 0
     assert core.session.joined
     assert core.finished(job) is True
+
+
+# --- draining -------------------------------------------------------------------------------
+
+
+def test_a_draining_worker_finishes_every_lease_the_sink_sent_before_its_echo():
+    core = joined()
+    job = offer(core, lease(1))
+    core.drain()
+    assert core.session.take() == [p.Drain()]
+    late = offer(core, lease(2))  # sent before the sink read our drain: ours all the same
+    assert late is not None
+    assert core.finished(job) and not core.drained
+    offer(core, p.Drain())  # the echo: nothing more is on its way
+    assert not core.drained  # lease 2 is still running
+    assert core.finished(late) and core.drained
+
+
+def test_a_worker_with_no_session_is_drained_at_once():
+    core = worker()
+    core.drain()
+    assert core.drained and core.session.take() == []
+
+
+def test_a_worker_draining_across_a_new_session_asks_again():
+    core = joined()
+    offer(core, lease(1))
+    core.drain()
+    core.session.take()
+    event, _ = core.received(p.encode(p.Reset("unknown peer: send hello")), 100.1)
+    assert isinstance(event, Lost) and core.drained  # the sink replays what we held
+    core.session.take()
+    core.received(p.encode(p.Welcome(EPOCH, 250, 3)), 100.2)
+    assert core.session.take() == [p.Drain()] and not core.drained
+    offer(core, p.Drain(), 100.3)
+    assert core.drained

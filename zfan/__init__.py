@@ -1,6 +1,7 @@
 """zfan: brokerless fan-in / fan-out over ZeroMQ, with a SQLite ledger so nothing is lost."""
 
 from .config import Curve, ProducerSettings, SinkSettings, SubscriberSettings, Timing, WorkerSettings
+from .delivery import BatchOutcome, Outcomes
 from .errors import (
     AppError,
     AuthError,
@@ -9,6 +10,7 @@ from .errors import (
     ConfigError,
     DeliveryTimeout,
     LedgerError,
+    OutcomeTimeout,
     ProtocolError,
     SerializationError,
     ZfanError,
@@ -30,6 +32,8 @@ __all__ = [
     "Worker",
     "Subscriber",
     "Message",
+    "BatchOutcome",
+    "Outcomes",
     "query_status",
     # settings
     "SinkSettings",
@@ -48,6 +52,7 @@ __all__ = [
     "ProtocolError",
     "SerializationError",
     "DeliveryTimeout",
+    "OutcomeTimeout",
     "Closed",
     "RetentionGap",
 ]

@@ -148,8 +148,12 @@ class SinkSettings:
     retain_age: float | None = None
     curve: Curve | None = None
     limits: Limits = field(default_factory=Limits)
+    # Seconds a stopping sink waits for the batches leased to come back before it closes.
+    drain_timeout: float = 30.0
 
     def __post_init__(self) -> None:
+        if not self.drain_timeout >= 0:
+            raise ConfigError(f"drain_timeout must be at least 0, not {self.drain_timeout}")
         for name in ("intake", "control", "results"):
             check_endpoint(getattr(self, name), what=f"{name} endpoint")
         if self.fsync not in ("normal", "full"):
@@ -172,10 +176,14 @@ class WorkerSettings:
     timing: Timing = field(default_factory=Timing)
     curve: Curve | None = None
     limits: Limits = field(default_factory=Limits)
+    # Seconds a stopping worker takes to finish the batches it holds before it hands them back.
+    drain_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         check_endpoint(self.control, what="control endpoint")
         _positive("credit", self.credit, integer=True)
+        if not self.drain_timeout >= 0:
+            raise ConfigError(f"drain_timeout must be at least 0, not {self.drain_timeout}")
         if self.credit > 1000:
             raise ConfigError(f"credit must be at most 1000, not {self.credit}")
         check_name("worker name", self.name)
@@ -258,6 +266,7 @@ class SinkOptions(TypedDict, total=False):
     retain_age: float | None
     curve: Curve | None
     limits: Limits
+    drain_timeout: float
 
 
 class WorkerOptions(TypedDict, total=False):
@@ -267,6 +276,7 @@ class WorkerOptions(TypedDict, total=False):
     timing: Timing
     curve: Curve | None
     limits: Limits
+    drain_timeout: float
 
 
 class ProducerOptions(TypedDict, total=False):

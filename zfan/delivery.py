@@ -1,17 +1,20 @@
-"""The producer's core, with no sockets: its session with the sink, and the window of batches
+"""The producer's core, with no sockets: its session with the sink, the window of batches
 sent but not yet acknowledged, each pushed again until the sink's ack (after its ledger
-commit) says it is safe.
+commit) says it is safe, and the batches acknowledged whose outcome (processed, or
+dead-lettered) is still to come.
 
 Sealed batches come in with ``add()``; ``received()`` takes what the sink sent on control,
-``tick()`` the passing of time; ``due()`` says which batches to push on intake now, and the
-session's outbox what to send on control.
+``tick()`` the passing of time; ``due()`` says which batches to push on intake now, the
+session's outbox what to send on control, and ``take_ended()`` which batches ended.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from . import protocol as p
 from .config import Timing
@@ -20,7 +23,9 @@ from .session import SESSION_TYPES, Event, Joined, Session
 
 log = logging.getLogger(__name__)
 
-CONTROL_TYPES: frozenset[type[p.Message]] = SESSION_TYPES | {p.Ack}
+CONTROL_TYPES: frozenset[type[p.Message]] = SESSION_TYPES | {p.Ack, p.Outcome}
+OutcomeState = Literal["done", "dead", "unknown"]
+FAILURES_KEPT = 100  # dead-lettered batches an Outcomes keeps in full (all are counted)
 
 
 @dataclass
@@ -29,6 +34,63 @@ class Sent:
     count: int
     frames: list[bytes]
     sent_at: float | None = None  # None until sent (and when it is to be sent again at once)
+    topic: str = ""
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What became of one batch: `done` (its results are stored and published), `dead`
+    (dead-lettered after its attempts; `error` is the last line of the last one), or `unknown`
+    (the sink no longer remembers it: asked about long after, past its retention)."""
+
+    seq: int
+    topic: str
+    records: int
+    state: OutcomeState
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "done"
+
+
+@dataclass
+class Outcomes:
+    """What became of a producer's batches, counted in batches and records."""
+
+    done_batches: int = 0
+    done_records: int = 0
+    dead_batches: int = 0
+    dead_records: int = 0
+    unknown_batches: int = 0
+    unknown_records: int = 0
+    failures: list[BatchOutcome] = field(default_factory=list)  # the first FAILURES_KEPT dead ones
+
+    @property
+    def ok(self) -> bool:
+        """Every batch processed: none dead-lettered or unknown."""
+        return not (self.dead_batches or self.unknown_batches)
+
+    @property
+    def first_error(self) -> str | None:
+        return self.failures[0].error if self.failures else None
+
+    def add(self, outcome: BatchOutcome) -> None:
+        if outcome.state == "done":
+            self.done_batches += 1
+            self.done_records += outcome.records
+            return
+        if outcome.state == "dead":
+            self.dead_batches += 1
+            self.dead_records += outcome.records
+        else:
+            self.unknown_batches += 1
+            self.unknown_records += outcome.records
+        if len(self.failures) < FAILURES_KEPT:
+            self.failures.append(outcome)
+
+    def copy(self) -> Outcomes:
+        return dataclasses.replace(self, failures=list(self.failures))
 
 
 class Window:
@@ -66,22 +128,44 @@ class Window:
     def all(self) -> list[Sent]:
         return list(self._unacked.values())
 
+    def __contains__(self, seq: int) -> bool:
+        return seq in self._unacked
+
     def __len__(self) -> int:
         return len(self._unacked)
 
 
 class ProducerCore:
     def __init__(
-        self, producer_id: str, timing: Timing, now: float, *, resend_after: float, rng: random.Random | None = None
+        self,
+        producer_id: str,
+        timing: Timing,
+        now: float,
+        *,
+        resend_after: float,
+        rng: random.Random | None = None,
     ) -> None:
         self.session = Session("producer", producer_id, timing, now, rng=rng)
         self.window = Window()
         self.resend_after = resend_after
         self.ignored = 0  # messages from the sink that could not be decoded
+        self._waiting: dict[int, tuple[str, int]] = {}  # seq -> (topic, records): no outcome yet
+        self._ended: list[BatchOutcome] = []
 
     def add(self, sent: Sent) -> None:
         """A sealed batch, to push once a sink has welcomed us."""
         self.window.add(sent)
+        self._waiting[sent.seq] = (sent.topic, sent.count)
+
+    @property
+    def waiting(self) -> int:
+        """Batches whose outcome is still to come."""
+        return len(self._waiting)
+
+    def take_ended(self) -> list[BatchOutcome]:
+        """The outcomes that came since the last call."""
+        out, self._ended = self._ended, []
+        return out
 
     def received(self, frames: list[bytes], now: float) -> tuple[Event | None, int]:
         """A message from the sink on control: (what it meant to the session, batches it acked)."""
@@ -94,12 +178,35 @@ class ProducerCore:
         event = self.session.received(msg, now)
         if isinstance(msg, p.Ack):
             return event, self.window.ack(msg.seqs)
+        if isinstance(msg, p.Outcome):
+            return event, self._outcome(msg)
         if isinstance(event, Joined):
             # A sink we just (re)joined may never have had what the last connection pushed:
             # everything unacked goes again.
             for sent in self.window.all():
                 sent.sent_at = None
+            self._watch()
         return event, 0
+
+    def _watch(self) -> None:
+        """Ask this session for outcomes, naming the acknowledged batches still waiting for
+        one: those that ended while we were away are told at once. (Unacknowledged ones go
+        again, and the sink tells the outcome of one it has already with its ack.)"""
+        acked = [seq for seq in self._waiting if seq not in self.window]
+        for i in range(0, max(len(acked), 1), p.MAX_SEQS):
+            self.session.outbox.append(p.Watch(acked[i : i + p.MAX_SEQS]))
+
+    def _outcome(self, msg: p.Outcome) -> int:
+        """Record how batches ended; return how many that also acknowledges (a batch that
+        ended is stored, whether its ack came or not)."""
+        told: list[tuple[int, OutcomeState, str | None]] = [(seq, "done", None) for seq in msg.done]
+        told += [(seq, "dead", error) for seq, error in zip(msg.dead, msg.errors, strict=True)]
+        told += [(seq, "unknown", None) for seq in msg.unknown]
+        for seq, state, error in told:
+            waiting = self._waiting.pop(seq, None)
+            if waiting is not None:  # not told twice (a batch resent may be told again)
+                self._ended.append(BatchOutcome(seq, waiting[0], waiting[1], state, error))
+        return self.window.ack([seq for seq, _, _ in told])
 
     def tick(self, now: float) -> Event | None:
         return self.session.tick(now)

@@ -27,6 +27,7 @@ from .history import History
 from .intake import Intake
 from .leasing import Backlog, Lease, Leasing, WorkerState
 from .ledger import Ledger, Pending
+from .outcomes import Outcomes
 from .peers import Peers
 from .publishing import Publishing
 from .refusals import Refusals
@@ -85,6 +86,7 @@ class SinkCore:
         self._out = Outbox()
         self._peers = Peers(ledger, timing, clock())
         self._publishing = Publishing(ledger, self.epoch, self.stats)
+        self._outcomes = Outcomes(ledger, self._peers.producer, self.stats)
         self._backlog = Backlog(ledger, ledger.pending(), cache_bytes)
         self._leasing = Leasing(
             ledger,
@@ -96,9 +98,11 @@ class SinkCore:
             stats=self.stats,
             send=self._send,
             fresh=self._peers.fresh,
-            dead_letter=self._publishing.dead_letter,
+            dead_letter=self._dead_letter,
         )
-        self._intake = Intake(ledger, self._backlog, self.counts, self.stats, self._peers.owns)
+        self._intake = Intake(
+            ledger, self._backlog, self.counts, self.stats, self._peers.owns, self._outcomes.duplicate
+        )
         self._history = History(ledger, self._publishing, self.stats, self._send)
         self._handlers: dict[type[p.Message], Callable[[bytes, Any], None]] = {
             p.Hello: self._hello,
@@ -107,6 +111,8 @@ class SinkCore:
             p.Failed: self._leasing.failed,
             p.Status: self._status,
             p.Bye: self._bye,
+            p.Watch: self._watch,
+            p.Drain: self._drain,
             p.Replay: self._history.replay,
             p.Heads: self._history.heads,
             p.GetCursor: self._history.get_cursor,
@@ -177,6 +183,7 @@ class SinkCore:
             if (
                 self._intake.acks_waiting
                 or self._publishing.waiting
+                or self._outcomes.waiting
                 or (self._dirty_since is not None and now >= self._dirty_since + COMMIT_WITHIN)
             ):
                 self.ledger.commit()
@@ -188,8 +195,18 @@ class SinkCore:
             rid = self._peers.producer(producer_id)
             if rid is not None:
                 out.to_peers.append((rid, p.encode(p.Ack(seqs))))
+        out.to_peers.extend(self._outcomes.take())  # after the acks: a batch is stored before it ends
         out.publish.extend(self._publishing.take())
         return out
+
+    def drain(self) -> None:
+        """The sink is stopping: lease nothing more (the backlog stays pending in the ledger)."""
+        self._leasing.closed = True
+
+    @property
+    def drained(self) -> bool:
+        """Nothing is leased: every batch is pending in the ledger, or ended."""
+        return not self._leasing.leases
 
     def next_deadline(self) -> float:
         """Seconds until tick() has something to do: a heartbeat, a peer's or a lease's expiry."""
@@ -233,6 +250,15 @@ class SinkCore:
         self._peers.forget(rid)
         self._drop_peer(rid, "said bye")
 
+    def _watch(self, rid: bytes, msg: p.Watch) -> None:
+        if self.roles.get(rid) != "producer":
+            raise ProtocolError("not a producer", "only a producer watches its batches")
+        self._outcomes.watch(rid, self._peers.name(rid), msg.seqs)
+
+    def _drain(self, rid: bytes, msg: p.Drain) -> None:
+        self._leasing.drain(rid)
+        self._send(rid, p.Drain())  # after every lease sent to it: it may stop once it has this
+
     def _status(self, rid: bytes, msg: p.Status) -> None:
         self._send(rid, p.StatusReply(self.status()))
 
@@ -243,13 +269,19 @@ class SinkCore:
         if not self._leasing.settle(rid, msg.epoch, msg.batch_id, msg.attempt):
             return
         self._publishing.store_results(msg.batch_id, msg.topics, msg.counts, msg.payloads)
+        self._outcomes.ended(msg.batch_id)
         self.counts["done"] += 1
         self.stats["batches done"] += 1
 
     def _drop_peer(self, rid: bytes, why: str, *, fault: bool = False) -> None:
         """Forget a peer; a worker's leases go back to pending (see Leasing.drop for `fault`)."""
         self._peers.leave(rid)
+        self._outcomes.leave(rid)
         self._leasing.drop(rid, why, fault=fault)
+
+    def _dead_letter(self, batch_id: int, error: str) -> None:
+        self._publishing.dead_letter(batch_id, error)
+        self._outcomes.ended(batch_id, error)
 
     # --- retention and sending -------------------------------------------------------------
     def _prune(self) -> None:

@@ -5,6 +5,8 @@ Each message is written for a person: one line saying what went wrong and what t
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ZfanError(Exception):
     """Root of every error zfan raises on purpose."""
@@ -62,6 +64,18 @@ class DeliveryTimeout(ZfanError):
             "they are kept and will be resent if the producer stays open"
         )
         self.unacked = unacked
+
+
+class OutcomeTimeout(ZfanError):
+    """join() gave up with batches whose outcome has not come; `outcomes` is what did come."""
+
+    def __init__(self, unended: int, timeout: float, outcomes: Any) -> None:
+        super().__init__(
+            f"{unended} batch(es) not processed after {timeout:g} s (acknowledged: stored in the "
+            "sink's ledger, and processed when a worker takes them)"
+        )
+        self.unended = unended
+        self.outcomes = outcomes
 
 
 class Closed(ZfanError):

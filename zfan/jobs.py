@@ -18,7 +18,7 @@ from .session import SESSION_TYPES, Event, Joined, Lost, Session
 
 log = logging.getLogger(__name__)
 
-CONTROL_TYPES: frozenset[type[p.Message]] = SESSION_TYPES | {p.Lease}
+CONTROL_TYPES: frozenset[type[p.Message]] = SESSION_TYPES | {p.Lease, p.Drain}
 
 
 class WorkerCore:
@@ -29,6 +29,8 @@ class WorkerCore:
         self.ignored = 0  # messages from the sink that could not be decoded
         self.fenced = 0  # leases or answers dropped because they belong to an earlier session
         self.answered = 0  # batches whose result or failure went back to the sink
+        self.draining = False  # asked the sink for nothing more, to stop once what we hold is done
+        self._drain_heard = False  # the sink's echo: no lease it sent is still on the way
 
     def received(self, frames: list[bytes], now: float) -> tuple[Event | None, p.Lease | None]:
         """A message from the sink: (what it meant to the session, a lease to run). When the
@@ -44,6 +46,12 @@ class WorkerCore:
             self.held.clear()  # the sink forgot us or restarted: what we hold is fenced already
         if isinstance(event, Joined):
             log.info("joined the sink (epoch %d)", event.epoch)
+        if isinstance(msg, p.Drain):
+            self._drain_heard = self.draining
+            return event, None
+        if isinstance(event, Joined) and self.draining:
+            self.session.outbox.append(p.Drain())  # a new session: ask again
+            self._drain_heard = False
         if isinstance(msg, p.Lease):
             if not self.session.joined or msg.epoch != self.session.epoch:
                 self.fenced += 1
@@ -67,6 +75,24 @@ class WorkerCore:
         self.held.discard(key)
         self.answered += 1
         return True
+
+    def drain(self) -> None:
+        """Take no new lease: ask the sink for none, and finish the ones we hold."""
+        if self.draining:
+            return
+        self.draining = True
+        if self.session.joined:
+            self.session.outbox.append(p.Drain())
+
+    @property
+    def drained(self) -> bool:
+        """Draining, and nothing left to do: every lease the sink sent us is answered (or the
+        session is gone, and with it every lease we held)."""
+        if not self.draining:
+            return False
+        if not self.session.joined:
+            return not self.held
+        return self._drain_heard and not self.held
 
     def next_deadline(self) -> float:
         return self.session.next_deadline()

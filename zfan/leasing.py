@@ -68,13 +68,14 @@ class WorkerState:
     held: dict[tuple[int, int], int] = field(default_factory=dict)
     records: int = 0  # records in the batches held
     alone: tuple[int, int] | None = None  # a suspect lease it runs with nothing beside it
+    draining: bool = False  # it asked for nothing more: it is finishing what it holds, to stop
 
     @property
     def free(self) -> int:
         """Leases it may take now: up to its credit, but beyond two only while it holds fewer
         than RECORDS_IN_FLIGHT records. Small batches need many in flight to hide the round
         trip; big ones only fill the worker's memory and delay a replay."""
-        if self.alone is not None or (len(self.held) >= 2 and self.records >= RECORDS_IN_FLIGHT):
+        if self.draining or self.alone is not None or (len(self.held) >= 2 and self.records >= RECORDS_IN_FLIGHT):
             return 0
         return self.credit - len(self.held)
 
@@ -128,14 +129,23 @@ class Leasing:
         self._dead_letter = dead_letter
         self.leases: dict[int, Lease] = {}
         self.workers: dict[bytes, WorkerState] = {}
+        self.closed = False  # the sink is stopping: nothing more is leased
 
     def join(self, rid: bytes, name: str, credit: int) -> None:
         self.workers[rid] = WorkerState(rid, name, credit)
         log.info("worker %s joined with credit %d", name, credit)
 
+    def drain(self, rid: bytes) -> None:
+        """A worker that is stopping: it gets no new lease, and answers for those it holds."""
+        worker = self.workers.get(rid)
+        if worker is None:
+            raise ProtocolError("not a worker", "only a worker drains")
+        worker.draining = True
+        log.info("worker %s is draining: %d batch(es) to finish", worker.name, len(worker.held))
+
     def dispatch(self, now: float) -> None:
         """Lease what waits to the fresh workers with free credit, the freest first."""
-        if not self._backlog or not self.workers:
+        if self.closed or not self._backlog or not self.workers:
             return
         workers = [w for w in self.workers.values() if self._fresh(w.rid, now)]
         leased: list[tuple[int, int]] = []
@@ -164,7 +174,11 @@ class Leasing:
 
     def can_lease(self, now: float) -> bool:
         """Whether batches wait that a worker could take now (they went back after the turn's leasing)."""
-        return bool(self._backlog) and any(w.free > 0 and self._fresh(w.rid, now) for w in self.workers.values())
+        return (
+            not self.closed
+            and bool(self._backlog)
+            and any(w.free > 0 and self._fresh(w.rid, now) for w in self.workers.values())
+        )
 
     def next_deadline(self) -> float | None:
         """When the first lease times out (None with no leases)."""
@@ -234,7 +248,13 @@ class Leasing:
 
     def status(self, idle_ms: Callable[[bytes], int | None]) -> list[dict[str, Any]]:
         return [
-            {"name": w.name, "credit": w.credit, "in_flight": len(w.held), "idle_ms": idle_ms(w.rid)}
+            {
+                "name": w.name,
+                "credit": w.credit,
+                "in_flight": len(w.held),
+                "idle_ms": idle_ms(w.rid),
+                "draining": w.draining,
+            }
             for w in self.workers.values()
         ]
 

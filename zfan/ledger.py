@@ -20,6 +20,7 @@ APPLICATION_ID = 0x7A66616E
 # Finished batches remembered for deduplication, whatever the results' retention.
 KEEP_BATCHES = 1_000_000
 STATE_NAMES = {PENDING: "pending", LEASED: "leased", DONE: "done", DEAD: "dead"}
+_IN_CHUNK = 500  # values in one `IN (...)`: well under SQLite's limit on bound parameters
 SQLITE_FULL = 13  # the primary result code; sqlite3.SQLITE_FULL exists only from Python 3.11
 
 _SCHEMA = """
@@ -275,6 +276,28 @@ class Ledger:
             raise LedgerError(f"ledger {self.path}: no batch {batch_id}")
         topic, count, attempts, error = rows[0]
         return topic, count, attempts, error
+
+    def owners(self, batch_ids: list[int]) -> list[tuple[int, str, int]]:
+        """(batch id, producer id, producer's seq) of each of these batches still stored."""
+        rows: list[tuple[int, str, int]] = []
+        for i in range(0, len(batch_ids), _IN_CHUNK):
+            chunk = batch_ids[i : i + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows += self._read(f"SELECT id, producer, seq FROM batches WHERE id IN ({marks})", tuple(chunk))
+        return rows
+
+    def states(self, producer: str, seqs: list[int]) -> list[tuple[int, int, str | None]]:
+        """(seq, state, error) of each of this producer's batches by seq, where still stored."""
+        done = {bid for _, bid in self._done}  # marked done at the commit: leased until then
+        rows: list[tuple[int, int, str | None]] = []
+        for i in range(0, len(seqs), _IN_CHUNK):
+            chunk = seqs[i : i + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found = self._read(
+                f"SELECT seq, id, state, error FROM batches WHERE producer=? AND seq IN ({marks})", (producer, *chunk)
+            )
+            rows += [(seq, DONE if bid in done else state, error) for seq, bid, state, error in found]
+        return rows
 
     def mark_published(self, result_id: int) -> None:
         self._write("INSERT OR REPLACE INTO meta (key, value) VALUES ('published', ?)", (result_id,))

@@ -24,6 +24,7 @@ class Peers:
         self._ledger = ledger
         self._timing = timing
         self.roles: dict[bytes, str] = {}
+        self._names: dict[bytes, str] = {}  # what each peer called itself in its hello
         self.producers: dict[str, bytes] = {}  # producer id -> its connection
         self._tracker = Tracker(timing.expiry)
         self._heard = LastHeard()  # anyone at all, intake included
@@ -55,6 +56,7 @@ class Peers:
 
     def join(self, rid: bytes, role: str, name: str, now: float) -> None:
         self.roles[rid] = role
+        self._names[rid] = name
         self._tracker.seen(rid, now)
         if role == "producer":
             self.producers[name] = rid
@@ -62,8 +64,13 @@ class Peers:
     def leave(self, rid: bytes) -> None:
         """Forget a peer's role, and the producer ids it spoke for."""
         role = self.roles.pop(rid, None)
+        self._names.pop(rid, None)
         if role == "producer":
             self.producers = {k: v for k, v in self.producers.items() if v != rid}
+
+    def name(self, rid: bytes) -> str:
+        """The name a peer gave in its hello (a producer's id)."""
+        return self._names[rid]
 
     def forget(self, rid: bytes) -> None:
         """Stop watching a peer's liveness: it said bye, or cannot be reached."""

@@ -30,6 +30,8 @@ RESULT = "result"
 FAILED = "failed"
 STATUS = "status"
 BYE = "bye"
+WATCH = "watch"  # a producer: tell me how my batches end
+DRAIN = "drain"  # a worker: lease me nothing more (the sink echoes it)
 # control: a subscriber's DEALER -> sink ROUTER (no hello needed), and the answers
 REPLAY = "replay"
 HEADS = "heads"
@@ -43,6 +45,7 @@ WELCOME = "welcome"
 ACK = "ack"
 LEASE = "lease"
 RESET = "reset"
+OUTCOME = "outcome"  # to a producer that watches: how some of its batches ended
 # results: sink XPUB -> SUB (first frame is the topic)
 PUBLISH = "publish"
 DEAD = "dead"
@@ -58,12 +61,16 @@ MAX_NAME = 128  # producer ids, worker names
 MAX_TOPIC = 255  # bytes of UTF-8
 MAX_TOPICS = 10_000  # topics one result may fan out to
 MAX_ERROR = 64 * 1024  # traceback text of a failed batch
+MAX_SUMMARY = 1024  # bytes of the one-line error an outcome gives for a dead-lettered batch
 MAX_SEQS = 100_000  # seqs one ack carries
 MAX_CREDIT = 1000
 MAX_REPLAY = 1000  # results the sink sends for one replay request
 MAX_RECORDS = 10_000_000  # records one batch or result may claim to hold
-# Integers are unsigned and below 2**63: SQLite stores signed 64-bit integers.
+# Integers are unsigned and below 2**63: SQLite stores signed 64-bit integers. Every integer
+# zfan itself sends is below 2**53 (exact in a double); larger ones come only from producers of
+# earlier versions, which numbered their batches from the wall clock in nanoseconds.
 MAX_INT = (1 << 63) - 1
+MAX_SAFE_INT = (1 << 53) - 1
 
 _STR, _INT, _STRS, _INTS, _MAP, _BOOL = "str", "int", "list[str]", "list[int]", "map", "bool"
 _PREFIXES = "list[prefix]"  # topic prefixes: strings that may be empty (the empty one matches all)
@@ -95,6 +102,10 @@ def _validator(name: str, kind: str) -> Callable[[Any], bool]:
         top = MAX_RECORDS if name == "counts" else MAX_INT
         longest = max(MAX_SEQS, MAX_TOPICS)
         return lambda v: type(v) is list and len(v) <= longest and all(type(x) is int and 0 <= x <= top for x in v)
+    if kind == _STRS and name == "errors":
+        return lambda v: (
+            type(v) is list and len(v) <= MAX_SEQS and all(type(x) is str and len(x.encode()) <= MAX_SUMMARY for x in v)
+        )
     if kind in (_STRS, _PREFIXES):
         empty_ok = kind == _PREFIXES  # the empty prefix matches every topic; a topic is never empty
         return lambda v: (
@@ -141,7 +152,12 @@ class Message:
 MESSAGES: dict[str, type[Message]] = {}
 # Messages that carry parallel lists must have them of equal length. (A result's topics and
 # counts, which also match its payload frames, are a frame count matter.)
-PARALLEL = {TOPICS: ("topics", "seqs"), CURSOR: ("topics", "seqs"), COMMIT: ("topics", "seqs")}
+PARALLEL = {
+    TOPICS: ("topics", "seqs"),
+    CURSOR: ("topics", "seqs"),
+    COMMIT: ("topics", "seqs"),
+    OUTCOME: ("dead", "errors"),
+}
 M = TypeVar("M", bound=type[Message])
 
 
@@ -244,6 +260,22 @@ class Bye(Message):
     pass
 
 
+@_message(WATCH)
+@dataclass(frozen=True, slots=True)
+class Watch(Message):
+    """From a producer: send me an outcome for each of my batches as it ends, from now on in
+    this session, and at once for these seqs if they have ended already."""
+
+    seqs: list[int]
+
+
+@_message(DRAIN)
+@dataclass(frozen=True, slots=True)
+class Drain(Message):
+    """From a worker: lease me nothing more. The sink echoes it: every lease it sent before
+    arrives before the echo."""
+
+
 # control: sink ROUTER -> DEALER
 @_message(WELCOME)
 @dataclass(frozen=True, slots=True)
@@ -257,6 +289,19 @@ class Welcome(Message):
 @dataclass(frozen=True, slots=True)
 class Ack(Message):
     seqs: list[int]
+
+
+@_message(OUTCOME)
+@dataclass(frozen=True, slots=True)
+class Outcome(Message):
+    """To a producer that watches: its batches (by seq) whose results are stored (`done`), that
+    were dead-lettered (`dead`, each with the last line of its error in `errors`), and that the
+    sink no longer remembers (`unknown`: their rows were pruned)."""
+
+    done: list[int]
+    dead: list[int]
+    errors: list[str]
+    unknown: list[int]
 
 
 @_message(LEASE)

@@ -1,9 +1,9 @@
 """The producer's hand-off between the threads that call send() and its I/O thread.
 
 One lock guards the open batches and one queue of sealed ones; one condition lets a caller
-wait for room in the window (or for every batch to be acknowledged, in flush); one wake-up
-pipe tells the I/O thread that the queue is no longer empty or that a new batch started to
-linger. Nothing polls.
+wait for room in the window (or for every batch to be acknowledged, in flush, or to have
+ended, in join); one wake-up pipe tells the I/O thread that the queue is no longer empty or
+that a new batch started to linger. Nothing polls.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections import deque
 from collections.abc import Callable
 
 from ..batching import Batch, Batcher
-from ..delivery import Sent
-from ..errors import DeliveryTimeout, ZfanError
+from ..delivery import BatchOutcome, Outcomes, Sent
+from ..errors import DeliveryTimeout, OutcomeTimeout, ZfanError
 from .transport import Wakeup
 
 
@@ -30,6 +30,8 @@ class Handoff:
         self._queue: deque[Sent] = deque()
         self._room = window  # places left in the window: sealed batches count until acked
         self._unacked = 0  # sealed and not yet acknowledged
+        self._unended = 0  # sealed and no outcome yet
+        self._outcomes = Outcomes()
         self._stopped: ZfanError | None = None  # why the I/O thread will take nothing more
 
     # --- the callers' side -------------------------------------------------------------------
@@ -60,9 +62,25 @@ class Handoff:
                 if not self._cond.wait(deadline - time.monotonic()):
                     raise DeliveryTimeout(self._unacked, timeout)
 
+    def join(self, timeout: float) -> Outcomes:
+        """Flush, then wait until every batch has an outcome; OutcomeTimeout if not in time."""
+        deadline = time.monotonic() + timeout
+        self.flush(timeout)
+        with self._lock:
+            while self._unended:
+                self._check()
+                if not self._cond.wait(deadline - time.monotonic()):
+                    raise OutcomeTimeout(self._unended, timeout, self._outcomes.copy())
+            return self._outcomes.copy()
+
     @property
     def unacked(self) -> int:
         return self._unacked
+
+    @property
+    def outcomes(self) -> Outcomes:
+        with self._lock:
+            return self._outcomes.copy()
 
     def _enqueue(self, topic: str, batch: Batch, *, deadline: float | None = None, timeout: float = 0.0) -> None:
         """Under the lock: wait for room, then queue the batch for the I/O thread."""
@@ -73,6 +91,7 @@ class Handoff:
                 raise DeliveryTimeout(self._unacked + 1, timeout)  # this one is not acknowledged either
         self._room -= 1
         self._unacked += 1
+        self._unended += 1
         self._queue.append(self._seal(topic, batch))
         if len(self._queue) == 1:
             self._wakeup.set()
@@ -89,6 +108,7 @@ class Handoff:
             while self._room > 0 and (due := self._batcher.take_due(now)) is not None:
                 self._room -= 1
                 self._unacked += 1
+                self._unended += 1
                 self._queue.append(self._seal(*due))
             out = list(self._queue)
             self._queue.clear()
@@ -106,6 +126,13 @@ class Handoff:
         with self._lock:
             self._room += n
             self._unacked -= n
+            self._cond.notify_all()
+
+    def ended(self, outcomes: list[BatchOutcome]) -> None:
+        with self._lock:
+            for outcome in outcomes:
+                self._outcomes.add(outcome)
+            self._unended -= len(outcomes)
             self._cond.notify_all()
 
     def stop(self, why: ZfanError) -> None:

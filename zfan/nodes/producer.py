@@ -1,8 +1,9 @@
 """The producer: batches records, PUSHes them to the sink's intake and keeps each batch until
-the sink acknowledges it on the control channel, after its ledger commit.
+the sink acknowledges it on the control channel, after its ledger commit; then learns from
+the sink what became of it (processed, or dead-lettered).
 
 send() runs on the caller's thread and only packs and batches; one I/O thread owns both
-sockets, sends, resends, heartbeats and takes acks.
+sockets, sends, resends, heartbeats and takes acks and outcomes.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ import zmq
 from .. import protocol as p
 from ..batching import Batch, Batcher
 from ..config import ProducerSettings, check_topic, settings_from
-from ..delivery import ProducerCore, Sent
+from ..delivery import BatchOutcome, Outcomes, ProducerCore, Sent
 from ..errors import Closed, SerializationError, ZfanError
 from ..session import Dial, Joined, Lost
 from .handoff import Handoff
@@ -48,20 +49,24 @@ class Producer(Service):
         settings: ProducerSettings | None = None,
         *,
         context: Ctx | None = None,
+        on_outcome: Callable[[BatchOutcome], None] | None = None,
         **options: Unpack[ProducerOptions],
     ) -> None:
         s = self.settings = settings_from("Producer", ProducerSettings, settings, options)
         super().__init__(context)
+        if on_outcome is not None and not callable(on_outcome):
+            raise TypeError(f"on_outcome must be callable, not {type(on_outcome).__name__}")
+        self._on_outcome = on_outcome
         # A payload must fit one frame (ZeroMQ drops a connection that sends a larger one).
         self._max_record = s.limits.max_frame - PAYLOAD_OVERHEAD
         self._batcher = Batcher(s.batch_size, s.linger_ms / 1000, max_bytes=self._max_record)
         self._handoff = Handoff(self._batcher, s.window, self._wakeup, self._seal)
         self._packer = msgpack.Packer()
         # (producer id, seq) is what the sink deduplicates on, so a producer that runs again
-        # under the same id must not reuse a seq: each run starts at the wall clock in ns,
-        # past every seq an earlier run used (it would take a billion batches a second to
-        # catch up) and far below the 2^63 limit.
-        self._seq = time.time_ns()
+        # under the same id must not reuse a seq: each run starts at the wall clock in
+        # microseconds, past every seq an earlier run used (it would take a million batches a
+        # second to catch up), and below 2^53, so that a double holds it exactly.
+        self._seq = time.time_ns() // 1000
         self._topics: set[str] = set()
         self._handshakes = Handshakes()
         self._closed = False
@@ -134,11 +139,22 @@ class Producer(Service):
         msg = p.Batch(
             self.settings.producer_id, self._seq, topic, batch.count, p.join_records(batch.pieces, batch.count)
         )
-        return Sent(self._seq, batch.count, p.encode(msg))
+        return Sent(self._seq, batch.count, p.encode(msg), topic=topic)
 
     def flush(self, timeout: float = 30.0) -> None:
         """Return once every record sent so far is acknowledged; raise DeliveryTimeout if not."""
         self._handoff.flush(timeout)
+
+    def join(self, timeout: float = 30.0) -> Outcomes:
+        """Flush, then wait until every batch sent so far is processed (its results stored) or
+        dead-lettered; return what became of them all, counted since the producer started.
+        Raises OutcomeTimeout (with the outcomes that did come) if that takes longer."""
+        return self._handoff.join(timeout)
+
+    @property
+    def outcomes(self) -> Outcomes:
+        """What became of the batches that have an outcome so far."""
+        return self._handoff.outcomes
 
     def close(self, timeout: float = 30.0) -> None:
         """Flush, then stop. Raises DeliveryTimeout (after stopping) if the sink never acked."""
@@ -210,6 +226,19 @@ class Producer(Service):
                 self.connected.set()
             elif isinstance(event, Lost):
                 self.connected.clear()
+        ended = core.take_ended()
+        if ended:
+            self._handoff.ended(ended)
+            if self._on_outcome is not None:
+                self._tell(ended)
+
+    def _tell(self, ended: list[BatchOutcome]) -> None:
+        assert self._on_outcome is not None
+        for outcome in ended:
+            try:
+                self._on_outcome(outcome)
+            except Exception:  # the caller's bug must not stop deliveries
+                log.exception("on_outcome raised for batch %d; going on", outcome.seq)
 
     def _give(self, core: ProducerCore, ctl: Sock, push: Sock, now: float) -> bool:
         """Send what the session says, push what is due; True if intake is full."""

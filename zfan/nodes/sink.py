@@ -1,11 +1,17 @@
 """The sink: binds intake (PULL), control (ROUTER) and results (XPUB), and feeds what arrives
-to the socket-free SinkCore. One thread owns all three sockets."""
+to the socket-free SinkCore. One thread owns all three sockets.
+
+It stops by draining: it takes no more batches (producers keep what is unacknowledged and
+send it again to the next sink), leases nothing more, and waits for the batches leased to come
+back before it closes the ledger.
+"""
 
 from __future__ import annotations
 
 import errno
 import logging
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -62,6 +68,24 @@ class Sink(Service):
         self._workers: LocalWorkers | None = None
         self.intake = self.control = self.results = ""
         self.epoch = 0
+        self._drain_until: float | None = None  # set by drain(): the leased back by then
+        self._drained = False
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stop gracefully: take no more batches, lease nothing more, wait up to `timeout` for
+        the batches leased to come back, then stop (local workers drain too). True if none
+        was left leased (one that was is pending again for the next start, at no attempt's cost)."""
+        if self._thread is None:
+            return True
+        timeout = self.settings.drain_timeout if timeout is None else timeout
+        self._drain_until = time.monotonic() + timeout
+        self._wakeup.set()
+        finished = self.wait(timeout + 5.0)
+        self.close()
+        return finished and self._drained
+
+    def __exit__(self, *exc: object) -> None:
+        self.drain()
 
     def _serve(self) -> None:
         s = self.settings
@@ -133,23 +157,24 @@ class Sink(Service):
             self._ctx.term()
 
     def _loop(self, core: SinkCore, pull: Sock, router: Sock, xpub: Sock, lock: LedgerLock | None) -> None:
-        curve = self.settings.curve is not None
         poller = zmq.Poller()
         for sock in (pull, router, xpub):
             poller.register(sock, zmq.POLLIN)
         poller.register(self._wakeup.fileno(), zmq.POLLIN)
+        until: float | None = None  # once draining: when to stop waiting for leases to come back
         while not self._stopping.is_set():
-            ready = dict(poller.poll(math.ceil(core.next_deadline() * 1000)))
-            if pull in ready:
-                for frames, key in drain_keyed(pull, curve):
-                    core.intake(frames, key)
-            if router in ready:
-                for (rid, *frames), key in drain_keyed(router, curve):
-                    core.control(rid, frames, key)
-            if xpub in ready:
-                self._subscriptions(xpub)
-            if self._wakeup.fileno() in ready:
-                self._wakeup.clear()
+            if until is None and self._drain_until is not None:
+                until = self._drain_until
+                poller.unregister(pull)  # what producers send now waits for the next sink
+                core.drain()
+                log.info("draining: waiting for %d leased batch(es)", len(core.leases))
+            wait = core.next_deadline()
+            if until is not None:
+                left = self._drain_left(core, until)
+                if left is None:
+                    break
+                wait = min(wait, left)
+            self._read(core, dict(poller.poll(math.ceil(wait * 1000))), pull, router, xpub)
             core.tick()
             self._send(core, router, xpub)
             if self._workers is not None:
@@ -158,6 +183,31 @@ class Sink(Service):
                 lock.renew()
         self._send(core, router, xpub)  # acks for what the last turn committed
         core.ledger.commit()  # and what it left uncommitted
+
+    def _read(self, core: SinkCore, ready: dict[Any, int], pull: Sock, router: Sock, xpub: Sock) -> None:
+        curve = self.settings.curve is not None
+        if pull in ready:
+            for frames, key in drain_keyed(pull, curve):
+                core.intake(frames, key)
+        if router in ready:
+            for (rid, *frames), key in drain_keyed(router, curve):
+                core.control(rid, frames, key)
+        if xpub in ready:
+            self._subscriptions(xpub)
+        if self._wakeup.fileno() in ready:
+            self._wakeup.clear()
+
+    def _drain_left(self, core: SinkCore, until: float) -> float | None:
+        """Seconds left to wait for leased batches to come back; None once none is leased, or
+        the time is up."""
+        if core.drained:
+            self._drained = True
+            return None
+        left = until - time.monotonic()
+        if left <= 0:
+            log.warning("drain timed out: %d leased batch(es) are pending at the next start", len(core.leases))
+            return None
+        return left
 
     def _send(self, core: SinkCore, router: Sock, xpub: Sock) -> None:
         out = core.end_turn()

@@ -1,7 +1,8 @@
 """The worker: a DEALER on the sink's control socket, and the user's function.
 
 The I/O thread owns the socket, heartbeats and reconnects; the user's function runs on a
-second thread, so heartbeats keep flowing while a long batch runs.
+second thread, so heartbeats keep flowing while a long batch runs. A worker stops by draining:
+it asks for no new lease, finishes the ones it holds, answers them, then says bye.
 """
 
 from __future__ import annotations
@@ -124,6 +125,30 @@ class Worker(Service):
         self._done: deque[tuple[p.Lease, list[bytes]]] = deque()
         self._handshakes = Handshakes()
         self._poll = Poll()
+        self._drain_until: float | None = None  # set by drain(): finish by then, or hand back
+        self.connected = threading.Event()  # set while a sink has welcomed us
+        self._drained = False
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stop gracefully: take no new batch, finish and answer the ones held, then stop. Past
+        `timeout` the batches still held go back to the sink (with no attempt counted against
+        them) and the worker stops all the same. True if every batch held was finished."""
+        if self._thread is None:
+            return True
+        timeout = self.settings.drain_timeout if timeout is None else timeout
+        self._drain_until = time.monotonic() + timeout
+        self._wakeup.set()
+        finished = self.wait(timeout + 1.0)
+        self.close()
+        return finished and self._drained
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop at once: the batches held go back to the sink, to be replayed at no cost of
+        an attempt. drain() finishes them first."""
+        super().close(timeout)
+
+    def __exit__(self, *exc: object) -> None:
+        self.drain()  # leaving a `with` block finishes what the worker holds
 
     # --- the function's thread -------------------------------------------------------------
     def _work(self) -> None:
@@ -146,11 +171,20 @@ class Worker(Service):
                 now = time.monotonic()
                 if sock is not None:
                     self._take(core, sock, ready, now)  # first: a sink heard from is not a sink lost
+                if self._drain_until is not None:
+                    core.drain()
+                    if core.drained:
+                        self._drained = True
+                        break
+                    if now >= self._drain_until:
+                        log.warning("drain timed out with %d batch(es) held; handing them back", len(core.held))
+                        break
                 event = core.tick(now)
                 if isinstance(event, Lost):
                     if watch is not None:
                         watch.check()  # a refused handshake, not silence, may be why
                     log.warning("sink %s: %s; connecting again", s.control, event.reason)
+                    self.connected.clear()
                     self._drop_jobs()
                     sock, watch = self._close(sock, watch)
                 elif isinstance(event, Dial):
@@ -177,6 +211,10 @@ class Worker(Service):
                 sock.send_multipart(answer)
         for frames in drain(sock) if sock in ready else ():
             event, job = core.received(frames, now)
+            if isinstance(event, Joined):
+                self.connected.set()
+            elif isinstance(event, Lost):
+                self.connected.clear()
             if isinstance(event, Lost) or (isinstance(event, Joined) and event.new_epoch):
                 self._drop_jobs()
             if job is not None:
@@ -189,7 +227,10 @@ class Worker(Service):
             watched.append((sock, zmq.POLLIN))
         if watch is not None:  # a failed handshake is news at once
             watched.append((watch.monitor, zmq.POLLIN))
-        ready = self._poll(watched, core.next_deadline() - time.monotonic())
+        due = core.next_deadline()
+        if self._drain_until is not None:
+            due = min(due, self._drain_until)
+        ready = self._poll(watched, due - time.monotonic())
         if watch is not None and watch.monitor in ready:
             watch.check()
         return ready
