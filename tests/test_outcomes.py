@@ -146,3 +146,29 @@ def test_a_sink_that_drains_leases_nothing_more_and_knows_when_all_came_back(cor
     send_result(core, W, lease)
     Turn(core)
     assert core.drained and core.status()["pending"] == 1
+
+
+# --- resets -----------------------------------------------------------------------------------
+
+
+def test_a_burst_from_a_forgotten_peer_gets_one_reset_not_one_each(ledger, clock):
+    """A peer that answers each reset with a hello would start its session over again and again,
+    ending the leases each new session got: the sink resets a connection once per expiry."""
+    core = make_core(ledger, clock)
+    for _ in range(3):
+        core.control(b"old", p.encode(p.Heartbeat(0)))
+    assert len(Turn(core).of(p.Reset, b"old")) == 1
+    assert core.status()["resets"] == 3  # every message from an unknown connection is counted
+    clock.advance(3.1)  # past the expiry (1 s x 3): its hello may have been lost
+    core.control(b"old", p.encode(p.Heartbeat(0)))
+    assert len(Turn(core).of(p.Reset, b"old")) == 1
+
+
+def test_a_peer_forgotten_again_after_its_hello_is_reset_again_at_once(ledger, clock):
+    core = make_core(ledger, clock)
+    core.control(W, p.encode(p.Heartbeat(0)))
+    assert len(Turn(core).of(p.Reset)) == 1
+    hello_worker(core, W, 1)
+    core.control(W, p.encode(p.Bye()))
+    core.control(W, p.encode(p.Heartbeat(0)))
+    assert len(Turn(core).of(p.Reset)) == 1

@@ -114,8 +114,9 @@ class ControlPeer:
                 self.on_welcome(changed)
             elif mtype == "reset" or (mtype == "heartbeat" and self.welcomed and fields[0] != self.epoch):
                 self.resets += 1
-                self.on_reset()
-                self.hello()  # 6.4: say hello again
+                if self.welcomed:  # 6.4: no second hello while one is unanswered
+                    self.on_reset()
+                    self.hello()  # 6.4: say hello again
             elif mtype != "heartbeat":
                 self.on_message(mtype, fields, frames[1:])
         if now - self.heard > self.heartbeat * self.liveness:
@@ -123,7 +124,7 @@ class ControlPeer:
             self.sock.close(linger=0)
             self.sock = self._connect()
             self.on_reset()
-        if now >= self.next_beat:
+        if self.welcomed and now >= self.next_beat:  # 6.1: heartbeats only once welcomed
             self.sock.send(header("heartbeat", self.epoch))
             self.next_beat = now + self.heartbeat
         self.tick(now)
@@ -160,6 +161,9 @@ class HandProducer(ControlPeer):
         self.unacked: dict[int, list[Any]] = {}  # seq -> [frames, sent_at]
         self.acks: Counter[int] = Counter()
         self.pushed: Counter[int] = Counter()
+        self.watching = False  # 7.4: ask for outcomes after each welcome
+        self.waiting: set[int] = set()  # acknowledged, no outcome yet
+        self.outcomes: dict[int, tuple[str, str | None]] = {}  # seq -> ("done" | "dead" | "unknown", error)
 
     def send(self, seq: int, topic: str, records: list[Any]) -> list[bytes]:
         frames = [header("batch", self.name, seq, topic, len(records)), payload_of(records)]
@@ -187,12 +191,28 @@ class HandProducer(ControlPeer):
         if epoch_changed:  # 6.5: a new sink: everything unacked goes again
             for entry in self.unacked.values():
                 entry[1] = 0.0
+        if self.watching:
+            self.watch(sorted(self.waiting))
+
+    def watch(self, seqs: list[int]) -> None:
+        self.watching = True
+        self.sock.send(header("watch", seqs))
 
     def on_message(self, mtype: str, fields: list[Any], payloads: list[bytes]) -> None:
         if mtype == "ack":
             for seq in fields[0]:
                 self.acks[seq] += 1
-                self.unacked.pop(seq, None)
+                if self.unacked.pop(seq, None) is not None and self.watching:
+                    self.waiting.add(seq)
+        elif mtype == "outcome":
+            done, dead, errors, unknown = fields
+            told = [(seq, "done", None) for seq in done] + [
+                (seq, "dead", e) for seq, e in zip(dead, errors, strict=True)
+            ]
+            for seq, state, error in told + [(seq, "unknown", None) for seq in unknown]:
+                self.waiting.discard(seq)
+                self.unacked.pop(seq, None)  # 7.4: an outcome also means stored
+                self.outcomes[seq] = (state, error)
 
 
 class HandWorker(ControlPeer):
@@ -213,12 +233,33 @@ class HandWorker(ControlPeer):
         self.leases: list[tuple[int, int, int, str, int]] = []
         # Called with each lease before it is answered; may send extra (stale) answers.
         self.before_answer: Callable[[HandWorker, tuple[int, int, int, str, int]], None] | None = None
+        self.hold = False  # keep leases unanswered until answer_held()
+        self.held: list[tuple[list[Any], list[bytes]]] = []
+        self.drain_answered = False
+
+    def drain(self) -> None:
+        """8.5: lease me nothing more."""
+        self.sock.send(header("drain"))
+
+    def answer_held(self) -> None:
+        held, self.held = self.held, []
+        for fields, payloads in held:
+            self.answer(fields, payloads)
 
     def on_message(self, mtype: str, fields: list[Any], payloads: list[bytes]) -> None:
+        if mtype == "drain":
+            self.drain_answered = True
+            return
         if mtype != "lease" or len(payloads) != 1 or fields[0] != self.epoch:
             return
+        self.leases.append(tuple(fields))  # type: ignore[arg-type]
+        if self.hold:
+            self.held.append((fields, payloads))
+        else:
+            self.answer(fields, payloads)
+
+    def answer(self, fields: list[Any], payloads: list[bytes]) -> None:
         epoch, batch_id, attempt, topic, count = fields
-        self.leases.append((epoch, batch_id, attempt, topic, count))
         records = records_of(payloads[0])
         assert len(records) == count
         if self.before_answer is not None:
@@ -626,3 +667,114 @@ def test_heads_and_a_cursor_of_more_topics_than_one_answer_holds_come_in_pages(s
         lambda: (c := cursor_pages(sock, "doc-durable")) and len(c) > 1 and c, what="the committed positions"
     )
     assert [pair for page in pages_read for pair in page] == positions
+
+
+@pytest.mark.timeout(30)
+def test_a_watching_producer_is_told_what_became_of_each_batch(sink, make, ipc):
+    """7.4: outcomes after acks, dead ones with their error's last line; a second watch is
+    answered at once from the ledger, with the seqs the sink never had as unknown."""
+
+    def process(topic: str, records: list[Any]) -> dict[str, list[Any]]:
+        if any(r.get("bad") for r in records):
+            raise KeyError("value")  # the worker's error line: "KeyError: 'value'"
+        return fan_out(topic, records)
+
+    worker = HandWorker(make, ipc["control"], "hand-worker", 4, process)
+    producer = HandProducer(make, ipc, "watching-producer")
+    loop = Loop(worker, producer)
+    loop.until(lambda: worker.welcomed and producer.welcomed, what="both welcomes")
+    producer.watch([])
+    for seq in (1, 2, 3):
+        producer.send(seq, "numbers", [{"n": seq, "bad": seq == 2}])
+    loop.until(lambda: len(producer.outcomes) == 3, what="three outcomes")
+    assert producer.outcomes == {1: ("done", None), 2: ("dead", "KeyError: 'value'"), 3: ("done", None)}
+    assert producer.acks == Counter({1: 1, 2: 1, 3: 1})  # each acknowledged before it ended
+
+    producer.outcomes.clear()
+    producer.watch([1, 2, 3, 77])  # 77 was never sent
+    loop.until(lambda: len(producer.outcomes) == 4, what="the answer to a second watch")
+    assert producer.outcomes[2] == ("dead", "KeyError: 'value'") and producer.outcomes[77] == ("unknown", None)
+    assert producer.outcomes[1] == producer.outcomes[3] == ("done", None)
+
+
+@pytest.mark.timeout(30)
+def test_a_draining_worker_finishes_what_it_holds_and_nothing_is_replayed(sink, make, ipc):
+    """8.5: after drain no new lease; leases sent before it arrive before its echo."""
+    first = HandWorker(make, ipc["control"], "drainer", 2, fan_out)
+    first.hold = True
+    producer = HandProducer(make, ipc, "drain-producer")
+    loop = Loop(first, producer)
+    loop.until(lambda: first.welcomed and producer.welcomed, what="both welcomes")
+    for seq in range(1, 5):
+        producer.send(seq, "numbers", [{"n": seq}])
+    loop.until(lambda: len(first.held) == 2 and not producer.unacked, what="two leases held, all acked")
+    first.drain()
+    loop.until(lambda: first.drain_answered, what="the sink's drain answer")
+    producer.send(5, "numbers", [{"n": 5}])
+    loop.until(lambda: not producer.unacked, what="the ack of batch 5")
+    assert len(first.leases) == 2  # nothing after the drain, credit or not
+    first.answer_held()
+    first.sock.send(header("bye"))
+    status = loop.until(
+        lambda: (s := query_status(make, ipc["control"]))["done"] == 2 and not s["workers"] and s,
+        what="the drained worker's answers and bye",
+    )
+    assert status.get("replays", 0) == 0 and status["pending"] == 3 and status["leased"] == 0
+
+    second = HandWorker(make, ipc["control"], "finisher", 4, fan_out)
+    loop.roles.append(second)
+    loop.until(lambda: query_status(make, ipc["control"])["done"] == 5, what="the rest, by another worker")
+
+
+@pytest.mark.timeout(30)
+def test_a_burst_from_an_unknown_connection_gets_one_reset(sink, make, ipc):
+    """6.4: at most one reset per connection and expiry, however many messages needed one."""
+    sock = make(zmq.DEALER)
+    sock.connect(ipc["control"])
+    for _ in range(3):
+        sock.send(header("heartbeat", 0))  # what a forgotten peer sends before it knows
+    sock.send(header("status"))  # answered after the three: the same connection keeps order
+    types = []
+    while not types or types[-1] != "status":
+        assert sock.poll(10_000), "no answer from the sink"
+        types.append(parse(sock.recv_multipart()[0])[0])
+    assert types == ["reset", "status"]
+
+
+def test_the_numbers_the_document_gives_agree_with_each_other_and_the_sink():
+    """The publish high-water mark appears in sections 2, 13 and 17.2; heartbeats come only after
+    a welcome; every integer the reference peers send is below 2^53 (section 3.3)."""
+    import re
+    from pathlib import Path
+
+    from zfan.config import SinkSettings  # only the defaults, to compare with what the text says
+
+    text = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text()
+    hwm = SinkSettings().publish_hwm
+    said = [
+        re.search(r"`XPUB` \(([\d ]+) messages by default", text),
+        re.search(r"\| results `SNDHWM` \| ([\d ]+) messages per subscriber", text),
+        re.search(r"\| results queued to one subscriber \| `SNDHWM` = ([\d ]+) \(`publish_hwm`\)", text),
+    ]
+    assert all(said), said
+    assert {int(m.group(1).replace(" ", "")) for m in said if m} == {hwm}
+    assert "or 0 before the first one" not in text  # 5.2 once allowed a heartbeat before welcome
+    assert "MUST NOT send\n  `heartbeat`" in text
+    assert "below 2^53" in text
+
+
+@pytest.mark.timeout(30)
+def test_the_reference_producer_numbers_its_batches_below_2_53(sink, ipc, tmp_path):
+    """3.3 and 7.2: a double holds every seq exactly."""
+    import sqlite3
+    from contextlib import closing
+
+    from zfan import Producer
+
+    with Producer(intake=ipc["intake"], control=ipc["control"], batch_size=1) as prod:
+        prod.send({"n": 1})
+        prod.send({"n": 2})
+        prod.flush(10)
+    with closing(sqlite3.connect(tmp_path / "ledger.db")) as db:
+        seqs = [seq for (seq,) in db.execute("SELECT seq FROM batches")]
+    assert len(seqs) == 2 and all(0 < seq < 2**53 for seq in seqs)

@@ -146,7 +146,8 @@ class SinkCore:
             # A peer this sink does not know (it was declared dead, or the sink restarted).
             if isinstance(msg, (p.Result, p.Failed)):
                 self.stats["fenced results"] += 1  # its lease went to another worker
-            self._send(rid, p.Reset("unknown peer: send hello"))
+            if self._peers.should_reset(rid, self.clock()):
+                self._send(rid, p.Reset("unknown peer: send hello"))
             self.stats["resets"] += 1
             return
         try:

@@ -30,6 +30,7 @@ class Peers:
         self._heard = LastHeard()  # anyone at all, intake included
         self._beat = Beat(timing.heartbeat, now)
         self._keys = ledger.producer_keys()  # producer id -> the CURVE key it is bound to
+        self._reset_at: dict[bytes, float] = {}  # unknown connections told to say hello, and when
 
     # --- joining and leaving ---------------------------------------------------------------
     def check_hello(self, rid: bytes, msg: p.Hello, key: str | None) -> None:
@@ -51,12 +52,24 @@ class Peers:
             # until the first has gone quiet long enough to be dropped.
             raise ProtocolError("producer id in use", name)
 
+    def should_reset(self, rid: bytes, now: float) -> bool:
+        """Whether to tell an unknown connection to say hello: once per expiry. A peer's burst
+        of messages (heartbeats and results sent before it learnt it was forgotten) gets one
+        reset, not one each: a peer that answered each with a hello would start its session
+        over again and again, ending the leases each new session was given."""
+        last = self._reset_at.get(rid)
+        if last is not None and now - last <= self._timing.expiry:
+            return False
+        self._reset_at[rid] = now
+        return True
+
     def known(self, rid: bytes) -> bool:
         return rid in self.roles
 
     def join(self, rid: bytes, role: str, name: str, now: float) -> None:
         self.roles[rid] = role
         self._names[rid] = name
+        self._reset_at.pop(rid, None)
         self._tracker.seen(rid, now)
         if role == "producer":
             self.producers[name] = rid
@@ -107,6 +120,8 @@ class Peers:
     def expired(self, now: float) -> list[tuple[bytes, bool]]:
         """The peers silent past the expiry, forgotten as they are returned, each with whether
         its silence was its own fault (see silence_was_theirs)."""
+        if self._reset_at:  # connections told to say hello that never did
+            self._reset_at = {r: t for r, t in self._reset_at.items() if now - t <= self._timing.expiry}
         dead = []
         for peer, last in self._tracker.expired(now):
             rid = cast(bytes, peer)  # the tracker watches only routing ids
