@@ -119,8 +119,19 @@ def test_take_any_drains_everything_for_flush():
 # --- Window ---------------------------------------------------------------------------------
 
 
-def sent(seq: int, count: int = 1, at: float | None = T0) -> Sent:
-    return Sent(seq=seq, count=count, frames=[f"h{seq}".encode(), b"payload"], sent_at=at)
+def sent(seq: int, count: int = 1) -> Sent:
+    return Sent(seq=seq, count=count, frames=[f"h{seq}".encode(), b"payload"])
+
+
+def window_of(*batches: tuple[int, float | None]) -> Window:
+    """A window holding these (seq, when pushed) in order; None: never pushed."""
+    w = Window()
+    for seq, at in batches:
+        s = sent(seq)
+        w.add(s)
+        if at is not None:
+            w.pushed(s, at)
+    return w
 
 
 def test_ack_forgets_batches_and_counts_records():
@@ -148,31 +159,48 @@ def test_repeated_and_unknown_acks_are_ignored():
 
 
 def test_due_returns_unsent_and_overdue_batches_only():
-    w = Window()
-    w.add(sent(1, at=None))  # never sent
-    w.add(sent(2, at=T0))  # just sent
-    w.add(sent(3, at=T0 - 2.0))  # sent 2 s ago
+    w = window_of((3, T0 - 2.0), (2, T0), (1, None))  # sent 2 s ago, just sent, never sent
     assert sorted(s.seq for s in w.due(T0, resend_after=2.0)) == [1, 3]
     assert sorted(s.seq for s in w.due(T0 + 1.99, resend_after=2.0)) == [1, 3]
     assert sorted(s.seq for s in w.due(T0 + 2.0, resend_after=2.0)) == [1, 2, 3]
+    assert w.next_due(2.0) == float("-inf")
 
 
-def test_resend_after_updating_sent_at_waits_again():
-    w = Window()
-    s = sent(1, at=T0)
-    w.add(s)
-    due = w.due(T0 + 2.0, resend_after=2.0)
-    assert due == [s]
-    due[0].sent_at = T0 + 2.0  # the producer sends it again
-    assert w.due(T0 + 3.0, resend_after=2.0) == []
+def test_resend_after_pushing_again_waits_again():
+    w = window_of((1, T0))
+    (s,) = due = w.due(T0 + 2.0, resend_after=2.0)
+    assert due == [s] and w.next_due(2.0) == T0 + 2.0
+    w.pushed(s, T0 + 2.0)  # the producer sends it again
+    assert w.due(T0 + 3.0, resend_after=2.0) == [] and w.next_due(2.0) == T0 + 4.0
     assert w.due(T0 + 4.0, resend_after=2.0) == [s]
     w.ack([1])
-    assert w.due(T0 + 100.0, resend_after=2.0) == []
+    assert w.due(T0 + 100.0, resend_after=2.0) == [] and w.next_due(2.0) is None
+
+
+def test_the_oldest_send_is_due_first_whatever_the_seqs():
+    w = window_of((1, T0), (2, T0 + 1.0))
+    w.pushed(w.all()[0], T0 + 2.0)  # 1 sent again: now 2 is the oldest send
+    assert [s.seq for s in w.due(T0 + 3.0, resend_after=2.0)] == [2]
+    assert w.next_due(2.0) == T0 + 3.0
+
+
+def test_resend_all_makes_every_batch_due_at_once_oldest_first():
+    w = window_of((1, T0), (2, T0), (3, None))
+    w.resend_all()
+    assert [s.seq for s in w.due(T0, resend_after=2.0)] == [1, 2, 3]
+    assert all(s.sent_at is None for s in w.all())
+
+
+def test_a_late_push_of_an_acknowledged_batch_changes_nothing():
+    w = window_of((1, None))
+    (s,) = w.due(T0, resend_after=2.0)
+    w.ack([1])
+    w.pushed(s, T0)
+    assert len(w) == 0 and w.due(T0 + 10, resend_after=2.0) == [] and w.next_due(2.0) is None
 
 
 def test_due_keeps_the_frames_to_resend():
-    w = Window()
-    w.add(sent(7, at=None))
+    w = window_of((7, None))
     (s,) = w.due(T0, resend_after=2.0)
     assert s.frames == [b"h7", b"payload"]
 

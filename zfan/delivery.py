@@ -94,15 +94,21 @@ class Outcomes:
 
 
 class Window:
-    """Batches handed to the sink and not yet acknowledged, by seq."""
+    """Batches handed to the sink and not yet acknowledged, by seq, indexed by what is due: those
+    never sent (or to send again at once) in order, and those sent, oldest send first. The I/O
+    thread asks what is due and when next on every turn: neither scans the whole window."""
 
     def __init__(self) -> None:
         self._unacked: dict[int, Sent] = {}
+        self._unsent: dict[int, Sent] = {}
+        self._sent: dict[int, Sent] = {}  # insertion order is send order: the oldest first
         self.acked_records = 0
         self.acked_batches = 0
 
     def add(self, sent: Sent) -> None:
+        sent.sent_at = None
         self._unacked[sent.seq] = sent
+        self._unsent[sent.seq] = sent
 
     def ack(self, seqs: list[int]) -> int:
         """Forget acknowledged batches; return how many were still unacked (repeats are ignored)."""
@@ -110,20 +116,47 @@ class Window:
         for seq in seqs:
             sent = self._unacked.pop(seq, None)
             if sent is not None:
+                self._unsent.pop(seq, None)
+                self._sent.pop(seq, None)
                 n += 1
                 self.acked_records += sent.count
         self.acked_batches += n
         return n
 
+    def pushed(self, sent: Sent, now: float) -> None:
+        """A batch went out: due again `resend_after` from now, unless acknowledged."""
+        if sent.seq not in self._unacked:
+            return
+        sent.sent_at = now
+        self._unsent.pop(sent.seq, None)
+        self._sent.pop(sent.seq, None)  # to the end: the newest send
+        self._sent[sent.seq] = sent
+
+    def resend_all(self) -> None:
+        """Every unacknowledged batch is to be sent again at once (oldest first)."""
+        for sent in self._sent.values():
+            sent.sent_at = None
+        self._unsent = {**self._sent, **self._unsent}
+        self._sent = {}
+
     def due(self, now: float, resend_after: float) -> list[Sent]:
         """Batches never sent, or sent longer ago than ``resend_after`` without an ack."""
-        return [s for s in self._unacked.values() if s.sent_at is None or now - s.sent_at >= resend_after]
+        out = list(self._unsent.values())
+        for sent in self._sent.values():
+            assert sent.sent_at is not None
+            if now - sent.sent_at < resend_after:
+                break  # the rest were sent later still
+            out.append(sent)
+        return out
 
     def next_due(self, resend_after: float) -> float | None:
         """When the next batch falls due (-inf if one is due at once), None if none is unacked."""
-        if not self._unacked:
-            return None
-        return min(float("-inf") if s.sent_at is None else s.sent_at + resend_after for s in self._unacked.values())
+        if self._unsent:
+            return float("-inf")
+        for sent in self._sent.values():
+            assert sent.sent_at is not None
+            return sent.sent_at + resend_after
+        return None
 
     def all(self) -> list[Sent]:
         return list(self._unacked.values())
@@ -183,8 +216,7 @@ class ProducerCore:
         if isinstance(event, Joined):
             # A sink we just (re)joined may never have had what the last connection pushed:
             # everything unacked goes again.
-            for sent in self.window.all():
-                sent.sent_at = None
+            self.window.resend_all()
             self._watch()
         return event, 0
 
@@ -219,7 +251,7 @@ class ProducerCore:
         return self.window.due(now, self.resend_after)
 
     def pushed(self, sent: Sent, now: float) -> None:
-        sent.sent_at = now
+        self.window.pushed(sent, now)
 
     def next_deadline(self) -> float:
         due = self.session.next_deadline()
