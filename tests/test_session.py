@@ -5,13 +5,14 @@ fractions, so that "exactly the expiry" is exact."""
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
 
 from zfan import protocol as p
 from zfan.config import Timing
-from zfan.session import BACKOFF_CAP, Dial, Joined, Lost, Session
+from zfan.session import BACKOFF_CAP, Dial, GaveUp, Joined, Lost, Session, said
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -20,8 +21,8 @@ FAST = p.Welcome(3, 125, 4)  # the sink's own pace: beat 0.125 s, expiry 0.5 s
 HELLO = p.Hello("worker", "w1", 4)
 
 
-def session(now: float = 100.0, seed: int = 1) -> Session:
-    return Session("worker", "w1", OWN, now, credit=4, rng=random.Random(seed))
+def session(now: float = 100.0, seed: int = 1, connect_timeout: float | None = None) -> Session:
+    return Session("worker", "w1", OWN, now, credit=4, rng=random.Random(seed), connect_timeout=connect_timeout)
 
 
 def joined(now: float = 100.0, welcome: p.Welcome = FAST, seed: int = 1) -> Session:
@@ -44,8 +45,17 @@ def lose(s: Session) -> float:
         now = s.next_deadline()
         event, _ = act(s, now)
         if event is not None:
-            assert event == Lost(event.reason, redial=True)
+            assert isinstance(event, Lost) and event.redial
             return now
+
+
+def next_event(s: Session) -> tuple[object, float]:
+    """Tick at every deadline, the sink silent, until something happens: the event, and when."""
+    while True:
+        now = s.next_deadline()
+        event, _ = act(s, now)
+        if event is not None:
+            return event, now
 
 
 def redial(s: Session, lost_at: float) -> float:
@@ -122,7 +132,7 @@ def test_silence_just_past_heartbeat_times_liveness_loses_the_sink():
     s.received(p.Heartbeat(3), 100.0625)  # heard last at 100.0625
     assert all(act(s, t)[0] is None for t in (100.25, 100.5, 100.5625))  # silent exactly 0.5 s: not yet
     event, out = act(s, 100.5625 + 1e-6)
-    assert event == Lost("the sink has been silent for 0.5 s", redial=True)
+    assert event == Lost("the sink has been silent for 0.5 s; connecting again", redial=True, first=True)
     assert out == [] and not s.joined
     assert s.received(p.Heartbeat(3), 100.6) is None and not s.joined  # too late: the link is given up
 
@@ -146,7 +156,7 @@ def test_backoff_doubles_up_to_the_cap_and_starts_over_after_a_welcome():
     assert len(set(waits)) == len(waits)  # jittered: peers of a restarted sink spread out
 
     now = s.next_deadline()
-    assert s.received(p.Welcome(3, 0, 0), now) == Joined(3, True)
+    assert s.received(p.Welcome(3, 0, 0), now) == Joined(3, True, waited=now - 100.0)
     wait = redial(s, lose(s))
     assert 0.125 <= wait <= 0.25  # the first step again
     wait = redial(s, lose(s))  # never welcomed on that connection: doubled again
@@ -194,6 +204,19 @@ def test_a_reset_says_hello_again_on_the_same_connection():
     assert s.joined and s.dials == 1
 
 
+def test_a_burst_of_resets_gets_one_hello():
+    """A sink answers each message of a forgotten peer with a reset: a hello for each would
+    start the new session over and over (PROTOCOL.md 6.4)."""
+    s = joined(100.0)
+    assert isinstance(s.received(p.Reset("unknown peer: send hello"), 100.25), Lost)
+    assert s.received(p.Reset("unknown peer: send hello"), 100.26) is None
+    assert s.received(p.Reset("unknown peer: send hello"), 100.27) is None
+    assert s.take() == [HELLO]
+    assert s.received(p.Welcome(3, 125, 4), 100.3) == Joined(3, False)
+    assert isinstance(s.received(p.Reset("unknown peer: send hello"), 101.0), Lost)  # a new forgetting
+    assert s.take() == [HELLO]
+
+
 def test_a_heartbeat_of_another_epoch_says_hello_again():
     s = joined(100.0)
     assert s.received(p.Heartbeat(3), 100.125) is None  # its own epoch: nothing to do
@@ -209,7 +232,7 @@ def test_new_epoch_is_true_for_the_first_welcome_and_a_changed_one_only():
     lost_at = lose(s)
     redial(s, lost_at)
     now = s.next_deadline()
-    assert s.received(p.Welcome(3, 125, 4), now) == Joined(3, False)  # the same sink, dialled again
+    assert s.received(p.Welcome(3, 125, 4), now) == Joined(3, False, outage=now - 100.0)  # the same sink, dialled again
     assert s.received(p.Welcome(5, 125, 4), now) == Joined(5, True)  # it restarted meanwhile
     assert s.epoch == 5
 
@@ -272,3 +295,118 @@ def test_next_deadline_is_when_tick_next_acts():
     assert deadline + 0.125 <= dial_at <= deadline + 0.25
     assert act(s, dial_at - 1e-6) == (None, [])
     assert act(s, dial_at) == (Dial(), [HELLO])
+
+
+# --- what a person reads: one warning per silence, one line when the sink is back -----------
+
+SINK = "tcp://127.0.0.1:5558"
+
+
+def test_a_silence_is_one_warning_however_many_dials_meet_it_and_one_line_with_its_length_at_the_end():
+    s = joined(100.0)  # expiry 0.5 s
+    s.received(p.Heartbeat(3), 100.25)  # the sink's last sign of life
+    losses = []
+    for _ in range(5):  # the sink stays away through five dials
+        event, lost_at = next_event(s)
+        losses.append(event)
+        redial(s, lost_at)
+    assert [e.first for e in losses] == [True, False, False, False, False]
+    assert [said(e, SINK) for e in losses] == [
+        (logging.WARNING, f"sink {SINK}: the sink has been silent for 0.5 s; connecting again")
+    ] + [(logging.DEBUG, f"sink {SINK}: {e.reason}") for e in losses[1:]]
+
+    back = s.next_deadline()
+    event = s.received(p.Welcome(3, 125, 4), back)
+    assert event == Joined(3, False, outage=back - 100.25)
+    assert said(event, SINK) == (logging.INFO, f"sink {SINK} back after {back - 100.25:.1f} s")
+
+    s.take()
+    event, _ = next_event(s)  # a new silence is news again
+    assert isinstance(event, Lost) and event.first
+    assert said(event, SINK)[0] == logging.WARNING
+
+
+def test_a_sink_that_never_answered_is_said_once_and_its_first_welcome_with_the_wait():
+    s = session(100.0, connect_timeout=10.0)
+    act(s, 100.0)
+    losses = []
+    for _ in range(3):
+        event, lost_at = next_event(s)
+        losses.append(event)
+        redial(s, lost_at)
+    assert [said(e, SINK) for e in losses] == [
+        (logging.WARNING, f"sink {SINK}: no answer yet; connecting again for up to 10 s")
+    ] + [(logging.DEBUG, f"sink {SINK}: no answer yet; connecting again for up to 10 s")] * 2
+    now = s.next_deadline() - 0.125
+    event = s.received(p.Welcome(3, 125, 4), now)
+    assert event == Joined(3, True, waited=now - 100.0)
+    assert said(event, SINK) == (logging.INFO, f"sink {SINK} answered after {now - 100.0:.1f} s")
+
+    quick = joined(100.0)  # welcomed at the first hello: nothing to say
+    assert said(Joined(3, True), SINK) is None and quick.welcomed
+
+    waiting = session(100.0)  # no connect_timeout: it waits as long as it takes
+    act(waiting, 100.0)
+    assert act(waiting, waiting.next_deadline())[0] == Lost(
+        "no answer yet; connecting again until a sink answers", redial=True, first=True
+    )
+
+
+def test_a_reset_or_a_restart_is_no_silence():
+    s = joined(100.0)
+    event = s.received(p.Reset("unknown peer: send hello"), 100.25)
+    assert said(event, SINK) == (logging.DEBUG, f"sink {SINK}: the sink reset the session (unknown peer: send hello)")
+    assert s.received(p.Welcome(3, 125, 4), 100.375) == Joined(3, False)  # no outage to tell of
+
+
+# --- connect_timeout: giving up on a sink that never welcomed us ----------------------------
+
+
+def test_no_welcome_within_the_connect_timeout_gives_up_once_and_closes_the_session():
+    s = session(100.0, connect_timeout=2.0)
+    assert act(s, 100.0) == (Dial(), [HELLO])
+    events = []
+    while (now := s.next_deadline()) < 102.0:
+        event, _ = act(s, now)
+        events.append(event)
+    assert now == 102.0  # the give-up is a deadline of its own: the loop around wakes for it
+    assert not isinstance(act(s, 102.0 - 1e-6)[0], GaveUp)
+    assert act(s, 102.0) == (GaveUp(2.0), [])
+    assert {type(e) for e in events} <= {Lost, Dial}
+    assert s.next_deadline() == float("inf")
+    assert act(s, 200.0) == (None, [])  # no dial after giving up
+    assert s.received(p.Welcome(3, 125, 4), 200.0) is None and not s.joined
+
+
+def test_the_connect_timeout_counts_from_the_first_dial():
+    s = session(100.0, connect_timeout=2.0)
+    assert act(s, 105.0) == (Dial(), [HELLO])  # the first tick came late: that is when it dials
+    s.received(p.Welcome(3, 125, 4), 106.5)
+    assert s.joined
+
+
+def test_once_welcomed_a_silence_of_any_length_is_an_outage_not_a_give_up():
+    s = session(100.0, connect_timeout=2.0)
+    act(s, 100.0)
+    s.received(p.Welcome(3, 125, 4), 100.0)
+    s.take()
+    now = 100.0
+    while now < 160.0:  # a minute without the sink
+        now = s.next_deadline()
+        event, _ = act(s, now)
+        assert not isinstance(event, GaveUp)
+    assert s.dials > 10
+    assert s.received(p.Welcome(3, 125, 4), now) == Joined(3, False, outage=now - 100.0)
+
+
+def test_time_not_listening_before_the_first_welcome_is_not_held_against_the_sink():
+    s = session(100.0, connect_timeout=2.0)
+    act(s, 100.0)
+    now = 130.0  # the caller was away long past the timeout (its subscriber not polled)
+    event, _ = act(s, now)
+    assert not isinstance(event, GaveUp)  # one more hello first
+    while not isinstance(event, GaveUp):
+        assert now < 131.0
+        now = s.next_deadline()
+        event, _ = act(s, now)
+    assert event.waited == pytest.approx(now - 100.0)

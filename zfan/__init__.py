@@ -10,6 +10,7 @@ from .errors import (
     ConfigError,
     DeliveryTimeout,
     LedgerError,
+    NoSink,
     OutcomeTimeout,
     ProtocolError,
     SerializationError,
@@ -53,6 +54,7 @@ __all__ = [
     "SerializationError",
     "DeliveryTimeout",
     "OutcomeTimeout",
+    "NoSink",
     "Closed",
     "RetentionGap",
 ]

@@ -85,6 +85,17 @@ def _positive(name: str, value: float, *, integer: bool = False) -> None:
         raise ConfigError(f"{name} must be greater than 0, not {value!r}")
 
 
+def _check_connect_timeout(value: float | None) -> None:
+    if value is not None:
+        _positive("connect_timeout", value)
+
+
+# Seconds a client waits for its first welcome before it stops with NoSink. A producer or a
+# subscriber is mostly started by hand or by a script that wants to know soon; a worker is a
+# service, often started (by a supervisor, with its fleet) before its sink: it waits.
+CLIENT_CONNECT_TIMEOUT = 10.0
+
+
 @dataclass(frozen=True, kw_only=True)
 class Timing:
     """Application heartbeats: a peer silent for heartbeat x liveness seconds is dead."""
@@ -178,9 +189,13 @@ class WorkerSettings:
     limits: Limits = field(default_factory=Limits)
     # Seconds a stopping worker takes to finish the batches it holds before it hands them back.
     drain_timeout: float = 30.0
+    # Seconds to wait for the first welcome before stopping with NoSink; None waits for a sink
+    # as long as it takes. Once welcomed, a worker whose sink goes away dials until stopped.
+    connect_timeout: float | None = None
 
     def __post_init__(self) -> None:
         check_endpoint(self.control, what="control endpoint")
+        _check_connect_timeout(self.connect_timeout)
         _positive("credit", self.credit, integer=True)
         if not self.drain_timeout >= 0:
             raise ConfigError(f"drain_timeout must be at least 0, not {self.drain_timeout}")
@@ -204,10 +219,14 @@ class ProducerSettings:
     timing: Timing = field(default_factory=Timing)
     curve: Curve | None = None
     limits: Limits = field(default_factory=Limits)
+    # Seconds to wait for the first welcome before stopping with NoSink (None: no limit). Once
+    # welcomed, a producer whose sink goes away dials until closed; flush() bounds that wait.
+    connect_timeout: float | None = CLIENT_CONNECT_TIMEOUT
 
     def __post_init__(self) -> None:
         check_endpoint(self.intake, what="intake endpoint")
         check_endpoint(self.control, what="control endpoint")
+        _check_connect_timeout(self.connect_timeout)
         _positive("batch_size", self.batch_size, integer=True)
         if not isinstance(self.linger_ms, (int, float)) or self.linger_ms < 0:
             raise ConfigError(f"linger_ms must be 0 or more, not {self.linger_ms!r}")
@@ -230,9 +249,14 @@ class SubscriberSettings:
     hwm: int = 1000
     curve: Curve | None = None
     limits: Limits = field(default_factory=Limits)
+    # Seconds to wait for the sink's first answer (its welcome on control, and on results the
+    # answer that says it has our subscriptions) before wait_ready() and recv() raise NoSink;
+    # None: no limit. Once answered, a subscriber whose sink goes away dials until closed.
+    connect_timeout: float | None = CLIENT_CONNECT_TIMEOUT
 
     def __post_init__(self) -> None:
         check_endpoint(self.results, what="results endpoint")
+        _check_connect_timeout(self.connect_timeout)
         if self.control is not None:
             check_endpoint(self.control, what="control endpoint")
         for prefix in self.topics:
@@ -277,6 +301,7 @@ class WorkerOptions(TypedDict, total=False):
     curve: Curve | None
     limits: Limits
     drain_timeout: float
+    connect_timeout: float | None
 
 
 class ProducerOptions(TypedDict, total=False):
@@ -291,6 +316,7 @@ class ProducerOptions(TypedDict, total=False):
     timing: Timing
     curve: Curve | None
     limits: Limits
+    connect_timeout: float | None
 
 
 class SubscriberOptions(TypedDict, total=False):
@@ -301,6 +327,7 @@ class SubscriberOptions(TypedDict, total=False):
     hwm: int
     curve: Curve | None
     limits: Limits
+    connect_timeout: float | None
 
 
 S = TypeVar("S")

@@ -24,6 +24,15 @@ class AuthError(ZfanError):
     """An encrypted handshake failed: a key refused, a wrong server key, CURVE on one side only."""
 
 
+class NoSink(ZfanError):
+    """No zfan sink answers at an endpoint: nothing welcomed the client within its
+    connect_timeout, or what listens there is certainly no zfan sink's port of that kind."""
+
+    def __init__(self, endpoint: str, message: str) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+
+
 class LedgerError(ZfanError):
     """The ledger file cannot be opened, written or trusted."""
 

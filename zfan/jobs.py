@@ -45,7 +45,7 @@ class WorkerCore:
         if isinstance(event, Lost) or (isinstance(event, Joined) and event.new_epoch):
             self.held.clear()  # the sink forgot us or restarted: what we hold is fenced already
         if isinstance(event, Joined):
-            log.info("joined the sink (epoch %d)", event.epoch)
+            log.debug("joined the sink (epoch %d)", event.epoch)
         if isinstance(msg, p.Drain):
             self._drain_heard = self.draining
             return event, None

@@ -2,15 +2,17 @@
 and subscriber shares.
 
 hello -> welcome, heartbeats both ways (any message from the sink counts as one), the sink's
-silence, a reset or a new epoch, the wait before dialling again, bye. It is fed what came from
-the sink (``received``) and the passing of time (``tick``), both with the time passed in, and
-says what to send (``outbox``) and what happened (the events it returns). The role's own core
-wraps it; the socket loop around that only polls until ``next_deadline()``.
+silence, a reset or a new epoch, the wait before dialling again, bye, and giving up on a sink
+that never answers. It is fed what came from the sink (``received``) and the passing of time
+(``tick``), both with the time passed in, and says what to send (``outbox``) and what happened
+(the events it returns, which ``said()`` puts in words). The role's own core wraps it; the
+socket loop around that only polls until ``next_deadline()``.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import random
 from dataclasses import dataclass
 
@@ -30,22 +32,51 @@ class Dial:
 @dataclass(frozen=True)
 class Joined:
     """The sink welcomed us. `new_epoch`: a sink we had not met, or one that restarted, so
-    what the last one leased or numbered is fenced."""
+    what the last one leased or numbered is fenced. When this welcome ends a silence that a
+    Lost reported: `outage`, the seconds since a sink that had welcomed us was last heard, or
+    `waited`, the seconds since the first dial if none had welcomed us yet."""
 
     epoch: int
     new_epoch: bool
+    outage: float | None = None
+    waited: float | None = None
 
 
 @dataclass(frozen=True)
 class Lost:
     """The session ended. With `redial` the connection is dropped (its socket must be closed; a
-    Dial follows after a backoff); without, the hello is already in the outbox."""
+    Dial follows after a backoff); without, the hello is already in the outbox. `first`: the
+    first loss since the last welcome; the others are the same silence going on, and dials
+    that met it again."""
 
     reason: str
     redial: bool
+    first: bool = True
 
 
-Event = Dial | Joined | Lost
+@dataclass(frozen=True)
+class GaveUp:
+    """No sink welcomed us within `connect_timeout` of the first dial: the session is closed
+    (its socket must be closed too), and the role stops."""
+
+    waited: float
+
+
+Event = Dial | Joined | Lost | GaveUp
+
+
+def said(event: Event | None, endpoint: str) -> tuple[int, str] | None:
+    """What a person reads about an event (its logging level and line), if anything: one
+    warning when a sink goes silent or does not answer, one line when it is back, the rest
+    at debug level."""
+    if isinstance(event, Lost):
+        level = logging.WARNING if event.first and event.redial else logging.DEBUG
+        return level, f"sink {endpoint}: {event.reason}"
+    if isinstance(event, Joined) and event.outage is not None:
+        return logging.INFO, f"sink {endpoint} back after {event.outage:.1f} s"
+    if isinstance(event, Joined) and event.waited is not None:
+        return logging.INFO, f"sink {endpoint} answered after {event.waited:.1f} s"
+    return None
 
 
 class State(enum.Enum):
@@ -75,10 +106,21 @@ class Backoff:
 
 class Session:
     def __init__(
-        self, role: str, name: str, timing: Timing, now: float, *, credit: int = 0, rng: random.Random | None = None
+        self,
+        role: str,
+        name: str,
+        timing: Timing,
+        now: float,
+        *,
+        credit: int = 0,
+        rng: random.Random | None = None,
+        connect_timeout: float | None = None,
     ) -> None:
         self.hello = p.Hello(role, name, credit)
         self.timing = timing
+        # Seconds from the first dial to the first welcome before giving up (None: never).
+        # Once welcomed, a silent sink is an outage: the session dials until closed.
+        self.connect_timeout = connect_timeout
         self.state = State.IDLE
         self.epoch = 0  # of the sink that last welcomed us; kept across sessions
         self.outbox: list[p.Message] = []
@@ -89,6 +131,10 @@ class Session:
         self._next_beat = now
         self._dial_at = now
         self._wake_at = now  # when tick() asked to run next: silence counts only while we listen
+        self.welcomed = False  # by any sink, ever
+        self._first_dial: float | None = None
+        self._give_up_at = float("inf")  # set at the first dial, from connect_timeout
+        self._silent_since: float | None = None  # of a silence a Lost reported, until a welcome
 
     @property
     def joined(self) -> bool:
@@ -106,8 +152,12 @@ class Session:
             return None  # left over from a connection already given up
         self._heard = now
         if isinstance(msg, p.Welcome):
-            return self._welcome(msg)
+            return self._welcome(msg, now)
         if isinstance(msg, p.Reset):
+            if self.state is State.HELLO:
+                # Our hello is on its way, or answered by a welcome still to come: one more
+                # would make the sink start the new session over (PROTOCOL.md 6.4).
+                return None
             return self._hello_again(now, f"the sink reset the session ({msg.reason})")
         if isinstance(msg, p.Heartbeat) and self.joined and msg.epoch != self.epoch:
             return self._hello_again(now, f"the sink restarted (epoch {self.epoch} -> {msg.epoch})")
@@ -122,11 +172,21 @@ class Session:
     def _tick(self, now: float) -> Event | None:
         if self.state is State.CLOSED:
             return None
+        if not self.welcomed and now - self._wake_at > self._expiry / 2:
+            # Time we were not listening proves nothing against a sink: one more hello first.
+            self._give_up_at = max(self._give_up_at, now + self._expiry + self._beat)
+        if not self.welcomed and now >= self._give_up_at:
+            self.state = State.CLOSED
+            return GaveUp(now - (self._first_dial or now))
         if self.state is State.IDLE:
             if now < self._dial_at:
                 return None
             self.state = State.HELLO
             self.dials += 1
+            if self._first_dial is None:
+                self._first_dial = now
+                if self.connect_timeout is not None:
+                    self._give_up_at = now + self.connect_timeout
             self._heard = now
             self.outbox.append(self.hello)
             self._next_beat = now + self._beat
@@ -142,7 +202,10 @@ class Session:
             self.state = State.IDLE
             self._dial_at = now + self.backoff.next()
             self._beat, self._expiry = self.timing.heartbeat, self.timing.expiry
-            return Lost(f"the sink has been silent for {silent:.1f} s", redial=True)
+            first = self._silent_since is None
+            if first:
+                self._silent_since = self._heard if self.welcomed else self._first_dial
+            return Lost(self._silence(silent), redial=True, first=first)
         if self.joined and now >= self._next_beat:
             self.outbox.append(p.Heartbeat(self.epoch))
             self._next_beat = max(self._next_beat + self._beat, now + self._beat / 2)
@@ -158,23 +221,37 @@ class Session:
         """When tick() next has something to do."""
         if self.state is State.CLOSED:
             return float("inf")
+        give_up = float("inf") if self.welcomed else self._give_up_at
         if self.state is State.IDLE:
-            return self._dial_at
+            return min(self._dial_at, give_up)
         # Just past the expiry: the sink is lost only once silent for *more* than that.
         expiry = self._heard + self._expiry + 1e-3
-        return min(self._next_beat, expiry) if self.joined else expiry
+        return min(self._next_beat, expiry) if self.joined else min(expiry, give_up)
 
-    def _welcome(self, msg: p.Welcome) -> Joined:
+    def _silence(self, silent: float) -> str:
+        if self.welcomed:
+            return f"the sink has been silent for {silent:.1f} s; connecting again"
+        if self.connect_timeout is None:
+            return "no answer yet; connecting again until a sink answers"
+        return f"no answer yet; connecting again for up to {self.connect_timeout:g} s"
+
+    def _welcome(self, msg: p.Welcome, now: float) -> Joined:
         new = msg.epoch != self.epoch
         self.epoch = msg.epoch
         self.state = State.JOINED
         self.backoff.reset()
+        away = None if self._silent_since is None else now - self._silent_since
+        back = self.welcomed
+        self.welcomed = True
+        self._silent_since = None
         if msg.heartbeat_ms and msg.liveness:
             # Beat as often as the sink expects, and give it the silence it allows itself.
             self._beat = msg.heartbeat_ms / 1000
             self._expiry = self._beat * msg.liveness
             self._next_beat = min(self._next_beat, self._heard + self._beat)
-        return Joined(msg.epoch, new)
+        if away is None:
+            return Joined(msg.epoch, new)
+        return Joined(msg.epoch, new, outage=away) if back else Joined(msg.epoch, new, waited=away)
 
     def _hello_again(self, now: float, reason: str) -> Lost:
         self.state = State.HELLO

@@ -29,6 +29,7 @@ CONTROL_TYPES: frozenset[type[p.Message]] = SESSION_TYPES | RESULT_TYPES | {p.Mi
 POLL_HEADS = 1.0  # seconds between asking the sink for its topics' latest seqs
 ASK_AGAIN = 1.0  # seconds after which a request whose answer has not come is sent again
 COMMIT_EVERY = 1.0  # seconds between saving a durable subscriber's position
+SYNC_GRACE = 1.0  # seconds: a caller away longer than this gives the sink as long again to sync
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,21 @@ class SubscriberCore:
         timing: Timing | None = None,
         name: str = "subscriber",
         rng: random.Random | None = None,
+        connect_timeout: float | None = None,
     ) -> None:
         self.prefixes = prefixes
         self.durable = durable
         self._now = now
         # With a control channel, a session keeps it alive and says when to dial it again.
-        self.session = Session("subscriber", name, timing or Timing(), now, rng=rng) if control else None
+        self.session = (
+            Session("subscriber", name, timing or Timing(), now, rng=rng, connect_timeout=connect_timeout)
+            if control
+            else None
+        )
+        # The results stream must answer our sync within connect_timeout of the first look.
+        self.connect_timeout = connect_timeout
+        self._sync_due: float | None = None
+        self._sync_since = self._sync_seen = now
         self.seq: Sequencer[Message] = Sequencer(clock=lambda: self._now, repair=control)
         self.synced = False  # the sink has our subscriptions: the stream is complete from here
         self.started = not control  # where each topic starts is known
@@ -132,6 +142,21 @@ class SubscriberCore:
     def synced_now(self) -> None:
         """The sink answered our private sync topic: every subscription of ours is in place."""
         self.synced = True
+
+    def sync_overdue(self, now: float) -> float | None:
+        """Seconds waited for the sync, if it is overdue (connect_timeout); counted from the
+        first call, made once the caller first waits for results, and called again after each
+        look at the stream. A look long after the last one follows a caller that was not
+        listening: that proves nothing against the sink, which gets SYNC_GRACE more."""
+        if self.synced or self.connect_timeout is None:
+            return None
+        if self._sync_due is None:
+            self._sync_since = now
+            self._sync_due = now + self.connect_timeout
+        elif now - self._sync_seen > SYNC_GRACE:
+            self._sync_due = max(self._sync_due, now + SYNC_GRACE)
+        self._sync_seen = now
+        return now - self._sync_since if now >= self._sync_due else None
 
     def stream(self, topic: bytes, frames: list[bytes], now: float) -> None:
         """A result from the results stream: its topic frame, then its header and payload."""

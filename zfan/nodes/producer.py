@@ -23,11 +23,12 @@ from ..batching import Batch, Batcher
 from ..config import ProducerSettings, check_topic, settings_from
 from ..delivery import BatchOutcome, Outcomes, ProducerCore, Sent
 from ..errors import Closed, SerializationError, ZfanError
-from ..session import Dial, Joined, Lost
+from ..session import Dial, GaveUp, Joined, Lost, said
 from .handoff import Handoff
+from .probe import no_answer
 from .security import Handshakes, HandshakeWatch, check_handshakes, secure_client
 from .service import Service
-from .transport import Ctx, Poll, Sock, connect, drain, socket
+from .transport import Ctx, Poll, Sock, connect, drain, send, socket
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -72,8 +73,10 @@ class Producer(Service):
         self._closed = False
         self._acked_records = 0
         self.sent_records = 0
-        self.connected = threading.Event()
+        self.connected = threading.Event()  # set while a sink has welcomed us
         self._poll = Poll()
+        # Until the intake connection's first handshake: when to give up on it (connect_timeout).
+        self._intake_due: float | None = None
 
     # --- the caller's side -----------------------------------------------------------------
     def send(self, record: Any, topic: str | None = None) -> None:
@@ -179,6 +182,7 @@ class Producer(Service):
     def _serve(self) -> None:
         s = self.settings
         core = ProducerCore(s.producer_id, s.timing, time.monotonic(), resend_after=s.resend_after)
+        core.session.connect_timeout = s.connect_timeout
         ctl: Sock | None = None
         push: Sock | None = None
         watches: list[HandshakeWatch] = []
@@ -190,15 +194,19 @@ class Producer(Service):
                 if ctl is not None:
                     self._take(core, ctl, ready, now)  # first: a sink heard from is not a sink lost
                 event = core.tick(now)
-                if isinstance(event, Lost):
+                if isinstance(event, (Lost, GaveUp)):
                     check_handshakes(*watches)  # a refused handshake, not silence, may be why
-                    log.warning("sink %s: %s; connecting again", s.control, event.reason)
+                if isinstance(event, GaveUp):
+                    raise no_answer(s.control, "control", s.connect_timeout or event.waited)
+                if isinstance(event, Lost):
+                    self._say(event)
                     self.connected.clear()
                     # The intake connection may be just as dead, its batches stuck behind TCP's
                     # backed-off retransmits long after the network heals: both are replaced.
                     ctl, push = self._close(ctl, push, watches)
                 elif isinstance(event, Dial):
                     ctl, push = self._open(ctl, push, watches)
+                self._check_intake(watches, now)
                 assert (ctl is None) == (push is None)
                 blocked = ctl is not None and push is not None and self._give(core, ctl, push, now)
                 ready = self._wait(core, ctl, push, watches, blocked)
@@ -222,6 +230,7 @@ class Producer(Service):
             if acked:
                 self._acked_records = core.window.acked_records
                 self._handoff.acked(acked)
+            self._say(event)
             if isinstance(event, Joined):
                 self.connected.set()
             elif isinstance(event, Lost):
@@ -231,6 +240,20 @@ class Producer(Service):
             self._handoff.ended(ended)
             if self._on_outcome is not None:
                 self._tell(ended)
+
+    def _say(self, event: object) -> None:
+        if isinstance(event, (Joined, Lost)) and (line := said(event, self.settings.control)) is not None:
+            log.log(*line)
+
+    def _check_intake(self, watches: list[HandshakeWatch], now: float) -> None:
+        """Give up on an intake endpoint where nothing completed a handshake within
+        connect_timeout (its watch is the first): its batches could only wait for acks forever."""
+        if self._intake_due is None:
+            return
+        if watches and watches[0].succeeded:
+            self._intake_due = None
+        elif now >= self._intake_due:
+            raise no_answer(self.settings.intake, "intake", self.settings.connect_timeout or 0.0)
 
     def _tell(self, ended: list[BatchOutcome]) -> None:
         assert self._on_outcome is not None
@@ -260,6 +283,8 @@ class Producer(Service):
         linger = self._handoff.linger_deadline(now)
         if linger is not None:
             due = min(due, linger)
+        if self._intake_due is not None:
+            due = min(due, self._intake_due)
         watched: list[tuple[Sock | int, int]] = [(self._wakeup.fileno(), zmq.POLLIN)]
         if ctl is not None:
             watched.append((ctl, zmq.POLLIN))
@@ -273,11 +298,16 @@ class Producer(Service):
 
     def _send(self, ctl: Sock, messages: list[p.Message]) -> None:
         for msg in messages:
-            ctl.send_multipart(p.encode(msg), zmq.NOBLOCK)
+            if not send(ctl, p.encode(msg)):
+                # No connection to queue on, or the sink reads nothing: what is unsent is the
+                # session's to notice (no welcome, no acks) and the resends' to make good.
+                log.debug("sink %s takes nothing on control; %s not sent", self.settings.control, type(msg).__name__)
 
     def _open(self, ctl: Sock | None, push: Sock | None, watches: list[HandshakeWatch]) -> tuple[Sock, Sock]:
         self._close(ctl, push, watches)
         s = self.settings
+        if self._intake_due is None and s.connect_timeout is not None and not self._handshakes.ever_succeeded:
+            self._intake_due = time.monotonic() + s.connect_timeout
         push = socket(self._ctx, zmq.PUSH)
         ctl = socket(self._ctx, zmq.DEALER, max_frame=p.MAX_HEADER_BYTES)  # it receives headers only
         for sock, endpoint, what in ((push, s.intake, "intake endpoint"), (ctl, s.control, "control endpoint")):

@@ -3,7 +3,8 @@
 The sink is the CURVE server on all three of its sockets, with a ZAP authenticator (pyzmq's)
 that lets in only the public keys found in its allow folder; every other role is a client
 holding its own keypair and the sink's public key. A client watches its socket's monitor so
-that a refused handshake is an error a person reads, not a silent hang.
+that a refused handshake, or a peer that is no zfan sink's port, is an error a person reads,
+not a silent hang.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from ..config import Curve
-from ..errors import AuthError, ConfigError
-from .transport import Ctx, Sock
+from ..errors import AuthError, ConfigError, NoSink
+from .probe import TIMEOUT, not_a_sink_port, probe
+from .transport import Ctx, Sock, socket
 
 log = logging.getLogger(__name__)
 
@@ -217,16 +219,18 @@ def start_authenticator(ctx: Ctx, curve: Curve) -> tuple[ThreadAuthenticator, Al
     return auth, allow
 
 
-_FAILURES = {
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the sink refused this node's key (it is not in the sink's allow_keys=)",
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the sink and this node disagree on encryption (one uses CURVE, "
-    "the other does not)",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the encrypted handshake failed: is server_key= the sink's public key?",
-}
+_REFUSED = "the sink refused this node's key (it is not in the sink's allow_keys=)"
+_DISAGREE = "the sink and this node disagree on encryption (one uses CURVE, the other does not)"
+_WRONG_KEY = "the encrypted handshake failed: is server_key= the sink's public key?"
+_NEEDS_KEYS = "the sink requires encryption: give secret_file= and server_key="
+_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+# What each kind of client socket dials.
+PORTS: dict[int, str] = {int(zmq.DEALER): "control", int(zmq.PUSH): "intake", int(zmq.SUB): "results"}
+CLIENT_KINDS = {"control": zmq.DEALER, "intake": zmq.PUSH, "results": zmq.SUB}
 
 
 def check_handshakes(*watches: HandshakeWatch | None) -> None:
-    """Raise AuthError if any of the watched sockets failed its handshake."""
+    """Raise if any of the watched sockets failed its handshake for good (see HandshakeWatch)."""
     for watch in watches:
         if watch is not None:
             watch.check()
@@ -244,50 +248,111 @@ def secure_client(sock: Sock, curve: Curve | None, endpoint: str, history: Hands
     either way: a plaintext client of an encrypted sink must say so too."""
     if curve is not None:
         make_client(sock, curve)
-    return HandshakeWatch(sock, endpoint, encrypted=curve is not None, history=history)
+    return HandshakeWatch(sock, endpoint, curve=curve, history=history)
 
 
 class HandshakeWatch:
-    """Reads a socket's monitor and turns a failed handshake into an AuthError."""
+    """Reads a socket's monitor and turns a handshake that failed for good into an error a
+    person reads: AuthError for keys and encryption, NoSink for a peer that is no zfan sink's
+    port of the kind this socket dials.
 
-    def __init__(self, sock: Sock, endpoint: str, *, encrypted: bool = True, history: Handshakes | None = None) -> None:
+    What libzmq 4.3.5 reports is not enough by itself. A peer of an incompatible socket type
+    (a DEALER meeting a PULL) ends the connection with no handshake event at all, and ZeroMQ
+    never dials it again; when that peer hangs up first, the client sees the same
+    HANDSHAKE_FAILED_NO_DETAIL that a wrong server key or a sink dying mid-handshake gives. So
+    any handshake that ends without success, other than a refused key or a mismatch of
+    mechanisms, is settled by asking the endpoint what it is (zfan.nodes.probe).
+    """
+
+    def __init__(
+        self, sock: Sock, endpoint: str, *, curve: Curve | None = None, history: Handshakes | None = None
+    ) -> None:
         self.endpoint = endpoint
-        self.encrypted = encrypted
+        self.curve = curve
+        self.encrypted = curve is not None
         self.history = history or Handshakes()
+        self.port = PORTS.get(int(sock.getsockopt(zmq.TYPE)), "control")
         self.monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH
-            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-            | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            _FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
         )
         self._sock = sock
         self._failures = 0  # failed handshakes since the last one that succeeded
+        self._shaking = False  # a connection is up and its handshake not yet done
+        self.succeeded = False  # a handshake on this socket succeeded at least once
 
     def check(self) -> None:
-        """Raise AuthError if the monitor reports a failed handshake; never blocks.
+        """Raise AuthError or NoSink if the monitor reports a handshake failed for good. Never
+        blocks but to ask the endpoint what it is after a failure (a second at most; two for
+        an encrypted client).
 
-        A refused key is the sink's answer, and a role that never got in is misconfigured: both
-        fatal at once. A role that got in before also sees failures when a sink dies
-        mid-handshake: for it they count only when they repeat with no success between.
+        A refused key is the sink's answer, a mismatch of mechanisms or a peer of another kind
+        is certain: all fatal at once. A wrong server key cannot be told from a sink dying
+        mid-handshake: fatal for a role that never got in, and otherwise only when failures
+        repeat with no success between.
         """
         while self.monitor.poll(0):
-            event = zmq.Event(recv_monitor_message(self.monitor)["event"])
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.history.ever_succeeded = True
+            msg = recv_monitor_message(self.monitor)
+            event, value = zmq.Event(msg["event"]), msg["value"]
+            if event == zmq.EVENT_CONNECTED:
+                self._shaking = True
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.history.ever_succeeded = self.succeeded = True
                 self._failures = 0
-            elif event in _FAILURES:
-                self._failures += 1
-                if (
-                    event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                    or not self.history.ever_succeeded
-                    or self._failures >= REPEATED_FAILURES
-                ):
-                    why = (
-                        _FAILURES[event]
-                        if self.encrypted
-                        else ("the sink requires encryption: give secret_file= and server_key=")
-                    )
-                    raise AuthError(f"cannot connect to {self.endpoint}: {why}")
+                self._shaking = False
+            elif event & _FAILED or (event == zmq.EVENT_DISCONNECTED and self._shaking):
+                self._shaking = False
+                self._failed(event, value)
+
+    def _failed(self, event: zmq.Event, value: int) -> None:
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            raise AuthError(f"cannot connect to {self.endpoint}: {_REFUSED}")
+        peer = probe(self.endpoint)
+        if peer.wrong_for(self.port):
+            raise not_a_sink_port(self.endpoint, self.port, peer)
+        mismatch = event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+        if mismatch or (peer.mechanism and (peer.mechanism == "CURVE") != self.encrypted):
+            raise AuthError(f"cannot connect to {self.endpoint}: {_DISAGREE if self.encrypted else _NEEDS_KEYS}")
+        if not self.encrypted or not peer.listening:
+            return  # a sink that went away mid-handshake: ZeroMQ or the session dials again
+        port = self._encrypted_port()
+        if port == self.port:
+            return  # these keys get in, from a socket of this kind: the failure was the sink's
+        if port is not None:
+            kind = zmq.SocketType(CLIENT_KINDS[port]).name
+            raise NoSink(
+                self.endpoint,
+                f"{self.endpoint}: that is not a zfan {self.port} port (with these keys the peer "
+                f"lets a ZeroMQ {kind} socket in, as a zfan sink's {port} port does)",
+            )
+        self._failures += 1
+        if not self.history.ever_succeeded or self._failures >= REPEATED_FAILURES:
+            raise AuthError(f"cannot connect to {self.endpoint}: {_WRONG_KEY}")
+
+    def _encrypted_port(self) -> str | None:
+        """Which zfan port an encrypted peer is, if these keys get in at all: an encrypted peer
+        shows its socket type to no probe, so a socket of each client kind dials it with the
+        same keys, and the one whose handshake succeeds tells (a PUSH gets in only at a PULL).
+        None if none does within the probe's time: then the keys are what is wrong."""
+        assert self.curve is not None
+        ctx = self._sock.context
+        trials: list[tuple[str, Sock, Sock]] = []
+        try:
+            for port, kind in CLIENT_KINDS.items():
+                trial = socket(ctx, kind)
+                monitor = trial.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+                trials.append((port, trial, monitor))
+                make_client(trial, self.curve)
+                trial.connect(self.endpoint)
+            poller = zmq.Poller()
+            for _, _, monitor in trials:
+                poller.register(monitor, zmq.POLLIN)
+            ready = dict(poller.poll(int(TIMEOUT * 1000)))
+            return next((port for port, _, monitor in trials if monitor in ready), None)
+        finally:
+            for _, trial, monitor in trials:
+                trial.disable_monitor()
+                monitor.close(linger=0)
+                trial.close(linger=0)
 
     def close(self) -> None:
         try:

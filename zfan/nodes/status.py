@@ -11,7 +11,7 @@ from .. import protocol as p
 from ..config import Curve
 from ..errors import ProtocolError, ZfanError
 from .security import secure_client
-from .transport import Ctx, connect, socket
+from .transport import Ctx, connect, send, socket
 
 
 def query_status(
@@ -21,7 +21,7 @@ def query_status(
     watch = secure_client(sock, curve, control)
     try:
         connect(sock, control, "control endpoint")
-        sock.send_multipart(p.encode(p.Status()))
+        send(sock, p.encode(p.Status()))  # a send that cannot go ends as no answer, below
         deadline = time.monotonic() + timeout
         while not sock.poll(50):
             watch.check()

@@ -20,12 +20,13 @@ import zmq
 
 from .. import protocol as p
 from ..config import SubscriberSettings, settings_from
-from ..errors import Closed
+from ..errors import Closed, ZfanError
 from ..sequencing import RetentionGap
-from ..session import Dial, Lost
+from ..session import Dial, Event, GaveUp, Joined, Lost, said
 from ..subscription import Message, SubscriberCore
+from .probe import no_answer
 from .security import Handshakes, HandshakeWatch, check_handshakes, secure_client
-from .transport import Ctx, Poll, Sock, connect, drain, socket
+from .transport import Ctx, Poll, Sock, connect, drain, send, socket
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -59,7 +60,12 @@ class Subscriber:
         self._handshakes = Handshakes()
         self._token = f"{p.SYNC_PREFIX}{uuid.uuid4().hex}"
         self._core = SubscriberCore(
-            s.topics, time.monotonic(), control=s.control is not None, durable=s.durable, name=self._token
+            s.topics,
+            time.monotonic(),
+            control=s.control is not None,
+            durable=s.durable,
+            name=self._token,
+            connect_timeout=s.connect_timeout,
         )
         self._sub = socket(self._ctx, zmq.SUB, max_frame=s.limits.max_frame)
         self._sub.setsockopt(zmq.RCVHWM, s.hwm)
@@ -72,6 +78,7 @@ class Subscriber:
         self._ctl_watch: HandshakeWatch | None = None
         self._closed = False
         self._poll = Poll()
+        self._error: ZfanError | None = None  # why it cannot go on: raised again at every call
 
     # --- counters ------------------------------------------------------------------------------
     @property
@@ -110,7 +117,10 @@ class Subscriber:
     # --- the caller's side -------------------------------------------------------------------
     def wait_ready(self, timeout: float = 10.0) -> bool:
         """Wait until the sink has our subscriptions (and, with a control channel, until we know
-        where each topic starts); True if that happened within the timeout."""
+        where each topic starts); True if that happened within the timeout. Raises NoSink once
+        no sink has answered within connect_timeout (counted from the first wait_ready() or
+        recv()), or at once if an endpoint is certainly no sink's; AuthError if a handshake
+        was refused. This is the subscriber's "connected": it keeps no thread of its own."""
         deadline = time.monotonic() + timeout
         while not self._core.ready:
             left = deadline - time.monotonic()
@@ -121,7 +131,8 @@ class Subscriber:
 
     def recv(self, timeout: float | None = None) -> Message | None:
         """The next result in order, or None if none comes within the timeout (seconds).
-        Raises RetentionGap (once per gap) for results the sink no longer has."""
+        Raises RetentionGap (once per gap) for results the sink no longer has, and NoSink or
+        AuthError as wait_ready() does."""
         if self._closed:
             raise Closed("subscriber is closed")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -180,6 +191,16 @@ class Subscriber:
 
     # --- one turn: read what is there, ask for what is missing -------------------------------
     def _turn(self, wait: float) -> None:
+        """One turn; a ZfanError that ends the subscriber is raised now and at every call after."""
+        if self._error is not None:
+            raise self._error
+        try:
+            self._turn_once(wait)
+        except ZfanError as exc:
+            self._error = exc
+            raise
+
+    def _turn_once(self, wait: float) -> None:
         """Poll for at most `wait` seconds (less if the core has something due), then take what came."""
         core = self._core
         # What the sink sent while the caller was away, first: a sink heard from is not a sink lost.
@@ -202,24 +223,37 @@ class Subscriber:
         if self._ctl is not None and self._ctl in ready:
             self._from_control(now)
         self._tick()
+        waited = core.sync_overdue(now)
+        if waited is not None:
+            check_handshakes(self._sub_watch)  # a refused handshake, not silence, may be why
+            raise no_answer(self.settings.results, "results", self.settings.connect_timeout or waited)
 
     def _from_control(self, now: float) -> None:
         if self._ctl is None:
             return
         for frames in drain(self._ctl):
-            if isinstance(self._core.control(frames, now), Lost):
-                # Expected after the caller was busy for longer than the expiry: no news for a person.
-                log.debug("sink %s reset our session; saying hello again", self.settings.control)
+            # A reset is said at debug level: expected after the caller was busy for longer
+            # than the expiry, and no news for a person.
+            self._say(self._core.control(frames, now))
 
     def _tick(self) -> None:
         event = self._core.tick(time.monotonic())
-        if isinstance(event, Lost):
+        if isinstance(event, (Lost, GaveUp)):
             check_handshakes(self._ctl_watch)  # a refused handshake, not silence, may be why
-            log.warning("sink %s: %s; connecting again", self.settings.control, event.reason)
+        if isinstance(event, GaveUp):
+            assert self.settings.control is not None
+            self._close_control()
+            raise no_answer(self.settings.control, "control", self.settings.connect_timeout or event.waited)
+        if isinstance(event, Lost):
+            self._say(event)
             self._close_control()
         elif isinstance(event, Dial):
             self._open_control()
         self._send()
+
+    def _say(self, event: Event | None) -> None:
+        if isinstance(event, (Joined, Lost)) and (line := said(event, str(self.settings.control))) is not None:
+            log.log(*line)
 
     def _from_stream(self, frames: list[bytes], now: float) -> None:
         topic = frames[0]
@@ -237,7 +271,10 @@ class Subscriber:
         if session is None or self._ctl is None:
             return
         for msg in session.take():
-            self._ctl.send_multipart(p.encode(msg))
+            if not send(self._ctl, p.encode(msg)):
+                # No connection to queue on, or the sink reads nothing: the session notices the
+                # silence and dials again, and what was asked is asked again.
+                log.debug("sink %s takes nothing on control; %s not sent", self.settings.control, type(msg).__name__)
 
     def _open_control(self) -> None:
         s = self.settings

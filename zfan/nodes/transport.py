@@ -1,5 +1,6 @@
 """Thin helpers every role uses around pyzmq: binding and connecting with errors a person
-can read, draining a socket, and a wake-up pipe a thread can poll next to its sockets."""
+can read, sending without blocking, draining a socket, and a wake-up pipe a thread can poll
+next to its sockets."""
 
 from __future__ import annotations
 
@@ -77,6 +78,18 @@ def connect(sock: Sock, endpoint: str, what: str) -> None:
         sock.connect(endpoint)
     except zmq.ZMQError as exc:
         raise ConfigError(f"{what} {endpoint}: cannot connect ({exc.strerror})") from None
+
+
+def send(sock: Sock, frames: list[bytes]) -> bool:
+    """Send without blocking; False if the socket takes nothing now. A DEALER blocks for good
+    once it has no connection to queue on (libzmq drops one whose peer is of an incompatible
+    kind, and never dials it again), and any socket blocks at its high-water mark: neither may
+    stop a role's loop, whose session notices the silence and dials again."""
+    try:
+        sock.send_multipart(frames, zmq.NOBLOCK)
+    except zmq.Again:
+        return False
+    return True
 
 
 def drain(sock: Sock, limit: int = DRAIN) -> Iterator[list[bytes]]:

@@ -22,10 +22,11 @@ from .. import protocol as p
 from ..config import Limits, WorkerSettings, settings_from
 from ..errors import SerializationError
 from ..jobs import WorkerCore
-from ..session import Dial, Joined, Lost
+from ..session import Dial, GaveUp, Joined, Lost, said
+from .probe import no_answer
 from .security import Handshakes, HandshakeWatch, secure_client
 from .service import Service
-from .transport import Ctx, Poll, Sock, connect, drain, socket
+from .transport import Ctx, Poll, Sock, connect, drain, send, socket
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -160,6 +161,7 @@ class Worker(Service):
     def _serve(self) -> None:
         s = self.settings
         core = WorkerCore(s.name, s.credit, s.timing, time.monotonic())
+        core.session.connect_timeout = s.connect_timeout
         worker_thread = threading.Thread(target=self._work, name="zfan-worker-process", daemon=True)
         worker_thread.start()
         sock: Sock | None = None
@@ -180,10 +182,12 @@ class Worker(Service):
                         log.warning("drain timed out with %d batch(es) held; handing them back", len(core.held))
                         break
                 event = core.tick(now)
+                if isinstance(event, (Lost, GaveUp)) and watch is not None:
+                    watch.check()  # a refused handshake, not silence, may be why
+                if isinstance(event, GaveUp):
+                    raise no_answer(s.control, "control", s.connect_timeout or event.waited)
                 if isinstance(event, Lost):
-                    if watch is not None:
-                        watch.check()  # a refused handshake, not silence, may be why
-                    log.warning("sink %s: %s; connecting again", s.control, event.reason)
+                    self._say(event)
                     self.connected.clear()
                     self._drop_jobs()
                     sock, watch = self._close(sock, watch)
@@ -206,11 +210,18 @@ class Worker(Service):
         if self._wakeup.fileno() in ready:
             self._wakeup.clear()
         while self._done:
+            # An answer waits for room (a sink reading slowly) rather than be lost or block us;
+            # it is void, and dropped here, once its lease is no longer ours.
+            if not sock.poll(0, zmq.POLLOUT):
+                break
             lease, answer = self._done.popleft()
-            if core.finished(lease):
-                sock.send_multipart(answer)
+            if core.finished(lease) and not send(sock, answer):
+                log.warning(
+                    "sink %s took no answer for batch %d; it will be replayed", self.settings.control, lease.batch_id
+                )
         for frames in drain(sock) if sock in ready else ():
             event, job = core.received(frames, now)
+            self._say(event)
             if isinstance(event, Joined):
                 self.connected.set()
             elif isinstance(event, Lost):
@@ -223,8 +234,8 @@ class Worker(Service):
     def _wait(self, core: WorkerCore, sock: Sock | None, watch: HandshakeWatch | None) -> dict[Any, int]:
         """Poll until the sink sends, the function finishes a batch, or the core's next deadline."""
         watched: list[tuple[Sock | int, int]] = [(self._wakeup.fileno(), zmq.POLLIN)]
-        if sock is not None:
-            watched.append((sock, zmq.POLLIN))
+        if sock is not None:  # with answers waiting for room, room is news too
+            watched.append((sock, zmq.POLLIN | zmq.POLLOUT if self._done else zmq.POLLIN))
         if watch is not None:  # a failed handshake is news at once
             watched.append((watch.monitor, zmq.POLLIN))
         due = core.next_deadline()
@@ -237,7 +248,14 @@ class Worker(Service):
 
     def _send(self, sock: Sock, messages: list[p.Message]) -> None:
         for msg in messages:
-            sock.send_multipart(p.encode(msg))
+            if not send(sock, p.encode(msg)):
+                # No connection to queue on, or the sink reads nothing: the session notices
+                # the silence and dials again.
+                log.debug("sink %s takes nothing on control; %s not sent", self.settings.control, type(msg).__name__)
+
+    def _say(self, event: object) -> None:
+        if isinstance(event, (Joined, Lost)) and (line := said(event, self.settings.control)) is not None:
+            log.log(*line)
 
     def _open(self) -> tuple[Sock, HandshakeWatch]:
         s = self.settings
