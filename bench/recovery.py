@@ -11,8 +11,9 @@
    again one at a time, each alone on an idle worker: the first one is the replay's latency.)
    A fresh sink and workers for every run.
 2. The same with SIGSTOP (a hung worker: its connection stays open, only its silence tells);
-   it gets SIGCONT and is reaped at the end of the run. The floor, measured beside them: SIGTERM,
-   a clean exit whose goodbye lets the sink replay at once.
+   it gets SIGCONT and is reaped at the end of the run. The floor, measured beside them: SIGTERM
+   to a worker with --drain-timeout 0, a clean exit that hands its batches back at once (a
+   worker stopped with the default finishes them first), whose goodbye lets the sink replay.
    Every status query wakes the sink's loop, so polling can hide a wait in it; each signal is
    therefore also measured "quiet": nobody asks the sink anything after the signal (sent at a
    random phase of the heartbeat), and the survivor's app stamps on stderr when the first
@@ -169,8 +170,21 @@ def start_sink(ends: dict[str, str], ledger: str) -> Proc:
 
 
 def start_worker(control: str, name: str) -> Proc:
+    # --drain-timeout 0: a SIGTERM hands what the worker holds back at once (the replay measured
+    # here), instead of finishing it first, as a worker stopped on purpose does by default.
     return Proc(
-        name, "worker", "--control", control, "--app", "bench.slow:hold", "--name", name, "--log-level", "warning"
+        name,
+        "worker",
+        "--control",
+        control,
+        "--app",
+        "bench.slow:hold",
+        "--name",
+        name,
+        "--drain-timeout",
+        "0",
+        "--log-level",
+        "warning",
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 import threading
 import time
@@ -15,7 +16,8 @@ import click
 from .. import __version__
 from ..apps import readings
 from ..config import Curve, ProducerSettings, SinkSettings, SubscriberSettings, Timing, WorkerSettings, parse_retention
-from ..errors import ConfigError
+from ..delivery import Outcomes
+from ..errors import ConfigError, DeliveryTimeout, OutcomeTimeout
 from ..feeds import JsonLines
 from ..loading import load_app
 from ..nodes import security
@@ -26,9 +28,26 @@ from ..nodes.status import query_status
 from ..nodes.subscriber import Subscriber
 from ..nodes.worker import Worker
 from ..sequencing import RetentionGap
-from . import pipeline
-from .options import RET_ERROR, RET_OK, curve, endpoints, on_stop, ready, role, timing
-from .show import Live, status_table, summary
+from . import pipeline, show
+from .options import (
+    RET_DEAD,
+    RET_ERROR,
+    RET_OK,
+    RET_TIMEOUT,
+    WAITING_SAID_AFTER,
+    Interrupted,
+    Signals,
+    await_welcome,
+    curve,
+    endpoints,
+    ready,
+    role,
+    signals,
+    timing,
+)
+from .show import Bar, Counts, say, status_table, summary
+
+DRAIN = "seconds to finish the batches held before handing them back"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -95,6 +114,15 @@ def cli() -> None:
     metavar="COUNT|AGE",
     help="published results kept for subscribers to repair gaps and replay: a count (100000) or an age (30m, 12h, 7d)",
 )
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=SinkSettings.drain_timeout,
+    show_default=True,
+    help="seconds a stopping sink waits for the batches leased to come back",
+)
+@click.option("--parent", type=int, default=None, hidden=True, help="end when this process does")
+@click.option("--remove-folder", default=None, hidden=True, help="remove this folder as the sink ends (zfan up's own)")
 @timing
 @curve(server=True)
 def sink(
@@ -109,38 +137,61 @@ def sink(
     max_attempts: int,
     batch_timeout: float,
     retain: str,
+    drain_timeout: float,
+    parent: int | None,
+    remove_folder: str | None,
     timing: Timing,
     curve: Curve | None,
 ) -> int:
-    """Receive batches, record them in the ledger, lease them to workers, publish results."""
-    retain_count, retain_age = parse_retention(retain)
-    settings = SinkSettings(
-        intake=intake,
-        control=control,
-        results=results,
-        ledger=ledger,
-        fsync=fsync,
-        timing=timing,
-        max_attempts=max_attempts,
-        batch_timeout=batch_timeout,
-        retain_count=retain_count,
-        retain_age=retain_age,
-        curve=curve,
-    )
-    node = Sink(settings, workers=workers, app=app, worker_credit=credit)
-    node.start()
-    on_stop(node.stop)
-    ready(
-        "sink",
-        intake=node.intake,
-        control=node.control,
-        results=node.results,
-        ledger=ledger,
-        epoch=node.epoch,
-        workers=workers,
-        curve="on" if curve else "off",
-    )
-    return _wait(node)
+    """Receive batches, record them in the ledger, lease them to workers, publish results.
+
+    Ctrl-C or SIGTERM drains it: no new batch is taken, the batches leased come back, the
+    ledger is closed cleanly (exit 0); a second signal stops it at once."""
+    stop = signals().cooperate()
+    if parent is not None:
+        stop.follow_parent()
+        die_with_parent(parent)
+    try:
+        retain_count, retain_age = parse_retention(retain)
+        settings = SinkSettings(
+            intake=intake,
+            control=control,
+            results=results,
+            ledger=ledger,
+            fsync=fsync,
+            timing=timing,
+            max_attempts=max_attempts,
+            batch_timeout=batch_timeout,
+            retain_count=retain_count,
+            retain_age=retain_age,
+            curve=curve,
+            drain_timeout=drain_timeout,
+        )
+        node = Sink(settings, workers=workers, app=app, worker_credit=credit)
+        node.start()
+        ready(
+            "sink",
+            intake=node.intake,
+            control=node.control,
+            results=node.results,
+            ledger=ledger,
+            epoch=node.epoch,
+            workers=workers,
+            curve="on" if curve else "off",
+        )
+        if not _serve(node, stop):
+            return _ended(node)
+        say(
+            stop.after_ctrl_c(
+                "zfan sink: stopping: waiting for the batches leased to come back (Ctrl-C again to stop at once)"
+            )
+        )
+        drained = node.drain(drain_timeout)
+        _ended(node)
+        return RET_OK if drained else stop.code
+    finally:
+        if remove_folder is not None:
+            shutil.rmtree(remove_folder, ignore_errors=True)
 
 
 @cli.command()
@@ -155,22 +206,46 @@ def sink(
 )
 @click.option("--credit", type=click.IntRange(1, 1000), default=64, show_default=True, help="batches to hold at once")
 @click.option("--name", default=None, help="how the sink names this worker [default: random]")
+@click.option(
+    "--drain-timeout", type=click.FloatRange(min=0), default=WorkerSettings.drain_timeout, show_default=True, help=DRAIN
+)
 @click.option("--parent", type=int, default=None, hidden=True, help="end when this process does")
 @timing
 @curve(server=False)
 def worker(
-    control: str, app: str, credit: int, name: str | None, parent: int | None, timing: Timing, curve: Curve | None
+    control: str,
+    app: str,
+    credit: int,
+    name: str | None,
+    drain_timeout: float,
+    parent: int | None,
+    timing: Timing,
+    curve: Curve | None,
 ) -> int:
-    """Run an app on batches leased by a sink."""
+    """Run an app on batches leased by a sink.
+
+    Ctrl-C or SIGTERM drains it: no new batch is taken, the batches held are finished and
+    answered (exit 0); a second signal stops it at once."""
+    stop = signals().cooperate()
     if parent is not None:
+        stop.follow_parent()
         die_with_parent(parent)
     process = load_app(app)
     settings = WorkerSettings(control=control, credit=credit, timing=timing, curve=curve)
     node = Worker(process, settings if name is None else dataclasses.replace(settings, name=name))
     node.start()
-    on_stop(node.stop)
-    ready("worker", control=control, app=app, name=node.settings.name, credit=credit)
-    return _wait(node)
+    if await_welcome(node, stop, "worker", control):
+        ready("worker", control=control, app=app, name=node.settings.name, credit=credit)
+    if not _serve(node, stop):
+        return _ended(node)
+    if parent is not None:
+        # A sink's own worker is stopped by its sink once the sink has taken every lease back
+        # and closed (or by the sink's death): nothing it held could be answered any more.
+        return _ended(node)
+    say(stop.after_ctrl_c("zfan worker: stopping: finishing the batches held (Ctrl-C again to stop at once)"))
+    drained = node.drain(drain_timeout)
+    _ended(node)
+    return RET_OK if drained else stop.code
 
 
 @cli.command()
@@ -216,7 +291,14 @@ def worker(
     type=click.FloatRange(min=0),
     default=30.0,
     show_default=True,
-    help="seconds to wait at the end for the sink to acknowledge everything",
+    help="seconds to wait, once the input is sent, for every batch to be acknowledged and processed",
+)
+@click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="wait until every batch is processed (exit 8 if one is dead-lettered); "
+    "--no-wait: only until the sink has stored it",
 )
 @click.option("--progress/--no-progress", default=None, help="[default: on a terminal]")
 @timing
@@ -235,11 +317,16 @@ def produce(
     producer_id: str | None,
     strict: bool,
     timeout: float,
+    wait: bool,
     progress: bool | None,
     timing: Timing,
     curve: Curve | None,
 ) -> int:
-    """Send records to a sink; exit 0 once the sink has acknowledged every one."""
+    """Send records to a sink; exit 0 once every one is processed (with --no-wait: stored).
+
+    Exit 8 if a batch was dead-lettered, 6 if --timeout passed first. Ctrl-C stops reading
+    the input and says how far it got."""
+    stop = signals().cooperate()
     if count is not None and path is not None:
         raise ConfigError("give --count or --file, not both")
     source: Any
@@ -247,6 +334,8 @@ def produce(
         source = readings(count, sensors=sensors, start=start, source=topic)
     else:
         source = JsonLines(path or sys.stdin, strict=strict, name=getattr(path, "name", "stdin"))
+        if path is None and progress is None and sys.stdin.isatty():
+            progress = False  # a person typing records: a bar redrawn on their line is in the way
     settings = ProducerSettings(
         intake=intake,
         control=control,
@@ -259,27 +348,95 @@ def produce(
     )
     node = Producer(settings if not producer_id else dataclasses.replace(settings, producer_id=producer_id))
     node.start()
-    stopping = threading.Event()
-    on_stop(stopping.set)
-    ready("produce", intake=intake, control=control, producer_id=settings.producer_id)
-    live = Live(sys.stderr, enabled=progress, total=count)
+    fields = {"intake": intake, "control": control, "producer_id": node.settings.producer_id}
+    # Sending does not wait for the welcome (the window holds what goes before it), so the
+    # ready line is said when it comes, from a thread.
+    announcer = threading.Thread(target=_say_ready, args=(node, stop, fields), name="zfan-ready", daemon=True)
+    announcer.start()
+
+    def counts() -> Counts:
+        o = node.outcomes
+        return Counts(node.sent_records, node.acked_records, o.done_records, o.dead_records + o.unknown_records)
+
+    def skipped() -> int:
+        return int(getattr(source, "skipped", 0))
+
+    outcomes: Outcomes | None = None
+    timed_out: DeliveryTimeout | OutcomeTimeout | None = None
     try:
-        for record in source:
-            if stopping.is_set():
-                break
-            node.send(record)
-            live.update(node.sent_records, node.acked_records)
-        node.close(timeout)
+        with Bar(enabled=progress, total=count) as bar:
+            bar.follow(counts)
+            try:
+                with stop.interruptible():  # a signal ends a read of stdin, or a wait for room
+                    for record in source:
+                        node.send(record)
+                outcomes = _finish(node, stop, timeout, wait)
+                if node.connected.is_set():
+                    announcer.join(1.0)  # the ready line before the last one
+            except Interrupted:
+                pass
+            except (DeliveryTimeout, OutcomeTimeout) as exc:
+                timed_out = exc
+        # The last line goes below the bar's last state (and, without a bar, below a ^C).
+        line, code = _last_line(stop, outcomes, timed_out, timeout, counts(), skipped())
+        say(line if bar.enabled else stop.after_ctrl_c(line))
+        return code
     finally:
-        node.stop()
-    live.done(node.sent_records, node.acked_records)
-    skipped = getattr(source, "skipped", 0)
-    click.echo(
-        f"zfan produce: {node.sent_records} record(s) sent and acknowledged"
-        + (f", {skipped} line(s) skipped as not JSON" if skipped else ""),
-        err=True,
-    )
-    return RET_OK
+        node.stop()  # whatever was to be waited for has been, or given up on: no flush again
+        node.wait(5.0)
+
+
+STEP = 0.2  # seconds of each wait at the end: the signal and the deadline are looked at between
+
+
+def _finish(node: Producer, stop: Signals, timeout: float, wait: bool) -> Outcomes | None:
+    """Wait, at most `timeout` seconds in all, until every batch is acknowledged (and with
+    `wait`, processed); the outcomes then, or None without `wait`. Raises the last timeout's
+    error once the time is up, Interrupted once a signal came."""
+    deadline = time.monotonic() + timeout
+    while True:
+        step = min(STEP, max(0.0, deadline - time.monotonic()))
+        try:
+            if not wait:
+                node.flush(step)
+                return None
+            return node.join(step)
+        except (DeliveryTimeout, OutcomeTimeout):
+            if stop.signum is not None:
+                raise Interrupted(stop.signum) from None
+            if time.monotonic() >= deadline:
+                raise
+
+
+def _last_line(
+    stop: Signals,
+    outcomes: Outcomes | None,
+    timed_out: DeliveryTimeout | OutcomeTimeout | None,
+    timeout: float,
+    counts: Counts,
+    skipped: int,
+) -> tuple[str, int]:
+    """What `zfan produce` says last, and its exit code."""
+    if isinstance(timed_out, DeliveryTimeout):
+        return show.timeout_line(unacked=timed_out.unacked, unended=0, timeout=timeout, outcomes=None), RET_TIMEOUT
+    if isinstance(timed_out, OutcomeTimeout):
+        line = show.timeout_line(unacked=0, unended=timed_out.unended, timeout=timeout, outcomes=timed_out.outcomes)
+        return line, RET_TIMEOUT
+    if stop.signum is not None:
+        return show.interrupted_line(counts.sent, counts.acked, counts.done), stop.code
+    if outcomes is None:  # --no-wait
+        return show.acknowledged_line(counts.acked, skipped), RET_OK
+    if not outcomes.ok:
+        return show.failed_line(outcomes), RET_DEAD
+    return show.processed_line(outcomes, skipped), RET_OK
+
+
+def _say_ready(node: Producer, stop: Signals, fields: dict[str, str]) -> None:
+    try:
+        if await_welcome(node, stop, "produce", fields["control"]):
+            ready("produce", **fields)
+    except BaseException:  # the producer's error reaches the command through send() and join()
+        return
 
 
 @cli.command()
@@ -300,9 +457,18 @@ def produce(
     help="keep this subscriber's position at the sink and resume from it next time "
     "(the first time: from the oldest result the sink retains)",
 )
-@click.option("--count", type=click.IntRange(min=1), default=None, help="exit after this many results")
 @click.option(
-    "--idle-timeout", type=click.FloatRange(min=0), default=None, help="exit after this many seconds without a result"
+    "--messages",
+    type=click.IntRange(min=1),
+    default=None,
+    help="exit after this many published results (each the results of one batch on one topic)",
+)
+@click.option("--count", type=click.IntRange(min=1), default=None, hidden=True, help="the old name of --messages")
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="exit after this many seconds without a result (exit 6 if --messages were not all there)",
 )
 @curve(server=False)
 def subscribe(
@@ -310,40 +476,55 @@ def subscribe(
     control: str,
     topics: tuple[str, ...],
     durable: str | None,
+    messages: int | None,
     count: int | None,
     idle_timeout: float | None,
     curve: Curve | None,
 ) -> int:
     """Print published results as JSON lines on stdout, each topic in order, gaps repaired."""
-    stopping = threading.Event()
-    on_stop(stopping.set)
+    stop = signals().cooperate()
+    if count is not None:
+        logging.getLogger("zfan").warning("--count is now --messages: it counts published results, not records")
+        messages = messages if messages is not None else count
     settings = SubscriberSettings(results=results, control=control, topics=topics, durable=durable, curve=curve)
     with Subscriber(settings) as sub:
-        waited = 0
-        while not sub.wait_ready(1.0):
-            if stopping.is_set():
-                return RET_OK
-            waited += 1
-            if waited == 5:
-                logging.getLogger("zfan").warning(
-                    "no answer yet from a sink at results=%s control=%s; waiting", results, control
-                )
+        say_at: float | None = time.monotonic() + WAITING_SAID_AFTER
+        while not sub.wait_ready(0.25):
+            if stop.stopping.is_set():
+                return stop.code
+            if say_at is not None and time.monotonic() >= say_at:
+                say(f"zfan subscribe: waiting for a sink at results={results} control={control}")
+                say_at = None
         ready("subscribe", results=results, topics=",".join(topics) or "*", durable=durable or "-")
         n, last = 0, time.monotonic()
-        while not stopping.is_set() and (count is None or n < count):
+        while not stop.stopping.is_set() and (messages is None or n < messages):
             try:
                 msg = sub.recv(timeout=0.25)
             except RetentionGap as gap:
-                click.echo(f"zfan subscribe: error: {gap}; skipped", err=True)
+                say(f"zfan subscribe: error: {gap}; skipped")
                 continue
             if msg is None:
+                if show.reader_gone(sys.stdout):
+                    return RET_OK  # `| head -n 1` has what it wanted
                 if idle_timeout is not None and time.monotonic() - last >= idle_timeout:
                     break
                 continue
             last = time.monotonic()
-            sys.stdout.write(json.dumps(msg.to_json(), separators=(",", ":")) + "\n")
-            sys.stdout.flush()
+            try:
+                sys.stdout.write(json.dumps(msg.to_json(), separators=(",", ":")) + "\n")
+                sys.stdout.flush()
+            except BrokenPipeError:
+                return RET_OK  # the role lets go of stdout quietly
             n += 1
+    if stop.signum is not None:
+        sys.stderr.write(stop.after_ctrl_c(""))  # quietly, but the prompt not after the ^C
+        return stop.code
+    if messages is not None and n < messages:
+        say(
+            f"zfan subscribe: error: {n:,} of {messages:,} message(s) came before {idle_timeout:g} s "
+            "passed without one (--idle-timeout)"
+        )
+        return RET_TIMEOUT
     return RET_OK
 
 
@@ -389,21 +570,31 @@ def up(
     batch_size: int,
     progress: bool | None,
 ) -> int:
-    """Run a whole local pipeline (sink, workers, producers, subscriber) and count the result."""
+    """Run a whole local pipeline (sink, workers, producers, subscriber) and count the result.
+
+    Ctrl-C stops the producers, lets what they sent drain through, and prints the count."""
+    stop = signals().cooperate()
     if seconds is None and records is None:
         seconds = 5.0
-    live = Live(sys.stderr, enabled=progress, total=records)
-    report = pipeline.run(
-        seconds=seconds,
-        records=records,
-        producers=producers,
-        workers=workers,
-        sensors=sensors,
-        batch_size=batch_size,
-        progress=lambda p: live.update(p.sent, p.acked, p.delivered, p.elapsed),
-    )
-    live.done(report.sent, report.acked, report.delivered, report.elapsed)
+    with Bar(enabled=progress, total=records, done="delivered") as bar:
+
+        def progress_of(p: pipeline.Progress) -> None:
+            bar.show(Counts(p.sent, p.acked, p.delivered, elapsed=p.elapsed))
+
+        report = pipeline.run(
+            seconds=seconds,
+            records=records,
+            producers=producers,
+            workers=workers,
+            sensors=sensors,
+            batch_size=batch_size,
+            progress=progress_of,
+            stopping=stop.stopping,
+        )
+        bar.show(Counts(report.sent, report.acked, report.delivered, elapsed=report.elapsed), force=True)
     click.echo(summary(report))
+    if report.interrupted:
+        return stop.code
     return RET_OK if report.ok else RET_ERROR
 
 
@@ -423,9 +614,16 @@ def keys_generate(folder: str, name: str) -> int:
     return RET_OK
 
 
-def _wait(node: Any) -> int:
-    while not node.wait(0.5):
-        pass
+def _serve(node: Any, stop: Signals) -> bool:
+    """Wait while the node runs; True if a signal asked it to stop, False if it ended itself."""
+    while not stop.stopping.wait(0.2):
+        if not node.running:
+            return False
+    return True
+
+
+def _ended(node: Any) -> int:
+    """Close a node that ended; raise why, if it ended on an error."""
     node.close()
     if node.error is not None:
         raise node.error

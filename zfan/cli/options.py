@@ -3,19 +3,34 @@ options, exit codes, logging, signal handling, and turning a ZfanError into one 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import re
 import signal
 import sys
-from collections.abc import Callable
-from typing import Any
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import click
 
 from ..config import DEFAULT_CONTROL, DEFAULT_INTAKE, DEFAULT_RESULTS, Curve, Timing
-from ..errors import AppError, AuthError, BindError, ConfigError, DeliveryTimeout, LedgerError, ZfanError
+from ..errors import (
+    AppError,
+    AuthError,
+    BindError,
+    ConfigError,
+    DeliveryTimeout,
+    LedgerError,
+    NoSink,
+    OutcomeTimeout,
+    ZfanError,
+)
 from ..nodes import security
+from .show import release_stdout, say
 
 # Exit codes, named (as dramatiq's CLI does).
 RET_OK = 0
@@ -24,8 +39,13 @@ RET_USAGE = 2  # a bad flag or value (click uses 2 as well)
 RET_APP = 3  # --app cannot be imported or called
 RET_BIND = 4  # an endpoint cannot be bound
 RET_LEDGER = 5  # the ledger cannot be opened or written
-RET_TIMEOUT = 6  # the sink did not answer or acknowledge in time
+RET_TIMEOUT = 6  # the sink did not answer, acknowledge or process in time
 RET_AUTH = 7  # the encrypted handshake failed: a key refused or wrong
+RET_DEAD = 8  # zfan produce: a batch was dead-lettered (or its outcome is unknown)
+# Stopped by a signal before the command's work was complete: 128 + the signal's number, as a
+# shell reports it (130 for SIGINT, Ctrl-C; 143 for SIGTERM). A command whose work was complete
+# when the signal came (a worker or sink that drained) exits 0.
+RET_SIGNAL = 128
 
 _CODES: list[tuple[type[ZfanError], int]] = [
     (ConfigError, RET_USAGE),
@@ -33,6 +53,8 @@ _CODES: list[tuple[type[ZfanError], int]] = [
     (BindError, RET_BIND),
     (LedgerError, RET_LEDGER),
     (DeliveryTimeout, RET_TIMEOUT),
+    (OutcomeTimeout, RET_TIMEOUT),
+    (NoSink, RET_TIMEOUT),
     (AuthError, RET_AUTH),
 ]
 
@@ -136,7 +158,8 @@ def curve(*, server: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]
 
 def role(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Run a subcommand as role ``name``: logging set up once, a ZfanError printed as one line
-    with its exit code, and Ctrl-C / SIGTERM turned into a clean stop."""
+    with its exit code, SIGINT and SIGTERM handled (see Signals), and a closed stdout not
+    turned into a traceback."""
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         @click.option(
@@ -149,6 +172,9 @@ def role(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         )
         @functools.wraps(f)
         def wrapper(*args: Any, log_level: str, **kwargs: Any) -> Any:
+            global _signals
+            _signals = Signals(name)
+            _signals.install()
             logging.basicConfig(
                 level=log_level.upper(), stream=sys.stderr, format=f"zfan {name}: %(levelname)s %(message)s"
             )
@@ -157,8 +183,8 @@ def role(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             except ZfanError as exc:
                 click.echo(f"zfan {name}: error: {in_flags(str(exc))}", err=True)
                 code = next((c for cls, c in _CODES if isinstance(exc, cls)), RET_ERROR)
-            except KeyboardInterrupt:
-                code = RET_OK
+            except Interrupted as exc:  # stopped before anything was under way: nothing to say
+                code = RET_SIGNAL + exc.signum
             except Exception as exc:  # a bug, not a user's mistake: still one line, details on request
                 logging.getLogger("zfan").debug("internal error", exc_info=True)
                 click.echo(
@@ -167,6 +193,7 @@ def role(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                     err=True,
                 )
                 code = RET_ERROR
+            release_stdout()
             sys.exit(code or RET_OK)
 
         return wrapper
@@ -174,15 +201,90 @@ def role(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return decorate
 
 
-def on_stop(stop: Callable[[], None]) -> None:
-    """Call ``stop`` on the first SIGINT or SIGTERM; a second one ends the process at once."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised where a command waits on something it cannot poll (a read of
+    stdin, a full window). A BaseException, as KeyboardInterrupt is: no `except Exception`
+    swallows it."""
 
-    def handler(signum: int, frame: Any) -> None:
-        signal.signal(signum, signal.SIG_DFL)
-        stop()
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+
+class Signals:
+    """SIGINT and SIGTERM for one command. The first asks it to stop: `stopping` is set, and
+    the command finishes what it must, says so and exits; inside `interruptible()` (and before
+    the command calls `cooperate()`) Interrupted is raised at once instead. A second signal
+    ends the process at once, with 128 + its number."""
+
+    def __init__(self, role_name: str) -> None:
+        self.role = role_name
+        self.signum: int | None = None
+        self.stopping = threading.Event()
+        self._raise = True
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def follow_parent(self) -> None:
+        """SIGHUP, which die_with_parent has sent when the parent ends (maybe several times),
+        asks the command to stop however often it comes: it is never a second signal."""
+        signal.signal(signal.SIGHUP, self._parent_gone)
+
+    def _parent_gone(self, signum: int, frame: Any) -> None:
+        first = self.signum is None
+        if first:
+            self.signum = signum
+        self.stopping.set()
+        if first and self._raise:
+            raise Interrupted(signum)
+
+    def cooperate(self) -> Signals:
+        """From now on the first signal only sets `stopping`: the command polls it."""
+        self._raise = False
+        return self
+
+    @property
+    def code(self) -> int:
+        """The exit code of a command stopped by the signal that came."""
+        return RET_SIGNAL + (self.signum or signal.SIGINT)
+
+    def after_ctrl_c(self, line: str) -> str:
+        """`line`, on a line of its own even after the ^C a terminal echoes where the cursor was."""
+        return ("\n" + line) if self.signum == signal.SIGINT and sys.stderr.isatty() else line
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A stretch that the first signal interrupts at once, raising Interrupted."""
+        self._raise = True
+        try:
+            if self.signum is not None:
+                raise Interrupted(self.signum)
+            yield
+        finally:
+            self._raise = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            # Not through Python's exit: threads, sockets and children are left as they are
+            # (a sink's workers and zfan up's sink end with their parent).
+            lead = "\n" if os.isatty(2) else ""  # off the line a progress bar or ^C is on
+            os.write(2, f"{lead}zfan {self.role}: stopped at once\n".encode())
+            os._exit(RET_SIGNAL + signum)
+        self.signum = signum
+        self.stopping.set()
+        if self._raise:
+            raise Interrupted(signum)
+
+
+_signals: Signals | None = None
+
+
+def signals() -> Signals:
+    """This process's Signals, installed by @role."""
+    assert _signals is not None, "signals() is for a command run through @role"
+    return _signals
 
 
 # The library's errors name its arguments (`app=`, `ledger=`); a person at the terminal reads
@@ -209,6 +311,40 @@ def in_flags(message: str) -> str:
 
 
 def ready(role_name: str, **fields: Any) -> None:
-    """The one readiness line a role prints on stderr once its sockets are up."""
+    """The one readiness line a role prints on stderr once it is up (a client: once a sink has
+    welcomed it)."""
     detail = " ".join(f"{k}={v}" for k, v in fields.items())
-    click.echo(f"zfan {role_name}: ready {detail}", err=True)
+    say(f"zfan {role_name}: ready {detail}")
+
+
+WAITING_SAID_AFTER = 3.0  # seconds without a welcome before a client says what it waits for
+
+
+class Client(Protocol):
+    """What await_welcome needs of a producer or worker."""
+
+    connected: threading.Event
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def error(self) -> BaseException | None: ...
+
+
+def await_welcome(node: Client, stop: Signals, role_name: str, endpoint: str) -> bool:
+    """Wait until a sink has welcomed `node`: True then; False if the command was asked to stop
+    first or the node ended (raising the node's error if it ended on one). Says once what it
+    waits for if that takes more than a few seconds."""
+    say_at: float | None = time.monotonic() + WAITING_SAID_AFTER
+    while not node.connected.wait(0.1):
+        if stop.stopping.is_set():
+            return False
+        if not node.running:
+            if node.error is not None:
+                raise node.error
+            return False
+        if say_at is not None and time.monotonic() >= say_at:
+            say(f"zfan {role_name}: waiting for a sink at {endpoint}")
+            say_at = None
+    return True

@@ -4,6 +4,10 @@ A sink (its ledger in a temporary folder) with local workers runs as a child pro
 producers stream synthetic sensor readings from threads of this process; a subscriber takes
 every roll-up. At the end the records each sensor sent are compared with the counts the
 roll-ups report for it: records lost and duplicated are counted, not assumed.
+
+Asked to stop (`stopping`), the producers stop, what they sent is left to drain through the
+pipeline, and the report says it was interrupted. The sink child ends with this process, even
+one killed outright, and removes the temporary folder as it ends.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
+from typing import IO
 
 import zmq
 
@@ -53,6 +58,7 @@ class Report:
     lost: int
     duplicated: int
     elapsed: float
+    interrupted: bool = False  # asked to stop before the run was over
 
     @property
     def rate(self) -> float:
@@ -89,16 +95,18 @@ def run(
     batch_size: int = 1000,
     settle: float = 30.0,
     progress: Callable[[Progress], None] | None = None,
+    stopping: threading.Event | None = None,
 ) -> Report:
     if seconds is None and records is None:
         raise ZfanError("zfan up needs --seconds or --records to know when to stop")
+    stopping = stopping or threading.Event()
     tmp = tempfile.mkdtemp(prefix="zfan-up-")
     ends = {name: f"ipc://{tmp}/{name}" for name in ("intake", "control", "results")}
-    log_path = os.path.join(tmp, "sink.log")
     ctx = zmq.Context()
     sink = None
-    try:
-        with open(log_path, "w") as log_file:
+    # The sink's stderr, unnamed: nothing of it is left behind, however this process ends.
+    with tempfile.TemporaryFile("w+") as log:
+        try:
             sink = subprocess.Popen(
                 [
                     sys.executable,
@@ -114,61 +122,89 @@ def run(
                     "--ledger",
                     os.path.join(tmp, "zfan.db"),
                     *(f"--{k}={v}" for k, v in ends.items()),
+                    "--drain-timeout",
+                    str(SINK_DRAIN),
+                    # It ends when this process does, and then removes the folder: a `zfan up`
+                    # killed outright leaves neither a sink nor a folder behind.
+                    "--parent",
+                    str(os.getpid()),
+                    "--remove-folder",
+                    tmp,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                stderr=log_file,
+                stderr=log,
+                # Ctrl-C at the terminal is for this process, which stops the sink in order.
+                start_new_session=True,
             )
-        _wait_for_workers(sink, ends["control"], workers, log_path, ctx)
-        try:
-            report = _stream(
-                ends,
-                ctx,
-                seconds=seconds,
-                records=records,
-                producers=producers,
-                sensors=sensors,
-                batch_size=batch_size,
-                workers=workers,
-                settle=settle,
-                progress=progress,
-                sink_alive=lambda: sink is not None and sink.poll() is None,
-            )
-        except ZfanError as exc:
-            raise _sink_stopped(sink, log_path) or exc from None
-        if (stopped := _sink_stopped(sink, log_path)) is not None:
-            raise stopped
-        return report
-    finally:
-        if sink is not None:
-            stop_processes([sink], timeout=10)
-        ctx.term()
-        shutil.rmtree(tmp, ignore_errors=True)
+            if not _wait_for_workers(sink, ends["control"], workers, log, ctx, stopping):
+                return _nothing_run(producers, workers)
+            try:
+                report = _stream(
+                    ends,
+                    ctx,
+                    seconds=seconds,
+                    records=records,
+                    producers=producers,
+                    sensors=sensors,
+                    batch_size=batch_size,
+                    workers=workers,
+                    settle=settle,
+                    progress=progress,
+                    sink_alive=lambda: sink is not None and sink.poll() is None,
+                    stopping=stopping,
+                )
+            except ZfanError as exc:
+                raise _sink_stopped(sink, log) or exc from None
+            if (stopped := _sink_stopped(sink, log)) is not None:
+                raise stopped
+            return report
+        finally:
+            if sink is not None:
+                stop_processes([sink], timeout=SINK_DRAIN + 10)
+            ctx.term()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+SINK_DRAIN = 5.0  # seconds the sink waits, as it stops, for its workers to finish their batches
+
+
+def _nothing_run(producers: int, workers: int) -> Report:
+    return Report(producers, workers, 0, 0, 0, 0, 0, 0, 0, 0.0, interrupted=True)
 
 
 def _wait_for_workers(
-    sink: subprocess.Popen[bytes], control: str, workers: int, log_path: str, ctx: Ctx, timeout: float = 30.0
-) -> None:
+    sink: subprocess.Popen[bytes],
+    control: str,
+    workers: int,
+    log: IO[str],
+    ctx: Ctx,
+    stopping: threading.Event,
+    timeout: float = 30.0,
+) -> bool:
+    """True once the sink and its workers are up; False if asked to stop first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (stopped := _sink_stopped(sink, log_path)) is not None:
+        if (stopped := _sink_stopped(sink, log)) is not None:
             raise stopped
+        if stopping.is_set():
+            return False
         try:
             if len(query_status(control, timeout=0.5, context=ctx)["workers"]) >= workers:
-                return
+                return True
         except ZfanError:
             pass
     raise ZfanError(f"the sink and its {workers} workers did not come up within {timeout:g} s")
 
 
-def _sink_stopped(sink: subprocess.Popen[bytes], log_path: str) -> ZfanError | None:
+def _sink_stopped(sink: subprocess.Popen[bytes], log: IO[str]) -> ZfanError | None:
     """Why the sink stopped, if it has: a ledger's error (a full disk) as a LedgerError, so that
     `zfan up` exits as `zfan sink` did."""
     code = sink.poll()
     if code is None:
         return None
-    with open(log_path) as f:
-        said = f.read().strip()
+    log.seek(0)
+    said = log.read().strip()
     if code == 5:  # the sink's exit code for a ledger it cannot use
         return LedgerError(said.rsplit(": error: ", 1)[-1])
     return ZfanError(f"the sink exited early: {said}")
@@ -261,13 +297,18 @@ def _stream(
     settle: float,
     progress: Callable[[Progress], None] | None,
     sink_alive: Callable[[], bool],
+    stopping: threading.Event,
 ) -> Report:
     tally = _Tally()
     stop_sub = threading.Event()
     sub = Subscriber(results=ends["results"], control=ends["control"], topics=("sensor.",), context=ctx)
-    if not sub.wait_ready(10):
-        sub.close()
-        raise ZfanError("the subscriber could not reach the sink's results")
+    deadline = time.monotonic() + 10
+    while not sub.wait_ready(0.2):
+        if stopping.is_set() or time.monotonic() > deadline:
+            sub.close()
+            if stopping.is_set():
+                return _nothing_run(producers, workers)
+            raise ZfanError("the subscriber could not reach the sink's results")
     sub_thread = threading.Thread(target=_subscribe, args=(sub, tally, stop_sub), daemon=True)
     sub_thread.start()
 
@@ -280,22 +321,28 @@ def _stream(
         if progress is not None:
             progress(Progress(time.monotonic() - start, fleet.records_sent, fleet.records_acked, tally.delivered))
 
-    while fleet.alive() and sink_alive():
-        if seconds is not None and time.monotonic() - start >= seconds:
-            fleet.stopping.set()
+    try:
+        while fleet.alive() and sink_alive():
+            if stopping.is_set() or (seconds is not None and time.monotonic() - start >= seconds):
+                fleet.stopping.set()
+            report_progress()
+            fleet.join(0.2)
+        # What was sent drains through the pipeline, interrupted or not: the count is of it all.
+        expected = fleet.per_sensor()
+        total = sum(expected.values())
+        deadline = time.monotonic() + settle
+        while tally.delivered < total and time.monotonic() < deadline and sink_alive():
+            report_progress()
+            with tally.lock:
+                tally.lock.wait_for(lambda: tally.delivered >= total, timeout=0.2)
         report_progress()
-        fleet.join(0.2)
-    expected = fleet.per_sensor()
-    total = sum(expected.values())
-    deadline = time.monotonic() + settle
-    while tally.delivered < total and time.monotonic() < deadline and sink_alive():
-        report_progress()
-        with tally.lock:
-            tally.lock.wait_for(lambda: tally.delivered >= total, timeout=0.2)
-    report_progress()
-    stop_sub.set()
-    sub_thread.join(5)
-    fleet.close(timeout=1.0 if sink_alive() else 0.0)  # no sink, no ack to wait for
+    finally:
+        # Every thread done with its sockets before the caller ends the context.
+        stop_sub.set()
+        sub_thread.join(5)
+        fleet.stopping.set()
+        fleet.close(timeout=1.0 if sink_alive() else 0.0)  # no sink, no ack to wait for
+        fleet.join(5.0)
     if fleet.errors:
         err = fleet.errors[0]
         raise err if isinstance(err, ZfanError) else ZfanError(f"a producer failed: {err!r}")
@@ -312,6 +359,7 @@ def _stream(
         lost=lost,
         duplicated=tally.duplicated + extra,
         elapsed=max(tally.last - start, 1e-9),
+        interrupted=stopping.is_set(),
     )
 
 

@@ -1,47 +1,199 @@
-"""How the CLI shows things to a person: a live progress line, the status table, the summary."""
+"""How the CLI shows things to a person: the progress bar, lines said above it, the status
+table, and the lines that end `zfan produce` and `zfan up`."""
 
 from __future__ import annotations
 
+import logging
+import os
+import select
+import sys
+import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, TextIO
 
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ..delivery import Outcomes
 from .pipeline import Report
 
+REFRESH = 0.1  # seconds between redraws of the bar
 
-class Live:
-    """One line on a terminal, redrawn at most ten times a second; silent elsewhere."""
 
-    def __init__(self, stream: TextIO, *, enabled: bool | None = None, total: int | None = None) -> None:
-        self.stream = stream
-        self.enabled = stream.isatty() if enabled is None else enabled
-        self.total = total
-        self._last = 0.0
+def say(line: str) -> None:
+    """One line for a person on stderr; above the progress bar, if one is drawn."""
+    tqdm.write(line, file=sys.stderr)
+
+
+@dataclass
+class Counts:
+    """What a bar shows: records handed to producers, acknowledged by the sink, and done: processed
+    (`zfan produce`) or delivered to the subscriber (`zfan up`)."""
+
+    sent: int
+    acked: int
+    done: int
+    dead: int = 0
+    elapsed: float | None = None  # since the run started [default: since the bar was]
+
+
+class Bar:
+    """The progress bar of `zfan produce` and `zfan up`, drawn by tqdm on stderr when it is a
+    terminal (or when asked), with log lines routed above it; nothing elsewhere."""
+
+    def __init__(self, *, enabled: bool | None = None, total: int | None = None, done: str = "processed") -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.total = total or None
+        self.done = done
+        self._bar: Any = None
+        self._redirect: AbstractContextManager[None] | None = None
+        self._lock = threading.Lock()
         self._started = time.monotonic()
+        self._last = 0.0
+        self._read: Callable[[], Counts] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def update(
-        self, sent: int, acked: int, delivered: int | None = None, elapsed: float | None = None, *, force: bool = False
-    ) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self._last < 0.1:
-            return
-        self._last = now
-        elapsed = now - self._started if elapsed is None else elapsed
-        of = f"/{self.total:,}" if self.total else ""
-        line = f"sent {sent:,}{of}  acked {acked:,}"
-        if delivered is not None:
-            line += f"  delivered {delivered:,}"
-        rate = (delivered if delivered is not None else acked) / elapsed if elapsed > 0 else 0.0
-        line += f"  {rate:,.0f} records/s  {elapsed:.1f} s"
-        self.stream.write("\r\x1b[2K" + line)
-        self.stream.flush()
-
-    def done(self, *args: Any) -> None:
+    def __enter__(self) -> Bar:
         if self.enabled:
-            self.update(*args, force=True)
-            self.stream.write("\n")
-            self.stream.flush()
+            self._redirect = logging_redirect_tqdm([logging.getLogger()])
+            self._redirect.__enter__()
+            self._bar = tqdm(
+                total=self.total,
+                file=sys.stderr,
+                bar_format="{percentage:3.0f}%|{bar}| {desc}" if self.total else "{desc}",
+                dynamic_ncols=True,
+                leave=True,
+            )
+        return self
+
+    def follow(self, read: Callable[[], Counts]) -> None:
+        """Redraw from `read()` ten times a second, on a thread of the bar's own, until the bar
+        closes: it moves whatever the caller's thread is blocked on."""
+        self._read = read
+        if self._bar is not None:
+            self.show(read(), force=True)
+            self._thread = threading.Thread(target=self._follow, name="zfan-progress", daemon=True)
+            self._thread.start()
+
+    def _follow(self) -> None:
+        assert self._read is not None
+        while not self._stop.wait(REFRESH):
+            self.show(self._read())
+
+    def show(self, counts: Counts, *, force: bool = False) -> None:
+        if self._bar is None:
+            return
+        with self._lock:
+            now = time.monotonic()
+            if not force and now - self._last < REFRESH:
+                return
+            self._last = now
+            elapsed = now - self._started if counts.elapsed is None else counts.elapsed
+            self._bar.n = min(counts.done, self.total) if self.total else counts.done
+            self._bar.set_description_str(self._text(counts, elapsed), refresh=False)
+            self._bar.refresh()
+
+    def _text(self, c: Counts, elapsed: float) -> str:
+        of = f"/{self.total:,}" if self.total else ""
+        rate = c.done / elapsed if elapsed > 0 else 0.0
+        dead = f"  dead {c.dead:,}" if c.dead else ""
+        return (
+            f"sent {c.sent:,}{of}  acked {c.acked:,}  {self.done} {c.done:,}{dead}  "
+            f"{rate:,.0f} records/s  {elapsed:.1f} s"
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._bar is not None:
+            if self._read is not None:
+                self.show(self._read(), force=True)
+            self._bar.close()
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+
+
+# --- zfan produce's last line ----------------------------------------------------------------
+
+
+def processed_line(o: Outcomes, skipped: int = 0) -> str:
+    return f"zfan produce: {o.done_records:,} record(s) processed in {o.done_batches:,} batch(es)" + _skipped(skipped)
+
+
+def acknowledged_line(records: int, skipped: int = 0) -> str:
+    return f"zfan produce: {records:,} record(s) sent and acknowledged" + _skipped(skipped)
+
+
+def failed_line(o: Outcomes) -> str:
+    """The batches that were not processed, and the first error, in one line."""
+    parts = []
+    if o.dead_batches:
+        first = f" (first error: {o.first_error})" if o.first_error else ""
+        parts.append(f"{o.dead_records:,} record(s) in {o.dead_batches:,} batch(es) dead-lettered{first}")
+    if o.unknown_batches:
+        parts.append(
+            f"{o.unknown_records:,} record(s) in {o.unknown_batches:,} batch(es) of unknown outcome "
+            "(the sink no longer remembers them)"
+        )
+    return "zfan produce: error: " + "; ".join(parts) + f"; {o.done_records:,} processed"
+
+
+def timeout_line(*, unacked: int, unended: int, timeout: float, outcomes: Outcomes | None) -> str:
+    """What was still out when `--timeout` ran out."""
+    if unacked:
+        line = f"{unacked:,} batch(es) not acknowledged by the sink after {timeout:g} s"
+    else:
+        line = (
+            f"{unended:,} batch(es) acknowledged but not processed after {timeout:g} s "
+            "(they are in the sink's ledger: a worker will take them)"
+        )
+    if outcomes is not None and not outcomes.ok:
+        line += "; " + failed_line(outcomes).removeprefix("zfan produce: error: ")
+    return "zfan produce: error: " + line
+
+
+def interrupted_line(sent: int, acked: int, processed: int) -> str:
+    return f"zfan produce: interrupted: {sent:,} sent, {acked:,} acknowledged, {processed:,} processed"
+
+
+def _skipped(n: int) -> str:
+    return f", {n:,} line(s) skipped as not JSON" if n else ""
+
+
+# --- stdout that a reader closed -------------------------------------------------------------
+
+
+def reader_gone(stream: TextIO) -> bool:
+    """True if nobody reads `stream` any more (`zfan subscribe | head -n 1` after head ended),
+    seen without writing to it."""
+    if not hasattr(select, "poll"):
+        return False
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)  # errors and hang-ups only: they are always reported
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def release_stdout() -> None:
+    """Flush stdout; if its reader has gone, point it at /dev/null, so that neither this flush
+    nor the one at interpreter exit prints a BrokenPipeError."""
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+# --- zfan status and zfan up -----------------------------------------------------------------
 
 
 def status_table(info: dict[str, Any]) -> str:
@@ -73,7 +225,7 @@ def status_table(info: dict[str, Any]) -> str:
 
 
 def summary(r: Report) -> str:
-    verdict = "ok" if r.ok else "FAILED"
+    verdict = "interrupted" if r.interrupted else "ok" if r.ok else "FAILED"
     return "\n".join(
         [
             f"zfan up: {verdict}",

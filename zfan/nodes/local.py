@@ -59,6 +59,9 @@ class LocalWorkers:
         return subprocess.Popen(
             [*self._cmd, "--name", f"local-{i + 1}", "--log-level", "warning", "--parent", str(os.getpid())],
             stdin=subprocess.DEVNULL,
+            # Out of the sink's process group: Ctrl-C at a terminal reaches the sink alone, which
+            # drains and then stops its workers (they would otherwise stop first, and be restarted).
+            start_new_session=True,
         )
 
     def check(self) -> None:
@@ -93,16 +96,20 @@ class LocalWorkers:
 
 
 def die_with_parent(parent: int) -> None:
-    """Make this process end when `parent` does, even by SIGKILL: a sink's local workers are
-    its own, and must not outlive it to join the next sink as extras (Linux only; elsewhere a
-    no-op)."""
+    """Make this process get SIGHUP when `parent` ends, even by SIGKILL: a sink's local workers
+    are its own, and must not outlive it to join the next sink as extras; the sink of `zfan up`
+    is that command's (Linux only; elsewhere a no-op).
+
+    The signal comes each time a thread of the parent that is the child's parent ends (the
+    child passes to the next), so it may come several times: its handler must not count
+    them. SIGHUP, not SIGTERM, so that it is told apart from a person's second SIGTERM."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGHUP)
     except (OSError, AttributeError):
         return
     if os.getppid() != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGHUP)
 
 
 def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 5.0) -> None:
