@@ -463,3 +463,20 @@ def test_the_results_sync_is_overdue_after_connect_timeout_of_listening():
     synced.synced_now()
     assert synced.sync_overdue(200.0) is None
     assert SubscriberCore(("",), 100.0, control=False).sync_overdue(1e9) is None  # no timeout: never
+
+
+def test_connect_timeout_flags_and_produce_timeout_bound_the_wait_for_a_sink(roles, free_port):
+    """`--connect-timeout` sets the wait for a first answer; `produce --timeout N` is N seconds of
+    wall time at the end, sink or none."""
+    produce = roles("produce", "--count", "10", "--timeout", "1.5", f"--intake={free_port}", f"--control={free_port}")
+    others = {
+        "subscribe": roles("subscribe", "--connect-timeout", "1", f"--results={free_port}", f"--control={free_port}"),
+        "worker": roles("worker", "--connect-timeout", "1", f"--control={free_port}"),
+    }
+    started = time.monotonic()
+    assert produce.wait(timeout=30) == RET_TIMEOUT, produce.stderr
+    assert the_error_line(produce, "produce") == "1 batch(es) not acknowledged by the sink after 1.5 s"
+    for name, role in others.items():
+        assert role.wait(timeout=30) == RET_TIMEOUT, role.stderr
+        assert the_error_line(role, name) == nothing_at(free_port, "control", 1)
+    assert time.monotonic() - started < 1.5 + PROMPT

@@ -34,10 +34,10 @@ from .options import (
     RET_ERROR,
     RET_OK,
     RET_TIMEOUT,
-    WAITING_SAID_AFTER,
     Interrupted,
     Signals,
     await_welcome,
+    connect_timeout,
     curve,
     endpoints,
     ready,
@@ -210,6 +210,7 @@ def sink(
     "--drain-timeout", type=click.FloatRange(min=0), default=WorkerSettings.drain_timeout, show_default=True, help=DRAIN
 )
 @click.option("--parent", type=int, default=None, hidden=True, help="end when this process does")
+@connect_timeout(None)
 @timing
 @curve(server=False)
 def worker(
@@ -219,6 +220,7 @@ def worker(
     name: str | None,
     drain_timeout: float,
     parent: int | None,
+    connect_timeout: float | None,
     timing: Timing,
     curve: Curve | None,
 ) -> int:
@@ -231,10 +233,12 @@ def worker(
         stop.follow_parent()
         die_with_parent(parent)
     process = load_app(app)
-    settings = WorkerSettings(control=control, credit=credit, timing=timing, curve=curve)
+    settings = WorkerSettings(
+        control=control, credit=credit, timing=timing, curve=curve, connect_timeout=connect_timeout
+    )
     node = Worker(process, settings if name is None else dataclasses.replace(settings, name=name))
     node.start()
-    if await_welcome(node, stop, "worker", control):
+    if await_welcome(node, stop):
         ready("worker", control=control, app=app, name=node.settings.name, credit=credit)
     if not _serve(node, stop):
         return _ended(node)
@@ -242,7 +246,8 @@ def worker(
         # A sink's own worker is stopped by its sink once the sink has taken every lease back
         # and closed (or by the sink's death): nothing it held could be answered any more.
         return _ended(node)
-    say(stop.after_ctrl_c("zfan worker: stopping: finishing the batches held (Ctrl-C again to stop at once)"))
+    if node.connected.is_set():  # (without a sink it holds nothing, and simply stops)
+        say(stop.after_ctrl_c("zfan worker: stopping: finishing the batches held (Ctrl-C again to stop at once)"))
     drained = node.drain(drain_timeout)
     _ended(node)
     return RET_OK if drained else stop.code
@@ -301,6 +306,7 @@ def worker(
     "--no-wait: only until the sink has stored it",
 )
 @click.option("--progress/--no-progress", default=None, help="[default: on a terminal]")
+@connect_timeout(10.0)
 @timing
 @curve(server=False)
 def produce(
@@ -319,6 +325,7 @@ def produce(
     timeout: float,
     wait: bool,
     progress: bool | None,
+    connect_timeout: float | None,
     timing: Timing,
     curve: Curve | None,
 ) -> int:
@@ -345,6 +352,7 @@ def produce(
         window=window,
         timing=timing,
         curve=curve,
+        connect_timeout=connect_timeout,
     )
     node = Producer(settings if not producer_id else dataclasses.replace(settings, producer_id=producer_id))
     node.start()
@@ -433,7 +441,7 @@ def _last_line(
 
 def _say_ready(node: Producer, stop: Signals, fields: dict[str, str]) -> None:
     try:
-        if await_welcome(node, stop, "produce", fields["control"]):
+        if await_welcome(node, stop):
             ready("produce", **fields)
     except BaseException:  # the producer's error reaches the command through send() and join()
         return
@@ -464,6 +472,7 @@ def _say_ready(node: Producer, stop: Signals, fields: dict[str, str]) -> None:
     help="exit after this many published results (each the results of one batch on one topic)",
 )
 @click.option("--count", type=click.IntRange(min=1), default=None, hidden=True, help="the old name of --messages")
+@connect_timeout(10.0)
 @click.option(
     "--idle-timeout",
     type=click.FloatRange(min=0),
@@ -479,6 +488,7 @@ def subscribe(
     messages: int | None,
     count: int | None,
     idle_timeout: float | None,
+    connect_timeout: float | None,
     curve: Curve | None,
 ) -> int:
     """Print published results as JSON lines on stdout, each topic in order, gaps repaired."""
@@ -486,15 +496,18 @@ def subscribe(
     if count is not None:
         logging.getLogger("zfan").warning("--count is now --messages: it counts published results, not records")
         messages = messages if messages is not None else count
-    settings = SubscriberSettings(results=results, control=control, topics=topics, durable=durable, curve=curve)
+    settings = SubscriberSettings(
+        results=results,
+        control=control,
+        topics=topics,
+        durable=durable,
+        curve=curve,
+        connect_timeout=connect_timeout,
+    )
     with Subscriber(settings) as sub:
-        say_at: float | None = time.monotonic() + WAITING_SAID_AFTER
-        while not sub.wait_ready(0.25):
+        while not sub.wait_ready(0.25):  # (it warns once itself when no sink answers)
             if stop.stopping.is_set():
                 return stop.code
-            if say_at is not None and time.monotonic() >= say_at:
-                say(f"zfan subscribe: waiting for a sink at results={results} control={control}")
-                say_at = None
         ready("subscribe", results=results, topics=",".join(topics) or "*", durable=durable or "-")
         n, last = 0, time.monotonic()
         while not stop.stopping.is_set() and (messages is None or n < messages):

@@ -11,7 +11,6 @@ import re
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -83,6 +82,20 @@ def endpoints(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
         return f
 
     return decorate
+
+
+def connect_timeout(default: float | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add --connect-timeout: how long a client waits for a first welcome before it says that no
+    sink answers (and exits 6)."""
+    shown = "none: wait for a sink" if default is None else f"{default:g}"
+    return click.option(
+        "--connect-timeout",
+        type=click.FloatRange(min=0.1),
+        default=default,
+        envvar="ZFAN_CONNECT_TIMEOUT",
+        show_envvar=True,
+        help=f"seconds to wait for a sink's first answer before giving up [default: {shown}]",
+    )
 
 
 def timing(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -317,9 +330,6 @@ def ready(role_name: str, **fields: Any) -> None:
     say(f"zfan {role_name}: ready {detail}")
 
 
-WAITING_SAID_AFTER = 3.0  # seconds without a welcome before a client says what it waits for
-
-
 class Client(Protocol):
     """What await_welcome needs of a producer or worker."""
 
@@ -332,11 +342,10 @@ class Client(Protocol):
     def error(self) -> BaseException | None: ...
 
 
-def await_welcome(node: Client, stop: Signals, role_name: str, endpoint: str) -> bool:
+def await_welcome(node: Client, stop: Signals) -> bool:
     """Wait until a sink has welcomed `node`: True then; False if the command was asked to stop
-    first or the node ended (raising the node's error if it ended on one). Says once what it
-    waits for if that takes more than a few seconds."""
-    say_at: float | None = time.monotonic() + WAITING_SAID_AFTER
+    first or the node ended (raising the node's error if it ended on one). (The node itself
+    warns once when no sink answers.)"""
     while not node.connected.wait(0.1):
         if stop.stopping.is_set():
             return False
@@ -344,7 +353,4 @@ def await_welcome(node: Client, stop: Signals, role_name: str, endpoint: str) ->
             if node.error is not None:
                 raise node.error
             return False
-        if say_at is not None and time.monotonic() >= say_at:
-            say(f"zfan {role_name}: waiting for a sink at {endpoint}")
-            say_at = None
     return True
