@@ -100,9 +100,7 @@ class SinkCore:
             fresh=self._peers.fresh,
             dead_letter=self._dead_letter,
         )
-        self._intake = Intake(
-            ledger, self._backlog, self.counts, self.stats, self._peers.owns, self._outcomes.duplicate
-        )
+        self._intake = Intake(ledger, self._backlog, self.counts, self.stats, self._peers.owns, self._outcomes)
         self._history = History(ledger, self._publishing, self.stats, self._send)
         self._handlers: dict[type[p.Message], Callable[[bytes, Any], None]] = {
             p.Hello: self._hello,

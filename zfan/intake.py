@@ -11,6 +11,7 @@ from . import protocol as p
 from .errors import ProtocolError
 from .leasing import Backlog
 from .ledger import Ledger, Pending
+from .outcomes import Outcomes
 
 INTAKE_TYPES: frozenset[type[p.Message]] = frozenset({p.Batch})
 
@@ -23,14 +24,14 @@ class Intake:
         counts: dict[str, int],
         stats: Counter[str],
         owns: Callable[[str, str], bool],
-        duplicate: Callable[[str, int], None],
+        outcomes: Outcomes,
     ) -> None:
         self._ledger = ledger
         self._backlog = backlog
         self._counts = counts
         self._stats = stats
         self._owns = owns  # whether a CURVE key is the one a producer id is bound to
-        self._duplicate = duplicate  # told of each batch that came again
+        self._outcomes = outcomes  # told whose each batch is, and of each that came again
         self._acks: dict[str, list[int]] = {}  # producer id -> seqs to acknowledge
 
     def decode(self, frames: list[bytes], key: str | None) -> p.Batch:
@@ -50,9 +51,10 @@ class Intake:
         batch_id = self._ledger.insert_batch(producer_id, seq, topic, count, payload)
         if batch_id is None:
             self._stats["duplicate batches"] += 1
-            self._duplicate(producer_id, seq)
+            self._outcomes.duplicate(producer_id, seq)
         else:
             self._backlog.add(Pending(batch_id, topic, count, 0), payload)
+            self._outcomes.stored(batch_id, producer_id, seq)
             self._counts["pending"] += 1
             self._stats["batches in"] += 1
             self._stats["records in"] += count

@@ -66,6 +66,10 @@ class WorkerCore:
             self.held.clear()  # a silent sink has replayed them, or will, to other workers
         return event
 
+    def holds(self, lease: p.Lease) -> bool:
+        """Whether a lease is still ours: its answer counts at the sink."""
+        return (lease.epoch, lease.batch_id, lease.attempt) in self.held
+
     def finished(self, lease: p.Lease) -> bool:
         """A lease's answer is ready: whether to send it (False if the lease is no longer ours)."""
         key = (lease.epoch, lease.batch_id, lease.attempt)

@@ -51,7 +51,10 @@ class Outcomes:
         self._producer = producer  # the connection of a producer id, if connected
         self._stats = stats
         self._watchers: dict[bytes, str] = {}  # connection -> producer id, of sessions that watch
-        self._ended: dict[int, str | None] = {}  # batch id -> None if done, else its error
+        # Whose each batch is, kept from its arrival (while its producer watches) to its end, so
+        # that telling the end costs no read of the ledger.
+        self._owners: dict[int, tuple[str, int]] = {}
+        self._ended: dict[int, tuple[str | None, tuple[str, int] | None]] = {}  # batch id -> (error, owner)
         self._told: dict[str, _Told] = {}  # producer id -> outcomes read from the ledger this turn
 
     def watch(self, rid: bytes, producer_id: str, seqs: list[int]) -> None:
@@ -76,10 +79,16 @@ class Outcomes:
         if rid is not None and rid in self._watchers:
             self.watch(rid, producer_id, [seq])
 
+    def stored(self, batch_id: int, producer_id: str, seq: int) -> None:
+        """A new batch is in the ledger."""
+        if self._watchers and producer_id in self._watchers.values():
+            self._owners[batch_id] = (producer_id, seq)
+
     def ended(self, batch_id: int, error: str | None = None) -> None:
         """A batch is done (`error` None) or dead-lettered, in this turn's transaction."""
+        owner = self._owners.pop(batch_id, None)
         if self._watchers:
-            self._ended[batch_id] = error
+            self._ended[batch_id] = (error, owner)
 
     def leave(self, rid: bytes) -> None:
         self._watchers.pop(rid, None)
@@ -94,11 +103,15 @@ class Outcomes:
         if self._ended:
             watching = set(self._watchers.values())
             ended, self._ended = self._ended, {}
-            for batch_id, producer_id, seq in self._ledger.owners(list(ended)):
+            owners = [(bid, *owner) for bid, (_, owner) in ended.items() if owner is not None]
+            unknown = [bid for bid, (_, owner) in ended.items() if owner is None]
+            if unknown:  # stored before its producer watched, or by an earlier sink
+                owners += self._ledger.owners(unknown)
+            for batch_id, producer_id, seq in owners:
                 if producer_id not in watching:
                     continue
                 told = self._told.setdefault(producer_id, _Told())
-                error = ended[batch_id]
+                error = ended[batch_id][0]
                 if error is None:
                     told.done.append(seq)
                 else:

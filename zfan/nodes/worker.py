@@ -210,15 +210,13 @@ class Worker(Service):
         if self._wakeup.fileno() in ready:
             self._wakeup.clear()
         while self._done:
+            lease, answer = self._done[0]
             # An answer waits for room (a sink reading slowly) rather than be lost or block us;
             # it is void, and dropped here, once its lease is no longer ours.
-            if not sock.poll(0, zmq.POLLOUT):
+            if core.holds(lease) and not send(sock, answer):
                 break
-            lease, answer = self._done.popleft()
-            if core.finished(lease) and not send(sock, answer):
-                log.warning(
-                    "sink %s took no answer for batch %d; it will be replayed", self.settings.control, lease.batch_id
-                )
+            self._done.popleft()
+            core.finished(lease)
         for frames in drain(sock) if sock in ready else ():
             event, job = core.received(frames, now)
             self._say(event)
