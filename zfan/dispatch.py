@@ -226,6 +226,7 @@ class SinkCore:
             "epoch": self.epoch,
             "workers": self._leasing.status(lambda rid: self._peers.idle_ms(rid, now)),
             "producers": self._peers.producer_count(),
+            "draining": self._leasing.closed,
             **self.counts,
             "rejected": dict(self.rejected),
             **{k.replace(" ", "_"): v for k, v in self.stats.items()},

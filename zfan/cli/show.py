@@ -198,8 +198,8 @@ def release_stdout() -> None:
 
 def status_table(info: dict[str, Any]) -> str:
     lines = [
-        f"sink epoch {info.get('epoch')}: {info.get('producers', 0)} producer(s), "
-        f"{len(info.get('workers', []))} worker(s)"
+        f"sink epoch {info.get('epoch')}{' (draining)' if info.get('draining') else ''}: "
+        f"{info.get('producers', 0)} producer(s), {len(info.get('workers', []))} worker(s)"
     ]
     lines.append("batches: " + ", ".join(f"{k} {info.get(k, 0):,}" for k in ("pending", "leased", "done", "dead")))
     rejected = info.get("rejected") or {}
@@ -210,7 +210,7 @@ def status_table(info: dict[str, Any]) -> str:
     others = {
         k: v
         for k, v in info.items()
-        if k not in {"epoch", "producers", "workers", "pending", "leased", "done", "dead", "rejected"}
+        if k not in {"epoch", "producers", "workers", "pending", "leased", "done", "dead", "rejected", "draining"}
     }
     if others:
         lines.append(", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in sorted(others.items())))
@@ -220,7 +220,8 @@ def status_table(info: dict[str, Any]) -> str:
         lines.append(f"{'worker':<24} {'credit':>6} {'in flight':>9} {'idle ms':>8}")
         for w in workers:
             idle = "-" if w.get("idle_ms") is None else f"{w['idle_ms']}"
-            lines.append(f"{w['name']:<24} {w['credit']:>6} {w['in_flight']:>9} {idle:>8}")
+            draining = "  draining" if w.get("draining") else ""
+            lines.append(f"{w['name']:<24} {w['credit']:>6} {w['in_flight']:>9} {idle:>8}{draining}")
     return "\n".join(lines)
 
 

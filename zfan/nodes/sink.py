@@ -211,15 +211,26 @@ class Sink(Service):
 
     def _send(self, core: SinkCore, router: Sock, xpub: Sock) -> None:
         out = core.end_turn()
+        failed: list[bytes] = []
         for rid, frames in out.to_peers:
+            if rid in failed:
+                continue
             try:
                 router.send_multipart([rid, *frames], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                     raise
-                core.unreachable(rid)
+                failed.append(rid)
         for frames in out.publish:
             xpub.send_multipart(frames)
+        if failed:
+            # A peer that said bye and closed is gone before its bye is read: read what came,
+            # so that a clean goodbye is not taken for a crash (which costs its batches an attempt).
+            for (rid, *frames), key in drain_keyed(router, self.settings.curve is not None):
+                core.control(rid, frames, key)
+            for rid in failed:
+                if rid in core.roles:
+                    core.unreachable(rid)
 
     def _subscriptions(self, xpub: Sock) -> None:
         """A subscriber announces itself by subscribing to a private sync topic; since ZeroMQ
