@@ -331,8 +331,8 @@ def slow_app(tmp_path) -> str:
     return str(tmp_path)
 
 
-@pytest.mark.parametrize("sig", SIGNALS)
-def test_a_signalled_worker_finishes_its_batches_then_exits_0(tmp_path, ipc, roles, sig):
+def slow_worker_holding(tmp_path, ipc, roles, records: int):
+    """A sink, a worker of the slow app, and `records` records in batches of 10 stored: the worker."""
     s = roles("sink", "--ledger", str(tmp_path / "z.db"), *endpoint_args(ipc, "intake", "control", "results"))
     s.wait_ready()
     worker = roles("worker", "--app", "slowapp:run", *endpoint_args(ipc, "control"), cwd=slow_app(tmp_path))
@@ -340,7 +340,7 @@ def test_a_signalled_worker_finishes_its_batches_then_exits_0(tmp_path, ipc, rol
     prod = run_cli(
         "produce",
         "--count",
-        "20",
+        str(records),
         "--batch-size",
         "10",
         "--linger-ms",
@@ -349,33 +349,25 @@ def test_a_signalled_worker_finishes_its_batches_then_exits_0(tmp_path, ipc, rol
         *endpoint_args(ipc, "intake", "control"),
     )
     assert prod.returncode == 0, prod.stderr
+    return worker
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_a_signalled_worker_finishes_its_batches_then_exits_0(tmp_path, ipc, roles, sig):
+    worker = slow_worker_holding(tmp_path, ipc, roles, 20)
     wait_for(lambda: status(ipc).get("leased") == 2, what="the worker holding both batches")
     worker.proc.send_signal(sig)
     assert worker.wait(10) == 0, worker.stderr
     assert worker.err[-1] == "zfan worker: stopping: finishing the batches held (Ctrl-C again to stop at once)\n"
     no_traceback(worker.stderr)
-    info = status(ipc)
+    # Its bye follows its answers on one connection: once it is gone, every answer is in.
+    info = wait_for(lambda: (i := status(ipc)) and i["workers"] == [] and i, what="the worker's bye")
     assert info["done"] == 2 and info.get("replays", 0) == 0, info
 
 
 @pytest.mark.parametrize("sig", SIGNALS)
 def test_a_second_signal_stops_a_worker_at_once(tmp_path, ipc, roles, sig):
-    s = roles("sink", "--ledger", str(tmp_path / "z.db"), *endpoint_args(ipc, "intake", "control", "results"))
-    s.wait_ready()
-    worker = roles("worker", "--app", "slowapp:run", *endpoint_args(ipc, "control"), cwd=slow_app(tmp_path))
-    worker.wait_ready()
-    prod = run_cli(
-        "produce",
-        "--count",
-        "50",
-        "--batch-size",
-        "10",
-        "--linger-ms",
-        "60000",
-        "--no-wait",
-        *endpoint_args(ipc, "intake", "control"),
-    )
-    assert prod.returncode == 0, prod.stderr
+    worker = slow_worker_holding(tmp_path, ipc, roles, 50)
     wait_for(lambda: status(ipc).get("leased", 0) >= 1, what="the worker holding batches")
     worker.proc.send_signal(sig)
     wait_for(lambda: any("stopping:" in x for x in worker.err), what="the worker draining")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import zmq
@@ -32,6 +33,8 @@ class Service:
         self._closing = threading.Lock()
         self._close_when_ended = False
         self._failed_to_start = False  # close() gave up waiting: the thread closes the pipe itself
+        self._drain_until: float | None = None  # set by _drain(): the loop finishes by then
+        self._drained = False  # the loop set it: it finished what it had in hand
 
     # --- for subclasses --------------------------------------------------------------------
     def _serve(self) -> None:
@@ -74,6 +77,17 @@ class Service:
                 self._wakeup.close()
             else:  # the thread may still poll the pipe: it is closed once the thread is done
                 self._close_when_ended = True
+
+    def _drain(self, timeout: float, grace: float) -> bool:
+        """Ask the I/O thread to finish what it has in hand within `timeout` and end; wait for
+        it (`grace` more for its own ending), close; whether it finished everything."""
+        if self._thread is None:
+            return True
+        self._drain_until = time.monotonic() + timeout
+        self._wakeup.set()
+        ended = self.wait(timeout + grace)
+        self.close()
+        return ended and self._drained
 
     @property
     def running(self) -> bool:

@@ -68,21 +68,12 @@ class Sink(Service):
         self._workers: LocalWorkers | None = None
         self.intake = self.control = self.results = ""
         self.epoch = 0
-        self._drain_until: float | None = None  # set by drain(): the leased back by then
-        self._drained = False
 
     def drain(self, timeout: float | None = None) -> bool:
         """Stop gracefully: take no more batches, lease nothing more, wait up to `timeout` for
         the batches leased to come back, then stop (local workers drain too). True if none
         was left leased (one that was is pending again for the next start, at no attempt's cost)."""
-        if self._thread is None:
-            return True
-        timeout = self.settings.drain_timeout if timeout is None else timeout
-        self._drain_until = time.monotonic() + timeout
-        self._wakeup.set()
-        finished = self.wait(timeout + 5.0)
-        self.close()
-        return finished and self._drained
+        return self._drain(self.settings.drain_timeout if timeout is None else timeout, grace=5.0)
 
     def __exit__(self, *exc: object) -> None:
         self.drain()

@@ -126,22 +126,13 @@ class Worker(Service):
         self._done: deque[tuple[p.Lease, list[bytes]]] = deque()
         self._handshakes = Handshakes()
         self._poll = Poll()
-        self._drain_until: float | None = None  # set by drain(): finish by then, or hand back
         self.connected = threading.Event()  # set while a sink has welcomed us
-        self._drained = False
 
     def drain(self, timeout: float | None = None) -> bool:
         """Stop gracefully: take no new batch, finish and answer the ones held, then stop. Past
         `timeout` the batches still held go back to the sink (with no attempt counted against
         them) and the worker stops all the same. True if every batch held was finished."""
-        if self._thread is None:
-            return True
-        timeout = self.settings.drain_timeout if timeout is None else timeout
-        self._drain_until = time.monotonic() + timeout
-        self._wakeup.set()
-        finished = self.wait(timeout + 1.0)
-        self.close()
-        return finished and self._drained
+        return self._drain(self.settings.drain_timeout if timeout is None else timeout, grace=1.0)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop at once: the batches held go back to the sink, to be replayed at no cost of
