@@ -67,7 +67,7 @@ REPLAYS = [
     ("SIGSTOP quiet", signal.SIGSTOP, True),
     ("SIGTERM", signal.SIGTERM, False),
 ]
-LABELS = {"SIGKILL": "dies", "SIGSTOP": "hangs", "SIGTERM": "clean exit"}
+LABELS = {"SIGKILL": "dies", "SIGSTOP": "hangs", "SIGTERM": "stops, handing its batches back"}
 
 
 class BenchError(Exception):
