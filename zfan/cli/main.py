@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -149,7 +150,7 @@ def sink(
     ledger is closed cleanly (exit 0); a second signal stops it at once."""
     stop = signals().cooperate()
     if parent is not None:
-        stop.follow_parent()
+        stop.follow_parent(parent)
         die_with_parent(parent)
     try:
         retain_count, retain_age = parse_retention(retain)
@@ -181,6 +182,11 @@ def sink(
         )
         if not _serve(node, stop):
             return _ended(node)
+        if stop.signum == signal.SIGHUP and remove_folder is not None:
+            # The `zfan up` that started it is gone, and the folder with this run's ledger goes
+            # too: nothing a drain would finish is wanted any more.
+            _ended(node)
+            return stop.code
         say(
             stop.after_ctrl_c(
                 "zfan sink: stopping: waiting for the batches leased to come back (Ctrl-C again to stop at once)"
@@ -230,7 +236,7 @@ def worker(
     answered (exit 0); a second signal stops it at once."""
     stop = signals().cooperate()
     if parent is not None:
-        stop.follow_parent()
+        stop.follow_parent(parent)
         die_with_parent(parent)
     process = load_app(app)
     settings = WorkerSettings(
@@ -632,6 +638,7 @@ def _serve(node: Any, stop: Signals) -> bool:
     while not stop.stopping.wait(0.2):
         if not node.running:
             return False
+        stop.check_parent()
     return True
 
 

@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -224,6 +225,28 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+class StopFlag:
+    """Set by a signal handler, read by the command's threads. No lock: a handler runs between
+    any two bytecodes of the main thread, also inside a lock it holds (a threading.Event's, in
+    its own set() when signals come in a burst), and taking that lock again would wait forever."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        """Whether it was set within `timeout` seconds (looked at every 50 ms)."""
+        deadline = time.monotonic() + timeout
+        while not self._set and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.05))
+        return self._set
+
+
 class Signals:
     """SIGINT and SIGTERM for one command. The first asks it to stop: `stopping` is set, and
     the command finishes what it must, says so and exits; inside `interruptible()` (and before
@@ -233,17 +256,25 @@ class Signals:
     def __init__(self, role_name: str) -> None:
         self.role = role_name
         self.signum: int | None = None
-        self.stopping = threading.Event()
+        self.stopping = StopFlag()
         self._raise = True
+        self._parent: int | None = None  # the process whose end ends this one
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._handle)
         signal.signal(signal.SIGTERM, self._handle)
 
-    def follow_parent(self) -> None:
+    def follow_parent(self, parent: int) -> None:
         """SIGHUP, which die_with_parent has sent when the parent ends (maybe several times),
         asks the command to stop however often it comes: it is never a second signal."""
+        self._parent = parent
         signal.signal(signal.SIGHUP, self._parent_gone)
+
+    def check_parent(self) -> None:
+        """Stop as the SIGHUP would, if the parent is gone and that signal was not seen (the
+        kernel sends it when the thread that started us ends, which is not always the last)."""
+        if self._parent is not None and os.getppid() != self._parent:
+            self._parent_gone(signal.SIGHUP, None)
 
     def _parent_gone(self, signum: int, frame: Any) -> None:
         first = self.signum is None

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
-from typing import IO
+from typing import IO, Protocol
 
 import zmq
 
@@ -34,6 +34,13 @@ from ..nodes.producer import Producer
 from ..nodes.status import query_status
 from ..nodes.subscriber import Subscriber
 from ..nodes.transport import Ctx
+
+
+class Flag(Protocol):
+    """What asks the run to stop: a threading.Event, or the CLI's signal flag."""
+
+    def is_set(self) -> bool: ...
+
 
 CHUNK = 500  # readings each producer thread hands to send_many() at once
 
@@ -95,7 +102,7 @@ def run(
     batch_size: int = 1000,
     settle: float = 30.0,
     progress: Callable[[Progress], None] | None = None,
-    stopping: threading.Event | None = None,
+    stopping: Flag | None = None,
 ) -> Report:
     if seconds is None and records is None:
         raise ZfanError("zfan up needs --seconds or --records to know when to stop")
@@ -179,7 +186,7 @@ def _wait_for_workers(
     workers: int,
     log: IO[str],
     ctx: Ctx,
-    stopping: threading.Event,
+    stopping: Flag,
     timeout: float = 30.0,
 ) -> bool:
     """True once the sink and its workers are up; False if asked to stop first."""
@@ -297,7 +304,7 @@ def _stream(
     settle: float,
     progress: Callable[[Progress], None] | None,
     sink_alive: Callable[[], bool],
-    stopping: threading.Event,
+    stopping: Flag,
 ) -> Report:
     tally = _Tally()
     stop_sub = threading.Event()
