@@ -372,3 +372,49 @@ def test_a_read_error_is_a_ledger_error(ledger):
 def test_a_full_disk_is_known_by_its_text_where_there_is_no_error_code(message, full):
     exc = sqlite3.OperationalError(message)  # made by hand: it carries no sqlite_errorcode
     assert isinstance(_failed("z.db", "commit", exc), LedgerFull) is full
+
+
+def test_a_new_ledger_has_16_kb_pages_and_commits_never_checkpoint(ledger):
+    """A batch's payload takes few pages, and the WAL is copied to the file by another thread,
+    so that no commit stalls on a checkpoint."""
+    assert peek(ledger.path, "PRAGMA page_size") == [(16384,)]
+    assert ledger._db.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+
+
+def test_the_wal_stays_bounded_while_commits_go_on_without_pause(tmp_path):
+    every = 256 << 10
+    path = str(tmp_path / "z.db")
+    led = Ledger(path, checkpoint_every=every)
+    payload = os.urandom(20_000)
+    biggest = 0
+    try:
+        for seq in range(2000):  # about 40 MB of payloads and as much of results
+            bid = led.insert_batch("p", seq, "t", 1, payload)
+            assert bid is not None
+            led.lease([(bid, 1)])
+            led.store_results(bid, [("t", seq + 1, 1, payload)])
+            led.commit()
+            biggest = max(biggest, os.path.getsize(path + "-wal"))
+        checkpoints = led._checkpoints.checkpoints if led._checkpoints else 0
+    finally:
+        led.close()
+    assert checkpoints >= 1
+    # Past 8 x `every` a writer waits for the checkpointer to restart the WAL; it looks every
+    # `every` bytes of its own estimate, which counts payloads and a few pages per commit.
+    assert biggest < 16 * every, f"the WAL grew to {biggest:,} bytes"
+    assert peek(path, "SELECT count(*), sum(length(payload)) FROM results") == [(2000, 2000 * 20_000)]
+    assert peek(path, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_an_existing_ledger_keeps_its_page_size(tmp_path):
+    path = str(tmp_path / "old.db")
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA page_size=4096")
+        db.execute("PRAGMA application_id=2053529966")  # a ledger made before 16 KB pages
+        db.commit()
+    led = Ledger(path)
+    led.insert_batch("p", 1, "t", 1, b"\x01")
+    led.commit()
+    led.close()
+    assert peek(path, "PRAGMA page_size") == [(4096,)]
+    assert peek(path, "SELECT count(*) FROM batches") == [(1,)]

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from . import checkpoints
 from .errors import LedgerError, LedgerFull
 
 PENDING, LEASED, DONE, DEAD = 0, 1, 2, 3
@@ -22,6 +23,9 @@ KEEP_BATCHES = 1_000_000
 STATE_NAMES = {PENDING: "pending", LEASED: "leased", DONE: "done", DEAD: "dead"}
 _IN_CHUNK = 500  # values in one `IN (...)`: well under SQLite's limit on bound parameters
 SQLITE_FULL = 13  # the primary result code; sqlite3.SQLITE_FULL exists only from Python 3.11
+# A new ledger's page size. A batch's payload is one blob of tens of KB: with bigger pages it
+# takes fewer overflow pages, WAL frames and write calls (16 KB measured best against 4 and 64).
+PAGE_SIZE = 16384
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -91,17 +95,22 @@ class Stored:
 
 
 class Ledger:
-    def __init__(self, path: str = "zfan.db", *, fsync: str = "normal") -> None:
+    def __init__(
+        self, path: str = "zfan.db", *, fsync: str = "normal", checkpoint_every: int = checkpoints.EVERY
+    ) -> None:
         self.path = path
         self._db = _open(path)
         # Batches whose results are stored this transaction: marked done in one statement at
         # the commit, which writes them with the results or not at all.
         self._done: list[tuple[int, int]] = []
+        self._written = 0  # payload bytes written since the last commit, for the checkpointer
+        self._checkpoints: checkpoints.Checkpointer | None = None
         try:
             app_id = self._db.execute("PRAGMA application_id").fetchone()[0]
             if app_id != APPLICATION_ID:
                 if self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
                     raise _refuse(path, "it holds other tables")
+                self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # before the first write creates the file
                 self._db.execute(f"PRAGMA application_id={APPLICATION_ID}")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if fsync == 'full' else 'NORMAL'}")
@@ -109,6 +118,11 @@ class Ledger:
             # What an earlier run left in the WAL goes into the file now: after a full disk, the
             # next write may fit in the WAL's slack, so only this shows that the disk is still full.
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if path != ":memory:":
+                # Checkpoints run on a thread of their own (see checkpoints.py), not in our commits.
+                self._db.execute("PRAGMA wal_autocheckpoint=0")
+                self._db.execute(f"PRAGMA journal_size_limit={checkpoint_every}")
+                self._checkpoints = checkpoints.Checkpointer(path, every=checkpoint_every)
         except sqlite3.Error as exc:
             self._db.close()
             raise _failed(path, "open", exc) from None
@@ -151,11 +165,17 @@ class Ledger:
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise _failed(self.path, "commit", exc) from None
+            if self._checkpoints is not None:
+                # The payloads, and a few pages of rows and indexes each commit rewrites.
+                self._checkpoints.wrote(self._written + 4 * PAGE_SIZE)
+            self._written = 0
 
     def close(self) -> None:
         """Roll back what is not committed, and close. Raises nothing: it also runs on the way
         out of a failure (a commit that found the disk full), and must not hide it."""
         self._done.clear()
+        if self._checkpoints is not None:
+            self._checkpoints.close()
         try:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
@@ -222,6 +242,7 @@ class Ledger:
             "INSERT OR IGNORE INTO batches (producer, seq, topic, count, payload, state) VALUES (?,?,?,?,?,?)",
             (producer, seq, topic, count, payload, PENDING),
         )
+        self._written += len(payload)
         return cur.lastrowid if cur.rowcount else None
 
     def payload(self, batch_id: int) -> bytes:
@@ -254,6 +275,7 @@ class Ledger:
                 (batch_id, topic, seq, count, payload, time.time()),
             ).lastrowid
             assert rid is not None
+            self._written += len(payload)
             stored.append(Stored(rid, batch_id, topic, seq, count, 0, payload))
         self._done.append((DONE, batch_id))
         return stored

@@ -135,8 +135,9 @@ class Poll:
 
 
 class Wakeup:
-    """A self-pipe: another thread calls set(); the owner polls fileno() and calls clear().
-    Once closed, set() does nothing: a descriptor number reused by another file is never written."""
+    """A self-pipe: another thread calls set(); the owner polls fileno() and calls clear(),
+    then looks at what it was woken for. Once closed, set() does nothing: a descriptor number
+    reused by another file is never written."""
 
     def __init__(self) -> None:
         self._r, self._w = os.pipe()
@@ -144,20 +145,28 @@ class Wakeup:
         os.set_blocking(self._w, False)
         self._lock = threading.Lock()
         self._closed = False
+        # A wake-up written and not yet cleared: more set() calls meanwhile write nothing, since
+        # the owner looks at everything after its clear(). Cleared first thing in clear(), so a
+        # set() racing it writes again rather than be lost.
+        self._pending = False
 
     def fileno(self) -> int:
         return self._r
 
     def set(self) -> None:
+        if self._pending:
+            return
         with self._lock:
             if self._closed:
                 return
+            self._pending = True
             try:
                 os.write(self._w, b"x")
             except BlockingIOError:
                 pass  # already full of wake-ups
 
     def clear(self) -> None:
+        self._pending = False
         try:
             while os.read(self._r, 4096):
                 pass
