@@ -373,8 +373,9 @@ def test_a_producer_id_in_use_by_a_live_connection_is_refused_until_it_goes_quie
     hello_producer(core, b"p1", "prod-1")
     Turn(core)
     hello_producer(core, b"intruder", "prod-1")
+    assert Turn(core).of(p.Heartbeat, b"p1"), "the connection holding the id is probed"
+    assert not Turn(core).of(p.Welcome, b"intruder"), "and answered: it is alive"
     assert core.rejected["producer id in use"] == 1
-    assert not Turn(core).of(p.Welcome, b"intruder")
     core.intake(batch("prod-1", 1))
     assert Turn(core).acks(b"p1") == [[1]], "acks still go to the first connection"
     clock.advance(core.timing.expiry + 0.01)
@@ -1284,3 +1285,37 @@ def test_a_worker_holds_up_to_its_credit_but_few_big_batches(core, records, leas
     assert len(first) == leased
     send_result(core, b"w", first[0])
     assert len(Turn(core).leases) == 1, "one answer frees room for one more"
+
+
+def test_a_producer_that_dialled_again_is_welcomed_once_its_old_connection_proves_gone(core, clock):
+    """A sink that stalled past the expiry still tracks the producer's old connection when the
+    producer, having given up on it, says hello on a new one. A heartbeat probes the old one:
+    unreachable, it is forgotten and the new one welcomed in that turn, not an expiry later."""
+    hello_producer(core, b"p1", "prod-1")
+    Turn(core)
+    hello_producer(core, b"p1-again", "prod-1")
+    turn = Turn(core)
+    assert not turn.of(p.Welcome, b"p1-again")
+    assert turn.of(p.Heartbeat, b"p1"), "the old connection is probed"
+    core.unreachable(b"p1")  # what the sink's socket loop does when that send fails
+    assert core.next_deadline() == 0.0, "the welcome goes out at once"
+    turn = Turn(core)
+    assert turn.of(p.Welcome, b"p1-again")
+    core.intake(batch("prod-1", 1))
+    assert Turn(core).acks(b"p1-again") == [[1]]
+
+
+def test_a_probed_connection_that_answers_keeps_its_producer_id(core, clock):
+    hello_producer(core, b"p1", "prod-1")
+    Turn(core)
+    hello_producer(core, b"intruder", "prod-1")
+    Turn(core)  # the probe's heartbeat went out: p1 is alive
+    assert core.rejected["producer id in use"] == 0, "not refused before the probe tells"
+    core.control(b"p1", p.encode(p.Heartbeat(core.epoch)))
+    core.intake(batch("prod-1", 1))
+    turn = Turn(core)
+    assert turn.acks(b"p1") == [[1]]
+    assert not turn.of(p.Welcome, b"intruder")
+    assert core.rejected["producer id in use"] == 1
+    core.unreachable(b"p1")  # gone later: the refused hello is not welcomed by that
+    assert not Turn(core).of(p.Welcome, b"intruder")

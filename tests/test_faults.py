@@ -268,3 +268,37 @@ def test_a_batch_that_kills_every_worker_it_reaches_is_dead_lettered(tmp_path, i
     dead = run_with_a_poison_record("tests.apps:crash", tmp_path, ipc, roles, ctx)
     assert dead["attempts"] == 3
     assert dead["error"].startswith("worker local-"), dead["error"]  # died on it: silent or unreachable
+
+
+def test_a_producer_that_gave_up_on_a_stalled_sink_is_welcomed_at_once_when_it_goes_on(tmp_path, ipc, roles, ctx):
+    """The sink's thread stalls for longer than the expiry (on a ledger another process holds
+    locked; ZeroMQ's own threads go on), so the producer gives up on it and dials again. When
+    the sink goes on, the producer is welcomed back within its backoff, never refused as a
+    second producer with its own id. (Where the sink reads the new hello before it has judged
+    the old connection silent, test_dispatch's probe tests show how it tells them apart.)"""
+    ledger = str(tmp_path / "z.db")
+    sink = roles("sink", "--ledger", ledger, *endpoint_args(ipc, "intake", "control", "results"))
+    sink.wait_ready()
+    with Producer(intake=ipc["intake"], control=ipc["control"], producer_id="p", context=ctx) as prod:
+        wait_for(prod.connected.is_set, what="the producer welcomed")
+        prod.send({"n": 1})
+        prod.flush(10)
+        with closing(sqlite3.connect(ledger, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")  # the sink's next write waits for this lock
+            stalled = time.monotonic()
+            prod.send({"n": 2})
+            # A stall of 1.5 s: twice the expiry, time for the producer to dial again.
+            wait_for(
+                lambda: not prod.connected.is_set() and time.monotonic() - stalled > 1.5,
+                what="the producer giving up on the stalled sink",
+            )
+            other.execute("COMMIT")
+        went_on = time.monotonic()
+        wait_for(prod.connected.is_set, timeout=10, interval=0.005, what="the producer welcomed again")
+        welcomed_after = time.monotonic() - went_on
+        prod.flush(10)
+    info = status(ipc, ctx)
+    assert info["rejected"].get("producer id in use", 0) == 0, info["rejected"]
+    assert info["done"] + info["pending"] + info["leased"] == 2
+    # Its next hello comes within its backoff (at most 2 s), and is welcomed in the turn it arrives.
+    assert welcomed_after < 2.5, f"welcomed {welcomed_after:.2f} s after the sink went on"

@@ -82,6 +82,11 @@ class SinkCore:
         self.stats: Counter[str] = Counter()
         self._refusals = Refusals(limits, key_allowed, clock)
         self._key: str | None = None  # the key of the control message being handled
+        # Connections holding a producer id that another connection said hello with (see
+        # _probe): old connection -> (new connection, its hello, its key); probing this turn,
+        # and probed by the last turn's sends.
+        self._probing: dict[bytes, tuple[bytes, p.Hello, str | None]] = {}
+        self._probed: dict[bytes, tuple[bytes, p.Hello, str | None]] = {}
         self._dirty_since: float | None = None  # when writes were first left uncommitted
         self._out = Outbox()
         self._peers = Peers(ledger, timing, clock())
@@ -157,6 +162,35 @@ class SinkCore:
         """A send to this peer failed (ROUTER_MANDATORY): treat it as gone now."""
         self._peers.forget(rid)
         self._drop_peer(rid, "unreachable", fault=True)
+        held = self._probed.pop(rid, None)
+        if held is not None:
+            # The connection that held the producer id is gone: welcome the one that asked.
+            new_rid, hello, key = held
+            self._key = key
+            try:
+                self._hello(new_rid, hello)
+            except ProtocolError as exc:
+                self._refusals.refuse(exc, new_rid)
+
+    def _probe(self, rid: bytes, msg: p.Hello) -> bool:
+        """A hello for a producer id whose connection is still tracked: most often the same
+        producer, which gave up on a sink that stalled and dialled again, its old connection
+        closed. A heartbeat to the old one tells: if it cannot be sent, unreachable() welcomes
+        the new one at once, instead of once the old one has been silent past the expiry; if
+        it can, the next turn refuses the hello (see _refuse_probed)."""
+        old = self._peers.producer(msg.name)
+        if old is None or old in self._probing or old in self._probed:
+            return False
+        self._probing[old] = (rid, msg, self._key)
+        self._out.to_peers.append((old, p.encode(p.Heartbeat(self.epoch))))
+        return True
+
+    def _refuse_probed(self) -> None:
+        """The probes the last turn sent reached their connection: it is alive, and holds its
+        producer id; the hellos that asked for it are refused."""
+        for new_rid, hello, _ in self._probed.values():
+            self._refusals.refuse(ProtocolError("producer id in use", hello.name), new_rid)
+        self._probed, self._probing = self._probing, {}
 
     def tick(self) -> None:
         now = self.clock()
@@ -173,6 +207,7 @@ class SinkCore:
 
     def end_turn(self) -> Outbox:
         """Lease what can be leased, commit, and hand back everything the commit made true."""
+        self._refuse_probed()
         self._leasing.dispatch(self.clock())
         self._publishing.save_heads()
         # Acks and publishes wait for the commit. A lease does not: lost uncommitted, the batch
@@ -216,8 +251,10 @@ class SinkCore:
             due.append(lease_due)
         if self._dirty_since is not None:
             due.append(self._dirty_since + COMMIT_WITHIN)
-        if self._leasing.can_lease(now):
-            return 0.0  # batches went back to pending after this turn's leasing (a send failed)
+        if self._leasing.can_lease(now) or self._out.to_peers:
+            # Batches went back to pending after this turn's leasing, or a welcome waits to be
+            # sent, both after a failed send.
+            return 0.0
         return max(0.0, min(due) - now)
 
     def status(self) -> dict[str, Any]:
@@ -234,7 +271,12 @@ class SinkCore:
 
     # --- control handlers ------------------------------------------------------------------
     def _hello(self, rid: bytes, msg: p.Hello) -> None:
-        self._peers.check_hello(rid, msg, self._key)
+        try:
+            self._peers.check_hello(rid, msg, self._key)
+        except ProtocolError as exc:
+            if exc.reason == "producer id in use" and self._probe(rid, msg):
+                return  # answered once the probe tells
+            raise
         if self._peers.known(rid):
             self._drop_peer(rid, "said hello again")
         self._peers.join(rid, msg.role, msg.name, self.clock())
@@ -276,6 +318,9 @@ class SinkCore:
     def _drop_peer(self, rid: bytes, why: str, *, fault: bool = False) -> None:
         """Forget a peer; a worker's leases go back to pending (see Leasing.drop for `fault`)."""
         self._peers.leave(rid)
+        if why != "unreachable":  # (unreachable() answers the hello its probe held)
+            self._probing.pop(rid, None)
+            self._probed.pop(rid, None)
         self._outcomes.leave(rid)
         self._leasing.drop(rid, why, fault=fault)
 
