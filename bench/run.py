@@ -1,28 +1,33 @@
-"""Every benchmark in one run: zfan beside the raw pyzmq limit and the RabbitMQ design.
+"""Every benchmark in one run: zfan beside the raw pyzmq limit and the designs a user would pick
+instead, each with zfan's guarantees (bench/peers/: RabbitMQ, Redis Streams, NATS JetStream).
 
-    python bench/run.py                    # the full run: about 10 minutes on 2 cores
-    python bench/run.py --quick            # a smoke test: under a minute (RabbitMQ at one batch size only)
+    python bench/run.py                    # the full run: about 15 minutes on 2 cores
+    python bench/run.py --quick            # a smoke test: about 2 minutes with every peer installed
     python bench/run.py --update-readme    # and put the table and chart into README.md
 
 What runs, all on this machine and in this one run, so that the ratios are fair:
 1. Throughput with batches of 1000 records, median of 3: the limit (bench/throughput.py:
    raw pyzmq + msgpack, same hops, no guarantees), zfan through the embedded API with 1 and 2
-   workers, zfan through the CLI processes once, and the RabbitMQ design (bench/rabbit.py)
-   with 1 and 2 processors, skipped with a message where rabbitmq-server is not installed.
-2. The same for batches of 1, 10, 100 and 10 000 records (limit, zfan and RabbitMQ, 1 worker).
-3. Latency from send() to the subscriber at half of zfan's rate from step 1 (bench/latency.py).
+   workers, zfan through the CLI processes once, and each peer design with 1 and 2 workers, on
+   a private server it starts here and stops at the end. A peer whose server or Python client
+   is not installed is skipped with a one-line reason.
+2. The same for batches of 1, 10, 100 and 10 000 records (limit, zfan and the peers, 1 worker).
+   With --quick: one run each, small counts, and the peers at batches of 1000 and 10 only.
+3. Latency from send() to the subscriber at 10 %, 50 % and 80 % of each contender's own rate
+   from step 1 (bench/latency.py, and each peer's latency()).
 4. Recovery after a worker's SIGKILL and SIGSTOP, and a sink restart on a ledger of 100 000
    batches (bench/recovery.py).
 5. The sink's memory under a slow subscriber (bench/memory.py).
 
-Every contender's subscriber counts every record: one lost or duplicated gets no score.
-Writes bench/results/run.json, run.md (the tables) and throughput.png (the chart, with the
-`bench` extra: pip install '.[bench]').
+Every contender's subscriber counts every record: one lost or duplicated gets no score. Each
+target is reported as met or not met, with its figures. Writes bench/results/run.json, run.md
+(the tables) and throughput.png (the chart, with the `bench` extra: pip install '.[bench]').
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -31,31 +36,53 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench import latency, memory, rabbit, recovery  # noqa: E402
+from bench import latency, memory, recovery  # noqa: E402
+from bench.peers import nats_jetstream, rabbitmq, redis_streams  # noqa: E402
 from bench.throughput import make_batches, median_of, run_raw, run_zfan  # noqa: E402
 
 SIZES = (1, 10, 100, 1000, 10_000)
+QUICK_PEER_SIZES = (1000, 10)  # a smoke test runs the peers at these batch sizes only
 # Records per run by batch size: enough for a steady rate, few enough for the slowest contender.
 RECORDS = {1: 20_000, 10: 100_000, 100: 300_000, 1000: 500_000, 10_000: 500_000}
 QUICK_RECORDS = {1: 1_000, 10: 5_000, 100: 20_000, 1000: 60_000, 10_000: 60_000}
-TARGETS = {"zfan_vs_limit": 0.6, "zfan_vs_rabbitmq": 2.0, "p99_ms": 10.0, "replay_ms": 1000.0, "restart_ms": 2000.0}
+PEERS: tuple[ModuleType, ...] = (rabbitmq, redis_streams, nats_jetstream)
+TWO = {"rabbitmq": "rabbitmq 2 processors"}  # a peer's 2-worker key, when not "<key> 2 workers"
+TARGETS = {
+    "zfan_vs_limit": 0.9,  # at batches of 1000
+    "zfan_vs_rabbitmq": 1.5,  # at 1000
+    "zfan_vs_redis_streams": 1.2,  # at 1000 and at 10
+    "zfan_vs_nats_jetstream": 1.2,  # at 1000
+    "zfan_2_workers_vs_1": 1.0,  # more than this: 2 workers faster than 1
+    "p99_ms_at_50": 10.0,  # zfan's latency at 50 % of its rate
+    "p99_ms_at_80": 20.0,  # and at 80 %
+    "replay_ms": 1000.0,
+    "restart_ms": 2000.0,
+}
+RATIO_SIZES = {"redis streams": (1000, 10)}  # batch sizes a peer's target is checked at, if not 1000 only
 OUT = os.path.join(ROOT, "bench", "results")
-LOADS = (0.25, 0.5)  # shares of zfan's measured rate at which latency is measured
+LOADS = (0.1, 0.5, 0.8)  # shares of each contender's measured rate at which latency is measured
+LABELS = {"limit": "the limit", "zfan": "zfan", **{p.KEY: p.LABEL for p in PEERS}}
 
 
 def say(text: str) -> None:
     print(text, flush=True)
 
 
+def two(key: str) -> str:
+    return TWO.get(key, f"{key} 2 workers")
+
+
 class Bench:
     def __init__(self, quick: bool, runs: int) -> None:
         self.quick, self.runs = quick, runs
         self.records = QUICK_RECORDS if quick else RECORDS
+        self.peers: list[tuple[ModuleType, str]] = []  # (module, server url) of each peer that runs
         self.res: dict[str, Any] = {
             "machine": {
                 "cores": os.cpu_count(),
@@ -66,9 +93,27 @@ class Bench:
             "quick": quick,
             "runs": runs,
             "targets": TARGETS,
+            "skipped": {},
             "throughput": {},
             "sweep": {},
         }
+
+    def start_peers(self, stack: contextlib.ExitStack) -> None:
+        """A private server for each peer that can run here; a one-line reason for each that cannot."""
+        for peer in PEERS:
+            reason = peer.unavailable()
+            if reason is None:
+                t = time.monotonic()
+                try:
+                    server = stack.enter_context(peer.Server())
+                except RuntimeError as exc:
+                    reason = f"its server did not start: {exc}"
+                else:
+                    say(f"{peer.LABEL}: server up in {time.monotonic() - t:.1f} s")
+                    self.peers.append((peer, server.url))
+                    continue
+            self.res["skipped"][peer.KEY] = reason
+            say(f"{peer.LABEL}: skipped ({reason})")
 
     def measure(self, name: str, fn: Callable[[], dict[str, Any]], runs: int | None = None) -> dict[str, Any]:
         res = median_of([fn() for _ in range(runs or self.runs)])
@@ -76,7 +121,7 @@ class Bench:
         say(f"  {name:<34} {res['records_per_s']:>11,} records/s{note}")
         return res
 
-    def contenders(self, size: int, broker: Any, *, headline: bool) -> dict[str, Any]:
+    def contenders(self, size: int, *, headline: bool) -> dict[str, Any]:
         batches = make_batches(self.records[size], size)
         out = {
             "limit": self.measure("limit (raw pyzmq), 1 worker", lambda: run_raw(batches, 1)),
@@ -88,36 +133,45 @@ class Bench:
             out["zfan cli"] = self.measure(
                 "zfan CLI processes, 1 worker", lambda: run_zfan(batches, 1, cli=True), runs=1
             )
-        if broker is not None and (headline or not self.quick):  # a smoke test: RabbitMQ once
-            out["rabbitmq"] = self.measure("RabbitMQ design, 1 processor", lambda: rabbit.run(batches, broker.url, 1))
+        if self.quick and size not in QUICK_PEER_SIZES:
+            return out
+        for peer, url in self.peers:
+            out[peer.KEY] = self.measure(f"{peer.LABEL}, 1 worker", lambda p=peer, u=url: p.run(batches, u, 1))
             if headline and not self.quick:
-                out["rabbitmq 2 processors"] = self.measure(
-                    "RabbitMQ design, 2 processors", lambda: rabbit.run(batches, broker.url, 2)
+                out[two(peer.KEY)] = self.measure(
+                    f"{peer.LABEL}, 2 workers", lambda p=peer, u=url: p.run(batches, u, 2)
                 )
         return out
 
-    def throughput(self, broker: Any) -> None:
+    def throughput(self) -> None:
         say(f"throughput, batches of 1000 ({self.records[1000]:,} records, median of {self.runs}):")
-        self.res["throughput"] = self.contenders(1000, broker, headline=True)
+        self.res["throughput"] = self.contenders(1000, headline=True)
         for size in SIZES:
             if size != 1000:
                 say(f"batches of {size} ({self.records[size]:,} records):")
-                self.res["sweep"][str(size)] = self.contenders(size, broker, headline=False)
-        self.res["sweep"]["1000"] = {
-            k: v for k, v in self.res["throughput"].items() if k in ("limit", "zfan", "rabbitmq")
-        }
+                self.res["sweep"][str(size)] = self.contenders(size, headline=False)
+        keys = ("limit", "zfan", *(p.KEY for p in PEERS))
+        self.res["sweep"]["1000"] = {k: v for k, v in self.res["throughput"].items() if k in keys}
 
     def latency(self) -> None:
-        top = self.res["throughput"]["zfan"]["records_per_s"]
+        seconds = 1.5 if self.quick else 10.0
         self.res["latency"] = {}
-        for share in LOADS:
-            rate = top * share
-            say(f"latency at {rate:,.0f} records/s ({share:.0%} of zfan's rate):")
-            lat = self.res["latency"][f"{share:.0%}"] = latency.measure(rate, seconds=1.5 if self.quick else 10.0)
-            say(
-                f"  p50 {lat.get('p50_ms')} ms, p99 {lat.get('p99_ms')} ms, max {lat.get('max_ms')} ms "
-                f"(lost {lat['lost']}, duplicated {lat['duplicated']})"
-            )
+        runs: list[tuple[str, Callable[[float], dict[str, Any]]]] = [
+            ("zfan", lambda rate: latency.measure(rate, seconds=seconds))
+        ]
+        runs += [(p.KEY, lambda rate, p=p, u=url: p.latency(rate, seconds, 1000, u)) for p, url in self.peers]
+        for key, measure in runs:
+            top = rate(self.res["throughput"].get(key))
+            if not top:
+                continue  # no rate of its own to take shares of
+            out = self.res["latency"][key] = {}
+            for share in LOADS:
+                lat = out[f"{share:.0%}"] = measure(top * share)
+                say(
+                    f"latency, {LABELS[key]} at {lat['rate']:,} records/s ({share:.0%} of its rate): "
+                    f"p50 {lat.get('p50_ms')} ms, p99 {lat.get('p99_ms')} ms, max {lat.get('max_ms')} ms "
+                    f"(lost {lat['lost']}, duplicated {lat['duplicated']})"
+                )
 
     def recovery(self) -> None:
         say("recovery:")
@@ -158,15 +212,69 @@ def ratio(a: int, b: int) -> str:
     return f"{a / b:.2f}" if a and b else "–"
 
 
+def verdicts(res: dict[str, Any]) -> list[str]:
+    """One line per target: met or not met, with the figures it was judged on."""
+    t, sweep, lines = res["throughput"], res["sweep"], []
+
+    def line(what: str, met: bool | None, figures: str) -> None:
+        lines.append(f"- {what}: {'not measured' if met is None else 'met' if met else '**not met**'} ({figures})")
+
+    def versus(key: str, size: int, target: float) -> None:
+        what = f"zfan / {LABELS[key]} ≥ {target:g} at batches of {size:,}"
+        a, b = rate(sweep.get(str(size), {}).get("zfan")), rate(sweep.get(str(size), {}).get(key))
+        if not (a and b):
+            why = res["skipped"].get(key) or ("lost or duplicated records" if key in sweep.get(str(size), {}) else "")
+            line(what, None, f"skipped: {why}" if why else "no figure")
+        else:
+            line(what, a / b >= target, f"{a / b:.2f}: {a:,} against {b:,} records/s")
+
+    versus("limit", 1000, TARGETS["zfan_vs_limit"])
+    for peer in PEERS:
+        for size in RATIO_SIZES.get(peer.KEY, (1000,)):
+            versus(peer.KEY, size, TARGETS[f"zfan_vs_{peer.KEY.replace(' ', '_')}"])
+    one, both = rate(t.get("zfan")), rate(t.get("zfan 2 workers"))
+    line(
+        "zfan with 2 workers faster than with 1",
+        both / one > TARGETS["zfan_2_workers_vs_1"] if one and both else None,
+        f"{ratio(both, one)}: {both:,} against {one:,} records/s",
+    )
+    zlat = res.get("latency", {}).get("zfan", {})
+    for share, key in (("50%", "p99_ms_at_50"), ("80%", "p99_ms_at_80")):
+        p99 = zlat.get(share, {}).get("p99_ms")
+        figures = f"{p99} ms at {zlat[share]['rate']:,} records/s" if p99 is not None else "no figure"
+        line(
+            f"zfan's p99 < {TARGETS[key]:g} ms at {share} of its rate",
+            None if p99 is None else p99 < TARGETS[key],
+            figures,
+        )
+    rec = res.get("recovery")
+    if rec:
+        for sig in ("SIGKILL", "SIGSTOP"):
+            r = rec["replay"].get(f"{sig} quiet")
+            if r:
+                line(
+                    f"replay after a worker's {sig} < {TARGETS['replay_ms']:g} ms",
+                    r["max_ms"] < TARGETS["replay_ms"],
+                    f"median {r['median_ms']:.0f} ms, max {r['max_ms']:.0f} ms",
+                )
+        full = rec["restart"]["full"]
+        line(
+            f"sink serving again after a restart < {TARGETS['restart_ms']:g} ms",
+            full["serve_max_ms"] < TARGETS["restart_ms"],
+            f"median {full['serve_median_ms']:.0f} ms, max {full['serve_max_ms']:.0f} ms",
+        )
+    return lines
+
+
 def markdown(res: dict[str, Any]) -> str:
     m, t = res["machine"], res["throughput"]
-    limit, zfan, rmq = rate(t.get("limit")), rate(t.get("zfan")), rate(t.get("rabbitmq"))
+    limit, zfan = rate(t.get("limit")), rate(t.get("zfan"))
     lines = [
         f"Measured {res['date']} on {m['cores']} cores ({m['cpu'] or 'unknown CPU'}), Python {m['python']}"
         f"{', quick run' if res['quick'] else ''}; records/s are the median of {res['runs']} runs.",
         "",
-        "| batches of 1000 records | records/s | vs the limit | lost | duplicated |",
-        "|---|---:|---:|---:|---:|",
+        "| batches of 1000 records | records/s | vs the limit | zfan / it | lost | duplicated |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     names = {
         "limit": "the limit: raw pyzmq + msgpack, 1 worker",
@@ -174,43 +282,46 @@ def markdown(res: dict[str, Any]) -> str:
         "zfan": "**zfan**, embedded API, 1 worker",
         "zfan 2 workers": "**zfan**, embedded API, 2 workers",
         "zfan cli": "**zfan**, CLI processes, 1 worker (one run)",
-        "rabbitmq": "RabbitMQ design, 1 processor",
-        "rabbitmq 2 processors": "RabbitMQ design, 2 processors",
     }
+    for peer in PEERS:
+        names[peer.KEY] = f"{peer.LABEL}, 1 worker"
+        names[two(peer.KEY)] = f"{peer.LABEL}, 2 workers"
     for key, label in names.items():
         if key in t:
-            e = t[key]
-            base = rate(t.get("limit 2 workers")) if "2" in key else limit
+            e, pair = t[key], "2 workers" in key or "2 processors" in key
+            base = rate(t.get("limit 2 workers")) if pair else limit
+            mine = rate(t.get("zfan 2 workers")) if pair else zfan
+            versus = ratio(mine, e["records_per_s"]) if not key.startswith(("zfan", "limit")) else "–"
             lines.append(
-                f"| {label} | {e['records_per_s']:,} | {ratio(e['records_per_s'], base)} | "
+                f"| {label} | {e['records_per_s']:,} | {ratio(e['records_per_s'], base)} | {versus} | "
                 f"{e['lost']} | {e['duplicated']} |"
             )
-    if "rabbitmq" not in t:
-        lines.append(f"| RabbitMQ design | skipped: {res.get('rabbitmq_skipped', '')} | | | |")
+    for key, why in res["skipped"].items():
+        lines.append(f"| {LABELS[key]} | skipped: {why} | | | | |")
+    keys = ["limit", "zfan", *(p.KEY for p in PEERS if p.KEY not in res["skipped"])]
+    head = [LABELS[k].replace(" design", "") for k in keys]
     lines += [
         "",
-        f"zfan / limit = **{ratio(zfan, limit)}** (target ≥ {TARGETS['zfan_vs_limit']}); "
-        f"zfan / RabbitMQ = **{ratio(zfan, rmq)}** (target ≥ {TARGETS['zfan_vs_rabbitmq']}).",
-        "",
-        "| batch size | limit | zfan | RabbitMQ | zfan / limit | zfan / RabbitMQ |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| batch size | " + " | ".join(head) + " | " + " | ".join(f"zfan / {h}" for h in head[:1] + head[2:]) + " |",
+        "|---:|" + "---:|" * (2 * len(keys) - 1),
     ]
     for size in SIZES:
         s = res["sweep"].get(str(size), {})
-        a, b, c = rate(s.get("limit")), rate(s.get("zfan")), rate(s.get("rabbitmq"))
-        lines.append(f"| {size:,} | {a:,} | {b:,} | {f'{c:,}' if c else '–'} | {ratio(b, a)} | {ratio(b, c)} |")
+        rates = [rate(s.get(k)) for k in keys]
+        cells = [f"{r:,}" if r else "–" for r in rates] + [ratio(rates[1], r) for r in rates[:1] + rates[2:]]
+        lines.append(f"| {size:,} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "| latency from `send()` to the subscriber | records/s | p50 | p99 | max | lost | duplicated |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| latency from send to the subscriber (batches of 1000, linger 5 ms) | load | records/s | p50 | p99 | max "
+        "| lost | duplicated |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for share, lat in res.get("latency", {}).items():
-        lines.append(
-            f"| at {share} of zfan's rate (batches of {lat.get('batch_size')}, linger "
-            f"{lat.get('linger_ms')} ms) | {lat['rate']:,} | {lat.get('p50_ms')} ms | "
-            f"**{lat.get('p99_ms')} ms** | {lat.get('max_ms')} ms | {lat['lost']} | {lat['duplicated']} |"
-        )
-    lines.append(f"\nTarget: p99 < {TARGETS['p99_ms']:g} ms at 50 % load.")
+    for key, loads in res.get("latency", {}).items():
+        for share, lat in loads.items():
+            lines.append(
+                f"| {LABELS[key]} | {share} | {lat['rate']:,} | {lat.get('p50_ms')} ms | **{lat.get('p99_ms')} ms** | "
+                f"{lat.get('max_ms')} ms | {lat['lost']} | {lat['duplicated']} |"
+            )
     rec = res.get("recovery")
     if rec:
         rp = rec["replay"]
@@ -242,6 +353,7 @@ def markdown(res: dict[str, Any]) -> str:
             f"{mem['start_mb']} MB to a peak of **{mem['peak_mb']} MB** (first half {mem['peak_first_half_mb']}"
             f" MB, second half {mem['peak_second_half_mb']} MB).",
         ]
+    lines += ["", "Targets:", "", *verdicts(res)]
     return "\n".join(lines) + "\n"
 
 
@@ -259,6 +371,8 @@ def chart(res: dict[str, Any], path: str) -> str | None:
         ("limit", "limit: raw pyzmq, no guarantees", "k--"),
         ("zfan", "zfan", "C0-o"),
         ("rabbitmq", "RabbitMQ design, equal guarantees", "C1-s"),
+        ("redis streams", "Redis Streams design, equal guarantees", "C3-^"),
+        ("nats jetstream", "NATS JetStream design, equal guarantees", "C2-D"),
     ):
         pts = [(size, rate(res["sweep"].get(str(size), {}).get(key))) for size in SIZES]
         pts = [(x, y) for x, y in pts if y]
@@ -272,7 +386,7 @@ def chart(res: dict[str, Any], path: str) -> str | None:
         title=f"Fan-in, process, fan-out on {res['machine']['cores']} cores",
     )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -304,15 +418,10 @@ def main() -> None:
     res = bench.res
     res["date"] = time.strftime("%Y-%m-%d")
     t0 = time.monotonic()
-    skipped = rabbit.unavailable()
-    if skipped:
-        res["rabbitmq_skipped"] = skipped
-        say(f"RabbitMQ: skipped ({skipped})")
-        bench.throughput(None)
-    else:
-        with rabbit.Broker() as broker:
-            bench.throughput(broker)
-    bench.latency()
+    with contextlib.ExitStack() as servers:  # every peer's server is stopped and removed on the way out
+        bench.start_peers(servers)
+        bench.throughput()
+        bench.latency()
     bench.recovery()
     bench.memory()
     res["elapsed_s"] = round(time.monotonic() - t0, 1)
@@ -337,9 +446,18 @@ def main() -> None:
         }.items()
         if not v["records_per_s"]
     ]
-    if lost or any(lat.get("lost") or lat.get("duplicated") for lat in res["latency"].values()):
-        raise SystemExit(f"bench/run.py: records lost or duplicated in {', '.join(lost) or 'the latency run'}")
+    lost += [
+        f"latency/{key}/{share}"
+        for key, loads in res["latency"].items()
+        for share, lat in loads.items()
+        if lat.get("lost") or lat.get("duplicated")
+    ]
+    if lost:
+        raise SystemExit(f"bench/run.py: records lost or duplicated in {', '.join(lost)}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # every server and process has been stopped on the way out
+        sys.exit("bench/run.py: interrupted")
