@@ -16,7 +16,7 @@ the linger, not the pipeline, is most of the figure.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
+import multiprocessing
 import os
 import shutil
 import sys
@@ -34,6 +34,10 @@ from bench.throughput import WAIT, Count, join_or_kill  # noqa: E402
 from zfan import Producer, Sink, Subscriber  # noqa: E402
 from zfan.apps import readings  # noqa: E402
 
+# Every party starts in a fresh interpreter, as it would on its own machine and as the peers'
+# parties do: a forked child would inherit this process's heap, the records to send included,
+# and pay copy-on-write faults for it when its garbage collector first walks those pages.
+mp = multiprocessing.get_context("spawn")
 WARMUP = 0.5  # seconds at the start whose records are not counted
 STEP = 0.001  # seconds between the producer's sends
 LINGER_MS = 5.0  # a batch is sealed once its first record is this old, if not full before

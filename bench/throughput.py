@@ -13,7 +13,7 @@ at the subscriber that every record arrived once. bench/run.py runs these among 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -35,6 +35,10 @@ from bench.recovery import Proc, endpoints, reap, start_sink  # noqa: E402
 from zfan import Producer, Sink, Subscriber, query_status  # noqa: E402
 from zfan.apps import readings  # noqa: E402
 
+# Every party starts in a fresh interpreter, as it would on its own machine and as the peers'
+# parties do: a forked child would inherit this process's heap, the records to send included,
+# and pay copy-on-write faults for it when its garbage collector first walks those pages.
+mp = multiprocessing.get_context("spawn")
 WAIT = 30.0  # seconds without a single result before a run is called stuck
 
 
