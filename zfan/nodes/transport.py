@@ -146,8 +146,9 @@ class Wakeup:
         self._lock = threading.Lock()
         self._closed = False
         # A wake-up written and not yet cleared: more set() calls meanwhile write nothing, since
-        # the owner looks at everything after its clear(). Cleared first thing in clear(), so a
-        # set() racing it writes again rather than be lost.
+        # the owner looks at everything after its clear(). Reset only once clear() has read the
+        # pipe: reset before, a set() racing it could write a byte that read takes away, leaving
+        # the flag up over an empty pipe and every later set() silent.
         self._pending = False
 
     def fileno(self) -> int:
@@ -166,12 +167,12 @@ class Wakeup:
                 pass  # already full of wake-ups
 
     def clear(self) -> None:
-        self._pending = False
         try:
             while os.read(self._r, 4096):
                 pass
         except (BlockingIOError, OSError):
             pass
+        self._pending = False
 
     def close(self) -> None:
         with self._lock:
