@@ -62,7 +62,9 @@ class Pacer:
         return self.sent >= self.n
 
     def due(self, now: float) -> list[dict]:
-        due = min(self.n, int(self.rate * (now - self.start))) - self.sent
+        # At most one template's worth at a time: a longer chunk (catching up after a stall)
+        # would hold one dict twice, the second stamp overwriting the first's id.
+        due = min(self.n, int(self.rate * (now - self.start)), self.sent + len(self.template)) - self.sent
         if due <= 0:
             return []
         template = self.template

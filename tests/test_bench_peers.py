@@ -84,3 +84,20 @@ def test_a_missing_server_or_client_is_one_line_and_the_run_skips_the_peer(monke
         assert redis_streams.unavailable() == "redis (the Python client) not installed: pip install redis hiredis"
     if parties.find("nats-server"):
         assert nats_jetstream.unavailable() == "nats-py not installed: pip install nats-py"
+
+
+def test_the_pacer_hands_out_each_record_once_when_it_catches_up_after_a_stall():
+    """A producer stalled for longer than 100 000 records' worth catches up in chunks of
+    distinct dicts: a chunk that held one dict twice would stamp it twice, and the latency run
+    would count a duplicate that no contender made."""
+    from bench.latency import Pacer
+
+    pacer = Pacer(rate=1_000_000, n=250_000)
+    pacer.begin()
+    late = pacer.start + 0.25  # everything is due at once
+    ids: list[int] = []
+    while not pacer.done:
+        chunk = pacer.due(late)
+        assert len({id(r) for r in chunk}) == len(chunk), "a dict handed out twice in one chunk"
+        ids += [r["id"] for r in chunk]  # read now: the caller packs a chunk before the next
+    assert ids == list(range(250_000))
