@@ -76,17 +76,22 @@ class Checkpointer:
         self._db.close()
 
     def _run(self) -> None:
-        while True:
-            self._due.wait()
-            self._due.clear()
-            if self._stop:
-                return
-            with self._passes:
-                self._started += 1
-                this = self._started
-            self._checkpoint()
-            with self._passes:
-                self._finished = this
+        try:
+            while True:
+                self._due.wait()
+                self._due.clear()
+                if self._stop:
+                    return
+                with self._passes:
+                    self._started += 1
+                    this = self._started
+                self._checkpoint()
+                with self._passes:
+                    self._finished = this
+                    self._passes.notify_all()
+        finally:
+            with self._passes:  # however it ended, no writer waits for a pass that cannot come
+                self._stop = True
                 self._passes.notify_all()
 
     def _checkpoint(self) -> None:

@@ -174,13 +174,13 @@ class Ledger:
         """Roll back what is not committed, and close. Raises nothing: it also runs on the way
         out of a failure (a commit that found the disk full), and must not hide it."""
         self._done.clear()
-        if self._checkpoints is not None:
-            self._checkpoints.close()
         try:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
         except sqlite3.Error:
             pass  # closing the connection rolls back all the same
+        if self._checkpoints is not None:
+            self._checkpoints.close()  # after the rollback: a checkpoint may be waiting for our write lock
         self._db.close()
 
     # --- startup ---------------------------------------------------------------------------
