@@ -9,6 +9,7 @@ import signal
 import socket
 import sqlite3
 import stat
+import sys
 from contextlib import closing
 
 import pytest
@@ -331,3 +332,24 @@ def test_garbage_is_refused_counted_and_logged_once_per_peer(tmp_path, ipc, role
     refusals = [line for line in sink.err if "refused a message" in line]
     assert len(refusals) == 1, refusals
     assert "bad header" in refusals[0]
+
+
+def test_a_line_for_a_person_reaches_stderr_in_one_write(monkeypatch):
+    """A sink's local workers share its stderr: a line written in two parts (text, then its
+    newline) can have another process's line land in between, gluing two lines into one."""
+    from zfan.cli import show
+
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            if text:
+                writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    show.say("zfan worker: ready control=ipc:///x")
+    assert writes == ["zfan worker: ready control=ipc:///x\n"]

@@ -24,8 +24,10 @@ REFRESH = 0.1  # seconds between redraws of the bar
 
 
 def say(line: str) -> None:
-    """One line for a person on stderr; above the progress bar, if one is drawn."""
-    tqdm.write(line, file=sys.stderr)
+    """One line for a person on stderr; above the progress bar, if one is drawn. Written with
+    its newline in one call: a sink's local workers share its stderr, and a line written in two
+    parts can have another process's line land in between."""
+    tqdm.write(line + "\n", file=sys.stderr, end="")
 
 
 @dataclass
