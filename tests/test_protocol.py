@@ -300,6 +300,24 @@ def test_empty_names_and_topics_are_refused(header):
 
 
 @pytest.mark.parametrize(
+    "header",
+    [
+        [p.VERSION, p.BATCH, "prod", 1, "é" * 128, 1],  # 128 characters, 256 bytes
+        [p.VERSION, p.RESULT, 1, 1, 1, ["ok", "\U0001f600" * 64], [1, 1]],  # 64 characters, 256 bytes
+        [p.VERSION, p.HELLO, "worker", "ü" * 65, 4],  # a name of 130 bytes
+    ],
+)
+def test_limits_on_names_and_topics_are_in_bytes_not_characters(header):
+    assert reason_of(msgpack.packb(header)) == "bad field"
+
+
+def test_names_and_topics_up_to_their_limit_in_bytes_are_taken():
+    topic = "\U0001f600" * 63 + "abc"  # 255 bytes in 66 characters
+    msg = p.decode([msgpack.packb([p.VERSION, p.BATCH, "ü" * 64, 1, topic, 1]), b"\x90"])
+    assert isinstance(msg, p.Batch) and msg.topic == topic and msg.producer_id == "ü" * 64
+
+
+@pytest.mark.parametrize(
     "mtype,fields",
     [
         (p.BATCH, ["prod", "1", "t", 1]),  # str for int

@@ -97,7 +97,8 @@ def _validator(name: str, kind: str) -> Callable[[Any], bool]:
         return lambda v: type(v) is int and 0 <= v <= top
     if kind == _STR:
         limit, empty_ok = _STR_LIMITS.get(name, MAX_TOPIC), name not in _NON_EMPTY
-        return lambda v: type(v) is str and (empty_ok or v != "") and len(v.encode()) <= limit
+        short = limit // 4  # characters that fit the limit in any encoding: no need to encode them
+        return lambda v: type(v) is str and (empty_ok or v != "") and (len(v) <= short or len(v.encode()) <= limit)
     if kind == _INTS:
         top = MAX_RECORDS if name == "counts" else MAX_INT
         longest = max(MAX_SEQS, MAX_TOPICS)
@@ -111,7 +112,10 @@ def _validator(name: str, kind: str) -> Callable[[Any], bool]:
         return lambda v: (
             type(v) is list
             and len(v) <= MAX_TOPICS
-            and all(type(x) is str and (empty_ok or x != "") and len(x.encode()) <= MAX_TOPIC for x in v)
+            and all(
+                type(x) is str and (empty_ok or x != "") and (len(x) <= MAX_TOPIC // 4 or len(x.encode()) <= MAX_TOPIC)
+                for x in v
+            )
         )
     if kind == _BOOL:
         return lambda v: type(v) is bool
@@ -457,7 +461,7 @@ def decode(frames: list[bytes], *, allowed: frozenset[type[Message]] | None = No
         raise ProtocolError("unexpected type", mtype)
     if len(fields) != len(cls.FIELDS):
         raise ProtocolError("bad header", f"{mtype} takes {len(cls.FIELDS)} fields, got {len(fields)}")
-    for value, (name, ok) in zip(fields, cls._checks, strict=True):
+    for value, (name, ok) in zip(fields, cls._checks, strict=False):  # of one length: counted above
         if not ok(value):
             raise ProtocolError("bad field", f"{mtype}.{name}")
     payloads = frames[1:]
