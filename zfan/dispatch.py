@@ -160,9 +160,9 @@ class SinkCore:
 
     def unreachable(self, rid: bytes) -> None:
         """A send to this peer failed (ROUTER_MANDATORY): treat it as gone now."""
+        held = self._probed.pop(rid, None) or self._probing.pop(rid, None)
         self._peers.forget(rid)
         self._drop_peer(rid, "unreachable", fault=True)
-        held = self._probed.pop(rid, None)
         if held is not None:
             # The connection that held the producer id is gone: welcome the one that asked.
             new_rid, hello, key = held
@@ -318,9 +318,8 @@ class SinkCore:
     def _drop_peer(self, rid: bytes, why: str, *, fault: bool = False) -> None:
         """Forget a peer; a worker's leases go back to pending (see Leasing.drop for `fault`)."""
         self._peers.leave(rid)
-        if why != "unreachable":  # (unreachable() answers the hello its probe held)
-            self._probing.pop(rid, None)
-            self._probed.pop(rid, None)
+        self._probing.pop(rid, None)  # a hello its id was probed for: refused, or asked again
+        self._probed.pop(rid, None)
         self._outcomes.leave(rid)
         self._leasing.drop(rid, why, fault=fault)
 

@@ -146,8 +146,7 @@ class Worker(Service):
     def _work(self) -> None:
         while (lease := self._jobs.get()) is not None:
             self._done.append((lease, run_batch(self.process, lease, limits=self.settings.limits)))
-            if len(self._done) == 1:  # once woken, the I/O thread takes every answer waiting
-                self._wakeup.set()
+            self._wakeup.set()  # (writes nothing while a wake-up is pending: see Wakeup)
 
     # --- the I/O thread --------------------------------------------------------------------
     def _serve(self) -> None:
