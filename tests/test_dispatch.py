@@ -49,12 +49,13 @@ class Turn:
         out = core.end_turn()
         self.msgs = [Sent(rid, p.decode(frames)) for rid, frames in out.to_peers]
         self.pubs: list[p.Publish | p.Dead] = []
+        self.messages = len(out.publish)  # results of one topic may share a message
         for frames in out.publish:
             assert len(frames) == 3, frames
-            pub = p.decode(frames[1:], allowed=frozenset({p.Publish, p.Dead}))
-            assert isinstance(pub, (p.Publish, p.Dead))
+            pub = p.decode(frames[1:], allowed=frozenset({p.Publish, p.Dead, p.Publishes}))
+            assert isinstance(pub, (p.Publish, p.Dead, p.Publishes))
             assert frames[0] == pub.topic.encode()  # the SUB prefix is the topic
-            self.pubs.append(pub)
+            self.pubs += pub.split() if isinstance(pub, p.Publishes) else [pub]
 
     def of(self, cls: type[p.Message], rid: bytes | None = None) -> list[Sent]:
         return [m for m in self.msgs if type(m.msg) is cls and (rid is None or m.rid == rid)]

@@ -27,7 +27,7 @@ def joined(now: float = 100.0) -> WorkerCore:
     core = worker(now)
     assert core.tick(now) == Dial()
     assert core.session.take() == [p.Hello("worker", "w1", 4)]
-    assert core.received(p.encode(p.Welcome(EPOCH, 250, 3)), now) == (Joined(EPOCH, True), None)
+    assert core.received(p.encode(p.Welcome(EPOCH, 250, 3)), now) == (Joined(EPOCH, True), [])
     return core
 
 
@@ -37,8 +37,9 @@ def lease(batch_id: int, epoch: int = EPOCH, attempt: int = 1) -> p.Lease:
 
 def offer(core: WorkerCore, msg: p.Message, now: float = 100.0) -> p.Lease | None:
     """A message from the sink; the lease to run, if any."""
-    _, job = core.received(p.encode(msg), now)
-    return job
+    _, jobs = core.received(p.encode(msg), now)
+    assert len(jobs) <= 1
+    return jobs[0] if jobs else None
 
 
 def test_a_lease_of_the_current_epoch_is_run_and_answered_once():
@@ -85,7 +86,7 @@ def test_an_answer_after_a_reset_is_not_sent():
     assert isinstance(event, Lost) and not event.redial
     assert core.session.take() == [p.Hello("worker", "w1", 4)]
     assert offer(core, lease(8), 100.25) is None  # not welcomed again yet
-    assert core.received(p.encode(p.Welcome(EPOCH, 250, 3)), 100.3) == (Joined(EPOCH, False), None)
+    assert core.received(p.encode(p.Welcome(EPOCH, 250, 3)), 100.3) == (Joined(EPOCH, False), [])
     assert core.finished(job) is False  # the sink ended that lease when it forgot us
     assert offer(core, lease(7, attempt=2), 100.3) == lease(7, attempt=2)  # its replay is run
     assert core.fenced == 2 and core.answered == 0
@@ -101,7 +102,7 @@ def test_an_answer_after_a_sink_restart_is_not_sent(how):
         assert isinstance(event, Lost)
         core.received(p.encode(p.Welcome(EPOCH + 1, 250, 3)), 100.3)
     else:  # a welcome of a new epoch, with no heartbeat seen before it
-        assert core.received(p.encode(p.Welcome(EPOCH + 1, 250, 3)), 100.3) == (Joined(EPOCH + 1, True), None)
+        assert core.received(p.encode(p.Welcome(EPOCH + 1, 250, 3)), 100.3) == (Joined(EPOCH + 1, True), [])
     assert core.finished(old) is False
     assert offer(core, lease(7), 100.3) is None  # the old epoch's lease, late: fenced
     assert offer(core, lease(7, epoch=EPOCH + 1), 100.3) is not None
@@ -132,7 +133,7 @@ def test_malformed_messages_are_counted_and_change_nothing():
     core = joined()
     job = offer(core, lease(7))
     for frames in ([b"\xc1"], [], p.encode(p.Ack([1])), [p.header(lease(8))]):  # the last has no payload
-        assert core.received(frames, 100.1) == (None, None)
+        assert core.received(frames, 100.1) == (None, [])
     assert core.ignored == 4 and core.fenced == 0
     assert core.session.joined
     assert core.finished(job) is True

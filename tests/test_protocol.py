@@ -31,8 +31,14 @@ def class_id(cls: type[p.Message]) -> str:
     return cls.__name__
 
 
+# Fields whose samples must agree with others: a group of results has one span per lease,
+# and its spans add up to its topics; a group's sizes add up to its payload frame (the sample
+# payload, msgpack [0], is 2 bytes).
+SAMPLE_OF = {"spans": [1, 1], "sizes": [1, 1]}
+
+
 def sample_fields(cls: type[p.Message]) -> list:
-    return [SAMPLE[kind] for _, kind in cls.FIELDS]
+    return [SAMPLE_OF.get(name, SAMPLE[kind]) for name, kind in cls.FIELDS]
 
 
 def sample(cls: type[p.Message]) -> p.Message:
@@ -76,13 +82,18 @@ def test_wire_types_fields_and_payload_frames():
     assert all(cls.TYPE == mtype and p.SCHEMA[mtype] == cls.FIELDS for mtype, cls in p.MESSAGES.items())
     assert p.MESSAGES[p.STATUS] is p.Status and p.Status.FIELDS == ()
     assert p.StatusReply.TYPE == p.STATUS and p.StatusReply.FIELDS == (("info", "map"),)
-    # batch, lease, publish and dead carry one payload frame, a result one per topic, the rest none.
+    # batch, lease, publish and dead carry one payload frame, and so does a group of them
+    # (its entries' payloads one after the other); a result has one per topic, the rest none.
     assert {cls.TYPE: cls.PAYLOADS for cls in CLASSES if cls.PAYLOADS != 0} == {
         p.BATCH: 1,
         p.LEASE: 1,
         p.PUBLISH: 1,
         p.DEAD: 1,
         p.RESULT: None,
+        p.BATCHES: 1,
+        p.LEASES: 1,
+        p.RESULTS: 1,
+        p.PUBLISHES: 1,
     }
 
 

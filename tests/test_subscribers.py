@@ -13,6 +13,7 @@ import pytest
 from tests.checker import check, from_json_lines
 from tests.helpers import run_cli, wait_for
 from zfan import Producer, RetentionGap, Sink, Subscriber, Worker, query_status
+from zfan.publishing import GROUP_BYTES
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -122,7 +123,8 @@ def test_a_slow_subscriber_catches_up_with_every_result_once_in_order(tmp_path, 
     ):
         assert sub.wait_ready(5)
         with Producer(intake=sink.intake, control=sink.control, batch_size=size, context=ctx) as prod:
-            streamer = Streamer(prod, numbered(0, n, pad=500))
+            # Results of over half GROUP_BYTES each go one to a message, so that the queues fill.
+            streamer = Streamer(prod, numbered(0, n, pad=GROUP_BYTES // 20 + 500))
 
             def slow(msg) -> None:
                 time.sleep(0.003)  # the point of this test: a handler slower than the stream

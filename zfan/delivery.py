@@ -13,17 +13,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 from . import protocol as p
-from .config import Timing
+from .config import Limits, Timing
 from .errors import ProtocolError
-from .session import SESSION_TYPES, Event, Joined, Session
+from .session import SESSION_TYPES, Event, Joined, Lost, Session
 
 log = logging.getLogger(__name__)
 
-CONTROL_TYPES: frozenset[type[p.Message]] = SESSION_TYPES | {p.Ack, p.Outcome}
+CONTROL_TYPES: frozenset[type[p.Message]] = SESSION_TYPES | {p.Ack, p.Outcome, p.Features}
 OutcomeState = Literal["done", "dead", "unknown"]
 FAILURES_KEPT = 100  # dead-lettered batches an Outcomes keeps in full (all are counted)
 
@@ -175,9 +176,15 @@ class ProducerCore:
         now: float,
         *,
         resend_after: float,
+        groups: bool = False,
         rng: random.Random | None = None,
     ) -> None:
         self.session = Session("producer", producer_id, timing, now, rng=rng)
+        self.producer_id = producer_id
+        # With `groups`, each session asks the sink whether it takes batches in groups; once it
+        # says so, `sink_groups` holds the most bytes one frame and one message to it may have.
+        self._groups = groups
+        self.sink_groups: tuple[int, int] | None = None
         self.window = Window()
         self.resend_after = resend_after
         self.ignored = 0  # messages from the sink that could not be decoded
@@ -208,11 +215,20 @@ class ProducerCore:
             log.warning("ignored a message from the sink: %s", exc)
             return None, 0
         event = self.session.received(msg, now)
+        if isinstance(event, (Joined, Lost)):
+            self.sink_groups = None  # a new session, perhaps with another sink: asked again
         if isinstance(msg, p.Ack):
             return event, self.window.ack(msg.seqs)
         if isinstance(msg, p.Outcome):
             return event, self._outcome(msg)
+        if isinstance(msg, p.Features):
+            if p.GROUPS in msg.names and self.session.joined:
+                self.sink_groups = (msg.max_frame, msg.max_message)
+            return event, 0
         if isinstance(event, Joined):
+            if self._groups:
+                limits = Limits()  # what a producer takes on control is never more than this
+                self.session.outbox.append(p.Features([p.GROUPS], limits.max_frame, limits.max_message))
             # A sink we just (re)joined may never have had what the last connection pushed:
             # everything unacked goes again.
             self.window.resend_all()
@@ -251,6 +267,40 @@ class ProducerCore:
 
     def pushed(self, sent: Sent, now: float) -> None:
         self.window.pushed(sent, now)
+
+    def messages(self, due: list[Sent]) -> Iterator[tuple[list[Sent], list[bytes]]]:
+        """The intake messages that push `due`, made as they are asked for: each batch alone,
+        or, once the sink takes groups, as many in one message as its limits allow (with each
+        message, the batches it holds)."""
+        if self.sink_groups is None:
+            for sent in due:
+                yield [sent], sent.frames
+            return
+        max_frame, max_message = self.sink_groups
+        group: list[Sent] = []
+        size = head = 0
+        for sent in due:
+            n = len(sent.frames[1])
+            if group and (len(group) >= p.MAX_GROUP or size + n > max_frame or size + head + n > max_message - 1024):
+                yield self._message(group)
+                group, size, head = [], 0, 0
+            group.append(sent)
+            size, head = size + n, head + len(sent.topic.encode()) + 32
+        if group:
+            yield self._message(group)
+
+    def _message(self, group: list[Sent]) -> tuple[list[Sent], list[bytes]]:
+        if len(group) == 1:
+            return group, group[0].frames
+        msg = p.Batches(
+            self.producer_id,
+            [s.seq for s in group],
+            [s.topic for s in group],
+            [s.count for s in group],
+            [len(s.frames[1]) for s in group],
+            b"".join(s.frames[1] for s in group),
+        )
+        return group, p.encode(msg)
 
     def next_deadline(self) -> float:
         due = self.session.next_deadline()

@@ -14,6 +14,7 @@ and cursors). It keeps for itself the turn (when to commit) and the retention.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from .outcomes import Outcomes
 from .peers import Peers
 from .publishing import Publishing
 from .refusals import Refusals
+
+log = logging.getLogger(__name__)
 
 # Requests any peer may make without a hello: they change no peer's state.
 STATELESS: frozenset[type[p.Message]] = frozenset({p.Hello, p.Status, p.Replay, p.Heads, p.GetCursor, p.Commit})
@@ -111,6 +114,8 @@ class SinkCore:
             p.Hello: self._hello,
             p.Heartbeat: self._heartbeat,
             p.Result: self._result,
+            p.Results: self._results,
+            p.Features: self._features,
             p.Failed: self._leasing.failed,
             p.Status: self._status,
             p.Bye: self._bye,
@@ -147,7 +152,7 @@ class SinkCore:
             return
         if not self._peers.seen(rid, self.clock()) and type(msg) not in STATELESS:
             # A peer this sink does not know (it was declared dead, or the sink restarted).
-            if isinstance(msg, (p.Result, p.Failed)):
+            if isinstance(msg, (p.Result, p.Results, p.Failed)):
                 self.stats["fenced results"] += 1  # its lease went to another worker
             if self._peers.should_reset(rid, self.clock()):
                 self._send(rid, p.Reset("unknown peer: send hello"))
@@ -233,6 +238,12 @@ class SinkCore:
         out.publish.extend(self._publishing.take())
         return out
 
+    def subscriber_without_groups(self) -> None:
+        """A subscriber synced that reads no `publishes`: one result per message from now on."""
+        if self._publishing.groups:
+            self._publishing.groups = False
+            log.info("a subscriber that reads one result per message joined: results are published one by one")
+
     def drain(self) -> None:
         """The sink is stopping: lease nothing more (the backlog stays pending in the ledger)."""
         self._leasing.closed = True
@@ -304,16 +315,34 @@ class SinkCore:
     def _status(self, rid: bytes, msg: p.Status) -> None:
         self._send(rid, p.StatusReply(self.status()))
 
+    def _features(self, rid: bytes, msg: p.Features) -> None:
+        shared = [name for name in msg.names if name in p.FEATURE_NAMES]
+        worker = self._leasing.workers.get(rid)
+        if worker is not None and p.GROUPS in shared:
+            worker.groups = (msg.max_frame, msg.max_message)
+        lim = self.limits
+        self._send(rid, p.Features(shared, lim.max_frame, lim.max_message))
+
     def _result(self, rid: bytes, msg: p.Result) -> None:
-        for topic in msg.topics:
-            if topic.startswith("zfan."):
-                raise ProtocolError("reserved topic", topic)
-        if not self._leasing.settle(rid, msg.epoch, msg.batch_id, msg.attempt):
+        self._store([msg], rid)
+
+    def _results(self, rid: bytes, msg: p.Results) -> None:
+        self._store(msg.split(), rid)
+
+    def _store(self, results: list[p.Result], rid: bytes) -> None:
+        """Results from a worker: those of leases still its own are stored, in one statement."""
+        for msg in results:
+            for topic in msg.topics:
+                if topic.startswith("zfan."):
+                    raise ProtocolError("reserved topic", topic)
+        settled = [msg for msg in results if self._leasing.settle(rid, msg.epoch, msg.batch_id, msg.attempt)]
+        if not settled:
             return
-        self._publishing.store_results(msg.batch_id, msg.topics, msg.counts, msg.payloads)
-        self._outcomes.ended(msg.batch_id)
-        self.counts["done"] += 1
-        self.stats["batches done"] += 1
+        self._publishing.store_results([(msg.batch_id, msg.topics, msg.counts, msg.payloads) for msg in settled])
+        for msg in settled:
+            self._outcomes.ended(msg.batch_id)
+        self.counts["done"] += len(settled)
+        self.stats["batches done"] += len(settled)
 
     def _drop_peer(self, rid: bytes, why: str, *, fault: bool = False) -> None:
         """Forget a peer; a worker's leases go back to pending (see Leasing.drop for `fault`)."""

@@ -13,7 +13,7 @@ from .leasing import Backlog
 from .ledger import Ledger, Pending
 from .outcomes import Outcomes
 
-INTAKE_TYPES: frozenset[type[p.Message]] = frozenset({p.Batch})
+INTAKE_TYPES: frozenset[type[p.Message]] = frozenset({p.Batch, p.Batches})
 
 
 class Intake:
@@ -34,31 +34,38 @@ class Intake:
         self._outcomes = outcomes  # told whose each batch is, and of each that came again
         self._acks: dict[str, list[int]] = {}  # producer id -> seqs to acknowledge
 
-    def decode(self, frames: list[bytes], key: str | None) -> p.Batch:
-        """The batch in `frames`; with CURVE, `key` is the sender's, which must be the one its
-        producer id is bound to. Raises ProtocolError."""
-        batch = p.decode(frames, allowed=INTAKE_TYPES)
-        assert isinstance(batch, p.Batch)
-        if batch.topic.startswith("zfan."):
-            raise ProtocolError("reserved topic", batch.topic)
-        if key is not None and not self._owns(batch.producer_id, key):
-            raise ProtocolError("producer id of another key", batch.producer_id)
-        return batch
+    def decode(self, frames: list[bytes], key: str | None) -> p.Batch | p.Batches:
+        """The batch, or group of batches, in `frames`; with CURVE, `key` is the sender's, which
+        must be the one its producer id is bound to. Raises ProtocolError."""
+        msg = p.decode(frames, allowed=INTAKE_TYPES)
+        assert isinstance(msg, (p.Batch, p.Batches))
+        for topic in (msg.topic,) if isinstance(msg, p.Batch) else msg.topics:
+            if topic.startswith("zfan."):
+                raise ProtocolError("reserved topic", topic)
+        if key is not None and not self._owns(msg.producer_id, key):
+            raise ProtocolError("producer id of another key", msg.producer_id)
+        return msg
 
-    def store(self, batch: p.Batch) -> None:
-        """Store a batch unless it came before, and acknowledge it either way."""
-        producer_id, seq, topic, count, payload = batch.producer_id, batch.seq, batch.topic, batch.count, batch.payload
-        batch_id = self._ledger.insert_batch(producer_id, seq, topic, count, payload)
-        if batch_id is None:
-            self._stats["duplicate batches"] += 1
-            self._outcomes.duplicate(producer_id, seq)
+    def store(self, msg: p.Batch | p.Batches) -> None:
+        """Store the batches that did not come before, and acknowledge them all."""
+        producer_id = msg.producer_id
+        if isinstance(msg, p.Batch):
+            batches = [(msg.seq, msg.topic, msg.count, msg.payload)]
         else:
-            self._backlog.add(Pending(batch_id, topic, count, 0), payload)
-            self._outcomes.stored(batch_id, producer_id, seq)
-            self._counts["pending"] += 1
-            self._stats["batches in"] += 1
-            self._stats["records in"] += count
-        self._acks.setdefault(producer_id, []).append(seq)
+            batches = list(zip(msg.seqs, msg.topics, msg.counts, msg.payloads(), strict=False))  # of one length
+        ids = self._ledger.insert_batches(producer_id, batches)
+        acks = self._acks.setdefault(producer_id, [])
+        for batch_id, (seq, topic, count, payload) in zip(ids, batches, strict=True):
+            if batch_id is None:
+                self._stats["duplicate batches"] += 1
+                self._outcomes.duplicate(producer_id, seq)
+            else:
+                self._backlog.add(Pending(batch_id, topic, count, 0), payload)
+                self._outcomes.stored(batch_id, producer_id, seq)
+                self._counts["pending"] += 1
+                self._stats["batches in"] += 1
+                self._stats["records in"] += count
+            acks.append(seq)
 
     @property
     def acks_waiting(self) -> bool:

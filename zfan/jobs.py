@@ -12,19 +12,33 @@ import logging
 import random
 
 from . import protocol as p
-from .config import Timing
+from .config import Limits, Timing
 from .errors import ProtocolError
 from .session import SESSION_TYPES, Event, Joined, Lost, Session
 
 log = logging.getLogger(__name__)
 
-CONTROL_TYPES: frozenset[type[p.Message]] = SESSION_TYPES | {p.Lease, p.Drain}
+CONTROL_TYPES: frozenset[type[p.Message]] = SESSION_TYPES | {p.Lease, p.Leases, p.Drain, p.Features}
 
 
 class WorkerCore:
-    def __init__(self, name: str, credit: int, timing: Timing, now: float, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        credit: int,
+        timing: Timing,
+        now: float,
+        *,
+        groups: Limits | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self.session = Session("worker", name, timing, now, credit=credit, rng=rng)
         self.credit = credit
+        # With `groups` (what we take in one message), each session asks the sink for leases
+        # in groups, and answers in groups once the sink says it takes them: `sink_groups`,
+        # the most bytes one frame and one message to it may have.
+        self._groups = groups
+        self.sink_groups: tuple[int, int] | None = None
         self.held: set[tuple[int, int, int]] = set()  # (epoch, batch_id, attempt) of leases not answered
         self.ignored = 0  # messages from the sink that could not be decoded
         self.fenced = 0  # leases or answers dropped because they belong to an earlier session
@@ -32,33 +46,42 @@ class WorkerCore:
         self.draining = False  # asked the sink for nothing more, to stop once what we hold is done
         self._drain_heard = False  # the sink's echo: no lease it sent is still on the way
 
-    def received(self, frames: list[bytes], now: float) -> tuple[Event | None, p.Lease | None]:
-        """A message from the sink: (what it meant to the session, a lease to run). When the
+    def received(self, frames: list[bytes], now: float) -> tuple[Event | None, list[p.Lease]]:
+        """A message from the sink: (what it meant to the session, the leases to run). When the
         event is Joined with a new epoch, or Lost, the leases not yet started are void."""
         try:
             msg = p.decode(frames, allowed=CONTROL_TYPES)
         except ProtocolError as exc:
             self.ignored += 1
             log.warning("ignored a message from the sink: %s", exc)
-            return None, None
+            return None, []
         event = self.session.received(msg, now)
         if isinstance(event, Lost) or (isinstance(event, Joined) and event.new_epoch):
             self.held.clear()  # the sink forgot us or restarted: what we hold is fenced already
+        if isinstance(event, (Joined, Lost)):
+            self.sink_groups = None  # a new session, perhaps with another sink: asked again
         if isinstance(event, Joined):
             log.debug("joined the sink (epoch %d)", event.epoch)
+            if self._groups is not None:
+                self.session.outbox.append(p.Features([p.GROUPS], self._groups.max_frame, self._groups.max_message))
+        if isinstance(msg, p.Features):
+            if p.GROUPS in msg.names and self.session.joined:
+                self.sink_groups = (msg.max_frame, msg.max_message)
+            return event, []
         if isinstance(msg, p.Drain):
             self._drain_heard = self.draining
-            return event, None
+            return event, []
         if isinstance(event, Joined) and self.draining:
             self.session.outbox.append(p.Drain())  # a new session: ask again
             self._drain_heard = False
-        if isinstance(msg, p.Lease):
+        if isinstance(msg, (p.Lease, p.Leases)):
             if not self.session.joined or msg.epoch != self.session.epoch:
-                self.fenced += 1
-                return event, None
-            self.held.add((msg.epoch, msg.batch_id, msg.attempt))
-            return event, msg
-        return event, None
+                self.fenced += 1 if isinstance(msg, p.Lease) else len(msg.batch_ids)
+                return event, []
+            leases = [msg] if isinstance(msg, p.Lease) else msg.split()
+            self.held.update((lease.epoch, lease.batch_id, lease.attempt) for lease in leases)
+            return event, leases
+        return event, []
 
     def tick(self, now: float) -> Event | None:
         event = self.session.tick(now)

@@ -69,6 +69,9 @@ class WorkerState:
     records: int = 0  # records in the batches held
     alone: tuple[int, int] | None = None  # a suspect lease it runs with nothing beside it
     draining: bool = False  # it asked for nothing more: it is finishing what it holds, to stop
+    # With the groups feature: the most bytes one frame and one message to it may have (a
+    # turn's leases to it go in as few messages as these allow); None: one message per lease.
+    groups: tuple[int, int] | None = None
 
     @property
     def free(self) -> int:
@@ -87,6 +90,33 @@ class WorkerState:
         self.records -= self.held.pop(key, 0)
         if key == self.alone:
             self.alone = None
+
+
+def groups(leases: list[p.Lease], max_frame: int, max_message: int) -> list[list[p.Lease]]:
+    """Leases in groups of at most MAX_GROUP whose payloads fill at most one frame, within a
+    message's limit (with room for the header)."""
+    out: list[list[p.Lease]] = []
+    size = head = 0
+    for lease in leases:
+        n = len(lease.payload)
+        if not out or len(out[-1]) >= p.MAX_GROUP or size + n > max_frame or size + head + n > max_message - 1024:
+            out.append([])
+            size = head = 0
+        out[-1].append(lease)
+        size, head = size + n, head + len(lease.topic) + 32
+    return out
+
+
+def _leases(epoch: int, group: list[p.Lease]) -> p.Leases:
+    return p.Leases(
+        epoch,
+        [lease.batch_id for lease in group],
+        [lease.attempt for lease in group],
+        [lease.topic for lease in group],
+        [lease.count for lease in group],
+        [len(lease.payload) for lease in group],
+        b"".join(lease.payload for lease in group),
+    )
 
 
 @dataclass
@@ -149,6 +179,7 @@ class Leasing:
             return
         workers = [w for w in self.workers.values() if self._fresh(w.rid, now)]
         leased: list[tuple[int, int]] = []
+        grouped: dict[bytes, list[p.Lease]] = {}  # leases to workers that take groups, sent last
         while workers and self._backlog:
             first = self._backlog.first()
             if first.suspect:
@@ -168,9 +199,16 @@ class Leasing:
             self.leases[batch.batch_id] = Lease(worker.rid, attempt, now + self._batch_timeout)
             self._counts["pending"] -= 1
             self._counts["leased"] += 1
-            self._send(worker.rid, p.Lease(self._epoch, batch.batch_id, attempt, batch.topic, batch.count, payload))
+            lease = p.Lease(self._epoch, batch.batch_id, attempt, batch.topic, batch.count, payload)
+            if worker.groups is None:
+                self._send(worker.rid, lease)
+            else:
+                grouped.setdefault(worker.rid, []).append(lease)
         if leased:
             self._ledger.lease(leased)
+        for rid, leases in grouped.items():
+            for group in groups(leases, *self.workers[rid].groups or (0, 0)):
+                self._send(rid, group[0] if len(group) == 1 else _leases(self._epoch, group))
 
     def can_lease(self, now: float) -> bool:
         """Whether batches wait that a worker could take now (they went back after the turn's leasing)."""

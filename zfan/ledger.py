@@ -116,6 +116,14 @@ class Ledger:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if fsync == 'full' else 'NORMAL'}")
             self._db.executescript(_SCHEMA)
+            # Rows get their ids from here, not from SQLite, so that a group of them goes in one
+            # executemany and each knows its id. A result's id never goes back below the last
+            # published one, even when retention dropped every result.
+            self._next_batch = self._db.execute("SELECT coalesce(max(id), 0) + 1 FROM batches").fetchone()[0]
+            self._next_result = 1 + max(
+                self._db.execute("SELECT coalesce(max(id), 0) FROM results").fetchone()[0],
+                self._db.execute("SELECT coalesce(max(value), 0) FROM meta WHERE key='published'").fetchone()[0],
+            )
             # What an earlier run left in the WAL goes into the file now: after a full disk, the
             # next write may fit in the WAL's slack, so only this shows that the disk is still full.
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -239,12 +247,25 @@ class Ledger:
     # --- the life of a batch ---------------------------------------------------------------
     def insert_batch(self, producer: str, seq: int, topic: str, count: int, payload: bytes) -> int | None:
         """Store a new batch as pending and return its id; None if (producer, seq) is stored already."""
-        cur = self._write(
-            "INSERT OR IGNORE INTO batches (producer, seq, topic, count, payload, state) VALUES (?,?,?,?,?,?)",
-            (producer, seq, topic, count, payload, PENDING),
+        return self.insert_batches(producer, [(seq, topic, count, payload)])[0]
+
+    def insert_batches(self, producer: str, batches: list[tuple[int, str, int, bytes]]) -> list[int | None]:
+        """Store new batches (seq, topic, count, payload) of one producer as pending, in one
+        statement; return each one's id, None for one whose (producer, seq) is stored already."""
+        first = self._next_batch
+        ids = list(range(first, first + len(batches)))
+        self._next_batch += len(batches)
+        rows = [(bid, producer, *batch, PENDING) for bid, batch in zip(ids, batches, strict=True)]
+        cur = self._write_many(
+            "INSERT OR IGNORE INTO batches (id, producer, seq, topic, count, payload, state) VALUES (?,?,?,?,?,?,?)",
+            rows,
         )
-        self._written += len(payload)
-        return cur.lastrowid if cur.rowcount else None
+        self._written += sum(len(b[3]) for b in batches)
+        if cur.rowcount == len(batches):
+            return list(ids)
+        # Some came before (a resend): the ids that made it in are the new ones.
+        stored = {r[0] for r in self._read("SELECT id FROM batches WHERE id BETWEEN ? AND ?", (first, ids[-1]))}
+        return [bid if bid in stored else None for bid in ids]
 
     def payload(self, batch_id: int) -> bytes:
         rows = self._read("SELECT payload FROM batches WHERE id=?", (batch_id,))
@@ -269,27 +290,36 @@ class Ledger:
 
     def store_results(self, batch_id: int, rows: list[tuple[str, int, int, bytes]]) -> list[Stored]:
         """Store a batch's results (topic, seq, count, payload) and mark the batch done."""
+        return self.store_many([(batch_id, rows)])
+
+    def store_many(self, results: list[tuple[int, list[tuple[str, int, int, bytes]]]]) -> list[Stored]:
+        """Store the results of several batches, (batch_id, [(topic, seq, count, payload)]) each,
+        in one statement, and mark the batches done."""
         stored = []
-        for topic, seq, count, payload in rows:
-            rid = self._write(
-                "INSERT INTO results (batch_id, topic, seq, count, kind, payload, created) VALUES (?,?,?,?,0,?,?)",
-                (batch_id, topic, seq, count, payload, time.time()),
-            ).lastrowid
-            assert rid is not None
-            self._written += len(payload)
-            stored.append(Stored(rid, batch_id, topic, seq, count, 0, payload))
-        self._done.append((DONE, batch_id))
+        now = time.time()
+        for batch_id, rows in results:
+            for topic, seq, count, payload in rows:
+                stored.append(Stored(self._next_result, batch_id, topic, seq, count, 0, payload))
+                self._next_result += 1
+            self._done.append((DONE, batch_id))
+        if stored:
+            self._write_many(
+                "INSERT INTO results (id, batch_id, topic, seq, count, kind, payload, created) "
+                "VALUES (?,?,?,?,?,0,?,?)",
+                [(s.id, s.batch_id, s.topic, s.seq, s.count, s.payload, now) for s in stored],
+            )
+            self._written += sum(len(s.payload) for s in stored)
         return stored
 
     def dead_letter(self, batch_id: int, topic: str, seq: int, error: str) -> Stored:
         """Move a batch to the dead-letter state and store the message that announces it."""
         _, count, payload = self._read("SELECT topic, count, payload FROM batches WHERE id=?", (batch_id,))[0]
         self._write("UPDATE batches SET state=?, error=? WHERE id=?", (DEAD, error, batch_id))
-        rid = self._write(
-            "INSERT INTO results (batch_id, topic, seq, count, kind, payload, created) VALUES (?,?,?,?,1,?,?)",
-            (batch_id, topic, seq, count, payload, time.time()),
-        ).lastrowid
-        assert rid is not None
+        rid, self._next_result = self._next_result, self._next_result + 1
+        self._write(
+            "INSERT INTO results (id, batch_id, topic, seq, count, kind, payload, created) VALUES (?,?,?,?,?,1,?,?)",
+            (rid, batch_id, topic, seq, count, payload, time.time()),
+        )
         return Stored(rid, batch_id, topic, seq, count, 1, bytes(payload))
 
     def batch_info(self, batch_id: int) -> tuple[str, int, int, str | None]:

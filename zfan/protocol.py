@@ -23,6 +23,7 @@ VERSION = 1
 # Sockets and who sends what on them.
 # intake:  producer PUSH -> sink PULL
 BATCH = "batch"
+BATCHES = "batches"  # several batches of one producer (once the sink has said it takes groups)
 # control: any DEALER -> sink ROUTER
 HELLO = "hello"
 HEARTBEAT = "heartbeat"
@@ -32,6 +33,8 @@ STATUS = "status"
 BYE = "bye"
 WATCH = "watch"  # a producer: tell me how my batches end
 DRAIN = "drain"  # a worker: lease me nothing more (the sink echoes it)
+FEATURES = "features"  # after the welcome, both ways: what each side takes beyond version 1's basics
+RESULTS = "results"  # a worker, with the groups feature: the answers of several leases
 # control: a subscriber's DEALER -> sink ROUTER (no hello needed), and the answers
 REPLAY = "replay"
 HEADS = "heads"
@@ -44,16 +47,25 @@ CURSOR = "cursor"
 WELCOME = "welcome"
 ACK = "ack"
 LEASE = "lease"
+LEASES = "leases"  # several leases, to a worker that takes groups
 RESET = "reset"
 OUTCOME = "outcome"  # to a producer that watches: how some of its batches ended
 # results: sink XPUB -> SUB (first frame is the topic)
 PUBLISH = "publish"
+PUBLISHES = "publishes"  # several results of one topic
 DEAD = "dead"
 SYNC = "sync"
 
 ROLES = ("producer", "worker", "subscriber", "client")
+# Features a peer may name in `features`. GROUPS: several batches in one intake message,
+# several leases in one lease message, several results in one result message: the cost of a
+# message is paid once for the group (docs/PROTOCOL.md, section 5.4).
+GROUPS = "groups"
+FEATURE_NAMES = (GROUPS,)
+MAX_GROUP = 1000  # entries (batches, leases, results) in one group
 DEAD_TOPIC = "zfan.dead"
 SYNC_PREFIX = "zfan.sync."
+SYNC_GROUPS_PREFIX = "zfan.sync.groups."  # the sync topic of a subscriber that takes `publishes`
 
 # Limits on header fields; payload limits are in decode_records().
 MAX_HEADER_BYTES = 1 << 20
@@ -144,24 +156,31 @@ def _plain(value: Any, depth: int = 0) -> bool:
 class Message:
     TYPE: ClassVar[str]
     FIELDS: ClassVar[tuple[tuple[str, str], ...]]  # header fields: (name, kind)
-    PAYLOADS: ClassVar[int | None]  # payload frames after the header; None: one per topic
+    PAYLOADS: ClassVar[int | None]  # payload frames after the header; None: one per entry of a list
     # Worked out once per class, for the hot path: the header's values in order, a check per
-    # field, and where the lists that must be of one length are.
+    # field, the lists that must be of one length, and those the payload frames follow.
     _values: ClassVar[Callable[[Any], tuple[Any, ...]]]
     _checks: ClassVar[tuple[tuple[str, Callable[[Any], bool]], ...]]
-    _pairs: ClassVar[tuple[tuple[int, int], ...]]
-    _per_topic: ClassVar[tuple[int, int]]  # a result's topics and counts
+    _parallel: ClassVar[tuple[tuple[int, ...], ...]]
+    _framed: ClassVar[tuple[int, ...]]
+    _sizes: ClassVar[int | None]  # a group's `sizes`: the bytes of each entry in its payload frame
+    _spans: ClassVar[int | None]  # a group of results' `spans`: the topics of each lease
 
 
 MESSAGES: dict[str, type[Message]] = {}
-# Messages that carry parallel lists must have them of equal length. (A result's topics and
-# counts, which also match its payload frames, are a frame count matter.)
-PARALLEL = {
-    TOPICS: ("topics", "seqs"),
-    CURSOR: ("topics", "seqs"),
-    COMMIT: ("topics", "seqs"),
-    OUTCOME: ("dead", "errors"),
+# Messages that carry parallel lists must have them of equal length ("bad field")...
+PARALLEL: dict[str, tuple[tuple[str, ...], ...]] = {
+    TOPICS: (("topics", "seqs"),),
+    CURSOR: (("topics", "seqs"),),
+    COMMIT: (("topics", "seqs"),),
+    OUTCOME: (("dead", "errors"),),
+    BATCHES: (("seqs", "topics", "counts", "sizes"),),
+    LEASES: (("batch_ids", "attempts", "topics", "counts", "sizes"),),
+    RESULTS: (("batch_ids", "attempts", "spans"), ("topics", "counts", "sizes")),
+    PUBLISHES: (("seqs", "batch_ids", "counts", "sizes"),),
 }
+# ... and a result, with a payload frame per topic, must have as many frames ("bad frame count").
+FRAMED = {RESULT: ("topics", "counts")}
 M = TypeVar("M", bound=type[Message])
 
 
@@ -175,10 +194,10 @@ def _message(mtype: str) -> Callable[[M], M]:
         get = operator.attrgetter(*header) if header else (lambda msg: ())
         cls._values = get if len(header) > 1 else (lambda msg: (get(msg),) if header else ())
         cls._checks = tuple((name, _validator(name, kind)) for name, kind in cls.FIELDS)
-        pair = PARALLEL.get(mtype)
-        cls._pairs = () if pair is None else ((header.index(pair[0]), header.index(pair[1])),)
-        if cls.PAYLOADS is None:
-            cls._per_topic = (header.index("topics"), header.index("counts"))
+        cls._parallel = tuple(tuple(header.index(name) for name in group) for group in PARALLEL.get(mtype, ()))
+        cls._framed = tuple(header.index(name) for name in FRAMED.get(mtype, ()))
+        cls._sizes = header.index("sizes") if "sizes" in header else None
+        cls._spans = header.index("spans") if "spans" in header else None
         if mtype != STATUS or cls.FIELDS == ():  # the status reply shares its type with the request
             MESSAGES[mtype] = cls
         _set_slots_directly(cls)
@@ -211,6 +230,23 @@ class Batch(Message):
     payload: bytes
 
 
+@_message(BATCHES)
+@dataclass(frozen=True, slots=True)
+class Batches(Message):
+    """Several batches of one producer in one message: entry i is the batch (producer_id,
+    seqs[i], topics[i], counts[i]) whose payload is the next sizes[i] bytes of `payload`."""
+
+    producer_id: str
+    seqs: list[int]
+    topics: list[str]
+    counts: list[int]
+    sizes: list[int]
+    payload: bytes
+
+    def payloads(self) -> list[bytes]:
+        return cut(self.payload, self.sizes)
+
+
 # control: any DEALER -> sink ROUTER
 @_message(HELLO)
 @dataclass(frozen=True, slots=True)
@@ -235,6 +271,46 @@ class Result(Message):
     topics: list[str]
     counts: list[int]
     payloads: list[bytes]
+
+
+@_message(RESULTS)
+@dataclass(frozen=True, slots=True)
+class Results(Message):
+    """The results of several leases: lease i (batch_ids[i], attempts[i]) has the next spans[i]
+    entries of topics, counts and sizes (0 when its function returned nothing), and entry j's
+    records are the next sizes[j] bytes of `payload`."""
+
+    epoch: int
+    batch_ids: list[int]
+    attempts: list[int]
+    spans: list[int]
+    topics: list[str]
+    counts: list[int]
+    sizes: list[int]
+    payload: bytes
+
+    def split(self) -> list[Result]:
+        """One result per lease, in order."""
+        out, at = [], 0
+        payloads = cut(self.payload, self.sizes)
+        for batch_id, attempt, span in zip(self.batch_ids, self.attempts, self.spans, strict=False):
+            end = at + span
+            topics, counts, data = self.topics[at:end], self.counts[at:end], payloads[at:end]
+            out.append(Result(self.epoch, batch_id, attempt, topics, counts, data))
+            at = end
+        return out
+
+
+@_message(FEATURES)
+@dataclass(frozen=True, slots=True)
+class Features(Message):
+    """What a peer takes beyond version 1's basics, and the largest frame and message it takes:
+    a client sends it after its welcome, and the sink answers with the names it shares and its
+    own limits."""
+
+    names: list[str]
+    max_frame: int
+    max_message: int
 
 
 @_message(FAILED)
@@ -319,6 +395,27 @@ class Lease(Message):
     payload: bytes
 
 
+@_message(LEASES)
+@dataclass(frozen=True, slots=True)
+class Leases(Message):
+    """Several leases in one message: entry i is the lease (epoch, batch_ids[i], attempts[i],
+    topics[i], counts[i]) whose payload is the next sizes[i] bytes of `payload`."""
+
+    epoch: int
+    batch_ids: list[int]
+    attempts: list[int]
+    topics: list[str]
+    counts: list[int]
+    sizes: list[int]
+    payload: bytes
+
+    def split(self) -> list[Lease]:
+        """One lease per entry, in order."""
+        e, payloads = self.epoch, cut(self.payload, self.sizes)
+        parts = zip(self.batch_ids, self.attempts, self.topics, self.counts, payloads, strict=False)
+        return [Lease(e, b, a, t, c, data) for b, a, t, c, data in parts]
+
+
 @_message(RESET)
 @dataclass(frozen=True, slots=True)
 class Reset(Message):
@@ -334,6 +431,26 @@ class Publish(Message):
     batch_id: int
     count: int
     payload: bytes
+
+
+@_message(PUBLISHES)
+@dataclass(frozen=True, slots=True)
+class Publishes(Message):
+    """Several results of one topic in one message: entry i is the publish (topic, seqs[i],
+    batch_ids[i], counts[i]) whose records are the next sizes[i] bytes of `payload`."""
+
+    topic: str
+    seqs: list[int]
+    batch_ids: list[int]
+    counts: list[int]
+    sizes: list[int]
+    payload: bytes
+
+    def split(self) -> list[Publish]:
+        """One publish per entry, in order."""
+        t = self.topic
+        parts = zip(self.seqs, self.batch_ids, self.counts, cut(self.payload, self.sizes), strict=False)
+        return [Publish(t, seq, b, c, data) for seq, b, c, data in parts]
 
 
 @_message(DEAD)
@@ -465,20 +582,30 @@ def decode(frames: list[bytes], *, allowed: frozenset[type[Message]] | None = No
         if not ok(value):
             raise ProtocolError("bad field", f"{mtype}.{name}")
     payloads = frames[1:]
-    for a, b in cls._pairs:
-        if len(fields[a]) != len(fields[b]):
-            raise ProtocolError("bad field", f"{mtype}: lists of different lengths")
+    if cls._parallel:
+        _check_lists(cls, fields)
     make: Callable[..., Message] = cls
     if cls.PAYLOADS is None:
-        topics, counts = cls._per_topic
-        if not len(fields[topics]) == len(fields[counts]) == len(payloads):
+        if any(len(fields[i]) != len(payloads) for i in cls._framed):
             raise ProtocolError("bad frame count", f"{mtype} needs one count and one payload frame per topic")
         return make(*fields, payloads)
     if cls.PAYLOADS == 0:
         return make(*fields)  # frames after a header that takes none are ignored (PROTOCOL.md)
     if len(payloads) != cls.PAYLOADS:
         raise ProtocolError("bad frame count", f"{mtype} has {len(frames)} frames, expected {cls.PAYLOADS + 1}")
+    if cls._sizes is not None and sum(fields[cls._sizes]) != len(payloads[0]):
+        raise ProtocolError("bad field", f"{mtype}: sizes do not add up to the payload")
     return make(*fields, *payloads)
+
+
+def _check_lists(cls: type[Message], fields: list[Any]) -> None:
+    """Parallel lists are of one length, and a group of results' spans cover its topics."""
+    for group in cls._parallel:
+        first = len(fields[group[0]])
+        if any(len(fields[i]) != first for i in group):
+            raise ProtocolError("bad field", f"{cls.TYPE}: lists of different lengths")
+    if cls._spans is not None and sum(fields[cls._spans]) != len(fields[cls._spans + 1]):
+        raise ProtocolError("bad field", f"{cls.TYPE}: spans do not add up to the topics")
 
 
 def _unpack(frame: bytes) -> tuple[str, list[Any]]:
@@ -508,6 +635,15 @@ def _unpack(frame: bytes) -> tuple[str, list[Any]]:
     if not isinstance(mtype, str) or mtype not in MESSAGES:
         raise ProtocolError("unknown type", repr(mtype)[:40])
     return mtype, fields
+
+
+def cut(data: bytes, sizes: list[int]) -> list[bytes]:
+    """A group's payload frame cut into its entries' payloads."""
+    out, at = [], 0
+    for n in sizes:
+        out.append(data[at : at + n])
+        at += n
+    return out
 
 
 def pairs_that_fit(pairs: list[tuple[str, int]], reserve: int = 1024) -> int:

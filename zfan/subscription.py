@@ -25,6 +25,7 @@ from .session import SESSION_TYPES, Dial, Event, Session
 log = logging.getLogger(__name__)
 
 RESULT_TYPES: frozenset[type[p.Message]] = frozenset({p.Publish, p.Dead})
+STREAM_TYPES = RESULT_TYPES | {p.Publishes}  # results of one topic may come several in one message
 CONTROL_TYPES: frozenset[type[p.Message]] = SESSION_TYPES | RESULT_TYPES | {p.Missing, p.Topics, p.Cursor}
 POLL_HEADS = 1.0  # seconds between asking the sink for its topics' latest seqs
 ASK_AGAIN = 1.0  # seconds after which a request whose answer has not come is sent again
@@ -159,23 +160,27 @@ class SubscriberCore:
         return now - self._sync_since if now >= self._sync_due else None
 
     def stream(self, topic: bytes, frames: list[bytes], now: float) -> None:
-        """A result from the results stream: its topic frame, then its header and payload."""
+        """Results from the results stream: its topic frame, then a header and a payload (of one
+        result, or of several on that topic)."""
         self._now = now
         try:
             if topic != topic[: p.MAX_TOPIC]:
                 raise ProtocolError("bad header", "topic frame too long")
-            msg = self._message(frames)
-            if msg is not None and topic != msg.topic.encode():
+            msg = p.decode(frames, allowed=STREAM_TYPES)
+            assert isinstance(msg, (p.Publish, p.Dead, p.Publishes))
+            if topic != msg.topic.encode():
                 raise ProtocolError("bad header", "topic frame and header disagree")
         except ProtocolError as exc:
             self._reject(exc)
             return
-        if msg is None:
-            return
-        if self.started:
-            self.seq.offer(msg)
-        else:
-            self._early.append(msg)  # offered once we know where each topic starts
+        for each in msg.split() if isinstance(msg, p.Publishes) else (msg,):
+            result = self._records(each)
+            if result is None:
+                continue
+            if self.started:
+                self.seq.offer(result)
+            else:
+                self._early.append(result)  # offered once we know where each topic starts
 
     def control(self, frames: list[bytes], now: float) -> Event | None:
         """A message from the sink on control."""
@@ -189,7 +194,7 @@ class SubscriberCore:
         event = self.session.received(msg, now)
         try:
             if isinstance(msg, (p.Publish, p.Dead)):
-                result = self._message(frames)
+                result = self._records(msg)
                 self.seq.answered()
                 if result is not None and self.seq.offer(result):
                     self.replayed += 1
@@ -338,11 +343,9 @@ class SubscriberCore:
         self._heads.early = []
 
     # --- results ---------------------------------------------------------------------------
-    def _message(self, frames: list[bytes]) -> Message | None:
-        """The result, or None if its header is sound but its records cannot be decoded: then
-        it is reported lost once and skipped, since asking again would bring the same bytes."""
-        msg = p.decode(frames, allowed=RESULT_TYPES)
-        assert isinstance(msg, (p.Publish, p.Dead))
+    def _records(self, msg: p.Publish | p.Dead) -> Message | None:
+        """The result, or None if its records cannot be decoded: then it is reported lost once
+        and skipped, since asking again would bring the same bytes."""
         try:
             records = p.decode_records(msg.payload)
         except ProtocolError as exc:

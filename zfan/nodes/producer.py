@@ -181,7 +181,7 @@ class Producer(Service):
     # --- the I/O thread --------------------------------------------------------------------
     def _serve(self) -> None:
         s = self.settings
-        core = ProducerCore(s.producer_id, s.timing, time.monotonic(), resend_after=s.resend_after)
+        core = ProducerCore(s.producer_id, s.timing, time.monotonic(), resend_after=s.resend_after, groups=True)
         core.session.connect_timeout = s.connect_timeout
         ctl: Sock | None = None
         push: Sock | None = None
@@ -266,12 +266,13 @@ class Producer(Service):
     def _give(self, core: ProducerCore, ctl: Sock, push: Sock, now: float) -> bool:
         """Send what the session says, push what is due; True if intake is full."""
         self._send(ctl, core.session.take())
-        for sent in core.due(now):
+        for group, frames in core.messages(core.due(now)):
             try:
-                push.send_multipart(sent.frames, zmq.NOBLOCK)
+                push.send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:
                 return True  # the sink's pipe is full: wait until it takes more
-            core.pushed(sent, now)
+            for sent in group:
+                core.pushed(sent, now)
         return False
 
     def _wait(

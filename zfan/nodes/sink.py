@@ -184,7 +184,7 @@ class Sink(Service):
             for (rid, *frames), key in drain_keyed(router, curve):
                 core.control(rid, frames, key)
         if xpub in ready:
-            self._subscriptions(xpub)
+            self._subscriptions(core, xpub)
         if self._wakeup.fileno() in ready:
             self._wakeup.clear()
 
@@ -223,7 +223,7 @@ class Sink(Service):
                 if rid in core.roles:
                     core.unreachable(rid)
 
-    def _subscriptions(self, xpub: Sock) -> None:
+    def _subscriptions(self, core: SinkCore, xpub: Sock) -> None:
         """A subscriber announces itself by subscribing to a private sync topic; since ZeroMQ
         delivers a connection's subscriptions in order, answering on that topic tells it that
         all its real subscriptions are in place."""
@@ -235,4 +235,6 @@ class Sink(Service):
                     token = topic.decode()
                 except UnicodeDecodeError:
                     continue
+                if not token.startswith(p.SYNC_GROUPS_PREFIX):
+                    core.subscriber_without_groups()
                 xpub.send_multipart([topic, p.header(p.Sync(token))])

@@ -58,7 +58,7 @@ class Subscriber:
         self.settings = s = settings_from("Subscriber", SubscriberSettings, settings, options)
         self._ctx = context or zmq.Context.instance()
         self._handshakes = Handshakes()
-        self._token = f"{p.SYNC_PREFIX}{uuid.uuid4().hex}"
+        self._token = f"{p.SYNC_GROUPS_PREFIX}{uuid.uuid4().hex}"
         self._core = SubscriberCore(
             s.topics,
             time.monotonic(),

@@ -39,22 +39,27 @@ Process = Callable[[list[Any]], "list[Any] | dict[str, list[Any]] | None"]
 DEFAULT_LIMITS = Limits()
 
 
-def run_batch(process: Process, lease: p.Lease, *, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
-    """Run the function on one batch; return the RESULT or FAILED message to send back."""
+def run_batch(process: Process, lease: p.Lease, *, limits: Limits = DEFAULT_LIMITS) -> p.Result | p.Failed:
+    """Run the function on one batch; return the result or failure to send back."""
     epoch, batch_id, attempt = lease.epoch, lease.batch_id, lease.attempt
     try:
         out = process(p.decode_records(lease.payload))
         topics, counts, payloads = _split(out, lease.topic)
-        frames = p.encode(p.Result(epoch, batch_id, attempt, topics, counts, payloads))
-        _check_fits(frames[0], topics, payloads, limits)
+        _check_fits(topics, payloads, limits)
     except Exception:
         # The end of a traceback says most; cut by bytes, since the limit is in bytes.
         error = traceback.format_exc().encode()[-p.MAX_ERROR :].decode(errors="ignore")
-        return p.encode(p.Failed(epoch, batch_id, attempt, error))
-    return frames
+        return p.Failed(epoch, batch_id, attempt, error)
+    return p.Result(epoch, batch_id, attempt, topics, counts, payloads)
 
 
-def _check_fits(header: bytes, topics: list[str], payloads: list[bytes], limits: Limits) -> None:
+def _header_bound(topics: list[str]) -> int:
+    """At most the bytes of a result's header: a topic (at most 255 bytes) costs its UTF-8 and a
+    string header of at most 2 bytes, its count (below 2**32) at most 5; the rest fits in 64."""
+    return 64 + sum(len(t.encode()) + 7 for t in topics) if len(topics) > 1000 else 64 + 262 * len(topics)
+
+
+def _check_fits(topics: list[str], payloads: list[bytes], limits: Limits) -> None:
     """Sent as it is, a result over a limit would be dropped by the sink (or ZeroMQ would drop the
     connection) and the batch would wait out its timeout: a failure the user can read is better."""
     for t, data in zip(topics, payloads, strict=True):
@@ -63,17 +68,57 @@ def _check_fits(header: bytes, topics: list[str], payloads: list[bytes], limits:
                 f"process() returned {len(data):,} bytes of records for topic {t!r}, more "
                 f"than one frame may hold ({limits.max_frame:,}): return fewer or smaller records"
             )
-    if len(topics) > p.MAX_TOPICS or len(header) > p.MAX_HEADER_BYTES:
+    header = _header_bound(topics)
+    if len(topics) > p.MAX_TOPICS or header > p.MAX_HEADER_BYTES:
         raise ValueError(
             f"process() returned {len(topics):,} topics, more than one result may name "
             f"({p.MAX_TOPICS:,} topics, {p.MAX_HEADER_BYTES:,} bytes of topic names)"
         )
-    total = len(header) + sum(map(len, payloads))
+    total = header + sum(map(len, payloads))
     if total > limits.max_message:
         raise ValueError(
             f"process() returned {total:,} bytes in all, more than one message may hold "
             f"({limits.max_message:,}): return fewer or smaller records"
         )
+
+
+def answer_frames(answers: list[p.Result | p.Failed], sink_groups: tuple[int, int] | None) -> tuple[int, list[bytes]]:
+    """The frames of the next message to send, and how many of the leading `answers` it holds:
+    a failure alone, results in a group as big as the sink takes (`sink_groups`: its most bytes
+    in one frame and in one message) when it takes groups."""
+    first = answers[0]
+    if sink_groups is None or isinstance(first, p.Failed):
+        return 1, p.encode(first)
+    max_frame, max_message = sink_groups
+    group: list[p.Result] = []
+    topics = header = size = 0
+    for answer in answers[: p.MAX_GROUP]:
+        if isinstance(answer, p.Failed) or answer.epoch != first.epoch:
+            break
+        n, n_bytes = len(answer.topics), sum(map(len, answer.payloads))
+        head = _header_bound(answer.topics) + 5 * n + 32  # each topic's size; the lease's id, attempt, span
+        if group and (
+            topics + n > p.MAX_TOPICS
+            or header + head > p.MAX_HEADER_BYTES
+            or size + n_bytes > max_frame
+            or header + head + size + n_bytes > max_message
+        ):
+            break
+        group.append(answer)
+        topics, header, size = topics + n, header + head, size + n_bytes
+    if len(group) == 1:
+        return 1, p.encode(first)
+    msg = p.Results(
+        first.epoch,
+        [r.batch_id for r in group],
+        [r.attempt for r in group],
+        [len(r.topics) for r in group],
+        [t for r in group for t in r.topics],
+        [c for r in group for c in r.counts],
+        [len(data) for r in group for data in r.payloads],
+        b"".join(data for r in group for data in r.payloads),
+    )
+    return len(group), p.encode(msg)
 
 
 def _split(out: Any, topic: str) -> tuple[list[str], list[int], list[bytes]]:
@@ -123,7 +168,7 @@ class Worker(Service):
         self.process = process
         # Leases for the function's thread, and its answers for the I/O thread.
         self._jobs: queue.SimpleQueue[p.Lease | None] = queue.SimpleQueue()
-        self._done: deque[tuple[p.Lease, list[bytes]]] = deque()
+        self._done: deque[tuple[p.Lease, p.Result | p.Failed]] = deque()
         self._handshakes = Handshakes()
         self._poll = Poll()
         self.connected = threading.Event()  # set while a sink has welcomed us
@@ -151,7 +196,7 @@ class Worker(Service):
     # --- the I/O thread --------------------------------------------------------------------
     def _serve(self) -> None:
         s = self.settings
-        core = WorkerCore(s.name, s.credit, s.timing, time.monotonic())
+        core = WorkerCore(s.name, s.credit, s.timing, time.monotonic(), groups=s.limits)
         core.session.connect_timeout = s.connect_timeout
         worker_thread = threading.Thread(target=self._work, name="zfan-worker-process", daemon=True)
         worker_thread.start()
@@ -201,15 +246,26 @@ class Worker(Service):
         if self._wakeup.fileno() in ready:
             self._wakeup.clear()
         while self._done:
-            lease, answer = self._done[0]
-            # An answer waits for room (a sink reading slowly) rather than be lost or block us;
-            # it is void, and dropped here, once its lease is no longer ours.
-            if core.holds(lease) and not send(sock, answer):
+            lease, _ = self._done[0]
+            if not core.holds(lease):  # void once its lease is no longer ours: dropped here
+                self._done.popleft()
+                core.finished(lease)
+                continue
+            # By index: the function's thread appends while we read, which an iterator refuses.
+            held = []
+            for i in range(min(len(self._done), p.MAX_GROUP if core.sink_groups else 1)):
+                job, answer = self._done[i]
+                if not core.holds(job):
+                    break
+                held.append(answer)
+            n, frames = answer_frames(held, core.sink_groups)
+            # Answers wait for room (a sink reading slowly) rather than be lost or block us.
+            if not send(sock, frames):
                 break
-            self._done.popleft()
-            core.finished(lease)
+            for _ in range(n):
+                core.finished(self._done.popleft()[0])
         for frames in drain(sock) if sock in ready else ():
-            event, job = core.received(frames, now)
+            event, jobs = core.received(frames, now)
             self._say(event)
             if isinstance(event, Joined):
                 self.connected.set()
@@ -217,7 +273,7 @@ class Worker(Service):
                 self.connected.clear()
             if isinstance(event, Lost) or (isinstance(event, Joined) and event.new_epoch):
                 self._drop_jobs()
-            if job is not None:
+            for job in jobs:
                 self._jobs.put(job)
 
     def _wait(self, core: WorkerCore, sock: Sock | None, watch: HandshakeWatch | None) -> dict[Any, int]:
