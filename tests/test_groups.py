@@ -251,7 +251,7 @@ def test_a_producer_groups_due_batches_within_the_sinks_limits_once_it_takes_gro
     core.tick(100.0)
     core.session.take()
     core.received(p.encode(p.Welcome(7, 250, 3)), 100.0)
-    assert core.session.take()[0] == p.Features([p.GROUPS], Limits().max_frame, Limits().max_message)
+    assert core.session.take()[0] == p.Features([p.GROUPS], p.MAX_HEADER_BYTES, p.MAX_HEADER_BYTES)
     for seq in range(1, 6):
         payload = msgpack.packb([seq, "x" * 10])
         core.add(Sent(seq, 1, p.encode(p.Batch("prod", seq, "t", 1, payload)), topic="t"))

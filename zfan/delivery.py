@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 from . import protocol as p
-from .config import Limits, Timing
+from .config import Timing
 from .errors import ProtocolError
 from .session import SESSION_TYPES, Event, Joined, Lost, Session
 
@@ -180,7 +180,6 @@ class ProducerCore:
         rng: random.Random | None = None,
     ) -> None:
         self.session = Session("producer", producer_id, timing, now, rng=rng)
-        self.producer_id = producer_id
         # With `groups`, each session asks the sink whether it takes batches in groups; once it
         # says so, `sink_groups` holds the most bytes one frame and one message to it may have.
         self._groups = groups
@@ -226,9 +225,8 @@ class ProducerCore:
                 self.sink_groups = (msg.max_frame, msg.max_message)
             return event, 0
         if isinstance(event, Joined):
-            if self._groups:
-                limits = Limits()  # what a producer takes on control is never more than this
-                self.session.outbox.append(p.Features([p.GROUPS], limits.max_frame, limits.max_message))
+            if self._groups:  # (its control socket takes headers only)
+                self.session.outbox.append(p.Features([p.GROUPS], p.MAX_HEADER_BYTES, p.MAX_HEADER_BYTES))
             # A sink we just (re)joined may never have had what the last connection pushed:
             # everything unacked goes again.
             self.window.resend_all()
@@ -276,24 +274,14 @@ class ProducerCore:
             for sent in due:
                 yield [sent], sent.frames
             return
-        max_frame, max_message = self.sink_groups
-        group: list[Sent] = []
-        size = head = 0
-        for sent in due:
-            n = len(sent.frames[1])
-            if group and (len(group) >= p.MAX_GROUP or size + n > max_frame or size + head + n > max_message - 1024):
-                yield self._message(group)
-                group, size, head = [], 0, 0
-            group.append(sent)
-            size, head = size + n, head + len(sent.topic.encode()) + 32
-        if group:
+        for group in p.grouped(due, _sizes, *self.sink_groups):
             yield self._message(group)
 
     def _message(self, group: list[Sent]) -> tuple[list[Sent], list[bytes]]:
         if len(group) == 1:
             return group, group[0].frames
         msg = p.Batches(
-            self.producer_id,
+            self.session.hello.name,
             [s.seq for s in group],
             [s.topic for s in group],
             [s.count for s in group],
@@ -309,3 +297,8 @@ class ProducerCore:
             if resend is not None:
                 due = min(due, resend)
         return due
+
+
+def _sizes(sent: Sent) -> tuple[int, int]:
+    """A batch's payload bytes, and at most what it adds to a group's header."""
+    return len(sent.frames[1]), len(sent.topic.encode()) + 32

@@ -92,19 +92,9 @@ class WorkerState:
             self.alone = None
 
 
-def groups(leases: list[p.Lease], max_frame: int, max_message: int) -> list[list[p.Lease]]:
-    """Leases in groups of at most MAX_GROUP whose payloads fill at most one frame, within a
-    message's limit (with room for the header)."""
-    out: list[list[p.Lease]] = []
-    size = head = 0
-    for lease in leases:
-        n = len(lease.payload)
-        if not out or len(out[-1]) >= p.MAX_GROUP or size + n > max_frame or size + head + n > max_message - 1024:
-            out.append([])
-            size = head = 0
-        out[-1].append(lease)
-        size, head = size + n, head + len(lease.topic) + 32
-    return out
+def _sizes(lease: p.Lease) -> tuple[int, int]:
+    """A lease's payload bytes, and at most what it adds to a group's header."""
+    return len(lease.payload), len(lease.topic.encode()) + 32
 
 
 def _leases(epoch: int, group: list[p.Lease]) -> p.Leases:
@@ -207,7 +197,8 @@ class Leasing:
         if leased:
             self._ledger.lease(leased)
         for rid, leases in grouped.items():
-            for group in groups(leases, *self.workers[rid].groups or (0, 0)):
+            max_frame, max_message = self.workers[rid].groups or (0, 0)  # set: they were grouped
+            for group in p.grouped(leases, _sizes, max_frame, max_message):
                 self._send(rid, group[0] if len(group) == 1 else _leases(self._epoch, group))
 
     def can_lease(self, now: float) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -57,9 +57,9 @@ DEAD = "dead"
 SYNC = "sync"
 
 ROLES = ("producer", "worker", "subscriber", "client")
-# Features a peer may name in `features`. GROUPS: several batches in one intake message,
-# several leases in one lease message, several results in one result message: the cost of a
-# message is paid once for the group (docs/PROTOCOL.md, section 5.4).
+# Features a peer may name in `features`. GROUPS: several batches, leases, results or publishes
+# of one topic in one message: the cost of a message is paid once for the group
+# (docs/PROTOCOL.md, section 5.7).
 GROUPS = "groups"
 FEATURE_NAMES = (GROUPS,)
 MAX_GROUP = 1000  # entries (batches, leases, results) in one group
@@ -164,7 +164,7 @@ class Message:
     _parallel: ClassVar[tuple[tuple[int, ...], ...]]
     _framed: ClassVar[tuple[int, ...]]
     _sizes: ClassVar[int | None]  # a group's `sizes`: the bytes of each entry in its payload frame
-    _spans: ClassVar[int | None]  # a group of results' `spans`: the topics of each lease
+    _spans: ClassVar[tuple[int, int] | None]  # a group of results' `spans` (each lease's topics), and `topics`
 
 
 MESSAGES: dict[str, type[Message]] = {}
@@ -182,6 +182,7 @@ PARALLEL: dict[str, tuple[tuple[str, ...], ...]] = {
 # ... and a result, with a payload frame per topic, must have as many frames ("bad frame count").
 FRAMED = {RESULT: ("topics", "counts")}
 M = TypeVar("M", bound=type[Message])
+T = TypeVar("T")
 
 
 def _message(mtype: str) -> Callable[[M], M]:
@@ -197,7 +198,7 @@ def _message(mtype: str) -> Callable[[M], M]:
         cls._parallel = tuple(tuple(header.index(name) for name in group) for group in PARALLEL.get(mtype, ()))
         cls._framed = tuple(header.index(name) for name in FRAMED.get(mtype, ()))
         cls._sizes = header.index("sizes") if "sizes" in header else None
-        cls._spans = header.index("spans") if "spans" in header else None
+        cls._spans = (header.index("spans"), header.index("topics")) if "spans" in header else None
         if mtype != STATUS or cls.FIELDS == ():  # the status reply shares its type with the request
             MESSAGES[mtype] = cls
         _set_slots_directly(cls)
@@ -604,7 +605,7 @@ def _check_lists(cls: type[Message], fields: list[Any]) -> None:
         first = len(fields[group[0]])
         if any(len(fields[i]) != first for i in group):
             raise ProtocolError("bad field", f"{cls.TYPE}: lists of different lengths")
-    if cls._spans is not None and sum(fields[cls._spans]) != len(fields[cls._spans + 1]):
+    if cls._spans is not None and sum(fields[cls._spans[0]]) != len(fields[cls._spans[1]]):
         raise ProtocolError("bad field", f"{cls.TYPE}: spans do not add up to the topics")
 
 
@@ -644,6 +645,30 @@ def cut(data: bytes, sizes: list[int]) -> list[bytes]:
         out.append(data[at : at + n])
         at += n
     return out
+
+
+def grouped(
+    items: Iterable[T], sizes: Callable[[T], tuple[int, int]], max_frame: int, max_message: int
+) -> Iterator[list[T]]:
+    """Items in groups of at most MAX_GROUP: `sizes` gives an item's payload bytes and what it
+    adds to the header; a group's payloads fit one frame of `max_frame` bytes, its header
+    MAX_HEADER_BYTES, and the whole message `max_message` (with 1 KiB to spare)."""
+    group: list[T] = []
+    payload = header = 0
+    for item in items:
+        n, head = sizes(item)
+        if group and (
+            len(group) >= MAX_GROUP
+            or payload + n > max_frame
+            or header + head > MAX_HEADER_BYTES - 1024
+            or payload + header + n + head > max_message - 1024
+        ):
+            yield group
+            group, payload, header = [], 0, 0
+        group.append(item)
+        payload, header = payload + n, header + head
+    if group:
+        yield group
 
 
 def pairs_that_fit(pairs: list[tuple[str, int]], reserve: int = 1024) -> int:

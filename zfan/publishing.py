@@ -27,7 +27,7 @@ class Publishing:
         # Results stored but not yet known to be published: an earlier sink's leftovers first.
         self._to_publish: list[Stored] = list(ledger.results_after(ledger.published_upto()))
         # Results of one topic go out several in a message while every subscriber synced takes
-        # that (see no_groups).
+        # that (see SinkCore.subscriber_without_groups).
         self.groups = True
 
     def head(self, topic: str) -> int:
