@@ -107,23 +107,33 @@ class Sealer:
 
 
 class Stamps:
-    """Each record's time from its stamp to now, at the subscriber, past the warm-up."""
+    """Each record's time from its stamp to now, at the subscriber, past the warm-up. Beside the
+    percentiles, the median of the first and of the last second of stamps: a pipeline that does
+    not keep up with the rate has a backlog that grows, and the second is later than the first."""
 
     def __init__(self) -> None:
-        self.lat: list[float] = []
+        self.lat: list[tuple[float, float]] = []  # (stamp, latency)
 
     def add(self, records: list[dict], now: float, t0: float) -> None:
-        self.lat.extend(now - r["ts"] for r in records if r["ts"] - t0 >= WARMUP)
+        self.lat.extend((r["ts"], now - r["ts"]) for r in records if r["ts"] - t0 >= WARMUP)
 
     def summary(self) -> dict[str, Any]:
-        lat = sorted(self.lat)
-        if not lat:
+        if not self.lat:
             return {"counted": 0}
+        lat = sorted(d for _, d in self.lat)
+        first = min(ts for ts, _ in self.lat)
+        last = max(ts for ts, _ in self.lat)
+
+        def p50_of(lo: float, hi: float) -> float:
+            return round(percentile(sorted(d for ts, d in self.lat if lo <= ts <= hi), 0.50) * 1000, 2)
+
         return {
             "counted": len(lat),
             "p50_ms": round(percentile(lat, 0.50) * 1000, 2),
             "p99_ms": round(percentile(lat, 0.99) * 1000, 2),
             "max_ms": round(lat[-1] * 1000, 2),
+            "p50_first_s_ms": p50_of(first, first + 1.0),
+            "p50_last_s_ms": p50_of(last - 1.0, last),
         }
 
 

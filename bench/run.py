@@ -13,8 +13,10 @@ What runs, all on this machine and in this one run, so that the ratios are fair:
    is not installed is skipped with a one-line reason.
 2. The same for batches of 1, 10, 100 and 10 000 records (limit, zfan and the peers, 1 worker).
    With --quick: one run each, small counts, and the peers at batches of 1000 and 10 only.
-3. Latency from send() to the subscriber at 10 %, 50 % and 80 % of each contender's own rate
-   from step 1 (bench/latency.py, and each peer's latency()).
+3. Latency from send() to the subscriber at 10 %, 50 %, 80 % and 90 % of each contender's own
+   rate from step 1 (bench/latency.py, and each peer's latency()); at 90 %, whether a backlog
+   grows (the median latency of the run's last second against its first). Then one record every
+   20 ms with linger 0, each sealed at once: the floor of latency.
 4. Recovery after a worker's SIGKILL and SIGSTOP, and a sink restart on a ledger of 100 000
    batches (bench/recovery.py).
 5. The sink's memory under a slow subscriber (bench/memory.py).
@@ -61,12 +63,16 @@ TARGETS = {
     "zfan_2_workers_vs_1": 1.0,  # more than this: 2 workers faster than 1
     "p99_ms_at_50": 10.0,  # zfan's latency at 50 % of its rate
     "p99_ms_at_80": 20.0,  # and at 80 %
+    "backlog_ms_at_90": 20.0,  # at 90 %, the median of the last second at most this much above the first's
+    "one_p50_ms": 2.0,  # one record every 20 ms with linger 0
+    "one_p99_ms": 5.0,
     "replay_ms": 1000.0,
     "restart_ms": 2000.0,
 }
 RATIO_SIZES = {"redis streams": (1000, 10)}  # batch sizes a peer's target is checked at, if not 1000 only
 OUT = os.path.join(ROOT, "bench", "results")
-LOADS = (0.1, 0.5, 0.8)  # shares of each contender's measured rate at which latency is measured
+LOADS = (0.1, 0.5, 0.8, 0.9)  # shares of each contender's measured rate at which latency is measured
+ONE_RATE = 50.0  # records/s for the latency of one record at a time, with linger 0
 LABELS = {"limit": "the limit", "zfan": "zfan", **{p.KEY: p.LABEL for p in PEERS}}
 
 
@@ -173,6 +179,24 @@ class Bench:
                     f"(lost {lat['lost']}, duplicated {lat['duplicated']})"
                 )
 
+    def one_at_a_time(self) -> None:
+        """One record every 20 ms, each batch sealed at once (linger 0): the floor of latency."""
+        seconds = 1.5 if self.quick else 10.0
+        runs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+            ("zfan", lambda: latency.measure(ONE_RATE, seconds=seconds, linger_ms=0))
+        ]
+        runs += [
+            (p.KEY, lambda p=p, u=url: p.latency(ONE_RATE, seconds, 1000, u, linger_ms=0)) for p, url in self.peers
+        ]
+        out = self.res["one"] = {}
+        for key, measure in runs:
+            lat = out[key] = measure()
+            say(
+                f"latency, {LABELS[key]}, one record every {1000 / ONE_RATE:g} ms with linger 0: "
+                f"p50 {lat.get('p50_ms')} ms, p99 {lat.get('p99_ms')} ms, max {lat.get('max_ms')} ms "
+                f"(lost {lat['lost']}, duplicated {lat['duplicated']})"
+            )
+
     def recovery(self) -> None:
         say("recovery:")
         args = argparse.Namespace(
@@ -247,6 +271,24 @@ def verdicts(res: dict[str, Any]) -> list[str]:
             None if p99 is None else p99 < TARGETS[key],
             figures,
         )
+    paced = zlat.get("90%")
+    if paced:
+        first, last = paced.get("p50_first_s_ms"), paced.get("p50_last_s_ms")
+        line(
+            f"zfan paced at 90 % of its rate without a growing backlog (median of the last second "
+            f"< {TARGETS['backlog_ms_at_90']:g} ms above the first's)",
+            None if first is None or last is None else last - first < TARGETS["backlog_ms_at_90"],
+            f"{first} ms, then {last} ms at {paced['rate']:,} records/s",
+        )
+    one = res.get("one", {}).get("zfan")
+    if one:
+        p50, p99 = one.get("p50_ms"), one.get("p99_ms")
+        line(
+            f"zfan's p50 < {TARGETS['one_p50_ms']:g} ms and p99 < {TARGETS['one_p99_ms']:g} ms for one record "
+            f"every {1000 / ONE_RATE:g} ms with linger 0",
+            None if p50 is None or p99 is None else p50 < TARGETS["one_p50_ms"] and p99 < TARGETS["one_p99_ms"],
+            f"p50 {p50} ms, p99 {p99} ms",
+        )
     rec = res.get("recovery")
     if rec:
         for sig in ("SIGKILL", "SIGSTOP"):
@@ -262,6 +304,23 @@ def verdicts(res: dict[str, Any]) -> list[str]:
             f"sink serving again after a restart < {TARGETS['restart_ms']:g} ms",
             full["serve_max_ms"] < TARGETS["restart_ms"],
             f"median {full['serve_median_ms']:.0f} ms, max {full['serve_max_ms']:.0f} ms",
+        )
+    return lines
+
+
+def one_table(res: dict[str, Any]) -> list[str]:
+    """The latency of one record at a time with linger 0, for each contender, as table lines."""
+    if not res.get("one"):
+        return []
+    lines = [
+        "",
+        f"| latency of one record every {1000 / ONE_RATE:g} ms, linger 0 | p50 | p99 | max | lost | duplicated |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, lat in res["one"].items():
+        lines.append(
+            f"| {LABELS[key]} | {lat.get('p50_ms')} ms | **{lat.get('p99_ms')} ms** | {lat.get('max_ms')} ms | "
+            f"{lat['lost']} | {lat['duplicated']} |"
         )
     return lines
 
@@ -322,6 +381,7 @@ def markdown(res: dict[str, Any]) -> str:
                 f"| {LABELS[key]} | {share} | {lat['rate']:,} | {lat.get('p50_ms')} ms | **{lat.get('p99_ms')} ms** | "
                 f"{lat.get('max_ms')} ms | {lat['lost']} | {lat['duplicated']} |"
             )
+    lines += one_table(res)
     rec = res.get("recovery")
     if rec:
         rp = rec["replay"]
@@ -422,6 +482,7 @@ def main() -> None:
         bench.start_peers(servers)
         bench.throughput()
         bench.latency()
+        bench.one_at_a_time()
     bench.recovery()
     bench.memory()
     res["elapsed_s"] = round(time.monotonic() - t0, 1)
@@ -452,6 +513,7 @@ def main() -> None:
         for share, lat in loads.items()
         if lat.get("lost") or lat.get("duplicated")
     ]
+    lost += [f"one/{key}" for key, lat in res.get("one", {}).items() if lat.get("lost") or lat.get("duplicated")]
     if lost:
         raise SystemExit(f"bench/run.py: records lost or duplicated in {', '.join(lost)}")
 

@@ -29,14 +29,13 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench.latency import LINGER_MS, Stamps, result  # noqa: E402
+from bench.latency import Stamps, result  # noqa: E402
 from bench.throughput import Count, make_batches  # noqa: E402
 
 START_TIMEOUT = 60.0  # seconds for a server, or every party of a run, to come up
 STOP_TIMEOUT = 30.0  # seconds for a server to stop on SIGTERM before it is killed
 DEADLINE = 120.0  # seconds for a throughput run; past it the run stops and reports what was lost
 LATE = 30.0  # seconds past the deadline for the consumer's report before the run is called broken
-LINGER = LINGER_MS / 1000  # seconds: a latency run's producer seals batches as zfan's does
 
 
 def free_ports(count: int) -> list[int]:

@@ -57,7 +57,7 @@ except ImportError:  # unavailable() says so; the module still imports for the c
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from bench import app  # noqa: E402
-from bench.latency import STEP, Pacer, Sealer  # noqa: E402
+from bench.latency import LINGER_MS, STEP, Pacer, Sealer  # noqa: E402
 from bench.peers import parties  # noqa: E402
 from bench.peers.parties import Control, Paced, Tally  # noqa: E402
 
@@ -399,10 +399,16 @@ def run(batches: list[list[dict]], url: str, workers: int = 1, *, deadline: floa
     return parties.throughput(_run(url, batches, sum(map(len, batches)), size, workers, "double", deadline))
 
 
-def latency(rate: float, seconds: float = 5.0, batch_size: int = 1000, url: str | None = None) -> dict[str, Any]:
+def latency(
+    rate: float,
+    seconds: float = 5.0,
+    batch_size: int = 1000,
+    url: str | None = None,
+    linger_ms: float = LINGER_MS,
+) -> dict[str, Any]:
     """Latency from the producer to the consumer at `rate` records/s, as bench/latency.py
     measures zfan's; on a private broker unless `url` is given."""
-    job = parties.paced(rate, seconds, batch_size, parties.LINGER)
+    job = parties.paced(rate, seconds, batch_size, linger_ms / 1000)
     with parties.serving(Server, url) as u:
         return parties.latency(_run(u, job, job.n, batch_size, 1, "stamped", seconds + parties.DEADLINE), job, seconds)
 
