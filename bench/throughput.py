@@ -43,8 +43,11 @@ WAIT = 30.0  # seconds without a single result before a run is called stuck
 
 
 def join_or_kill(procs: Iterable[Any], timeout: float = WAIT) -> None:
-    """Wait for each process to end; kill the ones that do not in time. Every one is reaped."""
+    """Wait for each process to end; kill the ones that do not in time. Every one is reaped
+    (one never started, when a run failed before it, is passed over)."""
     for pr in procs:
+        if pr.pid is None:
+            continue
         pr.join(timeout)
         if pr.is_alive():
             pr.kill()

@@ -376,9 +376,10 @@ def test_a_full_disk_is_known_by_its_text_where_there_is_no_error_code(message, 
 
 def test_a_new_ledger_has_16_kb_pages_and_commits_never_checkpoint(ledger):
     """A batch's payload takes few pages, and the WAL is copied to the file by another thread,
-    so that no commit stalls on a checkpoint."""
+    so that no commit stalls on a checkpoint, nor on cutting the WAL file back after one."""
     assert peek(ledger.path, "PRAGMA page_size") == [(16384,)]
     assert ledger._db.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+    assert ledger._db.execute("PRAGMA journal_size_limit").fetchone() == (-1,)
 
 
 def test_the_wal_stays_bounded_while_commits_go_on_without_pause(tmp_path):

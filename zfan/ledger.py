@@ -130,7 +130,6 @@ class Ledger:
             if path != ":memory:":
                 # Checkpoints run on a thread of their own (see checkpoints.py), not in our commits.
                 self._db.execute("PRAGMA wal_autocheckpoint=0")
-                self._db.execute(f"PRAGMA journal_size_limit={checkpoint_every}")
                 self._checkpoints = checkpoints.Checkpointer(path, every=checkpoint_every)
         except sqlite3.Error as exc:
             self._db.close()
