@@ -58,8 +58,8 @@ from bench.peers import parties  # noqa: E402
 from bench.peers.parties import Control, Paced, Tally  # noqa: E402
 
 KEY, LABEL = "nats jetstream", "NATS JetStream design"
-WINDOW = 64  # publishes in flight from the producer (zfan's producer window is 64 batches too)
-READ = 64  # messages a processor fetches at once
+WINDOW = 256  # publishes in flight from the producer (zfan's producer window is 256 batches too)
+READ = 256  # messages a processor fetches at once (zfan's worker credit is 256 batches)
 CONSUME = 256  # messages the consumer fetches at once
 FETCH_TIMEOUT = 0.25  # seconds an idle fetch waits, so that a party notices the run is over
 WORKERS, COUNTER = "workers", "counter"  # the durable consumers: the processors' and the counter's

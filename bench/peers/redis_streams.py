@@ -55,8 +55,8 @@ from bench.peers import parties  # noqa: E402
 from bench.peers.parties import Control, Paced, Tally  # noqa: E402
 
 KEY, LABEL = "redis streams", "Redis Streams design"
-WINDOW = 64  # batches the producer has in flight (zfan's producer window is 64 batches too)
-READ = 64  # entries a worker reads at once
+WINDOW = 256  # batches the producer has in flight (zfan's producer window is 256 batches too)
+READ = 256  # entries a worker reads at once (zfan's worker credit is 256 batches)
 CONSUME = 256  # entries the consumer reads at once
 BLOCK_MS = 50  # an idle read returns after this long, so that a party notices the run is over
 CLAIM_EVERY, CLAIM_IDLE_MS = 2.0, 10_000  # a worker takes over entries pending this long

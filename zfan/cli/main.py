@@ -16,7 +16,17 @@ import click
 
 from .. import __version__
 from ..apps import readings
-from ..config import Curve, ProducerSettings, SinkSettings, SubscriberSettings, Timing, WorkerSettings, parse_retention
+from ..config import (
+    DEFAULT_CREDIT,
+    DEFAULT_WINDOW,
+    Curve,
+    ProducerSettings,
+    SinkSettings,
+    SubscriberSettings,
+    Timing,
+    WorkerSettings,
+    parse_retention,
+)
 from ..delivery import Outcomes
 from ..errors import ConfigError, DeliveryTimeout, OutcomeTimeout
 from ..feeds import JsonLines
@@ -90,7 +100,7 @@ def cli() -> None:
 @click.option(
     "--credit",
     type=click.IntRange(1, 1000),
-    default=64,
+    default=DEFAULT_CREDIT,
     show_default=True,
     help="batches each local worker holds at once",
 )
@@ -210,7 +220,9 @@ def sink(
     metavar="MODULE:FUNCTION",
     help="the function to run on each batch: process(records) -> list | dict[topic, list]",
 )
-@click.option("--credit", type=click.IntRange(1, 1000), default=64, show_default=True, help="batches to hold at once")
+@click.option(
+    "--credit", type=click.IntRange(1, 1000), default=DEFAULT_CREDIT, show_default=True, help="batches to hold at once"
+)
 @click.option("--name", default=None, help="how the sink names this worker [default: random]")
 @click.option(
     "--drain-timeout", type=click.FloatRange(min=0), default=WorkerSettings.drain_timeout, show_default=True, help=DRAIN
@@ -291,7 +303,7 @@ def worker(
 @click.option(
     "--window",
     type=click.IntRange(min=1),
-    default=64,
+    default=DEFAULT_WINDOW,
     show_default=True,
     help="unacknowledged batches allowed before sending blocks",
 )

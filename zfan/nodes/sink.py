@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from .. import protocol as p
-from ..config import SinkSettings, connect_address, settings_from
+from ..config import DEFAULT_CREDIT, SinkSettings, connect_address, settings_from
 from ..dispatch import SinkCore
 from ..errors import ConfigError
 from ..ledger import Ledger
@@ -52,7 +52,7 @@ class Sink(Service):
         *,
         workers: int = 0,
         app: str | None = None,
-        worker_credit: int = 64,
+        worker_credit: int = DEFAULT_CREDIT,
         context: Ctx | None = None,
         **options: Unpack[SinkOptions],
     ) -> None:
