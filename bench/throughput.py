@@ -16,11 +16,13 @@ import argparse
 import multiprocessing
 import os
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -183,8 +185,8 @@ def run_raw(batches: list[list[dict]], workers: int = 1) -> dict[str, Any]:
 # --- zfan --------------------------------------------------------------------------------
 
 
-def _zfan_sink(ends: dict[str, str], ledger: str, workers: int, ready: Any, stop: Any) -> None:
-    with Sink(ledger=ledger, workers=workers, app="bench.app:double", **ends):
+def _zfan_sink(ends: dict[str, str], ledger: str, workers: int, ready: Any, stop: Any, http: str | None) -> None:
+    with Sink(ledger=ledger, workers=workers, app="bench.app:double", http=http, **ends):
         ready.set()
         stop.wait()
 
@@ -197,9 +199,9 @@ def _zfan_producer(ends: dict[str, str], batches: list[list[dict]], batch_size: 
         prod.flush(60)
 
 
-def _start_api(ends: dict[str, str], folder: str, workers: int) -> Callable[[], None]:
+def _start_api(ends: dict[str, str], folder: str, workers: int, http: str | None = None) -> Callable[[], None]:
     ready, stop = mp.Event(), mp.Event()
-    sink = mp.Process(target=_zfan_sink, args=(ends, os.path.join(folder, "zfan.db"), workers, ready, stop))
+    sink = mp.Process(target=_zfan_sink, args=(ends, os.path.join(folder, "zfan.db"), workers, ready, stop, http))
     sink.start()
     if not ready.wait(WAIT):
         raise RuntimeError("the sink did not come up")
@@ -223,13 +225,20 @@ def _start_cli(ends: dict[str, str], folder: str, workers: int) -> Callable[[], 
     return lambda: reap(procs)
 
 
-def run_zfan(batches: list[list[dict]], workers: int = 1, *, cli: bool = False) -> dict[str, Any]:
+def run_zfan(
+    batches: list[list[dict]], workers: int = 1, *, cli: bool = False, scraped: bool = False
+) -> dict[str, Any]:
     """The whole pipeline: a producer process, the sink (embedded, or the `zfan sink` and `zfan
-    worker` processes), and a subscriber here that checks every topic's seqs."""
+    worker` processes), and a subscriber here that checks every topic's seqs. `scraped`: the
+    sink serves HTTP, and a thread here reads its /metrics and /api/status every second, as
+    Prometheus and an open dashboard would (bench/metrics_cost.py)."""
     tmp = tempfile.mkdtemp(prefix="zfan-bench-")
     ends = endpoints(tmp)
     count = Count(sum(map(len, batches)))
-    end = (_start_cli if cli else _start_api)(ends, tmp, workers)
+    http = f"127.0.0.1:{free_port()}" if scraped else None
+    end = _start_cli(ends, tmp, workers) if cli else _start_api(ends, tmp, workers, http)
+    scraping = threading.Event()
+    scraper = threading.Thread(target=_scrape, args=(f"http://{http}/", scraping), daemon=True) if http else None
     go = mp.Event()
     prod = mp.Process(target=_zfan_producer, args=(ends, batches, len(batches[0]), go))
     try:
@@ -240,6 +249,8 @@ def run_zfan(batches: list[list[dict]], workers: int = 1, *, cli: bool = False) 
             deadline = time.monotonic() + WAIT
             while len(query_status(ends["control"])["workers"]) < workers and time.monotonic() < deadline:
                 threading.Event().wait(0.05)  # the clock starts once every worker has joined
+            if scraper is not None:
+                scraper.start()
             start = time.perf_counter()
             go.set()
             while not count.done and (msg := sub.recv(timeout=WAIT)) is not None:
@@ -247,10 +258,27 @@ def run_zfan(batches: list[list[dict]], workers: int = 1, *, cli: bool = False) 
             elapsed = time.perf_counter() - start
             gaps = sub.gaps
     finally:
+        scraping.set()
+        if scraper is not None and scraper.ident is not None:
+            scraper.join()
         join_or_kill([prod])
         end()
         shutil.rmtree(tmp, ignore_errors=True)
     return count.result(elapsed, gaps)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(base: str, stop: threading.Event) -> None:
+    """Read /metrics and /api/status every second until `stop`."""
+    while not stop.wait(1.0):
+        for path in ("metrics", "api/status"):
+            with urllib.request.urlopen(base + path, timeout=10) as r:
+                r.read()
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:

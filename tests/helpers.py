@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} ")  # how every log line begins
+
+
+def logged(line: str, text: str) -> bool:
+    """Whether `line` is a log line (a timestamp first) whose text begins with `text`."""
+    m = STAMP.match(line)
+    return m is not None and line[m.end() :].startswith(text)
 
 
 def wait_for(
@@ -133,3 +144,90 @@ def run_cli(
         cwd=cwd or ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+class Terminal:
+    """`zfan ARGS` on a pseudo-terminal of its own, as the session's foreground process: Ctrl-C
+    typed there reaches it (and only what is in its process group), and its output is read
+    back as a person would see it."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, cwd: str = ROOT) -> None:
+        self.master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+        # setsid --ctty: a new session whose controlling terminal is this one (the pid stays zfan's).
+        self.proc = subprocess.Popen(
+            ["setsid", "--ctty", sys.executable, "-m", "zfan", *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=cwd,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        os.close(slave)
+        self._raw = bytearray()
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:  # EIO: every process holding the terminal has ended
+                return
+            if not data:
+                return
+            with self._lock:
+                self._raw += data
+
+    def type(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def ctrl_c(self) -> None:
+        self.type("\x03")
+
+    @property
+    def raw(self) -> str:
+        with self._lock:
+            return self._raw.decode(errors="replace")
+
+    def screen(self) -> list[str]:
+        return render(self.raw)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout} s:\n" + "\n".join(self.screen())) from None
+        self._reader.join(5)
+        return code
+
+    def __enter__(self) -> Terminal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(5)
+        os.close(self.master)
+
+
+def render(raw: str) -> list[str]:
+    """The lines as a terminal shows them: a carriage return goes back to the line's start and
+    what follows overwrites it (how a progress bar redraws itself)."""
+    lines = []
+    for line in raw.replace("\r\n", "\n").split("\n"):
+        cells: list[str] = []
+        col = 0
+        for ch in line:
+            if ch == "\r":
+                col = 0
+                continue
+            if col < len(cells):
+                cells[col] = ch
+            else:
+                cells.append(ch)
+            col += 1
+        lines.append("".join(cells).rstrip())
+    return lines

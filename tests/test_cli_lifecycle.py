@@ -5,22 +5,19 @@ terminal matters; no process and no temporary folder is left behind."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
 import select
 import signal
-import struct
 import subprocess
 import sys
-import termios
-import threading
 import time
+import urllib.request
 
 import pytest
 
-from tests.helpers import ROOT, Role, run_cli, wait_for
+from tests.helpers import ROOT, Role, Terminal, logged, render, run_cli, wait_for
 from zfan.nodes.status import query_status
 
 pytestmark = pytest.mark.timeout(60)
@@ -78,93 +75,6 @@ def up_folders(tmp: str) -> list[str]:
 
 
 # --- a terminal ------------------------------------------------------------------------------
-
-
-class Terminal:
-    """`zfan ARGS` on a pseudo-terminal of its own, as the session's foreground process: Ctrl-C
-    typed there reaches it (and only what is in its process group), and its output is read
-    back as a person would see it."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None, cwd: str = ROOT) -> None:
-        self.master, slave = os.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
-        # setsid --ctty: a new session whose controlling terminal is this one (the pid stays zfan's).
-        self.proc = subprocess.Popen(
-            ["setsid", "--ctty", sys.executable, "-m", "zfan", *args],
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-            cwd=cwd,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )
-        os.close(slave)
-        self._raw = bytearray()
-        self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                data = os.read(self.master, 4096)
-            except OSError:  # EIO: every process holding the terminal has ended
-                return
-            if not data:
-                return
-            with self._lock:
-                self._raw += data
-
-    def type(self, text: str) -> None:
-        os.write(self.master, text.encode())
-
-    def ctrl_c(self) -> None:
-        self.type("\x03")
-
-    @property
-    def raw(self) -> str:
-        with self._lock:
-            return self._raw.decode(errors="replace")
-
-    def screen(self) -> list[str]:
-        return render(self.raw)
-
-    def wait(self, timeout: float = 30.0) -> int:
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"still running after {timeout} s:\n" + "\n".join(self.screen())) from None
-        self._reader.join(5)
-        return code
-
-    def __enter__(self) -> Terminal:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._reader.join(5)
-        os.close(self.master)
-
-
-def render(raw: str) -> list[str]:
-    """The lines as a terminal shows them: a carriage return goes back to the line's start and
-    what follows overwrites it (how a progress bar redraws itself)."""
-    lines = []
-    for line in raw.replace("\r\n", "\n").split("\n"):
-        cells: list[str] = []
-        col = 0
-        for ch in line:
-            if ch == "\r":
-                col = 0
-                continue
-            if col < len(cells):
-                cells[col] = ch
-            else:
-                cells.append(ch)
-            col += 1
-        lines.append("".join(cells).rstrip())
-    return lines
 
 
 # --- a sink to talk to -------------------------------------------------------------------------
@@ -308,7 +218,7 @@ def say_ready_after_the_welcome(tmp_path, ipc, roles, prod) -> None:
     for r, name in ((prod, "produce"), (worker, "worker")):
         waiting = f"zfan {name}: WARNING sink {ipc['control']}: no answer yet; connecting again"
         wait_for(
-            lambda r=r, waiting=waiting: any(x.startswith(waiting) for x in r.err),
+            lambda r=r, waiting=waiting: any(logged(x, waiting) for x in r.err),
             what=f"zfan {name} to say what it waits for",
         )
         assert not any(": ready " in x for x in r.err), r.stderr
@@ -570,7 +480,7 @@ def test_log_lines_and_final_line_never_land_on_the_bar(sink, ipc):
     assert "\r" in raw and "records/s" in raw, "a bar was drawn"
     screen = [line for line in render(raw) if line]
     warning = [line for line in screen if "not valid JSON" in line]
-    assert len(warning) == 1 and warning[0].startswith("zfan produce: WARNING stdin line 2: not valid JSON"), screen
+    assert len(warning) == 1 and logged(warning[0], "zfan produce: WARNING stdin line 2: not valid JSON"), screen
     assert [line for line in screen if "ready" in line][0].startswith("zfan produce: ready "), screen
     assert screen[-2].startswith("sent 2  acked 2  processed 2  "), screen  # the bar's last state
     assert screen[-1] == "zfan produce: 2 record(s) processed in 1 batch(es), 1 line(s) skipped as not JSON"
@@ -612,6 +522,11 @@ def test_sigterm_stops_up_in_order(tmp_path):
     up = Role("up", "--seconds", "60", env=up_env(tmp_path))
     try:
         sink, workers, _ = wait_streaming(up.proc.pid, tmp_path)
+        # The one line it says: where its dashboard is, served while it runs.
+        url = re.fullmatch(r"zfan up: dashboard at (http://\S+/) and metrics at \S+ while it runs\n", up.err[0])
+        assert url is not None, up.stderr
+        with urllib.request.urlopen(url.group(1) + "healthz", timeout=5) as r:
+            assert r.status == 200
         up.proc.send_signal(signal.SIGTERM)
         assert up.wait(30) == 143, up.stderr
     finally:
@@ -619,7 +534,7 @@ def test_sigterm_stops_up_in_order(tmp_path):
     assert up.out[0] == "zfan up: interrupted\n", up.stdout
     assert "lost 0, duplicated 0" in up.stdout
     no_traceback(up.stderr)
-    assert up.stderr == ""
+    assert len(up.err) == 1, up.stderr
     assert none_running([sink, *workers])
     assert up_folders(str(tmp_path)) == []
 

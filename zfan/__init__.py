@@ -1,5 +1,8 @@
 """zfan: brokerless fan-in / fan-out over ZeroMQ, with a SQLite ledger so nothing is lost."""
 
+__version__ = "0.1.0"  # first: the modules imported below report it
+
+
 from .config import Curve, ProducerSettings, SinkSettings, SubscriberSettings, Timing, WorkerSettings
 from .delivery import BatchOutcome, Outcomes
 from .errors import (
@@ -23,8 +26,6 @@ from .nodes.subscriber import Subscriber
 from .nodes.worker import Worker
 from .sequencing import RetentionGap
 from .subscription import Message
-
-__version__ = "0.1.0"
 
 __all__ = [
     # roles

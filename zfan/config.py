@@ -45,6 +45,19 @@ def check_endpoint(endpoint: str, *, what: str = "endpoint") -> str:
     raise ConfigError(f"{what} {endpoint!r} is not a valid endpoint: use tcp://HOST:PORT or ipc:///path/to/socket")
 
 
+_HTTP = re.compile(r"^(?:(?P<host>\[[0-9a-fA-F:.]+\]|[^:\[\]]*):)?(?P<port>\d{1,5})$")
+
+
+def split_http(address: str) -> tuple[str, int]:
+    """(host, port) of an HTTP address 'HOST:PORT', ':PORT' or 'PORT' (the host then 127.0.0.1;
+    port 0 takes any free port), else ConfigError."""
+    m = _HTTP.match(address) if isinstance(address, str) else None
+    if m is None or int(m.group("port")) > 65535:
+        raise ConfigError(f"http address {address!r} is not HOST:PORT (e.g. 127.0.0.1:5560, or :5560 for localhost)")
+    host = (m.group("host") or "127.0.0.1").strip("[]")
+    return host, int(m.group("port"))
+
+
 def connect_address(bound: str) -> str:
     """The address a local client uses to reach an endpoint bound on a wildcard host."""
     m = _TCP.match(bound)
@@ -167,10 +180,18 @@ class SinkSettings:
     limits: Limits = field(default_factory=Limits)
     # Seconds a stopping sink waits for the batches leased to come back before it closes.
     drain_timeout: float = 30.0
+    # HOST:PORT for /metrics, the dashboard, /healthz and /readyz; None serves no HTTP.
+    http: str | None = None
+    # Workers connected for /readyz to say ready (with local workers, at least 1 all the same).
+    min_workers: int = 0
 
     def __post_init__(self) -> None:
         if not self.drain_timeout >= 0:
             raise ConfigError(f"drain_timeout must be at least 0, not {self.drain_timeout}")
+        if self.http is not None:
+            split_http(self.http)
+        if not isinstance(self.min_workers, int) or self.min_workers < 0:
+            raise ConfigError(f"min_workers must be 0 or more, not {self.min_workers!r}")
         for name in ("intake", "control", "results"):
             check_endpoint(getattr(self, name), what=f"{name} endpoint")
         if self.fsync not in ("normal", "full"):
@@ -198,9 +219,13 @@ class WorkerSettings:
     # Seconds to wait for the first welcome before stopping with NoSink; None waits for a sink
     # as long as it takes. Once welcomed, a worker whose sink goes away dials until stopped.
     connect_timeout: float | None = None
+    # HOST:PORT for the worker's own /metrics, /healthz and /readyz; None serves no HTTP.
+    http: str | None = None
 
     def __post_init__(self) -> None:
         check_endpoint(self.control, what="control endpoint")
+        if self.http is not None:
+            split_http(self.http)
         _check_connect_timeout(self.connect_timeout)
         _positive("credit", self.credit, integer=True)
         if not self.drain_timeout >= 0:
@@ -297,6 +322,8 @@ class SinkOptions(TypedDict, total=False):
     curve: Curve | None
     limits: Limits
     drain_timeout: float
+    http: str | None
+    min_workers: int
 
 
 class WorkerOptions(TypedDict, total=False):
@@ -308,6 +335,7 @@ class WorkerOptions(TypedDict, total=False):
     limits: Limits
     drain_timeout: float
     connect_timeout: float | None
+    http: str | None
 
 
 class ProducerOptions(TypedDict, total=False):

@@ -14,6 +14,7 @@ and cursors). It keeps for itself the turn (when to commit) and the retention.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections import Counter, deque
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import __version__
 from . import protocol as p
 from .config import Limits, Timing
 from .errors import ProtocolError
@@ -28,6 +30,7 @@ from .history import History
 from .intake import Intake
 from .leasing import Backlog, Lease, Leasing, WorkerState
 from .ledger import Ledger, Pending
+from .metrics import SinkMetrics
 from .outcomes import Outcomes
 from .peers import Peers
 from .publishing import Publishing
@@ -42,6 +45,8 @@ PRUNE_EVERY = 1.0  # seconds between retention passes
 # next ack or publish, or within this many seconds, so that a turn that only leased pays for no
 # commit: commits are most of the sink's time.
 COMMIT_WITHIN = 0.05
+TOP_TOPICS = 20  # topics in a status, those with the highest seqs
+CURSORS_READ = 10_000  # durable positions read for a snapshot's lags at most
 
 
 @dataclass
@@ -93,7 +98,8 @@ class SinkCore:
         self._dirty_since: float | None = None  # when writes were first left uncommitted
         self._out = Outbox()
         self._peers = Peers(ledger, timing, clock())
-        self._publishing = Publishing(ledger, self.epoch, self.stats)
+        self.metrics = SinkMetrics(clock, wall)
+        self._publishing = Publishing(ledger, self.epoch, self.stats, self.metrics.published)
         self._outcomes = Outcomes(ledger, self._peers.producer, self.stats)
         self._backlog = Backlog(ledger, ledger.pending(), cache_bytes)
         self._leasing = Leasing(
@@ -108,7 +114,9 @@ class SinkCore:
             fresh=self._peers.fresh,
             dead_letter=self._dead_letter,
         )
-        self._intake = Intake(ledger, self._backlog, self.counts, self.stats, self._peers.owns, self._outcomes)
+        self._intake = Intake(
+            ledger, self._backlog, self.counts, self.stats, self._peers.owns, self._outcomes, self.metrics.arrived
+        )
         self._history = History(ledger, self._publishing, self.stats, self._send)
         self._handlers: dict[type[p.Message], Callable[[bytes, Any], None]] = {
             p.Hello: self._hello,
@@ -225,7 +233,9 @@ class SinkCore:
                 or self._outcomes.waiting
                 or (self._dirty_since is not None and now >= self._dirty_since + COMMIT_WITHIN)
             ):
+                started = self.clock()
                 self.ledger.commit()
+                self.metrics.committed(self.clock() - started)
                 self._dirty_since = None
             elif self._dirty_since is None:
                 self._dirty_since = now
@@ -269,16 +279,36 @@ class SinkCore:
         return max(0.0, min(due) - now)
 
     def status(self) -> dict[str, Any]:
+        """What `zfan status` shows: counts, rates, peers, and the topics that went furthest."""
         now = self.clock()
+        m = self.metrics
+        span = m.snapshot_rates()
         return {
+            "version": __version__,
             "epoch": self.epoch,
+            "uptime_s": round(now - m.started, 3),
             "workers": self._leasing.status(lambda rid: self._peers.idle_ms(rid, now)),
             "producers": self._peers.producer_count(),
+            "subscribers": len(m.subscribers),
             "draining": self._leasing.closed,
             **self.counts,
+            "ledger_bytes": self.ledger.size_bytes(),
+            "records_out": m.records_out,
+            "rate_in": span[0],
+            "rate_out": span[1],
+            "topics": len(self._publishing.topic_seq),
+            "top_topics": heapq.nlargest(TOP_TOPICS, self._publishing.topic_seq.items(), key=lambda kv: kv[1]),
             "rejected": dict(self.rejected),
             **{k.replace(" ", "_"): v for k, v in self.stats.items()},
         }
+
+    def snapshot(self) -> dict[str, Any]:
+        """status(), and what the metrics and the dashboard show beside it: histograms, history,
+        the last dead letters, and how far each durable subscriber is behind."""
+        lag: dict[str, int] = {}
+        for name, topic, seq in self.ledger.cursors(CURSORS_READ):
+            lag[name] = lag.get(name, 0) + max(0, self._publishing.head(topic) - seq)
+        return {**self.status(), **self.metrics.snapshot(), "cursor_lag": lag}
 
     # --- control handlers ------------------------------------------------------------------
     def _hello(self, rid: bytes, msg: p.Hello) -> None:
@@ -353,6 +383,7 @@ class SinkCore:
         self._leasing.drop(rid, why, fault=fault)
 
     def _dead_letter(self, batch_id: int, error: str) -> None:
+        self.metrics.dead_lettered(batch_id, error)
         self._publishing.dead_letter(batch_id, error)
         self._outcomes.ended(batch_id, error)
 

@@ -25,6 +25,7 @@ class Intake:
         stats: Counter[str],
         owns: Callable[[str, str], bool],
         outcomes: Outcomes,
+        arrived: Callable[[int, str, int], None] = lambda *_: None,
     ) -> None:
         self._ledger = ledger
         self._backlog = backlog
@@ -32,6 +33,7 @@ class Intake:
         self._stats = stats
         self._owns = owns  # whether a CURVE key is the one a producer id is bound to
         self._outcomes = outcomes  # told whose each batch is, and of each that came again
+        self._arrived = arrived  # told (batch id, topic, records) of each batch stored
         self._acks: dict[str, list[int]] = {}  # producer id -> seqs to acknowledge
 
     def decode(self, frames: list[bytes], key: str | None) -> p.Batch | p.Batches:
@@ -65,6 +67,7 @@ class Intake:
                 self._counts["pending"] += 1
                 self._stats["batches in"] += 1
                 self._stats["records in"] += count
+                self._arrived(batch_id, topic, count)
             acks.append(seq)
 
     @property

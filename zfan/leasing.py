@@ -153,7 +153,7 @@ class Leasing:
 
     def join(self, rid: bytes, name: str, credit: int) -> None:
         self.workers[rid] = WorkerState(rid, name, credit)
-        log.info("worker %s joined with credit %d", name, credit)
+        log.info("worker %s joined with credit %d", name, credit, extra={"worker": name})
 
     def drain(self, rid: bytes) -> None:
         """A worker that is stopping: it gets no new lease, and answers for those it holds."""
@@ -161,7 +161,12 @@ class Leasing:
         if worker is None:
             raise ProtocolError("not a worker", "only a worker drains")
         worker.draining = True
-        log.info("worker %s is draining: %d batch(es) to finish", worker.name, len(worker.held))
+        log.info(
+            "worker %s is draining: %d batch(es) to finish",
+            worker.name,
+            len(worker.held),
+            extra={"worker": worker.name},
+        )
 
     def dispatch(self, now: float) -> None:
         """Lease what waits to the fresh workers with free credit, the freest first."""
@@ -262,6 +267,7 @@ class Leasing:
             why,
             len(live),
             " at no cost of an attempt: every peer fell silent at once, the sink's own link failed" if cut else "",
+            extra={"worker": worker.name, "count": len(live)},
         )
         # Newest first, since each goes to the front of the queue: they end up oldest first.
         for batch_id, attempt in sorted(live, reverse=True):
@@ -307,6 +313,7 @@ class Leasing:
                 batch_id,
                 attempt,
                 error.strip().splitlines()[-1] if error.strip() else "",
+                extra={"batch": batch_id, "topic": topic, "attempt": attempt},
             )
         else:
             self._ledger.release(batch_id, error)

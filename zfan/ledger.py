@@ -373,6 +373,16 @@ class Ledger:
             )
         ]
 
+    def size_bytes(self) -> int:
+        """The ledger's files on disk: the database, its WAL and the WAL's index."""
+        if self.path == ":memory:":
+            return 0
+        return sum(os.path.getsize(f) for f in (self.path, self.path + "-wal", self.path + "-shm") if os.path.exists(f))
+
+    def cursors(self, limit: int) -> list[tuple[str, str, int]]:
+        """Up to `limit` durable positions, (name, topic, seq) each."""
+        return [(n, t, s) for n, t, s in self._read("SELECT name, topic, seq FROM cursors LIMIT ?", (limit,))]
+
     def save_cursor(self, name: str, positions: dict[str, int]) -> None:
         for topic, seq in positions.items():
             self._write(

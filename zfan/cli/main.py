@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -26,9 +27,10 @@ from ..config import (
     Timing,
     WorkerSettings,
     parse_retention,
+    split_http,
 )
 from ..delivery import Outcomes
-from ..errors import ConfigError, DeliveryTimeout, OutcomeTimeout
+from ..errors import BindError, ConfigError, DeliveryTimeout, OutcomeTimeout, ZfanError
 from ..feeds import JsonLines
 from ..loading import load_app
 from ..nodes import security
@@ -59,6 +61,8 @@ from .options import (
 from .show import Bar, Counts, say, status_table, summary
 
 DRAIN = "seconds to finish the batches held before handing them back"
+CHECK_TIMEOUT = 5.0  # seconds `zfan worker --check` waits for the sink's answer, unless told
+UP_HTTP = "127.0.0.1:5560"  # zfan up's dashboard
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -132,6 +136,20 @@ def cli() -> None:
     show_default=True,
     help="seconds a stopping sink waits for the batches leased to come back",
 )
+@click.option(
+    "--http",
+    default=None,
+    metavar="HOST:PORT",
+    envvar="ZFAN_HTTP",
+    help="serve the dashboard, /metrics, /healthz and /readyz there (e.g. 127.0.0.1:5560) [default: off]",
+)
+@click.option(
+    "--min-workers",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="workers connected for /readyz to say ready (at least 1 with --workers)",
+)
 @click.option("--parent", type=int, default=None, hidden=True, help="end when this process does")
 @click.option("--remove-folder", default=None, hidden=True, help="remove this folder as the sink ends (zfan up's own)")
 @timing
@@ -149,6 +167,8 @@ def sink(
     batch_timeout: float,
     retain: str,
     drain_timeout: float,
+    http: str | None,
+    min_workers: int,
     parent: int | None,
     remove_folder: str | None,
     timing: Timing,
@@ -177,6 +197,8 @@ def sink(
             retain_age=retain_age,
             curve=curve,
             drain_timeout=drain_timeout,
+            http=http,
+            min_workers=min_workers,
         )
         node = Sink(settings, workers=workers, app=app, worker_credit=credit)
         node.start()
@@ -189,6 +211,7 @@ def sink(
             epoch=node.epoch,
             workers=workers,
             curve="on" if curve else "off",
+            http=node.http or "off",
         )
         if not _serve(node, stop):
             return _ended(node)
@@ -210,6 +233,19 @@ def sink(
             shutil.rmtree(remove_folder, ignore_errors=True)
 
 
+def _check_worker(control: str, name: str | None, timeout: float, curve: Curve | None) -> int:
+    """`zfan worker --check`: the app loaded (or we would not be here); does the sink answer, and
+    is the named worker among those connected? One line, and an exit code a probe reads."""
+    info = query_status(control, timeout=timeout, curve=curve)  # ZfanError: one line, RET_TIMEOUT
+    names = [w["name"] for w in info.get("workers", [])]
+    if name is not None and name not in names:
+        say(f"zfan worker: check failed: no worker named {name!r} is connected to the sink at {control}")
+        return RET_ERROR
+    who = f"worker {name!r} is connected" if name is not None else f"{len(names)} worker(s) connected"
+    say(f"zfan worker: check passed: the sink at {control} answers, {who}")
+    return RET_OK
+
+
 @cli.command()
 @role("worker")
 @endpoints("control")
@@ -227,6 +263,18 @@ def sink(
 @click.option(
     "--drain-timeout", type=click.FloatRange(min=0), default=WorkerSettings.drain_timeout, show_default=True, help=DRAIN
 )
+@click.option(
+    "--http",
+    default=None,
+    metavar="HOST:PORT",
+    help="serve this worker's /metrics, /healthz and /readyz there [default: off]",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="only check, for a probe: the app loads and the sink answers (with --name: that worker is connected); "
+    "exit 0 if so",
+)
 @click.option("--parent", type=int, default=None, hidden=True, help="end when this process does")
 @connect_timeout(None)
 @timing
@@ -237,6 +285,8 @@ def worker(
     credit: int,
     name: str | None,
     drain_timeout: float,
+    http: str | None,
+    check: bool,
     parent: int | None,
     connect_timeout: float | None,
     timing: Timing,
@@ -251,13 +301,15 @@ def worker(
         stop.follow_parent(parent)
         die_with_parent(parent)
     process = load_app(app)
+    if check:
+        return _check_worker(control, name, connect_timeout or CHECK_TIMEOUT, curve)
     settings = WorkerSettings(
-        control=control, credit=credit, timing=timing, curve=curve, connect_timeout=connect_timeout
+        control=control, credit=credit, timing=timing, curve=curve, connect_timeout=connect_timeout, http=http
     )
     node = Worker(process, settings if name is None else dataclasses.replace(settings, name=name))
     node.start()
     if await_welcome(node, stop):
-        ready("worker", control=control, app=app, name=node.settings.name, credit=credit)
+        ready("worker", control=control, app=app, name=node.settings.name, credit=credit, http=node.http or "off")
     if not _serve(node, stop):
         return _ended(node)
     if parent is not None:
@@ -562,14 +614,49 @@ def subscribe(
 @cli.command()
 @role("status")
 @endpoints("control")
-@click.option("--json", "as_json", is_flag=True, help="print the status as one JSON object")
+@click.option(
+    "--json", "as_json", is_flag=True, help="print the status as one JSON object (with --watch: one per line)"
+)
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=3.0, show_default=True)
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0.1),
+    is_flag=False,
+    flag_value=2.0,
+    default=None,
+    metavar="[SECONDS]",
+    help="ask again every SECONDS (2 if not given), redrawing in place, until Ctrl-C",
+)
 @curve(server=False)
-def status(control: str, as_json: bool, timeout: float, curve: Curve | None) -> int:
-    """Ask a running sink for its workers and batch counts."""
-    info = query_status(control, timeout=timeout, curve=curve)
-    click.echo(json.dumps(info, indent=2) if as_json else status_table(info))
-    return RET_OK
+def status(control: str, as_json: bool, timeout: float, watch: float | None, curve: Curve | None) -> int:
+    """Ask a running sink for its workers, batch counts, rates and topics."""
+    first = query_status(control, timeout=timeout, curve=curve)  # none there: one line, exit 6
+    if watch is None:
+        click.echo(json.dumps(first, indent=2) if as_json else status_table(first))
+        return RET_OK
+    info: dict[str, Any] | None = first
+    stop = signals().cooperate()
+    redraw = sys.stdout.isatty() and not as_json
+    error = ""
+    while True:
+        if as_json:
+            text = json.dumps(info if info is not None else {"error": error}, separators=(",", ":")) + "\n"
+        else:
+            head = f"zfan status of {control}, every {watch:g} s, at {time.strftime('%H:%M:%S')} (Ctrl-C to stop)"
+            body = status_table(info) if info is not None else f"{error}; asking again"
+            # Home and clear to the end before the new text: redrawn in place, as `watch` does.
+            text = ("\x1b[H\x1b[J" if redraw else "") + f"{head}\n\n{body}\n" + ("" if redraw else "\n")
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return RET_OK  # the role lets go of stdout quietly
+        if stop.stopping.wait(watch):
+            return stop.code
+        try:
+            info = query_status(control, timeout=timeout, curve=curve)
+        except ZfanError as exc:  # gone for now (restarting?): said in place of the table
+            info, error = None, str(exc)
 
 
 @cli.command()
@@ -592,6 +679,13 @@ def status(control: str, as_json: bool, timeout: float, curve: Curve | None) -> 
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--progress/--no-progress", default=None, help="[default: on a terminal]")
+@click.option(
+    "--http",
+    default=UP_HTTP,
+    show_default=True,
+    metavar="HOST:PORT|off",
+    help="the sink's dashboard and /metrics while it runs (the default port, if taken: any free one)",
+)
 def up(
     seconds: float | None,
     records: int | None,
@@ -600,6 +694,7 @@ def up(
     sensors: int,
     batch_size: int,
     progress: bool | None,
+    http: str,
 ) -> int:
     """Run a whole local pipeline (sink, workers, producers, subscriber) and count the result.
 
@@ -607,6 +702,9 @@ def up(
     stop = signals().cooperate()
     if seconds is None and records is None:
         seconds = 5.0
+    address = None if http == "off" else _free_http(http, any_port=http == UP_HTTP)
+    if address is not None:
+        say(f"zfan up: dashboard at http://{address}/ and metrics at http://{address}/metrics while it runs")
     with Bar(enabled=progress, total=records, done="delivered") as bar:
 
         def progress_of(p: pipeline.Progress) -> None:
@@ -621,6 +719,7 @@ def up(
             batch_size=batch_size,
             progress=progress_of,
             stopping=stop.stopping,
+            http=address,
         )
         bar.show(Counts(report.sent, report.acked, report.delivered, elapsed=report.elapsed), force=True)
     click.echo(summary(report))
@@ -643,6 +742,20 @@ def keys_generate(folder: str, name: str) -> int:
     public, secret = security.generate(folder, name)
     click.echo(f"public key: {public}\nsecret key: {secret}")
     return RET_OK
+
+
+def _free_http(address: str, *, any_port: bool) -> str:
+    """`address` if its port is free; if not, with `any_port`, the same host on a free port."""
+    host, port = split_http(address)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if not any_port:
+                raise BindError(f"http endpoint {address}: {exc.strerror or exc}") from None
+            probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _serve(node: Any, stop: Signals) -> bool:

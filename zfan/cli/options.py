@@ -30,6 +30,7 @@ from ..errors import (
     ZfanError,
 )
 from ..nodes import security
+from . import logs
 from .show import release_stdout, say
 
 # Exit codes, named (as dramatiq's CLI does).
@@ -182,16 +183,33 @@ def role(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             default="info",
             show_default=True,
             envvar="ZFAN_LOG_LEVEL",
-            help="what to log on stderr",
+            help="what to log",
+        )
+        @click.option(
+            "--log-format",
+            type=click.Choice(logs.FORMATS),
+            default="text",
+            show_default=True,
+            envvar=logs.FORMAT_ENV,
+            help="text lines with a timestamp, or JSON lines (time, level, role, message, fields)",
+        )
+        @click.option(
+            "--log-file",
+            default=None,
+            metavar="PATH",
+            envvar=logs.FILE_ENV,
+            help="append the log there instead of writing it on stderr",
         )
         @functools.wraps(f)
-        def wrapper(*args: Any, log_level: str, **kwargs: Any) -> Any:
+        def wrapper(*args: Any, log_level: str, log_format: str, log_file: str | None, **kwargs: Any) -> Any:
             global _signals
             _signals = Signals(name)
             _signals.install()
-            logging.basicConfig(
-                level=log_level.upper(), stream=sys.stderr, format=f"zfan {name}: %(levelname)s %(message)s"
-            )
+            try:
+                logs.setup(name, log_level, log_format, log_file)
+            except OSError as exc:
+                click.echo(f"zfan {name}: error: --log-file {log_file}: {exc.strerror or exc}", err=True)
+                sys.exit(RET_USAGE)
             try:
                 code = f(*args, **kwargs)
             except ZfanError as exc:

@@ -103,6 +103,7 @@ def run(
     settle: float = 30.0,
     progress: Callable[[Progress], None] | None = None,
     stopping: Flag | None = None,
+    http: str | None = None,
 ) -> Report:
     if seconds is None and records is None:
         raise ZfanError("zfan up needs --seconds or --records to know when to stop")
@@ -131,6 +132,7 @@ def run(
                     *(f"--{k}={v}" for k, v in ends.items()),
                     "--drain-timeout",
                     str(SINK_DRAIN),
+                    *(["--http", http] if http else []),
                     # It ends when this process does, and then removes the folder: a `zfan up`
                     # killed outright leaves neither a sink nor a folder behind.
                     "--parent",

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..delivery import Outcomes
+from . import logs
 from .pipeline import Report
 
 REFRESH = 0.1  # seconds between redraws of the bar
@@ -26,7 +27,11 @@ REFRESH = 0.1  # seconds between redraws of the bar
 def say(line: str) -> None:
     """One line for a person on stderr; above the progress bar, if one is drawn. Written with
     its newline in one call: a sink's local workers share its stderr, and a line written in two
-    parts can have another process's line land in between."""
+    parts can have another process's line land in between. While stderr carries JSON log lines,
+    it is one of them."""
+    if logs.json_on_stderr():
+        logging.getLogger("zfan.cli").info(line)
+        return
     tqdm.write(line + "\n", file=sys.stderr, end="")
 
 
@@ -198,25 +203,62 @@ def release_stdout() -> None:
 # --- zfan status and zfan up -----------------------------------------------------------------
 
 
+# What status_table() writes in lines of their own; every other number goes on the counters line.
+SHOWN = {
+    "version", "epoch", "uptime_s", "draining", "producers", "workers", "subscribers", "pending", "leased", "done",
+    "dead", "ledger_bytes", "records_in", "records_out", "rate_in", "rate_out", "topics", "top_topics", "rejected",
+}  # fmt: skip
+
+
 def status_table(info: dict[str, Any]) -> str:
+    """A sink's status for a person: one line per subject, the workers and the furthest topics."""
+    version = f" {info['version']}" if "version" in info else ""  # a sink of an earlier version says less
+    uptime = f", up {duration(info['uptime_s'])}" if "uptime_s" in info else ""
     lines = [
-        f"sink epoch {info.get('epoch')}{' (draining)' if info.get('draining') else ''}: "
-        f"{info.get('producers', 0)} producer(s), {len(info.get('workers', []))} worker(s)"
+        f"sink{version}, epoch {info.get('epoch')}{uptime}{' (draining)' if info.get('draining') else ''}: "
+        f"{info.get('producers', 0)} producer(s), {len(info.get('workers', []))} worker(s), "
+        f"{info.get('subscribers', 0)} subscriber(s)"
     ]
-    lines.append("batches: " + ", ".join(f"{k} {info.get(k, 0):,}" for k in ("pending", "leased", "done", "dead")))
+    size = f" ({megabytes(info['ledger_bytes'])} on disk)" if "ledger_bytes" in info else ""
+    lines.append(
+        "batches: " + ", ".join(f"{k} {info.get(k, 0):,}" for k in ("pending", "leased", "done", "dead")) + size
+    )
+    if "rate_in" in info:
+        lines.append(
+            f"records: in {info.get('records_in', 0):,} ({info['rate_in']:,.0f}/s), "
+            f"out {info.get('records_out', 0):,} ({info['rate_out']:,.0f}/s) over the last 10 s"
+        )
     rejected = info.get("rejected") or {}
     lines.append(
         f"rejected messages: {sum(rejected.values()):,}"
         + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(rejected.items())) + ")" if rejected else "")
     )
-    others = {
-        k: v
-        for k, v in info.items()
-        if k not in {"epoch", "producers", "workers", "pending", "leased", "done", "dead", "rejected", "draining"}
-    }
+    others = {k: v for k, v in info.items() if k not in SHOWN and isinstance(v, int)}
     if others:
         lines.append(", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in sorted(others.items())))
-    workers = info.get("workers", [])
+    lines += _workers(info.get("workers", []))
+    top = info.get("top_topics") or []
+    if top:
+        lines += [
+            "",
+            f"{'topic (the furthest of ' + format(info.get('topics', len(top)), ',') + ')':<40} {'last seq':>10}",
+        ]
+        lines += [f"{t:<40} {seq:>10,}" for t, seq in top]
+    return "\n".join(lines)
+
+
+def duration(seconds: float) -> str:
+    s = int(seconds)
+    d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
+    return f"{d}d {h}h" if d else f"{h}h {m}m" if h else f"{m}m {s % 60}s" if m else f"{s}s"
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _workers(workers: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
     if workers:
         lines.append("")
         lines.append(f"{'worker':<24} {'credit':>6} {'in flight':>9} {'idle ms':>8}")
@@ -224,7 +266,7 @@ def status_table(info: dict[str, Any]) -> str:
             idle = "-" if w.get("idle_ms") is None else f"{w['idle_ms']}"
             draining = "  draining" if w.get("draining") else ""
             lines.append(f"{w['name']:<24} {w['credit']:>6} {w['in_flight']:>9} {idle:>8}{draining}")
-    return "\n".join(lines)
+    return lines
 
 
 def summary(r: Report) -> str:

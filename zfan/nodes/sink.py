@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from .. import protocol as p
 from ..config import DEFAULT_CREDIT, SinkSettings, connect_address, settings_from
 from ..dispatch import SinkCore
 from ..errors import ConfigError
+from ..exporter import SinkCollector, registry
 from ..ledger import Ledger
 from ..loading import load_app
 from ..lock import LedgerLock
@@ -27,6 +29,7 @@ from .local import LocalWorkers
 from .security import make_server, start_authenticator
 from .service import Service
 from .transport import Ctx, Sock, bind, drain, drain_keyed, socket
+from .web import Snapshots, Web
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -34,6 +37,8 @@ if TYPE_CHECKING:
     from ..config import SinkOptions
 
 log = logging.getLogger(__name__)
+
+STALLED = 10.0  # seconds without a turn of the sink's loop before /healthz says it is stuck
 
 
 class Sink(Service):
@@ -68,6 +73,11 @@ class Sink(Service):
         self._workers: LocalWorkers | None = None
         self.intake = self.control = self.results = ""
         self.epoch = 0
+        self.http = ""  # the HTTP port's URL, once serving (settings.http)
+        self._snapshots = Snapshots(self._wakeup.set)
+        self._turned = 0.0  # when the loop last turned (time.monotonic)
+        self._draining = False
+        self._drain_began: float | None = None
 
     def drain(self, timeout: float | None = None) -> bool:
         """Stop gracefully: take no more batches, lease nothing more, wait up to `timeout` for
@@ -88,6 +98,7 @@ class Sink(Service):
         try:
             if lock is not None:
                 lock.acquire()
+            began = time.monotonic()
             ledger = Ledger(s.ledger, fsync=s.fsync)
         except BaseException:
             if lock is not None:
@@ -95,6 +106,7 @@ class Sink(Service):
             self._stop_auth(auth)
             raise
         pull = router = xpub = None
+        web: Web | None = None
         try:
             pull = socket(self._ctx, zmq.PULL, max_frame=s.limits.max_frame)
             router = socket(self._ctx, zmq.ROUTER, max_frame=s.limits.max_frame)
@@ -109,6 +121,7 @@ class Sink(Service):
             self.intake = connect_address(bind(pull, s.intake, "intake endpoint"))
             self.control = connect_address(bind(router, s.control, "control endpoint"))
             self.results = connect_address(bind(xpub, s.results, "results endpoint"))
+            web = self._web(s.http)
             core = SinkCore(
                 ledger,
                 limits=s.limits,
@@ -127,10 +140,17 @@ class Sink(Service):
                     workers, control=self.control, app=app or "", credit=credit, timing=s.timing, curve=s.curve
                 )
             if core.recovered:
-                log.info("recovered %d leased batch(es) from the ledger", core.recovered)
+                log.info(
+                    "recovered %d leased batch(es) from the ledger in %.3f s",
+                    core.recovered,
+                    time.monotonic() - began,
+                    extra={"count": core.recovered, "seconds": round(time.monotonic() - began, 3)},
+                )
+            self._turned = time.monotonic()
             self._ready.set()
             self._loop(core, pull, router, xpub, lock)
         finally:
+            _close(web)
             for opened in (pull, router, xpub):
                 if opened is not None:
                     opened.close(linger=0)
@@ -154,9 +174,14 @@ class Sink(Service):
         poller.register(self._wakeup.fileno(), zmq.POLLIN)
         until: float | None = None  # once draining: when to stop waiting for leases to come back
         while not self._stopping.is_set():
+            now = self._turned = time.monotonic()
+            if self._snapshots.due(now):
+                self._snapshots.put(core.snapshot(), now)
             if until is None and self._drain_until is not None:
                 until = self._drain_until
                 poller.unregister(pull)  # what producers send now waits for the next sink
+                self._draining = True
+                self._drain_began = now
                 core.drain()
                 log.info("draining: waiting for %d leased batch(es)", len(core.leases))
             wait = core.next_deadline()
@@ -193,6 +218,9 @@ class Sink(Service):
         the time is up."""
         if core.drained:
             self._drained = True
+            if self._drain_began is not None:
+                took = time.monotonic() - self._drain_began
+                log.info("drained in %.3f s", took, extra={"seconds": round(took, 3)})
             return None
         left = until - time.monotonic()
         if left <= 0:
@@ -230,11 +258,58 @@ class Sink(Service):
         for frames in drain(xpub):
             sub = frames[0]
             topic = sub[1:]
-            if sub[:1] == b"\x01" and topic.startswith(p.SYNC_PREFIX.encode()) and len(topic) <= p.MAX_TOPIC:
+            if topic.startswith(p.SYNC_PREFIX.encode()) and len(topic) <= p.MAX_TOPIC:
                 try:
                     token = topic.decode()
                 except UnicodeDecodeError:
                     continue
+                # A subscriber's sync topic is its own: it comes with it and goes with it.
+                core.metrics.subscribed(token, joined=sub[:1] == b"\x01")
+                if sub[:1] != b"\x01":
+                    continue
                 if not token.startswith(p.SYNC_GROUPS_PREFIX):
                     core.subscriber_without_groups()
                 xpub.send_multipart([topic, p.header(p.Sync(token))])
+
+    # --- the HTTP port --------------------------------------------------------------------------
+    def _web(self, address: str | None) -> Web | None:
+        if address is None:
+            return None
+        web = Web(
+            address,
+            registry=registry(SinkCollector(self._snapshots.get)),
+            snapshot=self._snapshots.get,
+            healthy=self._healthy,
+            ready=self._ready_reasons,
+            page="dashboard.html",
+        ).start()
+        self.http = web.url
+        log.info("dashboard and metrics on %s (metrics at %smetrics)", web.url, web.url)
+        return web
+
+    def _healthy(self) -> list[str]:
+        if not self._ready.is_set() or self._thread is None or not self._thread.is_alive():
+            return ["the sink is not running"]
+        stalled = time.monotonic() - self._turned
+        return [f"the sink's loop has not turned for {stalled:.0f} s"] if stalled > STALLED else []
+
+    def _ready_reasons(self) -> list[str]:
+        reasons = self._healthy()
+        if self._draining:
+            reasons.append("draining: taking no more batches")
+        path = self.settings.ledger
+        if path != ":memory:":
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+                reasons.append(f"ledger {path} is not writable")
+        need = max(self.settings.min_workers, 1 if self._local[0] else 0)
+        snap = self._snapshots.get() if need else None
+        have = len(snap["workers"]) if snap is not None else 0
+        if have < need:
+            reasons.append(f"{have} worker(s) connected, {need} needed")
+        return reasons
+
+
+def _close(web: Web | None) -> None:
+    if web is not None:
+        web.close()

@@ -9,7 +9,7 @@ import zmq
 
 from .. import protocol as p
 from ..config import Curve
-from ..errors import ProtocolError, ZfanError
+from ..errors import NoSink, ProtocolError, ZfanError
 from .security import secure_client
 from .transport import Ctx, connect, send, socket
 
@@ -26,7 +26,7 @@ def query_status(
         while not sock.poll(50):
             watch.check()
             if time.monotonic() > deadline:
-                raise ZfanError(f"no answer from a sink at {control} within {timeout:g} s (is it running?)")
+                raise NoSink(control, f"no answer from a sink at {control} within {timeout:g} s (is it running?)")
         frames = sock.recv_multipart()
         try:
             reply = p.decode(frames, allowed=frozenset({p.StatusReply, p.Status}))

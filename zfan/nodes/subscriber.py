@@ -258,9 +258,10 @@ class Subscriber:
     def _from_stream(self, frames: list[bytes], now: float) -> None:
         topic = frames[0]
         if topic == self._token.encode():
+            # The sync topic stays subscribed: the sink counts its subscribers by these, and
+            # ZeroMQ tells it of ours going when we disconnect.
             if not self._core.synced:
                 self._core.synced_now()
-                self._sub.setsockopt(zmq.UNSUBSCRIBE, topic)
             return
         if topic.startswith(SYNC_TOPIC):
             return  # another subscriber's handshake, seen through a wide prefix

@@ -21,12 +21,15 @@ import zmq
 from .. import protocol as p
 from ..config import Limits, WorkerSettings, settings_from
 from ..errors import SerializationError
+from ..exporter import WorkerCollector, registry
 from ..jobs import WorkerCore
+from ..metrics import WorkerMetrics
 from ..session import Dial, GaveUp, Joined, Lost, said
 from .probe import no_answer
 from .security import Handshakes, HandshakeWatch, secure_client
 from .service import Service
 from .transport import Ctx, Poll, Sock, connect, drain, send, socket
+from .web import Web
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 
 Process = Callable[[list[Any]], "list[Any] | dict[str, list[Any]] | None"]
 DEFAULT_LIMITS = Limits()
+STALLED = 10.0  # seconds without a turn of the I/O thread's loop before /healthz says it is stuck
 
 
 def run_batch(process: Process, lease: p.Lease, *, limits: Limits = DEFAULT_LIMITS) -> p.Result | p.Failed:
@@ -172,6 +176,10 @@ class Worker(Service):
         self._handshakes = Handshakes()
         self._poll = Poll()
         self.connected = threading.Event()  # set while a sink has welcomed us
+        self.metrics = WorkerMetrics()
+        self.http = ""  # the HTTP port's URL, once serving (settings.http)
+        self._turned = 0.0  # when the I/O thread's loop last turned
+        self._in_flight = 0  # leases held, as the I/O thread last counted them
 
     def drain(self, timeout: float | None = None) -> bool:
         """Stop gracefully: take no new batch, finish and answer the ones held, then stop. Past
@@ -190,7 +198,10 @@ class Worker(Service):
     # --- the function's thread -------------------------------------------------------------
     def _work(self) -> None:
         while (lease := self._jobs.get()) is not None:
-            self._done.append((lease, run_batch(self.process, lease, limits=self.settings.limits)))
+            started = time.perf_counter()
+            answer = run_batch(self.process, lease, limits=self.settings.limits)
+            self.metrics.ran(lease.count, time.perf_counter() - started, isinstance(answer, p.Failed))
+            self._done.append((lease, answer))
             self._wakeup.set()  # (writes nothing while a wake-up is pending: see Wakeup)
 
     # --- the I/O thread --------------------------------------------------------------------
@@ -203,10 +214,13 @@ class Worker(Service):
         sock: Sock | None = None
         watch: HandshakeWatch | None = None
         ready: dict[Any, int] = {}
+        web: Web | None = None
         try:
+            web = self._web(s.http)
             self._ready.set()
             while not self._stopping.is_set():
-                now = time.monotonic()
+                now = self._turned = time.monotonic()
+                self._in_flight = len(core.held)
                 if sock is not None:
                     self._take(core, sock, ready, now)  # first: a sink heard from is not a sink lost
                 if self._drain_until is not None:
@@ -240,6 +254,8 @@ class Worker(Service):
         finally:
             self._jobs.put(None)
             self._close(sock, watch)
+            if web is not None:
+                web.close()
 
     def _take(self, core: WorkerCore, sock: Sock, ready: dict[Any, int], now: float) -> None:
         """Answer what the function finished, and take what the sink sent."""
@@ -319,6 +335,29 @@ class Worker(Service):
         if sock is not None:
             sock.close(linger=linger)
         return None, None
+
+    def _web(self, address: str | None) -> Web | None:
+        if address is None:
+            return None
+        web = Web(
+            address,
+            registry=registry(WorkerCollector(self._snapshot)),
+            snapshot=self._snapshot,
+            healthy=self._healthy,
+            ready=lambda: self._healthy() or ([] if self.connected.is_set() else ["no sink has welcomed this worker"]),
+        ).start()
+        self.http = web.url
+        log.info("metrics on %smetrics", web.url)
+        return web
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {**self.metrics.snapshot(), "in_flight": self._in_flight, "connected": int(self.connected.is_set())}
+
+    def _healthy(self) -> list[str]:
+        if self._thread is None or not self._thread.is_alive():
+            return ["the worker is not running"]
+        stalled = time.monotonic() - self._turned
+        return [f"the worker's loop has not turned for {stalled:.0f} s"] if stalled > STALLED else []
 
     def _drop_jobs(self) -> None:
         """Forget leases not yet started: the sink replays them."""
