@@ -108,8 +108,7 @@ def test_the_last_dead_letters_are_kept_newest_first_and_no_more_than_DEAD_KEPT(
 
 def test_topic_prefixes_past_the_limit_are_counted_as_other(clock):
     metrics = SinkMetrics(clock, clock)
-    for i in range(PREFIXES + 10):
-        metrics.arrived(i, f"p{i}.t", 1)
+    metrics.arrived([(i, f"p{i}.t", 2 if i < PREFIXES else 1) for i in range(PREFIXES + 10)])
     counted = metrics.snapshot()["records_in_by_prefix"]
     assert len(counted) == PREFIXES + 1 and counted["other"] == 10
 

@@ -25,7 +25,7 @@ class Intake:
         stats: Counter[str],
         owns: Callable[[str, str], bool],
         outcomes: Outcomes,
-        arrived: Callable[[int, str, int], None] = lambda *_: None,
+        arrived: Callable[[list[tuple[int, str, int]]], None] = lambda _: None,
     ) -> None:
         self._ledger = ledger
         self._backlog = backlog
@@ -33,7 +33,7 @@ class Intake:
         self._stats = stats
         self._owns = owns  # whether a CURVE key is the one a producer id is bound to
         self._outcomes = outcomes  # told whose each batch is, and of each that came again
-        self._arrived = arrived  # told (batch id, topic, records) of each batch stored
+        self._arrived = arrived  # told (batch id, topic, records) of the batches stored
         self._acks: dict[str, list[int]] = {}  # producer id -> seqs to acknowledge
 
     def decode(self, frames: list[bytes], key: str | None) -> p.Batch | p.Batches:
@@ -57,6 +57,7 @@ class Intake:
             batches = list(zip(msg.seqs, msg.topics, msg.counts, msg.payloads(), strict=False))  # of one length
         ids = self._ledger.insert_batches(producer_id, batches)
         acks = self._acks.setdefault(producer_id, [])
+        stored = []
         for batch_id, (seq, topic, count, payload) in zip(ids, batches, strict=True):
             if batch_id is None:
                 self._stats["duplicate batches"] += 1
@@ -67,8 +68,9 @@ class Intake:
                 self._counts["pending"] += 1
                 self._stats["batches in"] += 1
                 self._stats["records in"] += count
-                self._arrived(batch_id, topic, count)
+                stored.append((batch_id, topic, count))
             acks.append(seq)
+        self._arrived(stored)
 
     @property
     def acks_waiting(self) -> bool:

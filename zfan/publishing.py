@@ -6,7 +6,7 @@ handed to the results socket.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from . import protocol as p
 from .heads import HeadLog
@@ -24,11 +24,11 @@ class Publishing:
         ledger: Ledger,
         epoch: int,
         stats: Counter[str],
-        published: Callable[[Iterable[tuple[int, str, int]]], None] = lambda _: None,
+        published: Callable[[list[Stored]], None] = lambda _: None,
     ) -> None:
         self._ledger = ledger
         self._stats = stats
-        self._published = published  # told (batch id, topic, records) of each result published
+        self._published = published  # told of the results published
         self.topic_seq: dict[str, int] = ledger.topic_seqs()
         self._heads_changed: set[str] = set()
         self._head_log = HeadLog(epoch, self.topic_seq)  # what changed when, for paged heads
@@ -76,7 +76,7 @@ class Publishing:
             return []
         frames = [[topic.encode(), *p.encode(msg)] for topic, msg in self._grouped(self._to_publish)]
         self._stats["published"] += len(self._to_publish)
-        self._published((s.batch_id, s.topic, s.count) for s in self._to_publish if s.kind == 0)
+        self._published(self._to_publish)
         # Committed with a later turn (COMMIT_WITHIN): a crash before then publishes these
         # again with the same per-topic seq, and subscribers discard what they have seen.
         self._ledger.mark_published(self._to_publish[-1].id)
