@@ -106,6 +106,25 @@ def test_the_last_dead_letters_are_kept_newest_first_and_no_more_than_DEAD_KEPT(
     assert snap["dead_letters"][0]["error"] == f"boom {DEAD_KEPT + 5}"  # the newest
 
 
+def test_a_durable_subscribers_lag_is_in_the_status_and_its_table(ledger, clock):
+    from zfan import protocol as p
+    from zfan.cli.show import status_table
+
+    core = make_core(ledger, clock)
+    hello_worker(core, b"w", 8)
+    hello_producer(core, b"pr", "p")
+    for seq in (1, 2, 3):
+        core.intake(batch("p", seq))
+    for lease in Turn(core).leases:
+        send_result(core, b"w", lease, {"t": msgpack.packb([1])})
+    Turn(core)
+    core.control(b"sub", p.encode(p.Commit("ops", ["t"], [1])))  # it has taken seq 1 of 3
+    Turn(core)
+    info = core.status()
+    assert info["cursor_lag"] == {"ops": 2}
+    assert "durable subscribers: ops 2 behind" in status_table(info).splitlines()
+
+
 def test_topic_prefixes_past_the_limit_are_counted_as_other(clock):
     metrics = SinkMetrics(clock, clock)
     metrics.arrived([(i, f"p{i}.t", 2 if i < PREFIXES else 1) for i in range(PREFIXES + 10)])

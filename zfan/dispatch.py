@@ -298,17 +298,22 @@ class SinkCore:
             "rate_out": span[1],
             "topics": len(self._publishing.topic_seq),
             "top_topics": heapq.nlargest(TOP_TOPICS, self._publishing.topic_seq.items(), key=lambda kv: kv[1]),
+            "cursor_lag": self._cursor_lag(),
             "rejected": dict(self.rejected),
             **{k.replace(" ", "_"): v for k, v in self.stats.items()},
         }
 
     def snapshot(self) -> dict[str, Any]:
         """status(), and what the metrics and the dashboard show beside it: histograms, history,
-        the last dead letters, and how far each durable subscriber is behind."""
+        the last dead letters."""
+        return {**self.status(), **self.metrics.snapshot()}
+
+    def _cursor_lag(self) -> dict[str, int]:
+        """Results published past each durable subscriber's committed positions, over its topics."""
         lag: dict[str, int] = {}
         for name, topic, seq in self.ledger.cursors(CURSORS_READ):
             lag[name] = lag.get(name, 0) + max(0, self._publishing.head(topic) - seq)
-        return {**self.status(), **self.metrics.snapshot(), "cursor_lag": lag}
+        return lag
 
     # --- control handlers ------------------------------------------------------------------
     def _hello(self, rid: bytes, msg: p.Hello) -> None:

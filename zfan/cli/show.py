@@ -207,6 +207,7 @@ def release_stdout() -> None:
 SHOWN = {
     "version", "epoch", "uptime_s", "draining", "producers", "workers", "subscribers", "pending", "leased", "done",
     "dead", "ledger_bytes", "records_in", "records_out", "rate_in", "rate_out", "topics", "top_topics", "rejected",
+    "cursor_lag",
 }  # fmt: skip
 
 
@@ -228,6 +229,10 @@ def status_table(info: dict[str, Any]) -> str:
             f"records: in {info.get('records_in', 0):,} ({info['rate_in']:,.0f}/s), "
             f"out {info.get('records_out', 0):,} ({info['rate_out']:,.0f}/s) over the last 10 s"
         )
+    lag = info.get("cursor_lag") or {}
+    if lag:
+        behind = sorted(lag.items(), key=lambda kv: -kv[1])
+        lines.append("durable subscribers: " + ", ".join(f"{name} {n:,} behind" for name, n in behind[:10]))
     rejected = info.get("rejected") or {}
     lines.append(
         f"rejected messages: {sum(rejected.values()):,}"
