@@ -480,3 +480,23 @@ def test_connect_timeout_flags_and_produce_timeout_bound_the_wait_for_a_sink(rol
         assert role.wait(timeout=30) == RET_TIMEOUT, role.stderr
         assert the_error_line(role, name) == nothing_at(free_port, "control", 1)
     assert time.monotonic() - started < 1.5 + PROMPT
+
+
+def test_close_does_not_raise_again_why_the_producer_stopped_once_flush_has(ctx, tmp_path):
+    """The I/O thread hands its error to callers before it has quite ended: a close() right after
+    the flush that raised it must not raise it a second time (it once did, now and then)."""
+    prod = Producer(intake=f"ipc://{tmp_path}/i", control=f"ipc://{tmp_path}/c", context=ctx).start()
+    try:
+        prod._handoff.stop(NoSink("ipc://x", "no sink"))  # as the I/O thread does as it ends
+        assert prod.running  # and it has not ended yet
+        with pytest.raises(NoSink):
+            prod.flush(1)
+    finally:
+        prod.close(timeout=1)
+
+
+def test_close_raises_why_the_producer_stopped_if_nothing_had_said_it(ctx, tmp_path):
+    prod = Producer(intake=f"ipc://{tmp_path}/i", control=f"ipc://{tmp_path}/c", context=ctx).start()
+    prod._handoff.stop(NoSink("ipc://x", "no sink"))
+    with pytest.raises(NoSink):
+        prod.close(timeout=1)

@@ -33,6 +33,7 @@ class Handoff:
         self._unended = 0  # sealed and no outcome yet
         self._outcomes = Outcomes()
         self._stopped: ZfanError | None = None  # why the I/O thread will take nothing more
+        self.told = False  # a caller has been given `_stopped`
 
     # --- the callers' side -------------------------------------------------------------------
     def add(self, topic: str, packed: bytes, count: int) -> None:
@@ -41,6 +42,7 @@ class Handoff:
         # The path of every record: kept short.
         with self._lock:
             if self._stopped is not None:
+                self.told = True
                 raise self._stopped
             opened = self._batcher.empty  # a first open batch: the I/O thread must time its linger
             sealed = self._batcher.add(topic, packed, time.monotonic(), count)
@@ -98,6 +100,7 @@ class Handoff:
 
     def _check(self) -> None:
         if self._stopped is not None:
+            self.told = True
             raise self._stopped
 
     # --- the I/O thread's side ---------------------------------------------------------------

@@ -163,9 +163,15 @@ class Producer(Service):
         """Flush, then stop. Raises DeliveryTimeout (after stopping) if the sink never acked."""
         if self._closed:
             return
+        told = self._handoff.told
         try:
             if self.running:
                 self.flush(timeout)
+        except ZfanError:
+            # Why the producer stopped, which send() or flush() has already raised to the caller
+            # (its I/O thread may not have ended quite yet): said once is enough.
+            if not told:
+                raise
         finally:
             self._closed = True
             super().close()
