@@ -123,6 +123,13 @@ def test_a_durable_subscribers_lag_is_in_the_status_and_its_table(ledger, clock)
     info = core.status()
     assert info["cursor_lag"] == {"ops": 2}
     assert "durable subscribers: ops 2 behind" in status_table(info).splitlines()
+    # However many names committed a position (anyone may), the status stays one small message.
+    for i in range(100):
+        core.control(b"sub", p.encode(p.Commit(f"n{i:03}", ["t"], [3 if i else 2])))
+    Turn(core)
+    lag = core.status()["cursor_lag"]
+    assert len(lag) == 20 and lag["ops"] == 2 and lag["n000"] == 1
+    assert p.decode(p.encode(p.StatusReply(core.status()))).info["cursor_lag"] == lag
 
 
 def test_topic_prefixes_past_the_limit_are_counted_as_other(clock):

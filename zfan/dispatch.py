@@ -47,6 +47,7 @@ PRUNE_EVERY = 1.0  # seconds between retention passes
 COMMIT_WITHIN = 0.05
 TOP_TOPICS = 20  # topics in a status, those with the highest seqs
 CURSORS_READ = 10_000  # durable positions read for a snapshot's lags at most
+TOP_LAGS = 20  # durable subscribers in a status, those furthest behind
 
 
 @dataclass
@@ -309,11 +310,12 @@ class SinkCore:
         return {**self.status(), **self.metrics.snapshot()}
 
     def _cursor_lag(self) -> dict[str, int]:
-        """Results published past each durable subscriber's committed positions, over its topics."""
+        """Results published past a durable subscriber's committed positions, over its topics: for
+        the TOP_LAGS furthest behind (the status is one bounded message, and names are labels)."""
         lag: dict[str, int] = {}
         for name, topic, seq in self.ledger.cursors(CURSORS_READ):
             lag[name] = lag.get(name, 0) + max(0, self._publishing.head(topic) - seq)
-        return lag
+        return dict(heapq.nlargest(TOP_LAGS, lag.items(), key=lambda kv: kv[1]))
 
     # --- control handlers ------------------------------------------------------------------
     def _hello(self, rid: bytes, msg: p.Hello) -> None:
