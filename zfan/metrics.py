@@ -52,19 +52,6 @@ class Histogram:
         return {"bounds": list(self.bounds), "cumulative": cumulative, "sum": self.total, "count": self.n}
 
 
-def quantile(hist: dict[str, Any], q: float) -> float | None:
-    """The upper bound of the bucket holding quantile `q` of a Histogram snapshot (None if
-    empty): an estimate, as Prometheus' histogram_quantile() gives."""
-    count = hist["count"]
-    if not count:
-        return None
-    rank = q * count
-    for bound, cum in zip([*hist["bounds"], float("inf")], hist["cumulative"], strict=True):
-        if cum >= rank:
-            return float(bound)
-    return float("inf")
-
-
 def by_prefix(by_topic: dict[str, int]) -> dict[str, int]:
     """Counts by topic summed by the topic's first dot-separated part; past PREFIXES of them (the
     largest kept), the rest under "other", so that a label's values stay few."""
