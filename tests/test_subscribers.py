@@ -3,6 +3,9 @@ restart; each ends holding every result it is owed exactly once, in per-topic or
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -11,7 +14,7 @@ from contextlib import contextmanager
 import pytest
 
 from tests.checker import check, from_json_lines
-from tests.helpers import run_cli, wait_for
+from tests.helpers import ROOT, run_cli, wait_for
 from zfan import Producer, RetentionGap, Sink, Subscriber, Worker, query_status
 from zfan.publishing import GROUP_BYTES
 
@@ -149,6 +152,63 @@ def test_a_caller_busy_for_longer_than_the_expiry_keeps_its_session(sink, ctx, c
             assert sub.recv(0.3) is None
         assert [r.getMessage() for r in caplog.records if "connecting again" in r.getMessage()] == []
         assert sub._core.session is not None and sub._core.session.dials == 1
+
+
+STALLED = """
+import json, sys, threading, time
+from zfan import Producer, Sink, Subscriber, Worker
+from zfan.nodes.transport import HEARTBEAT_TIMEOUT
+
+folder, n = sys.argv[1], int(sys.argv[2])
+ipc = {k: f"ipc://{folder}/{k}" for k in ("intake", "control", "results")}
+with (
+    Sink(**ipc, ledger=f"{folder}/z.db") as sink,
+    Worker(lambda records: records, control=sink.control),
+    Subscriber(results=sink.results, control=sink.control, hwm=20) as sub,
+):
+    assert sub.wait_ready(10)
+    flowing = threading.Event()
+
+    def feed() -> None:
+        with Producer(intake=sink.intake, control=sink.control, batch_size=10) as prod:
+            for i in range(0, n, 100):
+                prod.send_many([{"id": j} for j in range(i, i + 100)])
+                flowing.set()
+                time.sleep(0.01)  # a steady stream, so that results arrive while the caller is away
+            prod.flush(30)
+
+    producer = threading.Thread(target=feed)
+    producer.start()
+    flowing.wait(10)
+    got = [sub.recv(10)]
+    time.sleep(HEARTBEAT_TIMEOUT / 1000 + 2)  # the caller away for longer than the heartbeat timeout
+    ids = []
+    deadline = time.monotonic() + 40
+    while len(ids) < n and time.monotonic() < deadline:
+        msg = got.pop() if got else sub.recv(0.5)
+        if msg is not None:
+            ids += [r["id"] for r in msg.records]
+    producer.join(30)
+    print(json.dumps(ids))
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_caller_away_while_its_queue_is_full_reads_on_without_a_crash(tmp_path):
+    """A full receive queue stops ZeroMQ reading the connection; the subscriber's sockets must
+    not then time it out and dial again, which libzmq 4.3.5 answers by aborting the process
+    once the caller reads again (Assertion failed: _input_stopped)."""
+    n = 20_000
+    done = subprocess.run(
+        [sys.executable, "-c", STALLED, str(tmp_path), str(n)],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    ids = json.loads(done.stdout)
+    assert sorted(ids) == list(range(n)), f"{len(ids)} records, {len(set(ids))} distinct, of {n}"
 
 
 # --- 2. late subscribers -----------------------------------------------------------------------------

@@ -67,7 +67,7 @@ class Subscriber:
             name=self._token,
             connect_timeout=s.connect_timeout,
         )
-        self._sub = socket(self._ctx, zmq.SUB, max_frame=s.limits.max_frame)
+        self._sub = socket(self._ctx, zmq.SUB, max_frame=s.limits.max_frame, stallable=True)
         self._sub.setsockopt(zmq.RCVHWM, s.hwm)
         self._sub_watch = secure_client(self._sub, s.curve, s.results, self._handshakes)
         connect(self._sub, s.results, "results endpoint")
@@ -281,7 +281,7 @@ class Subscriber:
         s = self.settings
         assert s.control is not None
         self._close_control()
-        self._ctl = socket(self._ctx, zmq.DEALER, max_frame=s.limits.max_frame)
+        self._ctl = socket(self._ctx, zmq.DEALER, max_frame=s.limits.max_frame, stallable=True)
         self._ctl.setsockopt(zmq.RCVHWM, 10 * s.hwm)
         self._ctl_watch = secure_client(self._ctl, s.curve, s.control, self._handshakes)
         connect(self._ctl, s.control, "control endpoint")

@@ -34,16 +34,24 @@ CONNECT_TIMEOUT = 2000  # a dial into a cut network gives up and retries, rather
 CLIENTS = frozenset({zmq.DEALER, zmq.PUSH, zmq.SUB})
 
 
-def socket(ctx: Ctx, kind: int, *, hwm: int | None = None, max_frame: int | None = None) -> Sock:
+def socket(
+    ctx: Ctx, kind: int, *, hwm: int | None = None, max_frame: int | None = None, stallable: bool = False
+) -> Sock:
+    """A socket with zfan's options. `stallable`: a client socket read only when its caller
+    asks (the subscriber's), which may leave it unread for longer than HEARTBEAT_TIMEOUT. Such
+    a socket gets TCP keepalive instead of ZeroMQ heartbeats: a full receive pipe stops its
+    engine reading, the unread pongs time the connection out, and libzmq 4.3.5 then aborts
+    the process (src/stream_engine_base.cpp:396) once the caller reads again."""
     s = ctx.socket(kind)
     s.setsockopt(zmq.LINGER, 0)
     if kind in CLIENTS:
+        s.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT)
+    if kind in CLIENTS and not stallable:
         s.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL)
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT)
         s.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL)
-        s.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT)
     else:
-        # Peers that speak no ZeroMQ heartbeats (other clients) still vanish in the end.
+        # Peers that speak no ZeroMQ heartbeats still vanish in the end.
         s.setsockopt(zmq.TCP_KEEPALIVE, 1)
         s.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
         s.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
