@@ -32,10 +32,12 @@ import zmq
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import zfan.dispatch  # noqa: E402
 from bench.app import double  # noqa: E402
 from bench.recovery import Proc, endpoints, reap, start_sink  # noqa: E402
 from zfan import Producer, Sink, Subscriber, query_status  # noqa: E402
 from zfan.apps import readings  # noqa: E402
+from zfan.metrics import SinkMetrics  # noqa: E402
 
 # Every party starts in a fresh interpreter, as it would on its own machine and as the peers'
 # parties do: a forked child would inherit this process's heap, the records to send included,
@@ -185,7 +187,25 @@ def run_raw(batches: list[list[dict]], workers: int = 1) -> dict[str, Any]:
 # --- zfan --------------------------------------------------------------------------------
 
 
-def _zfan_sink(ends: dict[str, str], ledger: str, workers: int, ready: Any, stop: Any, http: str | None) -> None:
+class _Uncounted(SinkMetrics):
+    """The sink's metrics with the hooks that run for every batch and result doing nothing: the
+    baseline that bench/metrics_cost.py measures metrics against."""
+
+    def arrived(self, batches: list[tuple[int, str, int]]) -> None:
+        pass
+
+    def published(self, results: list[Any]) -> None:
+        pass
+
+    def committed(self, seconds: float) -> None:
+        pass
+
+
+def _zfan_sink(
+    ends: dict[str, str], ledger: str, workers: int, ready: Any, stop: Any, http: str | None, counted: bool = True
+) -> None:
+    if not counted:
+        zfan.dispatch.SinkMetrics = _Uncounted  # type: ignore[misc]  # this process only
     with Sink(ledger=ledger, workers=workers, app="bench.app:double", http=http, **ends):
         ready.set()
         stop.wait()
@@ -199,9 +219,12 @@ def _zfan_producer(ends: dict[str, str], batches: list[list[dict]], batch_size: 
         prod.flush(60)
 
 
-def _start_api(ends: dict[str, str], folder: str, workers: int, http: str | None = None) -> Callable[[], None]:
+def _start_api(
+    ends: dict[str, str], folder: str, workers: int, http: str | None = None, counted: bool = True
+) -> Callable[[], None]:
     ready, stop = mp.Event(), mp.Event()
-    sink = mp.Process(target=_zfan_sink, args=(ends, os.path.join(folder, "zfan.db"), workers, ready, stop, http))
+    db = os.path.join(folder, "zfan.db")
+    sink = mp.Process(target=_zfan_sink, args=(ends, db, workers, ready, stop, http, counted))
     sink.start()
     if not ready.wait(WAIT):
         raise RuntimeError("the sink did not come up")
@@ -226,17 +249,18 @@ def _start_cli(ends: dict[str, str], folder: str, workers: int) -> Callable[[], 
 
 
 def run_zfan(
-    batches: list[list[dict]], workers: int = 1, *, cli: bool = False, scraped: bool = False
+    batches: list[list[dict]], workers: int = 1, *, cli: bool = False, scraped: bool = False, counted: bool = True
 ) -> dict[str, Any]:
     """The whole pipeline: a producer process, the sink (embedded, or the `zfan sink` and `zfan
     worker` processes), and a subscriber here that checks every topic's seqs. `scraped`: the
     sink serves HTTP, and a thread here reads its /metrics and /api/status every second, as
-    Prometheus and an open dashboard would (bench/metrics_cost.py)."""
+    Prometheus and an open dashboard would. `counted=False`: the embedded sink's per-batch
+    metrics hooks do nothing (both for bench/metrics_cost.py)."""
     tmp = tempfile.mkdtemp(prefix="zfan-bench-")
     ends = endpoints(tmp)
     count = Count(sum(map(len, batches)))
     http = f"127.0.0.1:{free_port()}" if scraped else None
-    end = _start_cli(ends, tmp, workers) if cli else _start_api(ends, tmp, workers, http)
+    end = _start_cli(ends, tmp, workers) if cli else _start_api(ends, tmp, workers, http, counted)
     scraping = threading.Event()
     scraper = threading.Thread(target=_scrape, args=(f"http://{http}/", scraping), daemon=True) if http else None
     go = mp.Event()
