@@ -132,7 +132,11 @@ class Role:
 
 
 def run_cli(
-    *args: str, timeout: float = 30.0, input: str | None = None, cwd: str | None = None
+    *args: str,
+    timeout: float = 30.0,
+    input: str | None = None,
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run `zfan ARGS` to completion."""
     return subprocess.run(
@@ -142,7 +146,7 @@ def run_cli(
         timeout=timeout,
         input=input,
         cwd=cwd or ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
 
 

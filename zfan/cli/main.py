@@ -53,7 +53,9 @@ from .options import (
     connect_timeout,
     curve,
     endpoints,
+    environment,
     ready,
+    resolved,
     role,
     signals,
     timing,
@@ -744,6 +746,24 @@ def keys_generate(folder: str, name: str) -> int:
     return RET_OK
 
 
+@cli.group("config")
+def config_group() -> None:
+    """Settings files (zfan.toml, or [tool.zfan] in pyproject.toml)."""
+
+
+@config_group.command("show")
+@role("config", logged=False)  # logging set up would set ZFAN_LOG_FORMAT, which it reports
+@click.argument("commands", nargs=-1, metavar="[COMMAND]...")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object instead of TOML")
+def config_show(commands: tuple[str, ...], as_json: bool) -> int:
+    """What each command would run with here, and where each value comes from: flag, env
+    (ZFAN_<OPTION>), file or default. Precedence: flag > env > file > default."""
+    path = click.get_current_context().meta.get("zfan.config")
+    settings = resolved(cli, list(commands), path)
+    click.echo(show.settings_json(path, settings) if as_json else show.settings_toml(path, settings))
+    return RET_OK
+
+
 def _free_http(address: str, *, any_port: bool) -> str:
     """`address` if its port is free; if not, with `any_port`, the same host on a free port."""
     host, port = split_http(address)
@@ -773,3 +793,6 @@ def _ended(node: Any) -> int:
     if node.error is not None:
         raise node.error
     return RET_OK
+
+
+environment(cli)  # every option also as ZFAN_<OPTION>, once every command is defined

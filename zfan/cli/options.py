@@ -13,10 +13,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import click
 
+from .. import config_file
 from ..config import DEFAULT_CONTROL, DEFAULT_INTAKE, DEFAULT_RESULTS, Curve, Timing
 from ..errors import (
     AppError,
@@ -171,45 +173,51 @@ def curve(*, server: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     return decorate
 
 
-def role(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Run a subcommand as role ``name``: logging set up once, a ZfanError printed as one line
-    with its exit code, SIGINT and SIGTERM handled (see Signals), and a closed stdout not
-    turned into a traceback."""
+LOG_OPTIONS = (
+    click.option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"]),
+        default="info",
+        show_default=True,
+        envvar="ZFAN_LOG_LEVEL",
+        help="what to log",
+    ),
+    click.option(
+        "--log-format",
+        type=click.Choice(logs.FORMATS),
+        default="text",
+        show_default=True,
+        envvar=logs.FORMAT_ENV,
+        help="text lines with a timestamp, or JSON lines (time, level, role, message, fields)",
+    ),
+    click.option(
+        "--log-file",
+        default=None,
+        metavar="PATH",
+        envvar=logs.FILE_ENV,
+        help="append the log there instead of writing it on stderr",
+    ),
+)
+
+
+def role(name: str, *, logged: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Run a subcommand as role ``name``: its settings file read, logging set up once (unless
+    not `logged`), a ZfanError printed as one line with its exit code, SIGINT and SIGTERM
+    handled (see Signals), and a closed stdout not turned into a traceback."""
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
-        @click.option(
-            "--log-level",
-            type=click.Choice(["debug", "info", "warning", "error"]),
-            default="info",
-            show_default=True,
-            envvar="ZFAN_LOG_LEVEL",
-            help="what to log",
-        )
-        @click.option(
-            "--log-format",
-            type=click.Choice(logs.FORMATS),
-            default="text",
-            show_default=True,
-            envvar=logs.FORMAT_ENV,
-            help="text lines with a timestamp, or JSON lines (time, level, role, message, fields)",
-        )
-        @click.option(
-            "--log-file",
-            default=None,
-            metavar="PATH",
-            envvar=logs.FILE_ENV,
-            help="append the log there instead of writing it on stderr",
-        )
         @functools.wraps(f)
-        def wrapper(*args: Any, log_level: str, log_format: str, log_file: str | None, **kwargs: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
             global _signals
             _signals = Signals(name)
             _signals.install()
-            try:
-                logs.setup(name, log_level, log_format, log_file)
-            except OSError as exc:
-                click.echo(f"zfan {name}: error: --log-file {log_file}: {exc.strerror or exc}", err=True)
-                sys.exit(RET_USAGE)
+            if logged:
+                log_level, log_format, log_file = (kwargs.pop(k) for k in ("log_level", "log_format", "log_file"))
+                try:
+                    logs.setup(name, log_level, log_format, log_file)
+                except OSError as exc:
+                    click.echo(f"zfan {name}: error: --log-file {log_file}: {exc.strerror or exc}", err=True)
+                    sys.exit(RET_USAGE)
             try:
                 code = f(*args, **kwargs)
             except ZfanError as exc:
@@ -228,9 +236,135 @@ def role(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             release_stdout()
             sys.exit(code or RET_OK)
 
-        return wrapper
+        command = wrapper
+        for option in reversed(LOG_OPTIONS if logged else ()):
+            command = option(command)
+        return click.option(
+            "--config",
+            default=None,
+            metavar="PATH",
+            envvar=config_file.ENV,
+            is_eager=True,  # read before the options whose defaults it sets
+            expose_value=False,
+            callback=_with_config(name),
+            help="settings file [default: ./zfan.toml, or [tool.zfan] in ./pyproject.toml]",
+        )(command)
 
     return decorate
+
+
+class FileError(click.ClickException):
+    """A configuration file that cannot be used: one line, as every other error, and exit 2."""
+
+    exit_code = RET_USAGE
+
+    def __init__(self, role_name: str, message: str) -> None:
+        super().__init__(message)
+        self.role = role_name
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"zfan {self.role}: error: {self.message}", err=True)
+
+
+# Options read neither from a file nor from ZFAN_<OPTION>: the file's own, and those only a
+# person or the process that starts a role gives (an environment variable left set would turn
+# every later `zfan worker` into a check).
+NOT_CONFIGURED = frozenset({"config", "help", "version", "check"})
+
+
+def configurable(command: click.Command) -> dict[str, str]:
+    """A command's options that a file or ZFAN_<OPTION> may set: key (the long flag,
+    underscored) -> parameter name."""
+    keys: dict[str, str] = {}
+    for param in command.params:
+        if not isinstance(param, click.Option) or param.hidden or param.name is None:
+            continue
+        key = max(param.opts, key=len).lstrip("-").replace("-", "_")
+        if key not in NOT_CONFIGURED:
+            keys[key] = param.name
+    return keys
+
+
+def every_command(group: click.Group) -> dict[str, dict[str, str]]:
+    """Each role command (a direct subcommand of `group`) and its configurable options."""
+    return {
+        name: configurable(command) for name, command in group.commands.items() if not isinstance(command, click.Group)
+    }
+
+
+def environment(group: click.Group) -> None:
+    """Give every configurable option without an environment variable ZFAN_<OPTION>."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            environment(command)
+            continue
+        names = configurable(command)
+        for param in command.params:
+            if isinstance(param, click.Option) and param.envvar is None and param.name in names.values():
+                key = next(k for k, v in names.items() if v == param.name)
+                param.envvar = f"ZFAN_{key.upper()}"
+
+
+@dataclass
+class Setting:
+    key: str
+    value: Any
+    source: str  # "flag", "env ZFAN_X", "file" or "default"
+
+
+def resolved(group: click.Group, names: list[str], config: str | None) -> dict[str, list[Setting]]:
+    """What each named command (every role command if none) would run with, and where each
+    value comes from, without running it."""
+    commands = every_command(group)
+    for name in names:
+        if name not in commands:
+            raise ConfigError(f"{name!r} is no zfan command (choose from {', '.join(sorted(commands))})")
+    out: dict[str, list[Setting]] = {}
+    for name in names or sorted(commands):
+        command = group.commands[name]
+        with command.make_context(
+            name, ["--config", config] if config else [], parent=click.get_current_context()
+        ) as ctx:
+            settings = []
+            for key, param_name in configurable(command).items():
+                source = ctx.get_parameter_source(param_name)
+                param = next(p for p in command.params if p.name == param_name)
+                if source is click.core.ParameterSource.ENVIRONMENT:
+                    where = f"env {param.envvar}"
+                elif source is click.core.ParameterSource.DEFAULT_MAP:
+                    where = "file"
+                elif source is click.core.ParameterSource.COMMANDLINE:
+                    where = "flag"
+                else:
+                    where = "default"
+                settings.append(Setting(key, ctx.params[param_name], where))
+            out[name] = settings
+    return out
+
+
+def _with_config(role_name: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    """--config's callback: find and read the file, and make what it sets the command's defaults
+    (click then takes a value from the command line first, the environment second, these third)."""
+
+    def read(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        root = ctx.find_root().command
+        try:
+            path = config_file.find(value)
+            if path is None:
+                return None
+            found = config_file.load(path)
+            if isinstance(root, click.Group):
+                found.check(every_command(root))
+        except ConfigError as exc:
+            raise FileError(role_name, str(exc)) from None
+        # A role command's own table; a command inside a group (keys generate) reads the top only.
+        direct = isinstance(root, click.Group) and root.commands.get(ctx.info_name or "") is ctx.command
+        table = ctx.info_name or "" if direct else ""
+        ctx.default_map = {**(ctx.default_map or {}), **found.defaults(table, configurable(ctx.command))}
+        ctx.meta["zfan.config"] = path
+        return path
+
+    return read
 
 
 class Interrupted(BaseException):

@@ -3,6 +3,7 @@ table, and the lines that end `zfan produce` and `zfan up`."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -286,3 +287,46 @@ def summary(r: Report) -> str:
             f"  lost {r.lost:,}, duplicated {r.duplicated:,}  (counted per sensor against what was sent)",
         ]
     )
+
+
+def settings_toml(path: str | None, settings: dict[str, list[Any]]) -> str:
+    """`zfan config show`: each command's settings as a TOML table a file could hold, with where
+    each value comes from; a value not set is a comment."""
+    lines = [f"# settings file: {path or 'none (./zfan.toml or [tool.zfan] in ./pyproject.toml)'}"]
+    for command, rows in settings.items():
+        lefts = [
+            f"# {r.key.replace('_', '-')} (not set)"
+            if r.value is None or r.value == ()
+            else f"{r.key.replace('_', '-')} = {_toml(r.value)}"
+            for r in rows
+        ]
+        width = max(map(len, lefts), default=0)
+        lines += [
+            "",
+            f"[{command}]",
+            *(f"{left.ljust(width)}  # {r.source}" for left, r in zip(lefts, rows, strict=True)),
+        ]
+    return "\n".join(lines)
+
+
+def settings_json(path: str | None, settings: dict[str, list[Any]]) -> str:
+    return json.dumps(
+        {
+            "file": path,
+            **{
+                command: {r.key.replace("_", "-"): {"value": r.value, "from": r.source} for r in rows}
+                for command, rows in settings.items()
+            },
+        },
+        indent=2,
+    )
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))
