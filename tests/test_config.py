@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from tests.helpers import Role, run_cli
+from tests.helpers import ROOT, Role, run_cli
 from zfan.cli import cli
 from zfan.cli.options import configurable, every_command
 
@@ -151,3 +151,14 @@ def test_every_option_of_every_command_has_its_zfan_variable():
             param = next(p for p in command.params if p.name == param_name)
             assert param.envvar == f"ZFAN_{key.upper()}", (name, key, param.envvar)
     assert "check" not in configurable(cli.commands["worker"])
+
+
+def test_the_readme_settings_file_is_one_the_commands_read(tmp_path):
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    write(tmp_path, "zfan.toml", block)
+    got = shown(tmp_path)
+    assert got["sink"]["ledger"] == {"value": "/var/lib/zfan/zfan.db", "from": "file"}
+    assert got["worker"]["control"] == {"value": "tcp://sink-host:5558", "from": "file"}
+    assert got["worker"]["credit"]["value"] == 64
