@@ -140,7 +140,7 @@ def peek(path: str, sql: str, args: tuple = ()) -> list[tuple]:
 
 def status_counts(core: SinkCore) -> dict[str, int]:
     s = core.status()
-    return {k: s[k] for k in ("pending", "leased", "done", "dead")}
+    return {k: s[k] for k in ("pending", "leased", "done", "dead", "purged")}
 
 
 @pytest.fixture
@@ -205,7 +205,7 @@ def test_two_workers_share_pending_batches(core):
     assert len(per_worker[b"w1"]) == 2
     assert len(per_worker[b"w2"]) == 2
     assert len({le.batch_id for le in leases}) == 4
-    assert status_counts(core) == {"pending": 2, "leased": 4, "done": 0, "dead": 0}
+    assert status_counts(core) == {"pending": 2, "leased": 4, "done": 0, "dead": 0, "purged": 0}
     # w2 answers one: the oldest pending batch goes to w2, the only one with free credit.
     send_result(core, b"w2", per_worker[b"w2"][0])
     (nxt,) = Turn(core).leases
@@ -257,7 +257,7 @@ def test_every_batch_is_leased_once_per_attempt(core):
                 send_result(core, le.rid, le)
     assert len(leased) == len(set(leased))
     assert sorted({b for b, _ in leased}) == list(range(1, 21))
-    assert status_counts(core) == {"pending": 0, "leased": 0, "done": 20, "dead": 0}
+    assert status_counts(core) == {"pending": 0, "leased": 0, "done": 20, "dead": 0, "purged": 0}
 
 
 # --- acks -----------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def test_resent_batch_that_is_already_done_is_not_processed_again(core, ledger):
     assert turn.acks(b"p1") == [[1]]
     assert turn.leases == [] and turn.pubs == []
     assert core.stats["duplicate batches"] == 1
-    assert status_counts(core) == {"pending": 0, "leased": 0, "done": 1, "dead": 0}
+    assert status_counts(core) == {"pending": 0, "leased": 0, "done": 1, "dead": 0, "purged": 0}
 
 
 def test_same_seq_from_two_producers_is_two_batches(core):
@@ -457,12 +457,12 @@ def test_status_counts_pending_leased_done(core, ledger):
     hello_worker(core, b"w1", 1)
     for seq in range(1, 4):
         core.intake(batch("prod", seq))
-    assert status_counts(core) == {"pending": 3, "leased": 0, "done": 0, "dead": 0}
+    assert status_counts(core) == {"pending": 3, "leased": 0, "done": 0, "dead": 0, "purged": 0}
     (lease,) = Turn(core).leases
-    assert status_counts(core) == {"pending": 2, "leased": 1, "done": 0, "dead": 0}
+    assert status_counts(core) == {"pending": 2, "leased": 1, "done": 0, "dead": 0, "purged": 0}
     send_result(core, b"w1", lease)
     Turn(core)
-    assert status_counts(core) == {"pending": 1, "leased": 1, "done": 1, "dead": 0}
+    assert status_counts(core) == {"pending": 1, "leased": 1, "done": 1, "dead": 0, "purged": 0}
     assert ledger.counts() == status_counts(core)
     status = core.status()
     assert status["epoch"] == core.epoch
@@ -523,7 +523,7 @@ def test_result_for_an_unknown_batch_is_fenced(core, ledger):
     Turn(core)
     send_result(core, b"w1", (999, 1))
     assert_fenced(core, ledger)
-    assert status_counts(core) == {"pending": 0, "leased": 0, "done": 0, "dead": 0}
+    assert status_counts(core) == {"pending": 0, "leased": 0, "done": 0, "dead": 0, "purged": 0}
 
 
 def test_result_for_a_batch_already_done_is_fenced(core, ledger):
@@ -612,7 +612,7 @@ def test_worker_silent_exactly_the_expiry_is_kept(core, clock):
     clock.advance(0.01)
     core.tick()
     assert core.status()["workers"] == []
-    assert status_counts(core) == {"pending": 1, "leased": 0, "done": 0, "dead": 0}
+    assert status_counts(core) == {"pending": 1, "leased": 0, "done": 0, "dead": 0, "purged": 0}
 
 
 def test_worker_that_keeps_heartbeating_is_kept(core, clock):
@@ -765,7 +765,7 @@ def test_batch_is_dead_lettered_once_after_max_attempts(ledger, clock):
     # The rest keep flowing, in the same turn.
     (nxt,) = turn.leases
     assert msgpack.unpackb(nxt.payload) == ["prod-2"]
-    assert status_counts(core) == {"pending": 1, "leased": 1, "done": 0, "dead": 1}
+    assert status_counts(core) == {"pending": 1, "leased": 1, "done": 0, "dead": 1, "purged": 0}
     send_result(core, b"w1", nxt)
     turn = Turn(core)
     assert [(type(pub), pub.topic, pub.seq) for pub in turn.pubs] == [(p.Publish, "out", 1)]
@@ -774,7 +774,7 @@ def test_batch_is_dead_lettered_once_after_max_attempts(ledger, clock):
     Turn(core)
     for _ in range(3):
         assert all(not isinstance(pub, p.Dead) for pub in Turn(core).pubs)
-    assert status_counts(core) == {"pending": 0, "leased": 0, "done": 2, "dead": 1}
+    assert status_counts(core) == {"pending": 0, "leased": 0, "done": 2, "dead": 1, "purged": 0}
     assert peek(ledger.path, "SELECT topic, seq, kind FROM results WHERE batch_id=?", (poison,)) == [
         (p.DEAD_TOPIC, 1, 1)
     ]
@@ -946,7 +946,7 @@ def test_restart_has_a_larger_epoch_and_puts_leases_back(ledger, clock, reopen):
     core = make_core(reopen(), clock)
     assert core.epoch > old.epoch
     assert core.recovered == 2
-    assert status_counts(core) == {"pending": 2, "leased": 0, "done": 1, "dead": 0}
+    assert status_counts(core) == {"pending": 2, "leased": 0, "done": 1, "dead": 0, "purged": 0}
     assert peek(ledger.path, "SELECT id, state FROM batches ORDER BY id") == [
         (first.batch_id, 2),
         (second.batch_id, 0),
@@ -1016,7 +1016,7 @@ def test_restart_dedups_batches_stored_before_the_crash(ledger, clock, reopen):
     turn = Turn(core)
     assert turn.acks(b"p1") == [[1, 4]]
     assert core.stats["duplicate batches"] == 1
-    assert status_counts(core) == {"pending": 3, "leased": 0, "done": 1, "dead": 0}
+    assert status_counts(core) == {"pending": 3, "leased": 0, "done": 1, "dead": 0, "purged": 0}
 
 
 # --- rejects -------------------------------------------------------------------------------
@@ -1049,7 +1049,7 @@ def test_malformed_batch_is_rejected_and_changes_nothing(core, ledger, frames, r
     turn = Turn(core)
     assert turn.msgs == [] and turn.pubs == []
     assert core.stats == {}
-    assert status_counts(core) == {"pending": 0, "leased": 0, "done": 0, "dead": 0}
+    assert status_counts(core) == {"pending": 0, "leased": 0, "done": 0, "dead": 0, "purged": 0}
     assert peek(ledger.path, "SELECT count(*) FROM batches") == [(0,)]
     # The sink goes on: a good batch afterwards is stored, acked and leased.
     core.intake(batch("prod", 1))
@@ -1107,7 +1107,7 @@ def test_malformed_control_message_is_rejected_and_changes_nothing(core, ledger,
     turn = Turn(core)
     assert turn.msgs == [] and turn.pubs == []
     assert dict(core.stats) == stats
-    assert status_counts(core) == {"pending": 1, "leased": 1, "done": 0, "dead": 0}
+    assert status_counts(core) == {"pending": 1, "leased": 1, "done": 0, "dead": 0, "purged": 0}
     assert peek(ledger.path, "SELECT count(*) FROM results") == [(0,)]
     # The lease stands and the worker's credit is still used by it.
     send_result(core, b"w1", lease)
@@ -1231,7 +1231,7 @@ def test_nothing_is_lost_or_published_twice_under_churn(ledger, clock):
     dead = [pub for pub in published if isinstance(pub, p.Dead)]
     assert len(outs) + len(dead) == len(published)
     assert [(d.topic, d.seq, d.batch_id, d.attempts) for d in dead] == [(p.DEAD_TOPIC, 1, poison, 4)]
-    assert status_counts(core) == {"pending": 0, "leased": 0, "done": total - 1, "dead": 1}
+    assert status_counts(core) == {"pending": 0, "leased": 0, "done": total - 1, "dead": 1, "purged": 0}
     assert ledger.counts() == status_counts(core)
 
 

@@ -117,7 +117,7 @@ def test_the_life_of_a_batch(ledger):
         ("other", 1, 1, 0, b"r2"),
     ]
     assert peek(ledger.path, "SELECT state, payload, error FROM batches") == [(DONE, None, None)]
-    assert ledger.counts() == {"pending": 0, "leased": 0, "done": 1, "dead": 0}
+    assert ledger.counts() == {"pending": 0, "leased": 0, "done": 1, "dead": 0, "purged": 0}
     assert ledger.topic_seqs() == {"out": 1, "other": 1}
     with pytest.raises(LedgerError, match=f"batch {bid} has no payload"):
         ledger.payload(bid)

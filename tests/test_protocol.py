@@ -94,6 +94,7 @@ def test_wire_types_fields_and_payload_frames():
         p.LEASES: 1,
         p.RESULTS: 1,
         p.PUBLISHES: 1,
+        p.DEAD_REPLY: 1,
     }
 
 

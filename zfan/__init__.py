@@ -19,6 +19,7 @@ from .errors import (
     SerializationError,
     ZfanError,
 )
+from .nodes.dead import dead_letters, purge_dead_letters, requeue_dead_letters, show_dead_letter
 from .nodes.producer import Producer
 from .nodes.sink import Sink
 from .nodes.status import query_status
@@ -37,6 +38,11 @@ __all__ = [
     "BatchOutcome",
     "Outcomes",
     "query_status",
+    # dead letters
+    "dead_letters",
+    "show_dead_letter",
+    "requeue_dead_letters",
+    "purge_dead_letters",
     # settings
     "SinkSettings",
     "WorkerSettings",

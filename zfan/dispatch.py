@@ -25,6 +25,7 @@ from typing import Any
 from . import __version__
 from . import protocol as p
 from .config import Limits, Timing
+from .dead_admin import DeadLetters
 from .errors import ProtocolError
 from .history import History
 from .intake import Intake
@@ -39,7 +40,9 @@ from .refusals import Refusals
 log = logging.getLogger(__name__)
 
 # Requests any peer may make without a hello: they change no peer's state.
-STATELESS: frozenset[type[p.Message]] = frozenset({p.Hello, p.Status, p.Replay, p.Heads, p.GetCursor, p.Commit})
+STATELESS: frozenset[type[p.Message]] = frozenset(
+    {p.Hello, p.Status, p.Replay, p.Heads, p.GetCursor, p.Commit, p.DeadList, p.DeadShow, p.DeadRequeue, p.DeadPurge}
+)
 PRUNE_EVERY = 1.0  # seconds between retention passes
 # Writes that nothing sent waits for (leases, publish marks, cursors) are committed with the
 # next ack or publish, or within this many seconds, so that a turn that only leased pays for no
@@ -119,6 +122,7 @@ class SinkCore:
             ledger, self._backlog, self.counts, self.stats, self._peers.owns, self._outcomes, self.metrics.arrived
         )
         self._history = History(ledger, self._publishing, self.stats, self._send)
+        self._dead = DeadLetters(ledger, self._backlog, self.counts, self.stats, self._send)
         self._handlers: dict[type[p.Message], Callable[[bytes, Any], None]] = {
             p.Hello: self._hello,
             p.Heartbeat: self._heartbeat,
@@ -134,6 +138,10 @@ class SinkCore:
             p.Heads: self._history.heads,
             p.GetCursor: self._history.get_cursor,
             p.Commit: self._history.commit,
+            p.DeadList: self._dead.page,
+            p.DeadShow: self._dead.show,
+            p.DeadRequeue: self._dead.requeue,
+            p.DeadPurge: self._dead.purge,
         }
         self._control_types = frozenset(self._handlers)
 
@@ -404,7 +412,8 @@ class SinkCore:
             self.stats["results pruned"] += results
         if batches:
             self.stats["batches pruned"] += batches
-            self.counts["done"] -= batches
+            for state in ("done", "purged"):
+                self.counts[state] -= self.ledger.pruned.pop(state, 0)
             self._peers.reload_keys()
 
     def _send(self, rid: bytes, msg: p.Message) -> None:

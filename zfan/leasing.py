@@ -41,6 +41,11 @@ class Backlog:
             self._cache[batch.batch_id] = payload
             self._cached += len(payload)
 
+    def append(self, batch: Pending) -> None:
+        """A batch pending again on request (a requeued dead letter): to the back, read from the
+        ledger when leased."""
+        self.queue.append(batch)
+
     def put_back(self, batch: Pending) -> None:
         """A batch whose lease ended: to the front, since a replayed batch is the oldest work there is."""
         self.queue.appendleft(batch)

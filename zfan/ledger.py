@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,11 +17,12 @@ from . import checkpoints
 from .errors import LedgerError, LedgerFull
 
 PENDING, LEASED, DONE, DEAD = 0, 1, 2, 3
+PURGED = 4  # a dead letter whose records were dropped on request: kept, like a done one, for dedup
 # Stamped in the SQLite header of every ledger ("zfan"), so that no other database is taken over.
 APPLICATION_ID = 0x7A66616E
 # Finished batches remembered for deduplication, whatever the results' retention.
 KEEP_BATCHES = 1_000_000
-STATE_NAMES = {PENDING: "pending", LEASED: "leased", DONE: "done", DEAD: "dead"}
+STATE_NAMES = {PENDING: "pending", LEASED: "leased", DONE: "done", DEAD: "dead", PURGED: "purged"}
 _IN_CHUNK = 500  # values in one `IN (...)`: well under SQLite's limit on bound parameters
 SQLITE_FULL = 13  # the primary result code; sqlite3.SQLITE_FULL exists only from Python 3.11
 # A new ledger's page size. A batch's payload is one blob of tens of KB: with bigger pages it
@@ -83,6 +85,18 @@ class Pending:
 
 
 @dataclass(slots=True)
+class DeadLetter:
+    batch_id: int
+    producer: str
+    seq: int  # the producer's
+    topic: str
+    count: int
+    attempts: int
+    error: str | None
+    at: float | None  # wall-clock seconds it was dead-lettered (None once retention dropped its notice)
+
+
+@dataclass(slots=True)
 class Stored:
     """A result row as the sink publishes it."""
 
@@ -106,6 +120,7 @@ class Ledger:
         self._done: list[tuple[int, int]] = []
         self._written = 0  # payload bytes written since the last commit, for the checkpointer
         self._checkpoints: checkpoints.Checkpointer | None = None
+        self.pruned: Counter[str] = Counter()  # finished batches' rows that prune() dropped, by state
         try:
             app_id = self._db.execute("PRAGMA application_id").fetchone()[0]
             if app_id != APPLICATION_ID:
@@ -329,6 +344,72 @@ class Ledger:
         topic, count, attempts, error = rows[0]
         return topic, count, attempts, error
 
+    # --- dead letters ------------------------------------------------------------------------
+    def dead_page(self, prefix: str, after: int, limit: int) -> list[DeadLetter]:
+        """Up to `limit` dead-lettered batches with ids above `after` whose topic starts with
+        `prefix`, oldest first."""
+        rows = self._read(
+            "SELECT b.id, b.producer, b.seq, b.topic, b.count, b.attempts, b.error, "
+            "(SELECT created FROM results r WHERE r.batch_id = b.id AND r.kind = 1) "
+            "FROM batches b WHERE b.state=? AND b.id > ? AND substr(b.topic, 1, ?) = ? ORDER BY b.id LIMIT ?",
+            (DEAD, after, len(prefix), prefix, limit),
+        )
+        return [DeadLetter(*r) for r in rows]
+
+    def dead_letter_of(self, batch_id: int) -> tuple[DeadLetter, bytes] | None:
+        """A dead-lettered batch and its records (packed); None if it is not dead-lettered."""
+        rows = self._read(
+            "SELECT b.id, b.producer, b.seq, b.topic, b.count, b.attempts, b.error, "
+            "(SELECT created FROM results r WHERE r.batch_id = b.id AND r.kind = 1), b.payload "
+            "FROM batches b WHERE b.id=? AND b.state=?",
+            (batch_id, DEAD),
+        )
+        if not rows:
+            return None
+        *fields, payload = rows[0]
+        return DeadLetter(*fields), bytes(payload or b"")
+
+    def dead_ids(self, batch_ids: list[int] | None, prefix: str) -> list[int]:
+        """Of `batch_ids` (every one if None), those dead-lettered with a topic that starts with `prefix`."""
+        if batch_ids is None:
+            sql = "SELECT id FROM batches WHERE state=? AND substr(topic, 1, ?) = ? ORDER BY id"
+            return [r[0] for r in self._read(sql, (DEAD, len(prefix), prefix))]
+        found: list[int] = []
+        for i in range(0, len(batch_ids), _IN_CHUNK):
+            chunk = batch_ids[i : i + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found += [
+                r[0]
+                for r in self._read(
+                    f"SELECT id FROM batches WHERE state=? AND substr(topic, 1, ?) = ? AND id IN ({marks})",
+                    (DEAD, len(prefix), prefix, *chunk),
+                )
+            ]
+        return sorted(found)
+
+    def requeue(self, batch_ids: list[int]) -> list[Pending]:
+        """Dead-lettered batches back to pending, their attempts from zero."""
+        self._write_many(
+            "UPDATE batches SET state=?, attempts=0, error=NULL WHERE id=? AND state=?",
+            [(PENDING, bid, DEAD) for bid in batch_ids],
+        )
+        pending: list[Pending] = []
+        for i in range(0, len(batch_ids), _IN_CHUNK):
+            chunk = batch_ids[i : i + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = self._read(
+                f"SELECT id, topic, count FROM batches WHERE id IN ({marks}) AND state=?", (*chunk, PENDING)
+            )
+            pending += [Pending(bid, topic, count, 0) for bid, topic, count in rows]
+        return sorted(pending, key=lambda b: b.batch_id)
+
+    def purge(self, batch_ids: list[int]) -> None:
+        """Drop dead-lettered batches' records; their rows stay, to recognise a late resend."""
+        self._write_many(
+            "UPDATE batches SET state=?, payload=NULL WHERE id=? AND state=?",
+            [(PURGED, bid, DEAD) for bid in batch_ids],
+        )
+
     def owners(self, batch_ids: list[int]) -> list[tuple[int, str, int]]:
         """(batch id, producer id, producer's seq) of each of these batches still stored."""
         rows: list[tuple[int, str, int]] = []
@@ -412,9 +493,13 @@ class Ledger:
             dropped += self._write("DELETE FROM results WHERE id <= ? AND created < ?", (upto, now - max_age)).rowcount
         # A finished batch's row (without its payload) is what makes a late resend of it a
         # duplicate; resends come within seconds or minutes, so the newest ones are what counts.
-        batches = self._write(
-            "DELETE FROM batches WHERE state=? AND id <= (SELECT max(id) FROM batches) - ?", (DONE, keep_batches)
-        ).rowcount
+        batches = 0
+        for state in (DONE, PURGED):
+            n = self._write(
+                "DELETE FROM batches WHERE state=? AND id <= (SELECT max(id) FROM batches) - ?", (state, keep_batches)
+            ).rowcount
+            batches += n
+            self.pruned[STATE_NAMES[state]] += n
         if batches:
             # A key's claim on a producer id lasts as long as the rows that deduplicate its
             # batches: with those gone, the id starts afresh whoever uses it.

@@ -43,6 +43,12 @@ COMMIT = "commit"
 MISSING = "missing"
 TOPICS = "topics"
 CURSOR = "cursor"
+# control: any DEALER -> sink ROUTER (no hello needed): the dead letters, and the answer
+DEAD_LIST = "dead_list"
+DEAD_SHOW = "dead_show"
+DEAD_REQUEUE = "dead_requeue"
+DEAD_PURGE = "dead_purge"
+DEAD_REPLY = "dead_reply"
 # control: sink ROUTER -> DEALER
 WELCOME = "welcome"
 ACK = "ack"
@@ -77,6 +83,7 @@ MAX_SUMMARY = 1024  # bytes of the one-line error an outcome gives for a dead-le
 MAX_SEQS = 100_000  # seqs one ack carries
 MAX_CREDIT = 1000
 MAX_REPLAY = 1000  # results the sink sends for one replay request
+MAX_DEAD_PAGE = 100  # dead letters in one answer to dead_list
 MAX_RECORDS = 10_000_000  # records one batch or result may claim to hold
 # Integers are unsigned and below 2**63: SQLite stores signed 64-bit integers. Every integer
 # zfan itself sends is below 2**53 (exact in a double); larger ones come only from producers of
@@ -470,6 +477,55 @@ class Dead(Message):
 @dataclass(frozen=True, slots=True)
 class Sync(Message):
     token: str
+
+
+# control: any DEALER -> sink ROUTER (no hello needed): the dead letters
+@_message(DEAD_LIST)
+@dataclass(frozen=True, slots=True)
+class DeadList(Message):
+    """The dead-lettered batches with ids above `after` whose topic starts with `prefix`, at most
+    `limit` (and MAX_DEAD_PAGE) of them, oldest first."""
+
+    prefix: str
+    after: int
+    limit: int
+
+
+@_message(DEAD_SHOW)
+@dataclass(frozen=True, slots=True)
+class DeadShow(Message):
+    batch_id: int
+
+
+@_message(DEAD_REQUEUE)
+@dataclass(frozen=True, slots=True)
+class DeadRequeue(Message):
+    """Put dead-lettered batches back to pending, with their attempts from zero: `batch_ids`, or
+    with `every` each one whose topic starts with `prefix`."""
+
+    batch_ids: list[int]
+    every: bool
+    prefix: str
+
+
+@_message(DEAD_PURGE)
+@dataclass(frozen=True, slots=True)
+class DeadPurge(Message):
+    """Forget dead-lettered batches' records, chosen as for dead_requeue."""
+
+    batch_ids: list[int]
+    every: bool
+    prefix: str
+
+
+@_message(DEAD_REPLY)
+@dataclass(frozen=True, slots=True)
+class DeadReply(Message):
+    """The answer to any of the four: `info` (see PROTOCOL.md), and for dead_show the batch's
+    records as it came (msgpack), else an empty frame."""
+
+    info: dict[str, Any]
+    payload: bytes
 
 
 # control: a subscriber's DEALER -> sink ROUTER (no hello needed), and the answers

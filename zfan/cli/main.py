@@ -11,6 +11,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import click
@@ -34,6 +35,7 @@ from ..errors import BindError, ConfigError, DeliveryTimeout, OutcomeTimeout, Zf
 from ..feeds import JsonLines
 from ..loading import load_app
 from ..nodes import security
+from ..nodes.dead import dead_letters, purge_dead_letters, requeue_dead_letters, show_dead_letter
 from ..nodes.local import die_with_parent
 from ..nodes.producer import Producer
 from ..nodes.sink import Sink
@@ -743,6 +745,113 @@ def keys_generate(folder: str, name: str) -> int:
     """Write FOLDER/NAME.key (public: give it out) and FOLDER/NAME.key_secret (keep it)."""
     public, secret = security.generate(folder, name)
     click.echo(f"public key: {public}\nsecret key: {secret}")
+    return RET_OK
+
+
+@cli.group()
+def dead() -> None:
+    """Dead-lettered batches: list, show, requeue once the app is fixed, or purge."""
+
+
+def _dead_command(name: str) -> Callable[[Callable[..., int]], click.Command]:
+    """A `zfan dead` subcommand: the sink's control endpoint, a timeout, and CURVE as a client's."""
+
+    def decorate(f: Callable[..., int]) -> click.Command:
+        f = curve(server=False)(f)
+        f = click.option(
+            "--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True, help="seconds to wait"
+        )(f)
+        f = endpoints("control")(f)
+        return dead.command(name)(role("dead")(f))
+
+    return decorate
+
+
+def _chosen(batch_ids: tuple[int, ...], every: bool) -> list[int]:
+    if every == bool(batch_ids):
+        raise ConfigError("name the batches (their ids, as `zfan dead list` shows them), or give --all")
+    return list(batch_ids)
+
+
+@_dead_command("list")
+@click.option("--topic", default="", metavar="PREFIX", help="only batches whose topic starts with this")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+def dead_list(control: str, topic: str, as_json: bool, timeout: float, curve: Curve | None) -> int:
+    """The dead-lettered batches, oldest first, with the last line of each one's error."""
+    letters = dead_letters(control, topic=topic, timeout=timeout, curve=curve)
+    if as_json:
+        for letter in letters:
+            click.echo(json.dumps(letter, separators=(",", ":")))
+        return RET_OK
+    click.echo(show.dead_table(list(letters), topic))
+    return RET_OK
+
+
+@_dead_command("show")
+@click.argument("batch_id", type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="one JSON object, its records included")
+def dead_show(control: str, batch_id: int, as_json: bool, timeout: float, curve: Curve | None) -> int:
+    """One dead-lettered batch: its error's traceback, attempts, and records (JSON lines)."""
+    letter = show_dead_letter(control, batch_id, timeout=timeout, curve=curve)
+    if letter is None:
+        raise ZfanError(f"the sink at {control} holds no dead-lettered batch {batch_id}")
+    click.echo(json.dumps(letter) if as_json else show.dead_letter(letter))
+    return RET_OK
+
+
+@_dead_command("requeue")
+@click.argument("batch_ids", nargs=-1, type=click.IntRange(min=1), metavar="[BATCH]...")
+@click.option("--all", "every", is_flag=True, help="every dead-lettered batch (with --topic: of those topics)")
+@click.option("--topic", default="", metavar="PREFIX", help="only batches whose topic starts with this")
+def dead_requeue(
+    control: str, batch_ids: tuple[int, ...], every: bool, topic: str, timeout: float, curve: Curve | None
+) -> int:
+    """Put dead-lettered batches back to pending, their attempts from zero: they are processed
+    once more, and their results published as any batch's are. Exit 1 if a batch named was not
+    dead-lettered."""
+    done = requeue_dead_letters(
+        control, _chosen(batch_ids, every), every=every, topic=topic, timeout=timeout, curve=curve
+    )
+    return _dead_done("requeued", done)
+
+
+@_dead_command("purge")
+@click.argument("batch_ids", nargs=-1, type=click.IntRange(min=1), metavar="[BATCH]...")
+@click.option("--all", "every", is_flag=True, help="every dead-lettered batch (with --topic: of those topics)")
+@click.option("--topic", default="", metavar="PREFIX", help="only batches whose topic starts with this")
+@click.option("--yes", is_flag=True, help="do not ask first")
+def dead_purge(
+    control: str,
+    batch_ids: tuple[int, ...],
+    every: bool,
+    topic: str,
+    yes: bool,
+    timeout: float,
+    curve: Curve | None,
+) -> int:
+    """Drop dead-lettered batches and their records for good. Asks first on a terminal; elsewhere
+    it needs --yes. Exit 1 if a batch named was not dead-lettered."""
+    ids = _chosen(batch_ids, every)
+    if not yes:
+        what = (
+            f"every dead-lettered batch{f' of topics {topic}*' if topic else ''}" if every else f"{len(ids)} batch(es)"
+        )
+        if not sys.stdin.isatty():
+            raise ConfigError(f"purging {what} cannot be undone: add --yes")
+        with signals().interruptible():
+            if not click.confirm(f"Purge {what}? This cannot be undone", default=False, err=True):
+                say("zfan dead: nothing purged")
+                return RET_ERROR
+    done = purge_dead_letters(control, ids, every=every, topic=topic, timeout=timeout, curve=curve)
+    return _dead_done("purged", done)
+
+
+def _dead_done(verb: str, done: dict[str, Any]) -> int:
+    say(f"zfan dead: {done.get(verb, 0):,} batch(es) {verb}")
+    missing = done.get("not_dead") or []
+    if missing:
+        say("zfan dead: not dead-lettered (unknown, or requeued or purged already): " + " ".join(map(str, missing)))
+        return RET_ERROR
     return RET_OK
 
 

@@ -207,8 +207,8 @@ def release_stdout() -> None:
 # What status_table() writes in lines of their own; every other number goes on the counters line.
 SHOWN = {
     "version", "epoch", "uptime_s", "draining", "producers", "workers", "subscribers", "pending", "leased", "done",
-    "dead", "ledger_bytes", "records_in", "records_out", "rate_in", "rate_out", "topics", "top_topics", "rejected",
-    "cursor_lag",
+    "dead", "purged", "ledger_bytes", "records_in", "records_out", "rate_in", "rate_out", "topics", "top_topics",
+    "rejected", "cursor_lag",
 }  # fmt: skip
 
 
@@ -223,7 +223,9 @@ def status_table(info: dict[str, Any]) -> str:
     ]
     size = f" ({megabytes(info['ledger_bytes'])} on disk)" if "ledger_bytes" in info else ""
     lines.append(
-        "batches: " + ", ".join(f"{k} {info.get(k, 0):,}" for k in ("pending", "leased", "done", "dead")) + size
+        "batches: "
+        + ", ".join(f"{k} {info.get(k, 0):,}" for k in ("pending", "leased", "done", "dead", "purged") if k in info)
+        + size
     )
     if "rate_in" in info:
         lines.append(
@@ -330,3 +332,47 @@ def _toml(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     return json.dumps(str(value))
+
+
+def dead_table(letters: list[dict[str, Any]], topic: str) -> str:
+    """`zfan dead list`: one line per dead-lettered batch, then how many."""
+    of = f" on topics {topic}*" if topic else ""
+    if not letters:
+        return f"no dead-lettered batch{of}"
+    rows = [("batch", "topic", "records", "attempts", "dead-lettered", "error")]
+    rows += [
+        (
+            str(d["batch_id"]),
+            d["topic"],
+            f"{d['records']:,}",
+            str(d["attempts"]),
+            _when(d.get("at")),
+            d["error"],
+        )
+        for d in letters
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    numbers = (0, 2, 3)  # right-aligned
+
+    def line(row: tuple[str, ...]) -> str:
+        pairs = enumerate(zip(row[:5], widths, strict=True))
+        cells = [c.rjust(w) if i in numbers else c.ljust(w) for i, (c, w) in pairs]
+        return "  ".join([*cells, row[5]])
+
+    lines = [line(r) for r in rows]
+    return "\n".join(line.rstrip() for line in lines) + f"\n{len(letters):,} dead-lettered batch(es){of}"
+
+
+def dead_letter(d: dict[str, Any]) -> str:
+    """`zfan dead show`: what became of the batch, its traceback, then its records as JSON lines."""
+    head = (
+        f"batch {d['batch_id']} on topic {d['topic']}: {d['count']:,} record(s), {d['attempts']} attempt(s), "
+        f"dead-lettered {_when(d.get('at'))}\nfrom producer {d['producer']} (its batch {d['producer_seq']})"
+    )
+    error = "\n".join("  " + line for line in (d.get("error") or "").rstrip().splitlines())
+    records = "\n".join(json.dumps(r, default=repr) for r in d["records"])
+    return f"{head}\nerror:\n{error}\nrecords:\n{records}"
+
+
+def _when(at: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if at else "-"

@@ -1,4 +1,5 @@
-"""Asking a running sink how it is doing, over its control channel."""
+"""Asking a running sink over its control channel, one request and its answer: how it is doing
+(query_status), and what zfan.nodes.dead asks about the dead letters."""
 
 from __future__ import annotations
 
@@ -14,14 +15,23 @@ from .security import secure_client
 from .transport import Ctx, connect, send, socket
 
 
-def query_status(
-    control: str, *, timeout: float = 3.0, context: Ctx | None = None, curve: Curve | None = None
-) -> dict[str, Any]:
-    sock = socket(context or zmq.Context.instance(), zmq.DEALER, max_frame=p.MAX_HEADER_BYTES)
+def ask(
+    control: str,
+    request: p.Message,
+    answers: frozenset[type[p.Message]],
+    *,
+    timeout: float = 3.0,
+    context: Ctx | None = None,
+    curve: Curve | None = None,
+    max_frame: int = p.MAX_HEADER_BYTES,
+) -> p.Message:
+    """Send `request` on a connection of its own and return the answer, one of `answers`.
+    Raises NoSink if none comes within `timeout` seconds, AuthError if the handshake is refused."""
+    sock = socket(context or zmq.Context.instance(), zmq.DEALER, max_frame=max_frame)
     watch = secure_client(sock, curve, control)
     try:
         connect(sock, control, "control endpoint")
-        send(sock, p.encode(p.Status()))  # a send that cannot go ends as no answer, below
+        send(sock, p.encode(request))  # a send that cannot go ends as no answer, below
         deadline = time.monotonic() + timeout
         while not sock.poll(50):
             watch.check()
@@ -29,12 +39,20 @@ def query_status(
                 raise NoSink(control, f"no answer from a sink at {control} within {timeout:g} s (is it running?)")
         frames = sock.recv_multipart()
         try:
-            reply = p.decode(frames, allowed=frozenset({p.StatusReply, p.Status}))
+            return p.decode(frames, allowed=answers)
         except ProtocolError as exc:
             raise ZfanError(f"the sink at {control} answered something else: {exc}") from None
-        if not isinstance(reply, p.StatusReply):
-            raise ZfanError(f"the sink at {control} sent an empty status")
-        return reply.info
     finally:
         watch.close()
         sock.close(linger=0)
+
+
+def query_status(
+    control: str, *, timeout: float = 3.0, context: Ctx | None = None, curve: Curve | None = None
+) -> dict[str, Any]:
+    reply = ask(
+        control, p.Status(), frozenset({p.StatusReply, p.Status}), timeout=timeout, context=context, curve=curve
+    )
+    if not isinstance(reply, p.StatusReply):
+        raise ZfanError(f"the sink at {control} sent an empty status")
+    return reply.info
