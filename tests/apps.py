@@ -35,3 +35,16 @@ def crash(records):
     if any(r["id"] == 1234 for r in records):
         os._exit(1)
     return [r["id"] for r in records]
+
+
+def tagged_orders(records):
+    """Each record's id, marked as processed by the orders app (routing tests)."""
+    return [{"id": r["id"], "app": "orders"} for r in records]
+
+
+def tagged_sensors(records):
+    return [{"id": r["id"], "app": "sensors"} for r in records]
+
+
+def tagged_default(records):
+    return [{"id": r["id"], "app": "default"} for r in records]

@@ -51,7 +51,7 @@ def test_a_sink_cut_off_from_every_peer_dead_letters_nothing(ledger, clock):
         # The sink's link goes down: every peer falls silent at once, and stays so.
         silence(core, clock, EXPIRY + 2 * HEARTBEAT)
         assert core.status()["workers"] == []
-        assert status_counts(core) == {"pending": 3, "leased": 0, "done": 0, "dead": 0}
+        assert status_counts(core) == {"pending": 3, "leased": 0, "done": 0, "dead": 0, "purged": 0}
         hello_producer(core, b"p", "prod")  # the link is back
     assert core.stats["replays not charged"] == 15
     assert peek(ledger.path, "SELECT attempts, state FROM batches") == [(0, 0)] * 3
@@ -88,7 +88,7 @@ def test_a_batch_that_kills_every_worker_it_reaches_is_still_dead_lettered(ledge
         (lease,) = Turn(core).leases
         assert (lease.rid, lease.attempt) == (rid, attempt)
         silence(core, clock, EXPIRY + HEARTBEAT, talking=(b"p",))  # the worker died on it
-    assert status_counts(core) == {"pending": 0, "leased": 0, "done": 0, "dead": 1}
+    assert status_counts(core) == {"pending": 0, "leased": 0, "done": 0, "dead": 1, "purged": 0}
 
 
 def test_a_lone_worker_that_dies_costs_its_batch_an_attempt(ledger, clock):
@@ -154,4 +154,4 @@ def test_a_worker_dying_with_several_batches_charges_only_the_one_that_kills_aga
             core.control(rid, p.encode(p.Bye()))  # one batch each, so that each gets a new worker
             done.append(lease.batch_id)
     assert sorted(done) == [1, 3]
-    assert status_counts(core) == {"pending": 0, "leased": 0, "done": 2, "dead": 1}
+    assert status_counts(core) == {"pending": 0, "leased": 0, "done": 2, "dead": 1, "purged": 0}

@@ -466,7 +466,9 @@ def test_status_counts_pending_leased_done(core, ledger):
     assert ledger.counts() == status_counts(core)
     status = core.status()
     assert status["epoch"] == core.epoch
-    assert status["workers"] == [{"name": "w1", "credit": 1, "in_flight": 1, "idle_ms": 0, "draining": False}]
+    assert status["workers"] == [
+        {"name": "w1", "credit": 1, "in_flight": 1, "idle_ms": 0, "draining": False, "route": "default"}
+    ]
 
 
 def test_status_request_from_a_client_gets_a_reply(core):

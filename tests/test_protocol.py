@@ -369,7 +369,8 @@ def test_wrong_field_types_are_rejected(mtype, fields):
         (msgpack.packb([1, "nope"]), "unknown type"),
         (msgpack.packb([1, 3, "x"]), "unknown type"),
         (msgpack.packb([1, p.HELLO, "worker", "w1"]), "bad header"),  # too few fields
-        (msgpack.packb([1, p.HELLO, "worker", "w1", 1, 2]), "bad header"),  # too many fields
+        (msgpack.packb([1, p.HELLO, "worker", "w1", 1, "r", 2]), "bad header"),  # too many fields
+        (msgpack.packb([1, p.HELLO, "worker", "w1", 1, 2]), "bad field"),  # a route is a name
         (msgpack.packb([1, p.BYE, "extra"]), "bad header"),
         (msgpack.packb([1, p.STATUS, {"a": 1}, 2]), "bad header"),
         (msgpack.packb([1, p.STATUS, {1: 2}]), "bad header"),  # non-str map key
@@ -380,7 +381,7 @@ def test_malformed_headers_are_rejected_with_a_reason(frame, reason):
 
 
 def test_error_message_names_the_field_count():
-    with pytest.raises(ProtocolError, match="hello takes 3 fields, got 2"):
+    with pytest.raises(ProtocolError, match="hello takes 3 to 4 fields, got 2"):
         p.decode([msgpack.packb([1, p.HELLO, "worker", "w1"])])
 
 

@@ -25,6 +25,7 @@ from .nodes.sink import Sink
 from .nodes.status import query_status
 from .nodes.subscriber import Subscriber
 from .nodes.worker import Worker
+from .routing import RetryPolicy
 from .sequencing import RetentionGap
 from .subscription import Message
 
@@ -50,6 +51,7 @@ __all__ = [
     "SubscriberSettings",
     "Timing",
     "Curve",
+    "RetryPolicy",
     # errors
     "ZfanError",
     "ConfigError",

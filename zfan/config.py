@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypedDict, TypeVar
 
 from .errors import ConfigError
+from .routing import DEFAULT_ROUTE, RetryPolicy, Routes, check_route_name
 
 DEFAULT_INTAKE = "tcp://127.0.0.1:5557"
 DEFAULT_CONTROL = "tcp://127.0.0.1:5558"
@@ -184,8 +185,19 @@ class SinkSettings:
     http: str | None = None
     # Workers connected for /readyz to say ready (with local workers, at least 1 all the same).
     min_workers: int = 0
+    # Topic prefix -> route (app name): a batch goes only to workers serving its topic's route,
+    # that of the longest prefix it starts with, or "default" (see zfan.routing).
+    routes: Mapping[str, str] = field(default_factory=dict)
+    # Route -> how its failed batches are retried; a route not named here gets max_attempts
+    # attempts, retried at once.
+    retries: Mapping[str, RetryPolicy] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        Routes(self.routes)  # refuses a bad prefix or name
+        for route, policy in self.retries.items():
+            check_route_name(route)
+            if not isinstance(policy, RetryPolicy):
+                raise ConfigError(f"retries[{route!r}] must be a zfan.RetryPolicy, not {type(policy).__name__}")
         if not self.drain_timeout >= 0:
             raise ConfigError(f"drain_timeout must be at least 0, not {self.drain_timeout}")
         if self.http is not None:
@@ -221,9 +233,12 @@ class WorkerSettings:
     connect_timeout: float | None = None
     # HOST:PORT for the worker's own /metrics, /healthz and /readyz; None serves no HTTP.
     http: str | None = None
+    # The route (app name) this worker serves: it is leased only batches of that route.
+    route: str = DEFAULT_ROUTE
 
     def __post_init__(self) -> None:
         check_endpoint(self.control, what="control endpoint")
+        check_route_name(self.route)
         if self.http is not None:
             split_http(self.http)
         _check_connect_timeout(self.connect_timeout)
@@ -324,6 +339,8 @@ class SinkOptions(TypedDict, total=False):
     drain_timeout: float
     http: str | None
     min_workers: int
+    routes: Mapping[str, str]
+    retries: Mapping[str, RetryPolicy]
 
 
 class WorkerOptions(TypedDict, total=False):
@@ -336,6 +353,7 @@ class WorkerOptions(TypedDict, total=False):
     drain_timeout: float
     connect_timeout: float | None
     http: str | None
+    route: str
 
 
 class ProducerOptions(TypedDict, total=False):

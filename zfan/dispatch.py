@@ -18,7 +18,7 @@ import heapq
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ from .outcomes import Outcomes
 from .peers import Peers
 from .publishing import Publishing
 from .refusals import Refusals
+from .routing import RetryPolicy, Routes
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class SinkCore:
         retain_count: int | None = None,
         retain_age: float | None = None,
         key_allowed: Callable[[str], bool] | None = None,
+        routes: Mapping[str, str] | None = None,
+        retries: Mapping[str, RetryPolicy] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -105,7 +108,7 @@ class SinkCore:
         self.metrics = SinkMetrics(clock, wall)
         self._publishing = Publishing(ledger, self.epoch, self.stats, self.metrics.published)
         self._outcomes = Outcomes(ledger, self._peers.producer, self.stats)
-        self._backlog = Backlog(ledger, ledger.pending(), cache_bytes)
+        self._backlog = Backlog(ledger, ledger.pending(), cache_bytes, Routes(routes))
         self._leasing = Leasing(
             ledger,
             self._backlog,
@@ -117,6 +120,8 @@ class SinkCore:
             send=self._send,
             fresh=self._peers.fresh,
             dead_letter=self._dead_letter,
+            retries=dict(retries or {}),
+            clock=clock,
         )
         self._intake = Intake(
             ledger, self._backlog, self.counts, self.stats, self._peers.owns, self._outcomes, self.metrics.arrived
@@ -301,6 +306,7 @@ class SinkCore:
             "subscribers": len(m.subscribers),
             "draining": self._leasing.closed,
             **self.counts,
+            "routes": self._leasing.routes(),
             "ledger_bytes": self.ledger.size_bytes(),
             "records_out": m.records_out,
             "rate_in": span[0],
@@ -337,7 +343,7 @@ class SinkCore:
             self._drop_peer(rid, "said hello again")
         self._peers.join(rid, msg.role, msg.name, self.clock())
         if msg.role == "worker":
-            self._leasing.join(rid, msg.name, msg.credit)
+            self._leasing.join(rid, msg.name, msg.credit, msg.route)
         t = self.timing
         self._send(rid, p.Welcome(self.epoch, round(t.heartbeat * 1000), t.liveness))
 

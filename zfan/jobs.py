@@ -14,6 +14,7 @@ import random
 from . import protocol as p
 from .config import Limits, Timing
 from .errors import ProtocolError
+from .routing import DEFAULT_ROUTE
 from .session import SESSION_TYPES, Event, Joined, Lost, Session
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,10 @@ class WorkerCore:
         now: float,
         *,
         groups: Limits | None = None,
+        route: str = DEFAULT_ROUTE,
         rng: random.Random | None = None,
     ) -> None:
-        self.session = Session("worker", name, timing, now, credit=credit, rng=rng)
+        self.session = Session("worker", name, timing, now, credit=credit, route=route, rng=rng)
         self.credit = credit
         # With `groups` (what we take in one message), each session asks the sink for leases
         # in groups, and answers in groups once the sink says it takes them: `sink_groups`,

@@ -1,11 +1,14 @@
-"""Which worker runs which batch: the backlog of batches waiting for a worker, each worker's
-credit and the leases it holds, and what becomes of a lease that ends without a result (a
-replay, at the cost of an attempt or not, alone if it is suspect, or a dead letter).
+"""Which worker runs which batch: the backlog of batches waiting for a worker (a queue per
+route, and the failed ones waiting out their backoff), each worker's route, credit and the
+leases it holds, and what becomes of a lease that ends without a result (a replay, at the cost
+of an attempt or not, alone if it is suspect, after a backoff, or a dead letter).
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -14,6 +17,7 @@ from typing import Any
 from . import protocol as p
 from .errors import ProtocolError
 from .ledger import Ledger, Pending
+from .routing import DEFAULT_ROUTE, RetryPolicy, Routes
 
 log = logging.getLogger(__name__)
 
@@ -21,40 +25,80 @@ RECORDS_IN_FLIGHT = 4000  # records leased to one worker beyond which it gets no
 
 
 class Backlog:
-    """The batches waiting for a worker, oldest first, and the payloads of those that came in
-    while `cache_bytes` had room: those are leased without reading them back from the ledger."""
+    """The batches waiting for a worker, a queue per route, oldest first; the failed batches
+    waiting out their backoff before they join their queue again; and the payloads of those
+    that came in while `cache_bytes` had room: those are leased without reading them back from
+    the ledger."""
 
-    def __init__(self, ledger: Ledger, pending: Iterable[Pending], cache_bytes: int) -> None:
+    def __init__(
+        self, ledger: Ledger, pending: Iterable[Pending], cache_bytes: int, routes: Routes | None = None
+    ) -> None:
         self._ledger = ledger
-        self.queue: deque[Pending] = deque(pending)
+        self.routes = routes or Routes()
+        self.queues: dict[str, deque[Pending]] = {}
+        self._backoff: list[tuple[float, int, Pending]] = []  # (when it may go again, batch id, batch)
         self.cache_bytes = cache_bytes
         self._cache: dict[int, bytes] = {}
         self._cached = 0
+        for batch in pending:
+            self.append(batch)
 
     def __len__(self) -> int:
-        return len(self.queue)
+        """Batches that a worker of their route could take now."""
+        return sum(map(len, self.queues.values()))
+
+    @property
+    def queue(self) -> deque[Pending]:
+        """Every batch ready to lease, route after route."""
+        return deque(b for q in self.queues.values() for b in q)
+
+    def route(self, batch: Pending) -> str:
+        return self.routes.of(batch.topic)
+
+    def _queue(self, batch: Pending) -> deque[Pending]:
+        route = self.routes.of(batch.topic)
+        queue = self.queues.get(route)
+        if queue is None:
+            queue = self.queues[route] = deque()
+        return queue
 
     def add(self, batch: Pending, payload: bytes) -> None:
         """A batch just stored: to the back."""
-        self.queue.append(batch)
+        self._queue(batch).append(batch)
         if self._cached + len(payload) <= self.cache_bytes:
             self._cache[batch.batch_id] = payload
             self._cached += len(payload)
 
     def append(self, batch: Pending) -> None:
-        """A batch pending again on request (a requeued dead letter): to the back, read from the
-        ledger when leased."""
-        self.queue.append(batch)
+        """A batch pending again on request (a requeued dead letter), or found pending at start:
+        to the back, read from the ledger when leased."""
+        self._queue(batch).append(batch)
 
     def put_back(self, batch: Pending) -> None:
         """A batch whose lease ended: to the front, since a replayed batch is the oldest work there is."""
-        self.queue.appendleft(batch)
+        self._queue(batch).appendleft(batch)
 
-    def first(self) -> Pending:
-        return self.queue[0]
+    def hold(self, batch: Pending, until: float) -> None:
+        """A failed batch that may go again only at `until` (its route's backoff)."""
+        heapq.heappush(self._backoff, (until, batch.batch_id, batch))
 
-    def take(self) -> tuple[Pending, bytes]:
-        batch = self.queue.popleft()
+    def release_due(self, now: float) -> None:
+        """Failed batches whose backoff is over go to the front of their queues, the longest waiting first."""
+        due: list[Pending] = []
+        while self._backoff and self._backoff[0][0] <= now:
+            due.append(heapq.heappop(self._backoff)[2])
+        for batch in reversed(due):
+            self.put_back(batch)
+
+    def next_due(self) -> float | None:
+        return self._backoff[0][0] if self._backoff else None
+
+    def held_back(self) -> Counter[str]:
+        """Batches waiting out a backoff, by route."""
+        return Counter(self.routes.of(b.topic) for _, _, b in self._backoff)
+
+    def take(self, route: str) -> tuple[Pending, bytes]:
+        batch = self.queues[route].popleft()
         payload = self._cache.pop(batch.batch_id, None)
         if payload is None:
             payload = self._ledger.payload(batch.batch_id)
@@ -68,6 +112,7 @@ class WorkerState:
     rid: bytes
     name: str
     credit: int
+    route: str = DEFAULT_ROUTE
     # (batch_id, attempt) -> records, of every lease this worker holds, including leases the
     # sink has since revoked (timed out): the worker's credit returns only when it answers.
     held: dict[tuple[int, int], int] = field(default_factory=dict)
@@ -141,6 +186,8 @@ class Leasing:
         send: Callable[[bytes, p.Message], None],
         fresh: Callable[[bytes, float], bool],
         dead_letter: Callable[[int, str], None],
+        retries: dict[str, RetryPolicy] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._ledger = ledger
         self._backlog = backlog
@@ -152,13 +199,30 @@ class Leasing:
         self._send = send
         self._fresh = fresh
         self._dead_letter = dead_letter
+        self._retries = retries or {}
+        self._clock = clock
+        self._unserved: set[str] = set()  # routes said to have batches and no worker
         self.leases: dict[int, Lease] = {}
         self.workers: dict[bytes, WorkerState] = {}
         self.closed = False  # the sink is stopping: nothing more is leased
 
-    def join(self, rid: bytes, name: str, credit: int) -> None:
-        self.workers[rid] = WorkerState(rid, name, credit)
-        log.info("worker %s joined with credit %d", name, credit, extra={"worker": name})
+    def join(self, rid: bytes, name: str, credit: int, route: str = DEFAULT_ROUTE) -> None:
+        self.workers[rid] = WorkerState(rid, name, credit, route)
+        self._unserved.discard(route)
+        serves = "" if route == DEFAULT_ROUTE else f" for route {route}"
+        log.info("worker %s joined%s with credit %d", name, serves, credit, extra={"worker": name})
+        if route not in self._backlog.routes.names:
+            log.warning(
+                "worker %s serves route %r, which no topic is routed to (--route PREFIX=%s): it gets nothing",
+                name,
+                route,
+                route,
+                extra={"worker": name},
+            )
+
+    def policy(self, topic: str) -> RetryPolicy:
+        """The retry policy of a topic's route: its own, or max_attempts retried at once."""
+        return self._retries.get(self._backlog.routes.of(topic)) or RetryPolicy(self._max_attempts)
 
     def drain(self, rid: bytes) -> None:
         """A worker that is stopping: it gets no new lease, and answers for those it holds."""
@@ -174,36 +238,43 @@ class Leasing:
         )
 
     def dispatch(self, now: float) -> None:
-        """Lease what waits to the fresh workers with free credit, the freest first."""
+        """Lease what waits to the fresh workers of its route with free credit, the freest first."""
+        self._backlog.release_due(now)
         if self.closed or not self._backlog or not self.workers:
             return
-        workers = [w for w in self.workers.values() if self._fresh(w.rid, now)]
+        fresh = [w for w in self.workers.values() if self._fresh(w.rid, now)]
         leased: list[tuple[int, int]] = []
         grouped: dict[bytes, list[p.Lease]] = {}  # leases to workers that take groups, sent last
-        while workers and self._backlog:
-            first = self._backlog.first()
-            if first.suspect:
-                # Alone on an idle worker, so that if it kills that worker too, it is the one to pay.
-                worker = next((w for w in workers if not w.held), None)
-                if worker is None:
-                    break  # suspects are the oldest work: the rest waits behind them
-                worker.alone = (first.batch_id, first.attempts + 1)
-            else:
-                worker = max(workers, key=lambda w: w.free)
-                if worker.free <= 0:
-                    break
-            batch, payload = self._backlog.take()
-            attempt = batch.attempts + 1
-            leased.append((batch.batch_id, attempt))
-            worker.hold((batch.batch_id, attempt), batch.count)
-            self.leases[batch.batch_id] = Lease(worker.rid, attempt, now + self._batch_timeout)
-            self._counts["pending"] -= 1
-            self._counts["leased"] += 1
-            lease = p.Lease(self._epoch, batch.batch_id, attempt, batch.topic, batch.count, payload)
-            if worker.groups is None:
-                self._send(worker.rid, lease)
-            else:
-                grouped.setdefault(worker.rid, []).append(lease)
+        for route, queue in self._backlog.queues.items():
+            if not queue:
+                continue
+            workers = [w for w in fresh if w.route == route]
+            if not workers:
+                self._no_worker(route, len(queue))
+            while workers and queue:
+                first = queue[0]
+                if first.suspect:
+                    # Alone on an idle worker, so that if it kills that worker too, it is the one to pay.
+                    worker = next((w for w in workers if not w.held), None)
+                    if worker is None:
+                        break  # suspects are the oldest work: the rest waits behind them
+                    worker.alone = (first.batch_id, first.attempts + 1)
+                else:
+                    worker = max(workers, key=lambda w: w.free)
+                    if worker.free <= 0:
+                        break
+                batch, payload = self._backlog.take(route)
+                attempt = batch.attempts + 1
+                leased.append((batch.batch_id, attempt))
+                worker.hold((batch.batch_id, attempt), batch.count)
+                self.leases[batch.batch_id] = Lease(worker.rid, attempt, now + self._batch_timeout)
+                self._counts["pending"] -= 1
+                self._counts["leased"] += 1
+                lease = p.Lease(self._epoch, batch.batch_id, attempt, batch.topic, batch.count, payload)
+                if worker.groups is None:
+                    self._send(worker.rid, lease)
+                else:
+                    grouped.setdefault(worker.rid, []).append(lease)
         if leased:
             self._ledger.lease(leased)
         for rid, leases in grouped.items():
@@ -211,17 +282,44 @@ class Leasing:
             for group in p.grouped(leases, _sizes, max_frame, max_message):
                 self._send(rid, group[0] if len(group) == 1 else _leases(self._epoch, group))
 
-    def can_lease(self, now: float) -> bool:
-        """Whether batches wait that a worker could take now (they went back after the turn's leasing)."""
-        return (
-            not self.closed
-            and bool(self._backlog)
-            and any(w.free > 0 and self._fresh(w.rid, now) for w in self.workers.values())
+    def _no_worker(self, route: str, waiting: int) -> None:
+        """Batches of a route that no connected worker serves wait for one: said once, until one joins."""
+        if route in self._unserved or any(w.route == route for w in self.workers.values()):
+            return
+        self._unserved.add(route)
+        log.warning(
+            "%d batch(es) of route %r wait: no worker serves it (start one with --app %s=MODULE:FUNCTION)",
+            waiting,
+            route,
+            route,
+            extra={"count": waiting},
         )
 
+    def can_lease(self, now: float) -> bool:
+        """Whether batches wait that a worker could take now (they went back after the turn's leasing)."""
+        if self.closed or not self._backlog:
+            return False
+        return any(
+            self._backlog.queues.get(w.route) and w.free > 0 and self._fresh(w.rid, now) for w in self.workers.values()
+        )
+
+    def routes(self) -> dict[str, dict[str, int]]:
+        """Per route: batches ready to lease, batches waiting out a backoff, workers serving it."""
+        held = self._backlog.held_back()
+        workers = Counter(w.route for w in self.workers.values())
+        names = {*self._backlog.routes.names, *held, *workers, *(r for r, q in self._backlog.queues.items() if q)}
+        return {
+            name: {"pending": len(self._backlog.queues.get(name, ())), "backoff": held[name], "workers": workers[name]}
+            for name in sorted(names)
+        }
+
     def next_deadline(self) -> float | None:
-        """When the first lease times out (None with no leases)."""
-        return min(lease.deadline for lease in self.leases.values()) if self.leases else None
+        """When the first lease times out or the first backoff ends (None with neither)."""
+        due = [lease.deadline for lease in self.leases.values()]
+        backoff = self._backlog.next_due()
+        if backoff is not None:
+            due.append(backoff)
+        return min(due) if due else None
 
     def settle(self, rid: bytes, epoch: int, batch_id: int, attempt: int) -> bool:
         """Close the lease a worker answered for; False (and counted) if the answer is fenced."""
@@ -240,7 +338,7 @@ class Leasing:
     def failed(self, rid: bytes, msg: p.Failed) -> None:
         if self.settle(rid, msg.epoch, msg.batch_id, msg.attempt):
             self._stats["batches failed"] += 1
-            self._ended(msg.batch_id, msg.attempt, msg.error)
+            self._ended(msg.batch_id, msg.attempt, msg.error, kinds=msg.kinds or kinds_in(msg.error))
 
     def expire(self, now: float) -> None:
         """End the leases past their deadline. The worker keeps each batch in `held` (its credit
@@ -294,15 +392,28 @@ class Leasing:
                 "in_flight": len(w.held),
                 "idle_ms": idle_ms(w.rid),
                 "draining": w.draining,
+                "route": w.route,
             }
             for w in self.workers.values()
         ]
 
-    def _ended(self, batch_id: int, attempt: int, error: str, *, charge: bool = True, suspect: bool = False) -> None:
-        """A lease ended without a result: replay the batch, or dead-letter it at max attempts.
-        A lease that ended through no fault of the batch (`charge` false) gives its attempt back;
-        one that may have been its fault (`suspect`) is replayed alone to find out."""
+    def _ended(
+        self,
+        batch_id: int,
+        attempt: int,
+        error: str,
+        *,
+        charge: bool = True,
+        suspect: bool = False,
+        kinds: list[str] | None = None,
+    ) -> None:
+        """A lease ended without a result: replay the batch (after its route's backoff), or
+        dead-letter it at its route's max attempts, or at once if its exception (`kinds`, most
+        derived class first; None if not known) is one the route does not retry. A lease that
+        ended through no fault of the batch (`charge` false) gives its attempt back; one that
+        may have been its fault (`suspect`) is replayed alone to find out."""
         topic, count, _, _ = self._ledger.batch_info(batch_id)
+        policy = self.policy(topic)
         if not charge:
             attempt -= 1
             self._ledger.release(batch_id, error, attempts=attempt)
@@ -310,18 +421,38 @@ class Leasing:
             self._counts["pending"] += 1
             self._stats["replays"] += 1
             self._stats["replays not charged"] += 1
-        elif attempt >= self._max_attempts:
+            return
+        not_retried = kinds is not None and not policy.retried(kinds)
+        if attempt >= policy.max_attempts or not_retried:
             self._dead_letter(batch_id, error)
             self._counts["dead"] += 1
+            why = f"{kinds[0] if kinds else 'its error'} is not retried" if not_retried else f"after {attempt} attempts"
             log.warning(
-                "batch %d dead-lettered after %d attempts: %s",
+                "batch %d dead-lettered %s: %s",
                 batch_id,
-                attempt,
+                why,
                 error.strip().splitlines()[-1] if error.strip() else "",
                 extra={"batch": batch_id, "topic": topic, "attempt": attempt},
             )
+            if not_retried:
+                self._stats["not retried"] += 1
+            return
+        self._ledger.release(batch_id, error)
+        batch = Pending(batch_id, topic, count, attempt)
+        wait = policy.delay(attempt)
+        if wait > 0:
+            self._backlog.hold(batch, self._clock() + wait)
+            self._stats["retries delayed"] += 1
         else:
-            self._ledger.release(batch_id, error)
-            self._backlog.put_back(Pending(batch_id, topic, count, attempt))
-            self._counts["pending"] += 1
-            self._stats["replays"] += 1
+            self._backlog.put_back(batch)
+        self._counts["pending"] += 1
+        self._stats["replays"] += 1
+
+
+def kinds_in(error: str) -> list[str] | None:
+    """The exception class named on a traceback's last line ("KeyError: 'x'" gives KeyError,
+    "mymodule.Invalid" gives mymodule.Invalid), for a worker that did not send its classes; None
+    if the line names none."""
+    lines = error.strip().splitlines()
+    name = lines[-1].split(":", 1)[0].strip() if lines else ""
+    return [name] if name and all(part.isidentifier() for part in name.split(".")) else None

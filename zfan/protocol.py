@@ -96,7 +96,7 @@ _PREFIXES = "list[prefix]"  # topic prefixes: strings that may be empty (the emp
 _KINDS = {"str": _STR, "int": _INT, "list[str]": _STRS, "list[int]": _INTS, "bool": _BOOL, "dict[str, Any]": _MAP}
 
 
-_NON_EMPTY = frozenset({"producer_id", "name", "topic", "source_topic", "role", "token"})
+_NON_EMPTY = frozenset({"producer_id", "name", "topic", "source_topic", "role", "token", "route"})
 _STR_LIMITS = {
     "producer_id": MAX_NAME,
     "name": MAX_NAME,
@@ -106,6 +106,7 @@ _STR_LIMITS = {
     "error": MAX_ERROR,
     "reason": 1024,
     "token": MAX_TOPIC,
+    "route": MAX_NAME,
 }
 
 
@@ -172,6 +173,9 @@ class Message:
     _framed: ClassVar[tuple[int, ...]]
     _sizes: ClassVar[int | None]  # a group's `sizes`: the bytes of each entry in its payload frame
     _spans: ClassVar[tuple[int, int] | None]  # a group of results' `spans` (each lease's topics), and `topics`
+    # Trailing header fields that may be absent on the wire (added after version 1's first
+    # form): their values when absent, in order.
+    _defaults: ClassVar[tuple[Callable[[], Any], ...]]
 
 
 MESSAGES: dict[str, type[Message]] = {}
@@ -206,6 +210,7 @@ def _message(mtype: str) -> Callable[[M], M]:
         cls._framed = tuple(header.index(name) for name in FRAMED.get(mtype, ()))
         cls._sizes = header.index("sizes") if "sizes" in header else None
         cls._spans = (header.index("spans"), header.index("topics")) if "spans" in header else None
+        cls._defaults = tuple(_default_of(f) for f in names if _default_of(f) is not None)  # type: ignore[misc]
         if mtype != STATUS or cls.FIELDS == ():  # the status reply shares its type with the request
             MESSAGES[mtype] = cls
         _set_slots_directly(cls)
@@ -214,15 +219,35 @@ def _message(mtype: str) -> Callable[[M], M]:
     return register
 
 
+def _default_of(f: dataclasses.Field[Any]) -> Callable[[], Any] | None:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+        return lambda: value
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory
+    return None
+
+
 def _set_slots_directly(cls: type[Message]) -> None:
     """Give a message class an __init__ that fills its slots through their descriptors. A frozen
     dataclass's own __init__ goes through object.__setattr__ for each field, which costs more
     than the rest of decoding a message; the instances stay frozen all the same."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    setters = {f"_set_{name}": getattr(cls, name).__set__ for name in names}
-    body = "".join(f"\n    _set_{name}(self, {name})" for name in names) or "\n    pass"
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
+    scope: dict[str, Any] = {f"_set_{name}": getattr(cls, name).__set__ for name in names}
+    params, body = [], ""
+    for f in fields:
+        default = _default_of(f)
+        if default is None:
+            params.append(f.name)
+            body += f"\n    _set_{f.name}(self, {f.name})"
+        else:  # a default made afresh for each message, as a dataclass's default_factory is
+            scope[f"_default_{f.name}"] = default
+            params.append(f"{f.name}=_MISSING")
+            body += f"\n    _set_{f.name}(self, _default_{f.name}() if {f.name} is _MISSING else {f.name})"
+    scope["_MISSING"] = dataclasses.MISSING
     code: dict[str, Any] = {}
-    exec(f"def __init__(self, {', '.join(names)}):{body}", setters, code)
+    exec(f"def __init__(self, {', '.join(params)}):{body or chr(10) + '    pass'}", scope, code)
     code["__init__"].__qualname__ = f"{cls.__qualname__}.__init__"
     cls.__init__ = code["__init__"]  # type: ignore[method-assign]
 
@@ -262,6 +287,9 @@ class Hello(Message):
     role: str
     name: str
     credit: int
+    # The app a worker runs (section 8.6): it is leased only batches of that route. Optional on
+    # the wire: a hello of three fields is one of DEFAULT_ROUTE.
+    route: str = "default"
 
 
 @_message(HEARTBEAT)
@@ -328,6 +356,10 @@ class Failed(Message):
     batch_id: int
     attempt: int
     error: str
+    # The exception's class and its bases, most derived first ("ConnectionRefusedError",
+    # "ConnectionError", "OSError", ...), for the route's retry policy (section 8.4). Optional on
+    # the wire: absent, the sink reads the class from the error's last line.
+    kinds: list[str] = dataclasses.field(default_factory=list)
 
 
 @_message(STATUS)
@@ -634,7 +666,12 @@ def decode(frames: list[bytes], *, allowed: frozenset[type[Message]] | None = No
     if allowed is not None and cls not in allowed:
         raise ProtocolError("unexpected type", mtype)
     if len(fields) != len(cls.FIELDS):
-        raise ProtocolError("bad header", f"{mtype} takes {len(cls.FIELDS)} fields, got {len(fields)}")
+        missing = len(cls.FIELDS) - len(fields)
+        if not 0 < missing <= len(cls._defaults):
+            least = len(cls.FIELDS) - len(cls._defaults)
+            takes = f"{least} to {len(cls.FIELDS)}" if cls._defaults else str(least)
+            raise ProtocolError("bad header", f"{mtype} takes {takes} fields, got {len(fields)}")
+        fields = [*fields, *(make() for make in cls._defaults[len(cls._defaults) - missing :])]
     for value, (name, ok) in zip(fields, cls._checks, strict=False):  # of one length: counted above
         if not ok(value):
             raise ProtocolError("bad field", f"{mtype}.{name}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from . import protocol as p
 from .config import Timing
+from .routing import DEFAULT_ROUTE
 
 SESSION_TYPES: frozenset[type[p.Message]] = frozenset({p.Welcome, p.Heartbeat, p.Reset})
 BACKOFF_CAP = 2.0  # seconds: the longest wait between two dials
@@ -113,10 +114,11 @@ class Session:
         now: float,
         *,
         credit: int = 0,
+        route: str = DEFAULT_ROUTE,
         rng: random.Random | None = None,
         connect_timeout: float | None = None,
     ) -> None:
-        self.hello = p.Hello(role, name, credit)
+        self.hello = p.Hello(role, name, credit, route)
         self.timing = timing
         # Seconds from the first dial to the first welcome before giving up (None: never).
         # Once welcomed, a silent sink is an outage: the session dials until closed.

@@ -42,6 +42,7 @@ from ..nodes.sink import Sink
 from ..nodes.status import query_status
 from ..nodes.subscriber import Subscriber
 from ..nodes.worker import Worker
+from ..routing import parse_app, parse_retry, parse_route
 from ..sequencing import RetentionGap
 from . import pipeline, show
 from .options import (
@@ -103,7 +104,27 @@ def cli() -> None:
     help="local worker processes to start beside the sink",
 )
 @click.option(
-    "--app", default="zfan.apps:rollup", show_default=True, metavar="MODULE:FUNCTION", help="what local workers run"
+    "--app",
+    default="zfan.apps:rollup",
+    show_default=True,
+    metavar="[ROUTE=]MODULE:FUNCTION",
+    help="what local workers run",
+)
+@click.option(
+    "--route",
+    "routes",
+    multiple=True,
+    metavar="PREFIX=ROUTE",
+    help="batches of topics starting with PREFIX go only to workers of ROUTE (--app ROUTE=M:F); "
+    "repeatable; others go to the default route",
+)
+@click.option(
+    "--retry",
+    "retries",
+    multiple=True,
+    metavar="ROUTE:attempts=N,backoff=S..S,on=E|E,not=E|E",
+    help="a route's retry policy: attempts, backoff seconds (doubling, jittered), which exceptions are retried "
+    "(on) or never (not); repeatable; e.g. orders:attempts=5,backoff=1..60,on=ConnectionError|TimeoutError",
 )
 @click.option(
     "--credit",
@@ -166,6 +187,8 @@ def sink(
     fsync: str,
     workers: int,
     app: str,
+    routes: tuple[str, ...],
+    retries: tuple[str, ...],
     credit: int,
     max_attempts: int,
     batch_timeout: float,
@@ -203,6 +226,8 @@ def sink(
             drain_timeout=drain_timeout,
             http=http,
             min_workers=min_workers,
+            routes=dict(parse_route(r) for r in routes),
+            retries=dict(parse_retry(r) for r in retries),
         )
         node = Sink(settings, workers=workers, app=app, worker_credit=credit)
         node.start()
@@ -257,8 +282,9 @@ def _check_worker(control: str, name: str | None, timeout: float, curve: Curve |
     "--app",
     default="zfan.apps:rollup",
     show_default=True,
-    metavar="MODULE:FUNCTION",
-    help="the function to run on each batch: process(records) -> list | dict[topic, list]",
+    metavar="[ROUTE=]MODULE:FUNCTION",
+    help="the function to run on each batch: process(records) -> list | dict[topic, list]; "
+    "with ROUTE=, only batches of that route (see the sink's --route)",
 )
 @click.option(
     "--credit", type=click.IntRange(1, 1000), default=DEFAULT_CREDIT, show_default=True, help="batches to hold at once"
@@ -304,16 +330,31 @@ def worker(
     if parent is not None:
         stop.follow_parent(parent)
         die_with_parent(parent)
-    process = load_app(app)
+    route, spec = parse_app(app)
+    process = load_app(spec)
     if check:
         return _check_worker(control, name, connect_timeout or CHECK_TIMEOUT, curve)
     settings = WorkerSettings(
-        control=control, credit=credit, timing=timing, curve=curve, connect_timeout=connect_timeout, http=http
+        control=control,
+        credit=credit,
+        timing=timing,
+        curve=curve,
+        connect_timeout=connect_timeout,
+        http=http,
+        route=route,
     )
     node = Worker(process, settings if name is None else dataclasses.replace(settings, name=name))
     node.start()
     if await_welcome(node, stop):
-        ready("worker", control=control, app=app, name=node.settings.name, credit=credit, http=node.http or "off")
+        ready(
+            "worker",
+            control=control,
+            app=spec,
+            route=route,
+            name=node.settings.name,
+            credit=credit,
+            http=node.http or "off",
+        )
     if not _serve(node, stop):
         return _ended(node)
     if parent is not None:

@@ -208,7 +208,7 @@ def release_stdout() -> None:
 SHOWN = {
     "version", "epoch", "uptime_s", "draining", "producers", "workers", "subscribers", "pending", "leased", "done",
     "dead", "purged", "ledger_bytes", "records_in", "records_out", "rate_in", "rate_out", "topics", "top_topics",
-    "rejected", "cursor_lag",
+    "rejected", "cursor_lag", "routes",
 }  # fmt: skip
 
 
@@ -236,6 +236,9 @@ def status_table(info: dict[str, Any]) -> str:
     if lag:
         behind = sorted(lag.items(), key=lambda kv: -kv[1])
         lines.append("durable subscribers: " + ", ".join(f"{name} {n:,} behind" for name, n in behind[:10]))
+    routes = info.get("routes") or {}
+    if set(routes) - {"default"} or any(r["backoff"] for r in routes.values()):
+        lines.append("routes: " + "; ".join(_route(name, r) for name, r in routes.items()))
     rejected = info.get("rejected") or {}
     lines.append(
         f"rejected messages: {sum(rejected.values()):,}"
@@ -265,6 +268,12 @@ def megabytes(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
+def _route(name: str, r: dict[str, int]) -> str:
+    backoff = f", {r['backoff']:,} in backoff" if r["backoff"] else ""
+    served = f"{r['workers']} worker(s)" if r["workers"] else "NO WORKER" if r["pending"] or backoff else "no worker"
+    return f"{name} {r['pending']:,} pending{backoff}, {served}"
+
+
 def _workers(workers: list[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     if workers:
@@ -273,7 +282,8 @@ def _workers(workers: list[dict[str, Any]]) -> list[str]:
         for w in workers:
             idle = "-" if w.get("idle_ms") is None else f"{w['idle_ms']}"
             draining = "  draining" if w.get("draining") else ""
-            lines.append(f"{w['name']:<24} {w['credit']:>6} {w['in_flight']:>9} {idle:>8}{draining}")
+            route = f"  route {w['route']}" if w.get("route", "default") != "default" else ""
+            lines.append(f"{w['name']:<24} {w['credit']:>6} {w['in_flight']:>9} {idle:>8}{route}{draining}")
     return lines
 
 

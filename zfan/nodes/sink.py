@@ -25,6 +25,7 @@ from ..exporter import SinkCollector, registry
 from ..ledger import Ledger
 from ..loading import load_app
 from ..lock import LedgerLock
+from ..routing import parse_app
 from .local import LocalWorkers
 from .security import make_server, start_authenticator
 from .service import Service
@@ -68,7 +69,7 @@ class Sink(Service):
         if workers and not app:
             raise ConfigError("local workers need app='module:function', e.g. app='zfan.apps:rollup'")
         if workers and app:
-            load_app(app)  # fail here, once and clearly, rather than in every worker
+            load_app(parse_app(app)[1])  # fail here, once and clearly, rather than in every worker
         self._local = (workers, app, worker_credit)
         self._workers: LocalWorkers | None = None
         self.intake = self.control = self.results = ""
@@ -132,6 +133,8 @@ class Sink(Service):
                 retain_count=s.retain_count,
                 retain_age=s.retain_age,
                 key_allowed=allow.allows if allow is not None else None,
+                routes=s.routes,
+                retries=s.retries,
             )
             self.epoch = core.epoch
             workers, app, credit = self._local

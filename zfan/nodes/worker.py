@@ -50,11 +50,24 @@ def run_batch(process: Process, lease: p.Lease, *, limits: Limits = DEFAULT_LIMI
         out = process(p.decode_records(lease.payload))
         topics, counts, payloads = _split(out, lease.topic)
         _check_fits(topics, payloads, limits)
-    except Exception:
+    except Exception as exc:
         # The end of a traceback says most; cut by bytes, since the limit is in bytes.
         error = traceback.format_exc().encode()[-p.MAX_ERROR :].decode(errors="ignore")
-        return p.Failed(epoch, batch_id, attempt, error)
+        return p.Failed(epoch, batch_id, attempt, error, kinds_of(exc))
     return p.Result(epoch, batch_id, attempt, topics, counts, payloads)
+
+
+def kinds_of(exc: BaseException) -> list[str]:
+    """The exception's class and its bases, most derived first, as a route's retry policy names
+    them: builtins by their name (OSError), others with their module (mymodule.Invalid)."""
+    kinds = []
+    for cls in type(exc).__mro__[:32]:
+        if cls in (BaseException, object):
+            break
+        name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+        if len(name.encode()) <= p.MAX_TOPIC:
+            kinds.append(name)
+    return kinds
 
 
 def _header_bound(topics: list[str]) -> int:
@@ -207,7 +220,7 @@ class Worker(Service):
     # --- the I/O thread --------------------------------------------------------------------
     def _serve(self) -> None:
         s = self.settings
-        core = WorkerCore(s.name, s.credit, s.timing, time.monotonic(), groups=s.limits)
+        core = WorkerCore(s.name, s.credit, s.timing, time.monotonic(), groups=s.limits, route=s.route)
         core.session.connect_timeout = s.connect_timeout
         worker_thread = threading.Thread(target=self._work, name="zfan-worker-process", daemon=True)
         worker_thread.start()
