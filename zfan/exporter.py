@@ -41,8 +41,11 @@ SINK_COUNTERS = (
     ),
     ("zfan_results_fenced", "Results of leases that were no longer the worker's, not published.", "fenced_results"),
     ("zfan_results_published", "Results published (one per batch and topic, dead letters included).", "published"),
+    ("zfan_batches_requeued", "Dead-lettered batches requeued (zfan dead requeue).", "batches_requeued"),
+    ("zfan_batches_purged", "Dead-lettered batches purged (zfan dead purge).", "batches_purged"),
+    ("zfan_batches_not_retried", "Batches dead-lettered at once: their exception is not retried.", "not_retried"),
 )
-SINK_LEDGER = ("pending", "leased", "done", "dead")
+SINK_LEDGER = ("pending", "leased", "done", "dead", "purged")
 
 
 def histogram(name: str, doc: str, snap: dict[str, Any]) -> HistogramMetricFamily:
@@ -60,6 +63,24 @@ def build_info(role: str) -> InfoMetricFamily:
     return InfoMetricFamily(
         "zfan_build", "zfan's version and this node's role.", value={"version": __version__, "role": role}
     )
+
+
+def _routes(routes: dict[str, dict[str, int]]) -> Iterator[Metric]:
+    """Per route: batches ready to lease (those of a route with no worker wait here), batches
+    waiting out a retry's backoff, and the workers serving it."""
+    series = {
+        "pending": GaugeMetricFamily(
+            "zfan_route_pending_batches", "Batches of a route ready to lease.", labels=["route"]
+        ),
+        "backoff": GaugeMetricFamily(
+            "zfan_route_backoff_batches", "Failed batches of a route waiting out their backoff.", labels=["route"]
+        ),
+        "workers": GaugeMetricFamily("zfan_route_workers", "Workers serving a route.", labels=["route"]),
+    }
+    for name, r in sorted(routes.items()):
+        for key, family in series.items():
+            family.add_metric([name], r[key])
+    yield from series.values()
 
 
 class SinkCollector(Collector):
@@ -90,6 +111,7 @@ class SinkCollector(Collector):
                 f"zfan_ledger_{state}_batches", f"Batches in the ledger now {state}.", value=s[state]
             )
         yield GaugeMetricFamily("zfan_ledger_size_bytes", "The ledger's files on disk.", value=s["ledger_bytes"])
+        yield from _routes(s.get("routes", {}))
         yield histogram("zfan_commit_seconds", "Time of the sink's ledger commits.", s["commit_seconds"])
         yield histogram(
             "zfan_end_to_end_seconds",
