@@ -344,3 +344,9 @@ def test_a_mistyped_option_is_a_type_error_that_names_the_option_meant(role):
 )
 def test_every_setting_is_a_typed_keyword_option(options, settings):
     assert set(options.__annotations__) == {f.name for f in dataclasses.fields(settings)}
+
+
+def test_a_stopped_sink_leaves_no_socket_files_behind(tmp_path, ipc, ctx):
+    with Sink(ledger=str(tmp_path / "z.db"), context=ctx, **ipc):
+        assert {"intake", "control", "results"} <= set(p.name for p in tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["z.db", "z.db.lock"]

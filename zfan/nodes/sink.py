@@ -29,7 +29,7 @@ from ..routing import parse_app
 from .local import LocalWorkers
 from .security import make_server, start_authenticator
 from .service import Service
-from .transport import Ctx, Sock, bind, drain, drain_keyed, socket
+from .transport import Ctx, Sock, bind, drain, drain_keyed, remove_ipc, socket
 from .web import Snapshots, Web
 
 if TYPE_CHECKING:
@@ -157,6 +157,8 @@ class Sink(Service):
             for opened in (pull, router, xpub):
                 if opened is not None:
                     opened.close(linger=0)
+            for bound in (self.intake, self.control, self.results):
+                remove_ipc(bound)
             if self._workers is not None:
                 self._workers.stop()
             ledger.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from typing import Any, TypeAlias
@@ -79,6 +80,20 @@ def bind(sock: Sock, endpoint: str, what: str) -> str:
             raise BindError(f"{what} {endpoint}: cannot create the socket file ({exc.strerror})") from None
         raise BindError(f"{what} {endpoint}: cannot bind ({exc.strerror})") from None
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def remove_ipc(endpoint: str) -> None:
+    """Remove the socket file of an ipc:// endpoint this process bound and has closed. libzmq
+    removes it in its I/O thread, after close() returns: a process that ends soon after never
+    gets that far, and leaves the file behind."""
+    path = endpoint.removeprefix("ipc://")
+    if path == endpoint or path.startswith("@"):  # not ipc, or Linux's abstract namespace: no file
+        return
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass  # gone already
 
 
 def connect(sock: Sock, endpoint: str, what: str) -> None:
