@@ -163,3 +163,16 @@ def test_the_readme_settings_file_is_one_the_commands_read(tmp_path):
     assert got["sink"]["ledger"] == {"value": "/var/lib/zfan/zfan.db", "from": "file"}
     assert got["worker"]["control"] == {"value": "tcp://sink-host:5558", "from": "file"}
     assert got["worker"]["credit"]["value"] == 64
+
+
+def test_no_variable_answers_a_question_or_widens_a_command_for_a_person(tmp_path):
+    """ZFAN_YES or ZFAN_ALL left in an environment must not purge every dead letter unasked."""
+    done = run_cli(
+        "dead",
+        "purge",
+        "--control",
+        f"ipc://{tmp_path}/none",
+        cwd=str(tmp_path),
+        env={"ZFAN_YES": "1", "ZFAN_ALL": "1"},
+    )
+    assert done.returncode == 2 and done.stderr.startswith("zfan dead: error: name the batches"), done.stderr

@@ -267,9 +267,9 @@ class FileError(click.ClickException):
 
 
 # Options read neither from a file nor from ZFAN_<OPTION>: the file's own, and those only a
-# person or the process that starts a role gives (an environment variable left set would turn
-# every later `zfan worker` into a check).
-NOT_CONFIGURED = frozenset({"config", "help", "version", "check"})
+# person or the process that starts a role gives. An environment variable left set would turn
+# every later `zfan worker` into a check, or let a `zfan dead purge` go without its question.
+NOT_CONFIGURED = frozenset({"config", "help", "version", "check", "yes", "all"})
 
 
 def configurable(command: click.Command) -> dict[str, str]:
