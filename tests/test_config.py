@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 from contextlib import closing
 
 import pytest
 
-from tests.helpers import ROOT, Role, run_cli
+from tests.helpers import ROOT, Role, run_cli, wait_for
 from zfan.cli import cli
 from zfan.cli.options import configurable, every_command
 
@@ -176,3 +177,37 @@ def test_no_variable_answers_a_question_or_widens_a_command_for_a_person(tmp_pat
         env={"ZFAN_YES": "1", "ZFAN_ALL": "1"},
     )
     assert done.returncode == 2 and done.stderr.startswith("zfan dead: error: name the batches"), done.stderr
+
+
+def test_a_sinks_local_workers_take_no_setting_meant_for_the_sink(tmp_path):
+    """ZFAN_HTTP and the file's [worker] table are for `zfan sink` and `zfan worker` run by a
+    person: a local worker binding the sink's port too would fail, and the sink with it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    write(tmp_path, "zfan.toml", ipc_settings(tmp_path) + "[worker]\ncredit = 1\n")
+    sink = Role("sink", "--workers", "2", "--ledger", "z.db", cwd=str(tmp_path), env={"ZFAN_HTTP": f"127.0.0.1:{port}"})
+    try:
+        assert f"http=http://127.0.0.1:{port}/" in sink.wait_ready()
+
+        def workers() -> list:
+            return json.loads(run_cli("status", "--json", cwd=str(tmp_path)).stdout)["workers"]
+
+        assert [w["credit"] for w in wait_for(lambda: len(workers()) == 2 and workers(), 20)] == [256, 256]
+        done = run_cli("produce", "--count", "200", cwd=str(tmp_path))
+        assert done.returncode == 0, done.stderr + sink.stderr
+    finally:
+        assert sink.stop() == 0, sink.stderr
+
+
+def test_a_dead_command_takes_endpoints_from_the_top_of_the_file_but_not_a_producers_topic(tmp_path):
+    write(tmp_path, "zfan.toml", f'control = "ipc://{tmp_path}/control"\ntopic = "readings"\ntimeout = 99\n')
+    sink = Role(
+        "sink", "--ledger", "z.db", f"--intake=ipc://{tmp_path}/i", f"--results=ipc://{tmp_path}/r", cwd=str(tmp_path)
+    )
+    try:
+        sink.wait_ready()
+        done = run_cli("dead", "list", cwd=str(tmp_path), env={"ZFAN_TOPIC": "x", "ZFAN_JSON": "1"})
+        assert (done.returncode, done.stdout) == (0, "no dead-lettered batch\n"), done.stderr
+    finally:
+        assert sink.stop() == 0, sink.stderr

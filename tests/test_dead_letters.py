@@ -157,6 +157,14 @@ def test_show_gives_the_traceback_and_the_records_and_purge_drops_them(sink, ctx
     assert again["batch_ids"] == [eu[0]] and again["not_dead"] == [us[0]]
     info = query_status(sink.control, context=ctx)
     assert (info["dead"], info["purged"]) == (len(eu) - 1, len(us))
+    # The notices on zfan.dead, replayed from the ledger: a purged batch's carry no records.
+    with Subscriber(
+        results=sink.results, control=sink.control, topics=["zfan.dead"], durable="audit", context=ctx
+    ) as sub:
+        notices = [sub.recv(10) for _ in range(len(eu) + len(us))]
+    assert all(m is not None for m in notices)
+    carried = {m.batch_id: m.records for m in notices}
+    assert all(carried[b] == [] for b in us) and all(len(carried[b]) == 5 for b in eu)
 
 
 def dead(*args: str, control: str) -> tuple[int, str, str]:

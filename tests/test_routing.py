@@ -87,7 +87,7 @@ def test_a_batch_whose_route_has_no_worker_waits_in_sight_then_goes_to_its_app(t
                 p.send_many([{"id": i} for i in range(100)])
                 p.flush(10)
             wait_for(lambda: query_status(sink.control, context=ctx)["routes"]["orders"]["pending"] == 10, 10)
-            wait_for(lambda: "10 batch(es) of route 'orders' wait: no worker serves it" in caplog.text, 5)
+            wait_for(lambda: "batch(es) of route 'orders' wait: no worker serves it" in caplog.text, 5)
         info = query_status(sink.control, context=ctx)
         assert info["done"] == 0 and info["routes"]["orders"] == {"pending": 10, "backoff": 0, "workers": 0}
         assert info["routes"]["default"]["workers"] == 1
@@ -242,3 +242,20 @@ def test_the_longest_prefix_routes_and_an_app_names_its_route():
     ]
     assert parse_app("vip=shop.apps:handle") == ("vip", "shop.apps:handle")
     assert parse_app("shop.apps:handle") == ("default", "shop.apps:handle")
+
+
+def test_a_policy_without_attempts_takes_the_sinks_and_one_for_no_route_is_refused(tmp_path, ipc, ctx):
+    app = Flaky(ConnectionError("down"), fails=99)
+    with (
+        Sink(
+            ledger=str(tmp_path / "z.db"), max_attempts=4, retries={"default": RetryPolicy()}, context=ctx, **ipc
+        ) as sink,
+        Worker(app, control=sink.control, context=ctx),
+        Producer(intake=sink.intake, control=sink.control, batch_size=1, context=ctx) as prod,
+    ):
+        prod.send({"id": 1})
+        prod.flush(10)
+        assert prod.join(30).dead_batches == 1
+    assert len(app.starts[1]) == 4
+    with pytest.raises(ConfigError, match="a retry policy for route 'orders', to which no topic is routed"):
+        Sink(ledger=str(tmp_path / "y.db"), retries={"orders": RetryPolicy()}, **ipc)

@@ -193,9 +193,14 @@ class SinkSettings:
     retries: Mapping[str, RetryPolicy] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        Routes(self.routes)  # refuses a bad prefix or name
+        routed = Routes(self.routes).names  # refuses a bad prefix or name
         for route, policy in self.retries.items():
             check_route_name(route)
+            if route not in routed:
+                raise ConfigError(
+                    f"a retry policy for route {route!r}, to which no topic is routed: "
+                    f"add a route (PREFIX={route}), or name one of {', '.join(sorted(routed))}"
+                )
             if not isinstance(policy, RetryPolicy):
                 raise ConfigError(f"retries[{route!r}] must be a zfan.RetryPolicy, not {type(policy).__name__}")
         if not self.drain_timeout >= 0:

@@ -34,6 +34,18 @@ else:  # pragma: no cover - exercised on 3.10 only
 FILE_NAME = "zfan.toml"
 PYPROJECT = "pyproject.toml"
 ENV = "ZFAN_CONFIG"
+NONE = "none"  # --config none: read no settings file
+
+
+def child_environment() -> dict[str, str]:
+    """The environment for the roles a process starts with every setting on their command line
+    (a sink's local workers, zfan up's sink): without the ZFAN_<OPTION> variables and settings
+    file meant for this one, which would add to or override those settings. The log's format
+    and file are kept: the children log as their parent does."""
+    keep = {"ZFAN_LOG_FORMAT", "ZFAN_LOG_FILE"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZFAN_") or k in keep}
+    env[ENV] = NONE
+    return env
 
 
 @dataclass(frozen=True)
@@ -69,8 +81,11 @@ class ConfigFile:
 
 
 def find(explicit: str | None, folder: str = ".") -> str | None:
-    """The file to read: `explicit` (from --config or ZFAN_CONFIG), which must exist; else
-    zfan.toml in `folder`; else its pyproject.toml if that has a [tool.zfan] table; else none."""
+    """The file to read: `explicit` (from --config or ZFAN_CONFIG), which must exist ("none":
+    no file at all); else zfan.toml in `folder`; else its pyproject.toml if that has a
+    [tool.zfan] table; else none."""
+    if explicit == NONE:
+        return None
     if explicit:
         if not os.path.isfile(explicit):
             raise ConfigError(f"config file {explicit}: no such file")
@@ -79,8 +94,13 @@ def find(explicit: str | None, folder: str = ".") -> str | None:
     if os.path.isfile(here):
         return here
     pyproject = os.path.join(folder, PYPROJECT)
-    if os.path.isfile(pyproject) and "zfan" in _read(pyproject).get("tool", {}):
-        return pyproject
+    if os.path.isfile(pyproject):
+        try:
+            tool = _read(pyproject).get("tool", {})
+        except ConfigError:
+            return None  # a project's own file, broken: not ours to refuse, unless named
+        if isinstance(tool, dict) and "zfan" in tool:
+            return pyproject
     return None
 
 

@@ -6,6 +6,7 @@ of an attempt or not, alone if it is suspect, after a backoff, or a dead letter)
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import time
@@ -133,6 +134,9 @@ class WorkerState:
         return self.credit - len(self.held)
 
     def hold(self, key: tuple[int, int], count: int) -> None:
+        # The same key held already: a requeued dead letter (its attempts from zero again),
+        # leased to a worker still stuck on its old lease of that number. One lease, counted once.
+        self.records -= self.held.get(key, 0)
         self.held[key] = count
         self.records += count
 
@@ -199,7 +203,11 @@ class Leasing:
         self._send = send
         self._fresh = fresh
         self._dead_letter = dead_letter
-        self._retries = retries or {}
+        self._default = RetryPolicy(max_attempts)
+        self._retries = {
+            route: policy if policy.max_attempts is not None else dataclasses.replace(policy, max_attempts=max_attempts)
+            for route, policy in (retries or {}).items()
+        }
         self._clock = clock
         self._unserved: set[str] = set()  # routes said to have batches and no worker
         self.leases: dict[int, Lease] = {}
@@ -221,8 +229,9 @@ class Leasing:
             )
 
     def policy(self, topic: str) -> RetryPolicy:
-        """The retry policy of a topic's route: its own, or max_attempts retried at once."""
-        return self._retries.get(self._backlog.routes.of(topic)) or RetryPolicy(self._max_attempts)
+        """The retry policy of a topic's route: its own (with the sink's max_attempts if it sets
+        none), or max_attempts retried at once."""
+        return self._retries.get(self._backlog.routes.of(topic)) or self._default
 
     def drain(self, rid: bytes) -> None:
         """A worker that is stopping: it gets no new lease, and answers for those it holds."""
@@ -423,7 +432,7 @@ class Leasing:
             self._stats["replays not charged"] += 1
             return
         not_retried = kinds is not None and not policy.retried(kinds)
-        if attempt >= policy.max_attempts or not_retried:
+        if attempt >= (policy.max_attempts or self._max_attempts) or not_retried:
             self._dead_letter(batch_id, error)
             self._counts["dead"] += 1
             why = f"{kinds[0] if kinds else 'its error'} is not retried" if not_retried else f"after {attempt} attempts"

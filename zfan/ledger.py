@@ -17,6 +17,7 @@ from . import checkpoints
 from .errors import LedgerError, LedgerFull
 
 PENDING, LEASED, DONE, DEAD = 0, 1, 2, 3
+EMPTY_RECORDS = b"\x90"  # a msgpack array of no records
 PURGED = 4  # a dead letter whose records were dropped on request: kept, like a done one, for dedup
 # Stamped in the SQLite header of every ledger ("zfan"), so that no other database is taken over.
 APPLICATION_ID = 0x7A66616E
@@ -56,6 +57,9 @@ CREATE TABLE IF NOT EXISTS results (
     created REAL NOT NULL,    -- wall-clock seconds, for retention by age
     UNIQUE (topic, seq)
 );
+-- A dead letter's notice, found by its batch (zfan dead list, show, purge): dead letters are few,
+-- and so is what this index costs.
+CREATE INDEX IF NOT EXISTS results_dead ON results (batch_id) WHERE kind = 1;
 CREATE TABLE IF NOT EXISTS topics (
     topic TEXT PRIMARY KEY,
     seq INTEGER NOT NULL      -- the last seq given on this topic, whatever retention dropped
@@ -408,6 +412,12 @@ class Ledger:
         self._write_many(
             "UPDATE batches SET state=?, payload=NULL WHERE id=? AND state=?",
             [(PURGED, bid, DEAD) for bid in batch_ids],
+        )
+        # Its notice on zfan.dead carried a copy of the records: it keeps its place in that
+        # topic's numbering, with none.
+        self._write_many(
+            "UPDATE results SET payload=?, count=0 WHERE batch_id=? AND kind=1",
+            [(EMPTY_RECORDS, bid) for bid in batch_ids],
         )
 
     def owners(self, batch_ids: list[int]) -> list[tuple[int, str, int]]:

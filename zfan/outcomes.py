@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from . import protocol as p
-from .ledger import DEAD, DONE, Ledger
+from .ledger import DEAD, DONE, PURGED, Ledger
 
 # One outcome message stays far below MAX_HEADER_BYTES: seqs cost at most 9 bytes each, and
 # an error line at most MAX_SUMMARY.
@@ -68,7 +68,7 @@ class Outcomes:
             found.add(seq)
             if state == DONE:
                 told.done.append(seq)
-            elif state == DEAD:
+            elif state in (DEAD, PURGED):  # purged: dead-lettered, its records since dropped
                 told.dead.append((seq, summary(error or "")))
         told.unknown += [seq for seq in seqs if seq not in found]
 

@@ -644,12 +644,26 @@ def _not_msgpack(exc: Exception) -> str:
 
 def encode(msg: Message) -> list[bytes]:
     """The frames of a message: its header, then its payloads."""
-    header: bytes = msgpack.packb((VERSION, msg.TYPE, *type(msg)._values(msg)))
+    values = type(msg)._values(msg)
+    if type(msg)._defaults:
+        values = _without_defaults(type(msg), values)
+    header: bytes = msgpack.packb((VERSION, msg.TYPE, *values))
     if msg.PAYLOADS is None:
         return [header, *msg.payloads]  # type: ignore[attr-defined]
     if msg.PAYLOADS:
         return [header, msg.payload]  # type: ignore[attr-defined]
     return [header]
+
+
+def _without_defaults(cls: type[Message], values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The header's values less the optional ones at its end that hold their defaults: a
+    receiver of the first form of the message (a sink of an earlier version) takes it as it is."""
+    n = len(values)
+    for make in reversed(cls._defaults):
+        if values[n - 1] != make():
+            break
+        n -= 1
+    return values[:n]
 
 
 def header(msg: Message) -> bytes:

@@ -13,6 +13,7 @@ which exceptions are worth a retry at all.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Callable, Mapping
@@ -84,11 +85,12 @@ class RetryPolicy:
     whose exception is none of them is dead-lettered at once. Empty: every exception is retried.
     `no_retry_on`: exception class names never retried, checked first.
 
-    A batch timeout is retried like a failure. A worker's death is not the batch's failure: its
-    batches are leased again at once (see PROTOCOL.md section 8.4).
+    A batch timeout, or a worker's death while it held that batch alone, is retried like a
+    failure with no exception known. A worker's death while it held several costs none of them
+    an attempt: they are leased again at once (see PROTOCOL.md section 8.4).
     """
 
-    max_attempts: int = 3
+    max_attempts: int | None = None  # None: the sink's max_attempts
     backoff: tuple[float, float] = (0.0, 0.0)
     jitter: float = 0.5
     retry_on: tuple[str, ...] = ()
@@ -96,11 +98,12 @@ class RetryPolicy:
     _random: Callable[[], float] = field(default=random.random, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_attempts, int) or isinstance(self.max_attempts, bool) or self.max_attempts < 1:
-            raise ConfigError(f"max_attempts must be a whole number from 1, not {self.max_attempts!r}")
+        attempts = self.max_attempts
+        if attempts is not None and (not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1):
+            raise ConfigError(f"max_attempts must be a whole number from 1, not {attempts!r}")
         first, most = self.backoff
-        if not (0 <= first <= most):
-            raise ConfigError(f"backoff ({first}, {most}): seconds with 0 <= first <= most")
+        if not (0 <= first <= most < math.inf):
+            raise ConfigError(f"backoff ({first}, {most}): seconds with 0 <= first <= most, and finite")
         if not 0 <= self.jitter <= 1:
             raise ConfigError(f"jitter must be from 0 to 1, not {self.jitter!r}")
 
@@ -135,7 +138,7 @@ def parse_retry(text: str) -> tuple[str, RetryPolicy]:
             )
         values[key] = value
     try:
-        attempts = int(values.get("attempts", 3))
+        attempts = int(values["attempts"]) if "attempts" in values else None
         first, _, most = values.get("backoff", "0..0").partition("..")
         backoff = (float(first), float(most or first))
         jitter = float(values.get("jitter", 0.5))

@@ -836,7 +836,7 @@ def dead_show(control: str, batch_id: int, as_json: bool, timeout: float, curve:
     letter = show_dead_letter(control, batch_id, timeout=timeout, curve=curve)
     if letter is None:
         raise ZfanError(f"the sink at {control} holds no dead-lettered batch {batch_id}")
-    click.echo(json.dumps(letter) if as_json else show.dead_letter(letter))
+    click.echo(json.dumps(letter, default=repr) if as_json else show.dead_letter(letter))
     return RET_OK
 
 

@@ -292,13 +292,24 @@ def every_command(group: click.Group) -> dict[str, dict[str, str]]:
     }
 
 
-def environment(group: click.Group) -> None:
-    """Give every configurable option without an environment variable ZFAN_<OPTION>."""
+# What a command inside a group (zfan dead list, zfan keys generate) reads from the top of a
+# settings file or from ZFAN_<OPTION>: where the sink is, the keys, the log. Not `topic`, `json`
+# or `timeout`, which the top of a file or the environment set for the role commands.
+FOR_EVERY_COMMAND = frozenset(
+    {"intake", "control", "results", "curve_secret", "curve_server_key", "log_level", "log_format", "log_file"}
+)
+
+
+def environment(group: click.Group, *, nested: bool = False) -> None:
+    """Give every configurable option without an environment variable ZFAN_<OPTION> (in a
+    command inside a group: those of FOR_EVERY_COMMAND)."""
     for command in group.commands.values():
         if isinstance(command, click.Group):
-            environment(command)
+            environment(command, nested=True)
             continue
         names = configurable(command)
+        if nested:
+            names = {k: v for k, v in names.items() if k in FOR_EVERY_COMMAND}
         for param in command.params:
             if isinstance(param, click.Option) and param.envvar is None and param.name in names.values():
                 key = next(k for k, v in names.items() if v == param.name)
@@ -322,9 +333,12 @@ def resolved(group: click.Group, names: list[str], config: str | None) -> dict[s
     out: dict[str, list[Setting]] = {}
     for name in names or sorted(commands):
         command = group.commands[name]
-        with command.make_context(
-            name, ["--config", config] if config else [], parent=click.get_current_context()
-        ) as ctx:
+        args = ["--config", config] if config else []
+        try:
+            ctx = command.make_context(name, args, parent=click.get_current_context())
+        except click.ClickException as exc:  # a value from the environment or the file, refused
+            raise ConfigError(f"zfan {name}: {exc.format_message()}") from None
+        with ctx:
             settings = []
             for key, param_name in configurable(command).items():
                 source = ctx.get_parameter_source(param_name)
@@ -337,7 +351,8 @@ def resolved(group: click.Group, names: list[str], config: str | None) -> dict[s
                     where = "flag"
                 else:
                     where = "default"
-                settings.append(Setting(key, ctx.params[param_name], where))
+                value = ctx.params[param_name]
+                settings.append(Setting(key, getattr(value, "name", value), where))  # a file option: its path
             out[name] = settings
     return out
 
@@ -360,7 +375,10 @@ def _with_config(role_name: str) -> Callable[[click.Context, click.Parameter, st
         # A role command's own table; a command inside a group (keys generate) reads the top only.
         direct = isinstance(root, click.Group) and root.commands.get(ctx.info_name or "") is ctx.command
         table = ctx.info_name or "" if direct else ""
-        ctx.default_map = {**(ctx.default_map or {}), **found.defaults(table, configurable(ctx.command))}
+        keys = configurable(ctx.command)
+        if not direct:
+            keys = {k: v for k, v in keys.items() if k in FOR_EVERY_COMMAND}
+        ctx.default_map = {**(ctx.default_map or {}), **found.defaults(table, keys)}
         ctx.meta["zfan.config"] = path
         return path
 

@@ -28,6 +28,7 @@ from typing import IO, Protocol
 import zmq
 
 from ..apps import readings
+from ..config_file import child_environment
 from ..errors import LedgerError, ZfanError
 from ..nodes.local import stop_processes
 from ..nodes.producer import Producer
@@ -143,6 +144,7 @@ def run(
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
+                env=child_environment(),
                 # Ctrl-C at the terminal is for this process, which stops the sink in order.
                 start_new_session=True,
             )

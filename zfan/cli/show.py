@@ -331,6 +331,7 @@ def settings_json(path: str | None, settings: dict[str, list[Any]]) -> str:
             },
         },
         indent=2,
+        default=str,
     )
 
 

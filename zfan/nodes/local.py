@@ -12,6 +12,7 @@ import sys
 import time
 
 from ..config import Curve, Timing
+from ..config_file import child_environment
 from ..errors import AppError
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class LocalWorkers:
         return subprocess.Popen(
             [*self._cmd, "--name", f"local-{i + 1}", "--log-level", "warning", "--parent", str(os.getpid())],
             stdin=subprocess.DEVNULL,
+            env=child_environment(),
             # Out of the sink's process group: Ctrl-C at a terminal reaches the sink alone, which
             # drains and then stops its workers (they would otherwise stop first, and be restarted).
             start_new_session=True,
