@@ -1,9 +1,15 @@
 """The producer's open batches per topic, with no sockets: records collect until a batch is
-full or has lingered long enough."""
+full or has lingered long enough; and the batches on their way from the producer's callers to
+its I/O loop, with the room left in its window."""
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from .delivery import BatchOutcome, Outcomes, Sent
+from .errors import ZfanError
 
 
 @dataclass(slots=True)
@@ -88,3 +94,82 @@ class Batcher:
 
     def __len__(self) -> int:
         return sum(e.count for e in self._open.values())
+
+
+class Outgoing:
+    """Batches between a producer's callers and its I/O loop, with no locks, sockets or
+    waiting: the open ones (a Batcher), the sealed ones queued for the I/O loop, the room left
+    in the window (a sealed batch holds its place until acknowledged), and, for flush() and
+    join(), how many are unacknowledged or without an outcome, and the outcomes. The threaded
+    hand-off holds one lock around every use and waits on a condition; the asyncio one needs
+    no lock and waits on a future. `wake` tells the I/O loop that the queue is no longer empty,
+    or that a first batch opened (its linger is to be timed)."""
+
+    def __init__(self, batcher: Batcher, window: int, seal: Callable[[str, Batch], Sent], wake: Callable[[], None]):
+        self.batcher = batcher
+        self._seal = seal  # numbers and encodes a batch (as it is queued, so that seqs follow the queue)
+        self._wake = wake
+        self.queue: deque[Sent] = deque()
+        self.room = window  # places left in the window: sealed batches count until acked
+        self.unacked = 0  # sealed and not yet acknowledged
+        self.unended = 0  # sealed and no outcome yet
+        self.outcomes = Outcomes()
+        self.stopped: ZfanError | None = None  # why the I/O loop will take nothing more
+        self.told = False  # a caller has been given `stopped`
+
+    # --- the callers' side ---------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise why the I/O loop stopped, if it has."""
+        if self.stopped is not None:
+            self.told = True
+            raise self.stopped
+
+    def add(self, topic: str, packed: bytes, count: int, now: float) -> list[Batch]:
+        """Add packed records to their topic's open batch; return the batches this seals, each
+        for enqueue() once the window has room for it."""
+        # The path of every record: kept short.
+        self.check()
+        opened = self.batcher.empty  # a first open batch: the I/O loop must time its linger
+        sealed = self.batcher.add(topic, packed, now, count)
+        if not sealed and opened and not self.queue:  # (with a queue, a wake-up is on its way already)
+            self._wake()
+        return sealed
+
+    def enqueue(self, topic: str, batch: Batch) -> None:
+        """Queue a sealed batch for the I/O loop, in a place of the window (room must be left)."""
+        assert self.room > 0
+        self.room -= 1
+        self.unacked += 1
+        self.unended += 1
+        self.queue.append(self._seal(topic, batch))
+        if len(self.queue) == 1:
+            self._wake()
+
+    # --- the I/O loop's side -------------------------------------------------------------------
+    def take(self, now: float) -> list[Sent]:
+        """Sealed batches, and the open ones that have lingered long enough if the window has
+        room for them. Clear the wake-up before calling, so that no wake-up is lost."""
+        while self.room > 0 and (due := self.batcher.take_due(now)) is not None:
+            self.room -= 1
+            self.unacked += 1
+            self.unended += 1
+            self.queue.append(self._seal(*due))
+        out = list(self.queue)
+        self.queue.clear()
+        return out
+
+    def linger_deadline(self, now: float) -> float | None:
+        """When the oldest open batch is due, if the window has room for it."""
+        if self.room <= 0:
+            return None  # an ack comes first, and that wakes the I/O loop anyway
+        due = self.batcher.next_due(now)
+        return None if due is None else now + due
+
+    def acked(self, n: int) -> None:
+        self.room += n
+        self.unacked -= n
+
+    def ended(self, outcomes: list[BatchOutcome]) -> None:
+        for outcome in outcomes:
+            self.outcomes.add(outcome)
+        self.unended -= len(outcomes)

@@ -23,7 +23,7 @@ from zmq.utils.monitor import recv_monitor_message
 from ..config import Curve
 from ..errors import AuthError, ConfigError, NoSink
 from .probe import TIMEOUT, not_a_sink_port, probe
-from .transport import Ctx, Sock, socket
+from .transport import Ctx, Sock, plain, plain_context, socket
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def make_server(sock: Sock, curve: Curve) -> None:
     sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
 
 
-def make_client(sock: Sock, curve: Curve) -> None:
+def make_client(sock: zmq.Socket[Any], curve: Curve) -> None:
     if curve.server_key is None:
         raise ConfigError("with secret_file=, a client also needs server_key= (the sink's public key)")
     public, secret = load_secret(curve.secret_file)
@@ -243,7 +243,9 @@ class Handshakes:
         self.ever_succeeded = False
 
 
-def secure_client(sock: Sock, curve: Curve | None, endpoint: str, history: Handshakes | None = None) -> HandshakeWatch:
+def secure_client(
+    sock: zmq.Socket[Any], curve: Curve | None, endpoint: str, history: Handshakes | None = None
+) -> HandshakeWatch:
     """Make `sock` a CURVE client if given keys (before it connects), and watch its handshakes
     either way: a plaintext client of an encrypted sink must say so too."""
     if curve is not None:
@@ -265,16 +267,19 @@ class HandshakeWatch:
     """
 
     def __init__(
-        self, sock: Sock, endpoint: str, *, curve: Curve | None = None, history: Handshakes | None = None
+        self, sock: zmq.Socket[Any], endpoint: str, *, curve: Curve | None = None, history: Handshakes | None = None
     ) -> None:
         self.endpoint = endpoint
         self.curve = curve
         self.encrypted = curve is not None
         self.history = history or Handshakes()
         self.port = PORTS.get(int(sock.getsockopt(zmq.TYPE)), "control")
+        # The monitor is what a loop polls, of the socket's own class (a zmq.asyncio socket's is
+        # one too); its events are read without blocking through a plain view of it.
         self.monitor = sock.get_monitor_socket(
             _FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
         )
+        self._events = plain(self.monitor)
         self._sock = sock
         self._failures = 0  # failed handshakes since the last one that succeeded
         self._shaking = False  # a connection is up and its handshake not yet done
@@ -290,8 +295,8 @@ class HandshakeWatch:
         mid-handshake: fatal for a role that never got in, and otherwise only when failures
         repeat with no success between.
         """
-        while self.monitor.poll(0):
-            msg = recv_monitor_message(self.monitor)
+        while self._events.poll(0):
+            msg = recv_monitor_message(self._events)
             event, value = zmq.Event(msg["event"]), msg["value"]
             if event == zmq.EVENT_CONNECTED:
                 self._shaking = True
@@ -334,7 +339,7 @@ class HandshakeWatch:
         same keys, and the one whose handshake succeeds tells (a PUSH gets in only at a PULL).
         None if none does within the probe's time: then the keys are what is wrong."""
         assert self.curve is not None
-        ctx = self._sock.context
+        ctx = plain_context(self._sock.context)  # the trials are polled here, not by an event loop
         trials: list[tuple[str, Sock, Sock]] = []
         try:
             for port, kind in CLIENT_KINDS.items():

@@ -4,7 +4,8 @@ sink's control endpoint) a DEALER to repair gaps from the sink's ledger.
 It is used from the caller's thread (an iterator, recv(), or run() with a callback), which
 then owns both sockets. Each topic's results are delivered once and in seq order: a result
 dropped by ZeroMQ, missed across a reconnect, or published before a late start is asked for
-again; see zfan.sequencing.
+again; see zfan.sequencing. What a turn does around its poll is SubscriberBase's, which the
+asyncio subscriber (zfan.aio) shares.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -26,7 +27,7 @@ from ..session import Dial, Event, GaveUp, Joined, Lost, said
 from ..subscription import Message, SubscriberCore
 from .probe import no_answer
 from .security import Handshakes, HandshakeWatch, check_handshakes, secure_client
-from .transport import Ctx, Poll, Sock, connect, drain, send, socket
+from .transport import Ctx, Poll, Sock, connect, drain, plain, send, socket
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -37,26 +38,20 @@ log = logging.getLogger(__name__)
 
 SYNC_TOPIC = p.SYNC_PREFIX.encode()
 TURN = 0.25  # seconds a turn waits at most while the caller waits for a result
+Watched = list[tuple[Any, int]]  # (a socket; POLLIN) to poll
 
 
-class Subscriber:
-    """``for msg in Subscriber(results=..., control=..., topics=["sensor."]): ...``
-
-    With ``control`` (the sink's control endpoint) gaps are repaired from the sink's ledger;
-    with ``durable="name"`` as well, the position is saved at the sink, so that a subscriber
-    of that name resumes where the last one stopped (or, the first time, from the oldest
-    result the sink retains).
+class SubscriberBase:
+    """What the threaded subscriber and the asyncio one share: the core, the sockets (of the
+    class `ctx` makes: a zmq.asyncio context makes ones an event loop waits on, read and
+    written here through plain views of them), and a turn cut around its poll: _before() says
+    what to poll and for how long, the subclass polls, _after() takes what came. Neither keeps
+    a thread or a task: the caller's own calls turn it.
     """
 
-    def __init__(
-        self,
-        settings: SubscriberSettings | None = None,
-        *,
-        context: Ctx | None = None,
-        **options: Unpack[SubscriberOptions],
-    ) -> None:
-        self.settings = s = settings_from("Subscriber", SubscriberSettings, settings, options)
-        self._ctx = context or zmq.Context.instance()
+    def __init__(self, settings: SubscriberSettings, ctx: zmq.Context[Any]) -> None:
+        self.settings = s = settings
+        self._ctx = ctx
         self._handshakes = Handshakes()
         self._token = f"{p.SYNC_GROUPS_PREFIX}{uuid.uuid4().hex}"
         self._core = SubscriberCore(
@@ -67,17 +62,23 @@ class Subscriber:
             name=self._token,
             connect_timeout=s.connect_timeout,
         )
-        self._sub = socket(self._ctx, zmq.SUB, max_frame=s.limits.max_frame, stallable=True)
+        self._sub = socket(ctx, zmq.SUB, max_frame=s.limits.max_frame, stallable=True)
+        self._sub_plain = plain(self._sub)
         self._sub.setsockopt(zmq.RCVHWM, s.hwm)
         self._sub_watch = secure_client(self._sub, s.curve, s.results, self._handshakes)
-        connect(self._sub, s.results, "results endpoint")
+        try:
+            connect(self._sub, s.results, "results endpoint")
+        except BaseException:
+            self._sub_watch.close()
+            self._sub.close(linger=0)
+            raise
         for prefix in s.topics:
             self._sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
         self._sub.setsockopt(zmq.SUBSCRIBE, self._token.encode())
-        self._ctl: Sock | None = None  # opened when the core dials
+        self._ctl: zmq.Socket[Any] | None = None  # opened when the core dials
+        self._ctl_plain: Sock | None = None
         self._ctl_watch: HandshakeWatch | None = None
         self._closed = False
-        self._poll = Poll()
         self._error: ZfanError | None = None  # why it cannot go on: raised again at every call
 
     # --- counters ------------------------------------------------------------------------------
@@ -114,66 +115,73 @@ class Subscriber:
         still being repaired."""
         return self._core.gaps
 
-    # --- the caller's side -------------------------------------------------------------------
-    def wait_ready(self, timeout: float = 10.0) -> bool:
-        """Wait until the sink has our subscriptions (and, with a control channel, until we know
-        where each topic starts); True if that happened within the timeout. Raises NoSink once
-        no sink has answered within connect_timeout (counted from the first wait_ready() or
-        recv()), or at once if an endpoint is certainly no sink's; AuthError if a handshake
-        was refused. This is the subscriber's "connected": it keeps no thread of its own."""
-        deadline = time.monotonic() + timeout
-        while not self._core.ready:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            self._turn(min(left, TURN))
-        return True
+    @property
+    def ready(self) -> bool:
+        """The sink has our subscriptions (and, with a control channel, we know where each topic
+        starts): what wait_ready() waits for."""
+        return self._core.ready
 
-    def recv(self, timeout: float | None = None) -> Message | None:
-        """The next result in order, or None if none comes within the timeout (seconds).
-        Raises RetentionGap (once per gap) for results the sink no longer has, and NoSink or
-        AuthError as wait_ready() does."""
+    # --- for the subclasses --------------------------------------------------------------------
+    def _next(self) -> Message | None:
+        """The next result in order if one is ready; raises RetentionGap in place of results the
+        sink no longer has, and Closed once closed."""
         if self._closed:
             raise Closed("subscriber is closed")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            out = self._core.take()
-            if isinstance(out, RetentionGap):
-                raise out
-            if out is not None:
-                return out
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return None
-            self._turn(TURN if left is None else min(left, TURN))
+        out = self._core.take()
+        if isinstance(out, RetentionGap):
+            raise out
+        return out
 
-    def __iter__(self) -> Iterator[Message]:
-        while True:
-            msg = self.recv()
-            if msg is not None:
-                yield msg
+    def _before(self, wait: float) -> tuple[Watched, float]:
+        """The first half of a turn: what the sink sent while the caller was away, and what time
+        did; then what to poll, and for how many seconds (at most `wait`, less if the core has
+        something due). A ZfanError that ends the subscriber is raised now and at every call after."""
+        if self._error is not None:
+            raise self._error
+        try:
+            # What the sink sent while the caller was away, first: a sink heard from is not a sink lost.
+            self._from_control(time.monotonic())
+            self._tick()
+        except ZfanError as exc:
+            self._error = exc
+            raise
+        watched: Watched = [(self._sub, zmq.POLLIN)]
+        if self._ctl is not None:
+            watched.append((self._ctl, zmq.POLLIN))
+        for watch in (self._sub_watch, self._ctl_watch):
+            if watch is not None:  # a failed handshake is news at once
+                watched.append((watch.monitor, zmq.POLLIN))
+        return watched, min(wait, self._core.next_deadline() - time.monotonic())
 
-    def run(
-        self, callback: Callable[[Message], object], *, count: int | None = None, timeout: float | None = None
-    ) -> int:
-        """Call ``callback`` with each result until ``count`` results, or ``timeout`` seconds
-        with nothing new. Returns how many were delivered."""
-        n = 0
-        while count is None or n < count:
-            msg = self.recv(timeout)
-            if msg is None:
-                break
-            callback(msg)
-            n += 1
-        return n
+    def _after(self, ready: Mapping[Any, int]) -> None:
+        """The second half of a turn: take what the poll found `ready`."""
+        try:
+            self._take_ready(ready)
+        except ZfanError as exc:
+            self._error = exc
+            raise
 
-    def commit(self) -> None:
-        """Save a durable subscriber's position at the sink now (it is also saved every second
-        and on close)."""
+    def _take_ready(self, ready: Mapping[Any, int]) -> None:
+        now = time.monotonic()
+        if any(watch.monitor in ready for watch in (self._sub_watch, self._ctl_watch) if watch is not None):
+            check_handshakes(self._sub_watch, self._ctl_watch)
+        if self._sub in ready:
+            for frames in drain(self._sub_plain):
+                self._from_stream(frames, now)
+        if self._ctl is not None and self._ctl in ready:
+            self._from_control(now)
+        self._tick()
+        waited = self._core.sync_overdue(now)
+        if waited is not None:
+            check_handshakes(self._sub_watch)  # a refused handshake, not silence, may be why
+            raise no_answer(self.settings.results, "results", self.settings.connect_timeout or waited)
+
+    def _commit(self) -> None:
         self._core.commit()
         self._send()
 
-    def close(self) -> None:
+    def _close(self) -> None:
+        """Commit a durable position, say bye, close the sockets (once)."""
         if self._closed:
             return
         self._closed = True
@@ -183,55 +191,11 @@ class Subscriber:
         self._send()
         self._close_control(linger=1000)  # a position committed is a position owed
 
-    def __enter__(self) -> Subscriber:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # --- one turn: read what is there, ask for what is missing -------------------------------
-    def _turn(self, wait: float) -> None:
-        """One turn; a ZfanError that ends the subscriber is raised now and at every call after."""
-        if self._error is not None:
-            raise self._error
-        try:
-            self._turn_once(wait)
-        except ZfanError as exc:
-            self._error = exc
-            raise
-
-    def _turn_once(self, wait: float) -> None:
-        """Poll for at most `wait` seconds (less if the core has something due), then take what came."""
-        core = self._core
-        # What the sink sent while the caller was away, first: a sink heard from is not a sink lost.
-        self._from_control(time.monotonic())
-        self._tick()
-        watched: list[tuple[Sock | int, int]] = [(self._sub, zmq.POLLIN)]
-        if self._ctl is not None:
-            watched.append((self._ctl, zmq.POLLIN))
-        for watch in (self._sub_watch, self._ctl_watch):
-            if watch is not None:  # a failed handshake is news at once
-                watched.append((watch.monitor, zmq.POLLIN))
-        now = time.monotonic()
-        ready = self._poll(watched, min(wait, core.next_deadline() - now))
-        now = time.monotonic()
-        if any(watch.monitor in ready for watch in (self._sub_watch, self._ctl_watch) if watch is not None):
-            check_handshakes(self._sub_watch, self._ctl_watch)
-        if self._sub in ready:
-            for frames in drain(self._sub):
-                self._from_stream(frames, now)
-        if self._ctl is not None and self._ctl in ready:
-            self._from_control(now)
-        self._tick()
-        waited = core.sync_overdue(now)
-        if waited is not None:
-            check_handshakes(self._sub_watch)  # a refused handshake, not silence, may be why
-            raise no_answer(self.settings.results, "results", self.settings.connect_timeout or waited)
-
+    # --- inside a turn ---------------------------------------------------------------------------
     def _from_control(self, now: float) -> None:
-        if self._ctl is None:
+        if self._ctl_plain is None:
             return
-        for frames in drain(self._ctl):
+        for frames in drain(self._ctl_plain):
             # A reset is said at debug level: expected after the caller was busy for longer
             # than the expiry, and no news for a person.
             self._say(self._core.control(frames, now))
@@ -269,10 +233,10 @@ class Subscriber:
 
     def _send(self) -> None:
         session = self._core.session
-        if session is None or self._ctl is None:
+        if session is None or self._ctl_plain is None:
             return
         for msg in session.take():
-            if not send(self._ctl, p.encode(msg)):
+            if not send(self._ctl_plain, p.encode(msg)):
                 # No connection to queue on, or the sink reads nothing: the session notices the
                 # silence and dials again, and what was asked is asked again.
                 log.debug("sink %s takes nothing on control; %s not sent", self.settings.control, type(msg).__name__)
@@ -281,10 +245,16 @@ class Subscriber:
         s = self.settings
         assert s.control is not None
         self._close_control()
-        self._ctl = socket(self._ctx, zmq.DEALER, max_frame=s.limits.max_frame, stallable=True)
-        self._ctl.setsockopt(zmq.RCVHWM, 10 * s.hwm)
-        self._ctl_watch = secure_client(self._ctl, s.curve, s.control, self._handshakes)
-        connect(self._ctl, s.control, "control endpoint")
+        ctl = socket(self._ctx, zmq.DEALER, max_frame=s.limits.max_frame, stallable=True)
+        ctl.setsockopt(zmq.RCVHWM, 10 * s.hwm)
+        watch = secure_client(ctl, s.curve, s.control, self._handshakes)
+        try:
+            connect(ctl, s.control, "control endpoint")
+        except BaseException:
+            watch.close()
+            ctl.close(linger=0)
+            raise
+        self._ctl, self._ctl_plain, self._ctl_watch = ctl, plain(ctl), watch
 
     def _close_control(self, linger: int = 0) -> None:
         if self._ctl_watch is not None:
@@ -292,4 +262,95 @@ class Subscriber:
             self._ctl_watch = None
         if self._ctl is not None:
             self._ctl.close(linger=linger)
-            self._ctl = None
+            self._ctl = self._ctl_plain = None
+
+
+class Subscriber(SubscriberBase):
+    """``for msg in Subscriber(results=..., control=..., topics=["sensor."]): ...``
+
+    With ``control`` (the sink's control endpoint) gaps are repaired from the sink's ledger;
+    with ``durable="name"`` as well, the position is saved at the sink, so that a subscriber
+    of that name resumes where the last one stopped (or, the first time, from the oldest
+    result the sink retains).
+    """
+
+    def __init__(
+        self,
+        settings: SubscriberSettings | None = None,
+        *,
+        context: Ctx | None = None,
+        **options: Unpack[SubscriberOptions],
+    ) -> None:
+        super().__init__(
+            settings_from("Subscriber", SubscriberSettings, settings, options), context or zmq.Context.instance()
+        )
+        self._poll = Poll()
+
+    # --- the caller's side -------------------------------------------------------------------
+    def wait_ready(self, timeout: float = 10.0) -> bool:
+        """Wait until the sink has our subscriptions (and, with a control channel, until we know
+        where each topic starts); True if that happened within the timeout. Raises NoSink once
+        no sink has answered within connect_timeout (counted from the first wait_ready() or
+        recv()), or at once if an endpoint is certainly no sink's; AuthError if a handshake
+        was refused. This is the subscriber's "connected": it keeps no thread of its own."""
+        deadline = time.monotonic() + timeout
+        while not self._core.ready:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._turn(min(left, TURN))
+        return True
+
+    def recv(self, timeout: float | None = None) -> Message | None:
+        """The next result in order, or None if none comes within the timeout (seconds).
+        Raises RetentionGap (once per gap) for results the sink no longer has, and NoSink or
+        AuthError as wait_ready() does."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            out = self._next()
+            if out is not None:
+                return out
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            self._turn(TURN if left is None else min(left, TURN))
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            msg = self.recv()
+            if msg is not None:
+                yield msg
+
+    def run(
+        self, callback: Callable[[Message], object], *, count: int | None = None, timeout: float | None = None
+    ) -> int:
+        """Call ``callback`` with each result until ``count`` results, or ``timeout`` seconds
+        with nothing new. Returns how many were delivered."""
+        n = 0
+        while count is None or n < count:
+            msg = self.recv(timeout)
+            if msg is None:
+                break
+            callback(msg)
+            n += 1
+        return n
+
+    def commit(self) -> None:
+        """Save a durable subscriber's position at the sink now (it is also saved every second
+        and on close)."""
+        self._commit()
+
+    def close(self) -> None:
+        self._close()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _turn(self, wait: float) -> None:
+        """One turn: poll for at most `wait` seconds (less if the core has something due), then
+        take what came."""
+        watched, seconds = self._before(wait)
+        self._after(self._poll(watched, seconds))

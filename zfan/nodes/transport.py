@@ -1,6 +1,9 @@
 """Thin helpers every role uses around pyzmq: binding and connecting with errors a person
 can read, sending without blocking, draining a socket, and a wake-up pipe a thread can poll
-next to its sockets."""
+next to its sockets.
+
+The sockets of the asyncio API are made by the same helpers from a zmq.asyncio context; an
+event loop waits on them, and they are read and written without blocking through plain()."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import os
 import stat
 import threading
 from collections.abc import Iterator
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import zmq
 
@@ -18,6 +21,7 @@ from ..errors import BindError, ConfigError
 
 Sock: TypeAlias = "zmq.Socket[bytes]"
 Ctx: TypeAlias = "zmq.Context[zmq.Socket[bytes]]"
+AnySock = TypeVar("AnySock", bound="zmq.Socket[Any]")  # a plain socket, or a zmq.asyncio one
 
 # Messages taken from one socket per turn of a loop: enough to amortise a commit, few enough
 # that one busy socket cannot starve the others.
@@ -36,8 +40,13 @@ CLIENTS = frozenset({zmq.DEALER, zmq.PUSH, zmq.SUB})
 
 
 def socket(
-    ctx: Ctx, kind: int, *, hwm: int | None = None, max_frame: int | None = None, stallable: bool = False
-) -> Sock:
+    ctx: zmq.Context[AnySock],
+    kind: int,
+    *,
+    hwm: int | None = None,
+    max_frame: int | None = None,
+    stallable: bool = False,
+) -> AnySock:
     """A socket with zfan's options. `stallable`: a client socket read only when its caller
     asks (the subscriber's), which may leave it unread for longer than HEARTBEAT_TIMEOUT. Such
     a socket gets TCP keepalive instead of ZeroMQ heartbeats: a full receive pipe stops its
@@ -96,7 +105,24 @@ def remove_ipc(endpoint: str) -> None:
         pass  # gone already
 
 
-def connect(sock: Sock, endpoint: str, what: str) -> None:
+def plain(sock: zmq.Socket[Any]) -> Sock:
+    """The socket itself, or for a socket of another class (a zmq.asyncio socket, whose calls
+    return futures) a plain view of it, to read and write without blocking; the view owns
+    nothing and is not closed: the socket is."""
+    if type(sock) is zmq.Socket:
+        return sock
+    return zmq.Socket.shadow(sock)
+
+
+def plain_context(ctx: zmq.Context[Any]) -> Ctx:
+    """The context itself, or for a context of another class (a zmq.asyncio one) a plain view of
+    it, whose sockets are plain; terminating it stays the context's owner's to do."""
+    if type(ctx) is zmq.Context:
+        return ctx
+    return zmq.Context.shadow(ctx)
+
+
+def connect(sock: zmq.Socket[Any], endpoint: str, what: str) -> None:
     try:
         sock.connect(endpoint)
     except zmq.ZMQError as exc:
