@@ -3,6 +3,7 @@
 __version__ = "0.1.0"  # first: the modules imported below report it
 
 
+from .aio import AsyncProducer, AsyncSubscriber
 from .config import Curve, ProducerSettings, SinkSettings, SubscriberSettings, Timing, WorkerSettings
 from .delivery import BatchOutcome, Outcomes
 from .errors import (
@@ -37,6 +38,9 @@ __all__ = [
     "Subscriber",
     "Message",
     "BatchOutcome",
+    # the same roles for asyncio
+    "AsyncProducer",
+    "AsyncSubscriber",
     "Outcomes",
     "query_status",
     # dead letters

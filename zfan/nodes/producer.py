@@ -361,10 +361,10 @@ class Producer(Service):
         self._handoff.stop(stopped_error(self.error, self._stopping.is_set()))
 
 
-def stopped_error(error: BaseException | None, stopping: bool) -> ZfanError:
+def stopped_error(error: BaseException | None, stopping: bool, loop: str = "I/O thread") -> ZfanError:
     """What a producer's callers are told once its I/O loop has ended: why it ended."""
     if isinstance(error, ZfanError):
         return error
     if stopping:
         return Closed("producer is closed")
-    return ZfanError("producer's I/O thread has stopped")
+    return ZfanError(f"producer's {loop} has stopped")

@@ -1,12 +1,14 @@
 """The worker: a DEALER on the sink's control socket, and the user's function.
 
 The I/O thread owns the socket, heartbeats and reconnects; the user's function runs on a
-second thread, so heartbeats keep flowing while a long batch runs. A worker stops by draining:
+second thread, so heartbeats keep flowing while a long batch runs (an async def function on an
+event loop that thread keeps: zfan.calling). A worker stops by draining:
 it asks for no new lease, finishes the ones it holds, answers them, then says bye.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import queue
 import threading
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from .. import protocol as p
+from ..calling import Caller, Process
 from ..config import Limits, WorkerSettings, settings_from
 from ..errors import SerializationError
 from ..exporter import WorkerCollector, registry
@@ -38,13 +41,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Process = Callable[[list[Any]], "list[Any] | dict[str, list[Any]] | None"]
 DEFAULT_LIMITS = Limits()
 STALLED = 10.0  # seconds without a turn of the I/O thread's loop before /healthz says it is stuck
 
 
-def run_batch(process: Process, lease: p.Lease, *, limits: Limits = DEFAULT_LIMITS) -> p.Result | p.Failed:
-    """Run the function on one batch; return the result or failure to send back."""
+def run_batch(
+    process: Callable[[list[Any]], Any], lease: p.Lease, *, limits: Limits = DEFAULT_LIMITS
+) -> p.Result | p.Failed:
+    """Run the function on one batch (an async one through a zfan.calling.Caller); return the
+    result or failure to send back."""
     epoch, batch_id, attempt = lease.epoch, lease.batch_id, lease.attempt
     try:
         out = process(p.decode_records(lease.payload))
@@ -142,6 +147,13 @@ def _split(out: Any, topic: str) -> tuple[list[str], list[int], list[bytes]]:
     """A list is published on the batch's topic; a dict maps topic -> records."""
     if out is None:
         return [], [], []
+    if inspect.isawaitable(out):
+        if inspect.iscoroutine(out):
+            out.close()  # never to be awaited: said here, not by a warning when it is collected
+        raise TypeError(
+            f"process() returned {type(out).__name__}, which a worker does not await: make process "
+            "itself an async def function (or give its class an async def __call__)"
+        )
     if isinstance(out, (list, tuple)):
         out = {topic: out}
     if not isinstance(out, dict):
@@ -183,6 +195,7 @@ class Worker(Service):
         self.settings = settings_from("Worker", WorkerSettings, settings, options)
         super().__init__(context)
         self.process = process
+        self._caller = Caller(process)  # decides once whether process is async
         # Leases for the function's thread, and its answers for the I/O thread.
         self._jobs: queue.SimpleQueue[p.Lease | None] = queue.SimpleQueue()
         self._done: deque[tuple[p.Lease, p.Result | p.Failed]] = deque()
@@ -210,12 +223,13 @@ class Worker(Service):
 
     # --- the function's thread -------------------------------------------------------------
     def _work(self) -> None:
-        while (lease := self._jobs.get()) is not None:
-            started = time.perf_counter()
-            answer = run_batch(self.process, lease, limits=self.settings.limits)
-            self.metrics.ran(lease.count, time.perf_counter() - started, isinstance(answer, p.Failed))
-            self._done.append((lease, answer))
-            self._wakeup.set()  # (writes nothing while a wake-up is pending: see Wakeup)
+        with self._caller as call:
+            while (lease := self._jobs.get()) is not None:
+                started = time.perf_counter()
+                answer = run_batch(call, lease, limits=self.settings.limits)
+                self.metrics.ran(lease.count, time.perf_counter() - started, isinstance(answer, p.Failed))
+                self._done.append((lease, answer))
+                self._wakeup.set()  # (writes nothing while a wake-up is pending: see Wakeup)
 
     # --- the I/O thread --------------------------------------------------------------------
     def _serve(self) -> None:
