@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -48,3 +49,22 @@ def tagged_sensors(records):
 
 def tagged_default(records):
     return [{"id": r["id"], "app": "default"} for r in records]
+
+
+async def async_ids(records):
+    """ids(), as an async def function: what it awaits yields to the worker's event loop."""
+    await asyncio.sleep(0)
+    return [r["id"] for r in records]
+
+
+class AsyncPoison:
+    """poison(), as an object whose __call__ is async."""
+
+    async def __call__(self, records):
+        await asyncio.sleep(0)
+        if any(r["id"] == 1234 for r in records):
+            raise ValueError("record 1234 is poison")
+        return [r["id"] for r in records]
+
+
+async_poison = AsyncPoison()
