@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
+import zmq.asyncio
 
 from tests.checker import check
 from tests.helpers import ROOT
@@ -142,6 +143,29 @@ async def test_leaving_async_with_flushes_what_was_sent(sink, ctx):
         await prod.send_many(numbered(0, 2500), topic="t")  # two full batches, and one still open
     assert not prod.running and prod.unacked == 0 and prod.acked_records == 2500
     assert query_status(sink.control, context=ctx)["records_in"] == 2500
+
+
+@aio
+async def test_on_outcome_is_called_for_each_batch_on_the_event_loops_thread(sink, ctx):
+    async def later(outcome: object) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="on_outcome is called on the producer's I/O task and must return at once"):
+        AsyncProducer(intake=sink.intake, control=sink.control, on_outcome=later, context=ctx)
+    told: list[tuple[int, bool, int]] = []
+    actx = zmq.asyncio.Context.shadow(ctx)  # a zmq.asyncio context serves as well as a plain one
+    with Worker(async_ids, control=sink.control, context=ctx):
+        async with AsyncProducer(
+            intake=sink.intake,
+            control=sink.control,
+            batch_size=10,
+            on_outcome=lambda o: told.append((o.records, o.ok, threading.get_ident())),
+            context=actx,
+        ) as prod:
+            await prod.send_many(numbered(0, 100))
+            outcomes = await prod.join(20)
+    assert outcomes.done_batches == 10
+    assert told == [(10, True, threading.get_ident())] * 10
 
 
 # --- backpressure ------------------------------------------------------------------------------

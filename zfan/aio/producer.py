@@ -4,6 +4,10 @@ send() packs and batches on the caller's task, and waits, without blocking the e
 while the window of unacknowledged batches is full. One task owns both sockets (zmq.asyncio
 ones) and turns the same ProducerLink as the threaded producer's I/O thread does: the same
 session, resends, acks and outcomes, and the same errors.
+
+One thing blocks the event loop: on the way to an error (no sink answered in time, a handshake
+broken off) the I/O task asks the endpoint what it is, as the threaded one does
+(zfan.nodes.probe), which takes up to a second when something listens there and says nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from ..batching import Batch, Batcher, Outgoing
+from ..calling import is_async
 from ..config import ProducerSettings, settings_from
 from ..delivery import BatchOutcome, Outcomes, Sent
 from ..errors import Closed, DeliveryTimeout, OutcomeTimeout, ZfanError
@@ -32,6 +37,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 10.0  # seconds close() waits for the I/O task to say bye and end before cancelling it
+# Seconds a caller sealing batches goes on before it lets the event loop run (the I/O task
+# pushes, takes acks and beats; other tasks run): a send() that finds room in the window
+# otherwise returns without waiting. Once per batch would cost the I/O task a turn per batch.
+YIELD_EVERY = 0.005
 
 
 class AsyncHandoff:
@@ -42,16 +51,21 @@ class AsyncHandoff:
     def __init__(self, batcher: Batcher, window: int, seal: Callable[[str, Batch], Sent], wake: Callable[[], None]):
         self._out = Outgoing(batcher, window, seal, wake)
         self._changed: asyncio.Future[None] | None = None
+        self._yield_at = 0.0  # when a caller that seals a batch next lets the event loop run
 
     # --- the callers' side -------------------------------------------------------------------
     async def add(self, topic: str, packed: bytes, count: int) -> None:
         """Add packed records to their topic's open batch; waits while a batch they seal waits
         for room in the window."""
-        sealed = self._out.add(topic, packed, count, time.monotonic())
+        now = time.monotonic()
+        sealed = self._out.add(topic, packed, count, now)
+        if not sealed:
+            return
         for batch in sealed:
             await self._enqueue(topic, batch)
-        if sealed:
-            await asyncio.sleep(0)  # the I/O task pushes it while the caller packs the next
+        if now >= self._yield_at:
+            self._yield_at = now + YIELD_EVERY
+            await asyncio.sleep(0)
 
     async def flush(self, timeout: float) -> None:
         """Seal every open batch and wait until all are acknowledged; DeliveryTimeout if not."""
@@ -138,7 +152,9 @@ class AsyncProducer:
     """``async with AsyncProducer(intake=..., control=...) as prod: await prod.send({"v": 1}, topic="t")``
 
     Takes what zfan.Producer takes (ProducerSettings, or their fields as keyword options), and
-    `context`, a zmq context, plain or zmq.asyncio (zmq's global one if None)."""
+    `context`, a zmq context, plain or zmq.asyncio (zmq's global one if None). `on_outcome(outcome)`
+    is called for each batch as it ends, on the producer's I/O task: a plain function, kept short
+    (an exception it raises is logged, not raised)."""
 
     def __init__(
         self,
@@ -151,6 +167,11 @@ class AsyncProducer:
         s = self.settings = settings_from("AsyncProducer", ProducerSettings, settings, options)
         if on_outcome is not None and not callable(on_outcome):
             raise TypeError(f"on_outcome must be callable, not {type(on_outcome).__name__}")
+        if is_async(on_outcome):
+            raise TypeError(
+                "on_outcome is called on the producer's I/O task and must return at once: give a plain "
+                "function (it may start a task of its own)"
+            )
         self._ctx = aio_context(context)
         self._on_outcome = on_outcome
         self._packing = Packing(s)

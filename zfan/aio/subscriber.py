@@ -4,6 +4,10 @@ Like the threaded one it keeps no task of its own: its sockets (zmq.asyncio ones
 when the caller awaits recv(), wait_ready() or the next result of ``async for``, which turn
 the same SubscriberBase. So its sockets go without ZeroMQ heartbeats (transport.socket's
 `stallable`): a caller may leave them unread for long.
+
+One thing blocks the event loop: on the way to an error (no sink answered in time, a handshake
+broken off) the turn asks the endpoint what it is, as the threaded one does
+(zfan.nodes.probe), which takes up to a second when something listens there and says nothing.
 """
 
 from __future__ import annotations
