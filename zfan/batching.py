@@ -128,7 +128,8 @@ class Outgoing:
         """Add packed records to their topic's open batch; return the batches this seals, each
         for enqueue() once the window has room for it."""
         # The path of every record: kept short.
-        self.check()
+        if self.stopped is not None:
+            self.check()
         opened = self.batcher.empty  # a first open batch: the I/O loop must time its linger
         sealed = self.batcher.add(topic, packed, now, count)
         if not sealed and opened and not self.queue:  # (with a queue, a wake-up is on its way already)
