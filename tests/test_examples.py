@@ -66,7 +66,8 @@ def test_the_curve_example_runs_both_hosts_encrypted_and_leaves_nothing_behind(t
     assert done.returncode == 0, done.stderr
     assert "zfan produce: 2,000 record(s) processed" in done.stderr
     assert os.listdir(tmp_path) == [], "the demo's folder (keys, ledger, log) is removed"
-    with socket.socket() as s:  # the sink is gone: its port binds again
+    with socket.socket() as s:  # the sink is gone: nothing listens on its port any more
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # its closed connections may linger in TIME_WAIT
         s.bind(("127.0.0.1", control))
 
 
