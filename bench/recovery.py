@@ -52,7 +52,7 @@ sys.path.insert(0, ROOT)
 from zfan import Producer, Timing, ZfanError, query_status  # noqa: E402
 from zfan import protocol as p  # noqa: E402
 from zfan.apps import readings  # noqa: E402
-from zfan.ledger import Ledger  # noqa: E402
+from zfan.ledger import SqliteLedger  # noqa: E402
 
 HOLD = 2.0  # seconds bench.slow:hold keeps a batch: far longer than any replay measured here
 BATCHES = 3  # sent per replay run, all leased to the worker that will be killed
@@ -336,7 +336,7 @@ def build_ledger(path: str, done: int, open_: int, topics: int = 16) -> dict[str
     """`done` finished batches, one result each on `topics` topics, all published; then `open_`
     batches of 100 readings, every other one left leased as a sink that died would leave it."""
     t0 = time.monotonic()
-    led = Ledger(path)
+    led = SqliteLedger(path)
     try:
         result = p.encode_records([{"sensor": "p-000", "count": 1000, "mean": 22.5, "min": 20.0, "max": 25.0}])
         seqs: dict[str, int] = {}

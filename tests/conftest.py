@@ -8,7 +8,7 @@ import pytest
 import zmq
 
 from tests.helpers import Role
-from zfan.ledger import Ledger
+from zfan.ledger import SqliteLedger
 
 
 class FakeClock:
@@ -41,7 +41,7 @@ def _leaks_found_where_made():
 
 @pytest.fixture
 def ledger(tmp_path):
-    led = Ledger(str(tmp_path / "ledger.db"))
+    led = SqliteLedger(str(tmp_path / "ledger.db"))
     yield led
     led.close()
 

@@ -18,7 +18,7 @@ from tests.checker import check, from_json_lines
 from tests.helpers import run_cli, wait_for
 from zfan import Producer, ZfanError
 from zfan.errors import LedgerFull
-from zfan.ledger import Ledger
+from zfan.ledger import SqliteLedger
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -140,7 +140,7 @@ def test_a_full_disk_stops_the_sink_and_loses_nothing_acknowledged(small_disk, i
 
 def test_a_commit_on_a_full_disk_and_an_open_on_a_still_full_one_say_disk_full(small_disk):
     path = str(small_disk / "z.db")
-    led = Ledger(path)
+    led = SqliteLedger(path)
     committed = 0
     with pytest.raises(LedgerFull) as info:
         for seq in range(1, 10_000):
@@ -153,10 +153,10 @@ def test_a_commit_on_a_full_disk_and_an_open_on_a_still_full_one_say_disk_full(s
     # The WAL has slack where the failed commit's pages went: a small write would fit, so only
     # folding the WAL into the file at open shows that the disk is still full.
     with pytest.raises(LedgerFull):
-        Ledger(path)
+        SqliteLedger(path)
     os.unlink(small_disk / "filler")
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
-    led = Ledger(path)
+    led = SqliteLedger(path)
     try:
         assert len(led.pending()) == committed > 0
         assert led.integrity_check() == "ok"

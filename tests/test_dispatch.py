@@ -17,7 +17,7 @@ import pytest
 from zfan import protocol as p
 from zfan.config import Timing
 from zfan.dispatch import COMMIT_WITHIN, SinkCore
-from zfan.ledger import LEASED, PENDING, Ledger
+from zfan.ledger import LEASED, PENDING, Ledger, SqliteLedger
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -154,7 +154,7 @@ def reopen(ledger):
     opened: list[Ledger] = []
 
     def open_again() -> Ledger:
-        led = Ledger(ledger.path)
+        led = SqliteLedger(ledger.path)
         opened.append(led)
         return led
 

@@ -18,7 +18,7 @@ from zfan import Producer, Sink, Subscriber, Worker, query_status
 from zfan import protocol as p
 from zfan.dispatch import SinkCore
 from zfan.heads import HeadLog
-from zfan.ledger import Ledger
+from zfan.ledger import Ledger, SqliteLedger
 from zfan.sequencing import Sequencer
 
 pytestmark = pytest.mark.timeout(60)
@@ -248,7 +248,7 @@ def reopen_ledger(ledger):
     opened: list[Ledger] = []
 
     def again() -> Ledger:
-        opened.append(Ledger(ledger.path))
+        opened.append(SqliteLedger(ledger.path))
         return opened[-1]
 
     yield again

@@ -10,7 +10,8 @@ from contextlib import closing
 import pytest
 
 from zfan.errors import LedgerError, LedgerFull
-from zfan.ledger import DEAD, DONE, LEASED, PENDING, Ledger, Pending, _failed
+from zfan.ledger import DEAD, DONE, LEASED, PENDING, Ledger, Pending, SqliteLedger
+from zfan.ledger.sqlite import _failed
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -88,12 +89,12 @@ def test_writes_are_invisible_until_commit(ledger):
 
 def test_close_rolls_back_what_was_not_committed(tmp_path):
     path = str(tmp_path / "l.db")
-    led = Ledger(path)
+    led = SqliteLedger(path)
     led.insert_batch("prod", 1, "t", 1, b"kept")
     led.commit()
     led.insert_batch("prod", 2, "t", 1, b"lost")
     led.close()
-    led = Ledger(path)
+    led = SqliteLedger(path)
     try:
         assert [p.batch_id for p in led.pending()] == [1]
     finally:
@@ -148,7 +149,7 @@ def test_epochs_grow_across_opens(tmp_path):
     path = str(tmp_path / "l.db")
     epochs = []
     for _ in range(3):
-        led = Ledger(path)
+        led = SqliteLedger(path)
         epochs.append(led.next_epoch())
         led.close()
     assert epochs == [1, 2, 3]
@@ -187,7 +188,7 @@ def test_a_non_database_file_is_refused_and_left_untouched(tmp_path, content):
     path = tmp_path / "notes.txt"
     path.write_bytes(content)
     with pytest.raises(LedgerError) as info:
-        Ledger(str(path))
+        SqliteLedger(str(path))
     message = str(info.value)
     assert str(path) in message
     assert "untouched" in message
@@ -209,7 +210,7 @@ def test_another_database_is_refused_and_left_untouched(tmp_path, table):
         db.commit()
     before = path.read_bytes()
     with pytest.raises(LedgerError, match="not a zfan ledger") as info:
-        Ledger(str(path))
+        SqliteLedger(str(path))
     assert "untouched" in str(info.value)
     assert path.read_bytes() == before
     assert peek(str(path), "SELECT name FROM sqlite_master") == [(table.split()[0],)]
@@ -217,20 +218,20 @@ def test_another_database_is_refused_and_left_untouched(tmp_path, table):
 
 def test_a_directory_is_refused(tmp_path):
     with pytest.raises(LedgerError, match="is a directory"):
-        Ledger(str(tmp_path))
+        SqliteLedger(str(tmp_path))
 
 
 def test_a_missing_folder_is_refused(tmp_path):
     path = tmp_path / "nope" / "ledger.db"
     with pytest.raises(LedgerError, match="does not exist"):
-        Ledger(str(path))
+        SqliteLedger(str(path))
     assert not (tmp_path / "nope").exists()
 
 
 def test_an_unwritable_folder_is_refused(unwritable_folder):
     path = os.path.join(unwritable_folder, "ledger.db")
     with pytest.raises(LedgerError) as info:
-        Ledger(path)
+        SqliteLedger(path)
     assert path in str(info.value)
     assert "writ" in str(info.value)
     assert not os.path.exists(path)
@@ -238,19 +239,19 @@ def test_an_unwritable_folder_is_refused(unwritable_folder):
 
 def test_a_read_only_ledger_file_is_refused(tmp_path):
     path = tmp_path / "ledger.db"
-    Ledger(str(path)).close()
+    SqliteLedger(str(path)).close()
     path.chmod(0o400)
     try:
         if os.access(path, os.W_OK):
             pytest.skip("running as root: a read-only mode does not stop writes")
         with pytest.raises(LedgerError, match="not writable"):
-            Ledger(str(path))
+            SqliteLedger(str(path))
     finally:
         path.chmod(0o600)
 
 
 def test_memory_ledger_works(tmp_path):
-    led = Ledger(":memory:")
+    led = SqliteLedger(":memory:")
     try:
         assert led.next_epoch() == 1
         bid = led.insert_batch("prod", 1, "t", 1, b"x")
@@ -311,7 +312,7 @@ def fill_up(ledger: Ledger, per_commit: int = 4) -> tuple[list[int], LedgerError
 
 def test_a_full_disk_is_one_clear_error_and_loses_nothing_committed(tmp_path):
     path = str(tmp_path / "l.db")
-    led = Ledger(path)
+    led = SqliteLedger(path)
     committed, error = fill_up(led)
     assert committed, "some turns were committed before the disk filled"
     assert isinstance(error, LedgerFull)
@@ -321,7 +322,7 @@ def test_a_full_disk_is_one_clear_error_and_loses_nothing_committed(tmp_path):
     led.close()  # twice is harmless
     assert peek(path, "PRAGMA integrity_check") == [("ok",)]
     assert [seq for (seq,) in peek(path, "SELECT seq FROM batches ORDER BY seq")] == committed
-    led = Ledger(path)
+    led = SqliteLedger(path)
     try:
         assert len(led.pending()) == len(committed)
     finally:
@@ -385,7 +386,7 @@ def test_a_new_ledger_has_16_kb_pages_and_commits_never_checkpoint(ledger):
 def test_the_wal_stays_bounded_while_commits_go_on_without_pause(tmp_path):
     every = 256 << 10
     path = str(tmp_path / "z.db")
-    led = Ledger(path, checkpoint_every=every)
+    led = SqliteLedger(path, checkpoint_every=every)
     payload = os.urandom(20_000)
     biggest = 0
     try:
@@ -413,7 +414,7 @@ def test_an_existing_ledger_keeps_its_page_size(tmp_path):
         db.execute("PRAGMA page_size=4096")
         db.execute("PRAGMA application_id=2053529966")  # a ledger made before 16 KB pages
         db.commit()
-    led = Ledger(path)
+    led = SqliteLedger(path)
     led.insert_batch("p", 1, "t", 1, b"\x01")
     led.commit()
     led.close()

@@ -34,7 +34,7 @@ class NoSink(ZfanError):
 
 
 class LedgerError(ZfanError):
-    """The ledger file cannot be opened, written or trusted."""
+    """The ledger cannot be opened, written or trusted."""
 
 
 class LedgerFull(LedgerError):
@@ -46,6 +46,16 @@ class LedgerFull(LedgerError):
             f"ledger {ledger}: disk full; nothing acknowledged is lost (free space and start the sink again)"
         )
         self.ledger = ledger
+
+
+class LedgerLost(LedgerError):
+    """A shared ledger is out of this sink's hands: the database is unreachable, or another
+    sink took it over. The sink stops serving at once and stands by; what it acknowledged is in
+    the ledger, what it did not is resent by its producers to the sink that took over."""
+
+
+class Fenced(LedgerLost):
+    """Another sink took the shared ledger over (a higher epoch): this one's writes are refused."""
 
 
 class AppError(ZfanError):

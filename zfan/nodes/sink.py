@@ -12,7 +12,11 @@ import errno
 import logging
 import math
 import os
+import socket as socket_module
+import threading
 import time
+import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -20,9 +24,9 @@ import zmq
 from .. import protocol as p
 from ..config import DEFAULT_CREDIT, SinkSettings, connect_address, settings_from
 from ..dispatch import SinkCore
-from ..errors import ConfigError
+from ..errors import ConfigError, LedgerError, LedgerLost
 from ..exporter import SinkCollector, registry
-from ..ledger import Ledger
+from ..ledger import Ledger, SqliteLedger, is_postgres
 from ..loading import load_app
 from ..lock import LedgerLock
 from ..routing import parse_app
@@ -36,10 +40,13 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from ..config import SinkOptions
+    from ..ledger.postgres import PostgresLedger
 
 log = logging.getLogger(__name__)
 
 STALLED = 10.0  # seconds without a turn of the sink's loop before /healthz says it is stuck
+CLAIM_EVERY = 0.5  # seconds between a standby's tries to take a shared ledger over
+ACTIVE, STANDBY = "active", "standby"
 
 
 class Sink(Service):
@@ -60,6 +67,7 @@ class Sink(Service):
         app: str | None = None,
         worker_credit: int = DEFAULT_CREDIT,
         context: Ctx | None = None,
+        on_state: Callable[[str], None] | None = None,
         **options: Unpack[SinkOptions],
     ) -> None:
         self.settings = settings_from("Sink", SinkSettings, settings, options)
@@ -74,6 +82,11 @@ class Sink(Service):
         self._workers: LocalWorkers | None = None
         self.intake = self.control = self.results = ""
         self.epoch = 0
+        # On a shared ledger (PostgreSQL) a sink is active or stands by; `on_state` hears
+        # "active" and "standby" as it changes, on the sink's thread.
+        self.active = threading.Event()
+        self.standby = False
+        self._on_state = on_state
         self.http = ""  # the HTTP port's URL, once serving (settings.http)
         self._snapshots = Snapshots(self._wakeup.set)
         self._turned = 0.0  # when the loop last turned (time.monotonic)
@@ -92,22 +105,105 @@ class Sink(Service):
     def _serve(self) -> None:
         s = self.settings
         auth, allow = start_authenticator(self._ctx, s.curve) if s.curve is not None else (None, None)
-        # The ledger is this sink's alone before anything in it is read or written, and its
-        # endpoints are bound before recovery changes it: a sink refused either way leaves a
-        # running one untouched.
-        lock = LedgerLock(s.ledger) if s.ledger != ":memory:" else None
+        web: Web | None = None
         try:
+            if is_postgres(s.ledger):
+                from ..ledger.postgres import PostgresLedger  # psycopg: the postgres extra
+
+                ledger = PostgresLedger(s.ledger)  # a wrong DSN or a foreign database: one line, here
+                web = self._web(s.http)
+                self._take_turns(ledger, allow)
+                return
+            # The ledger is this sink's alone before anything in it is read or written, and its
+            # endpoints are bound before recovery changes it: a sink refused either way leaves a
+            # running one untouched.
+            lock = LedgerLock(s.ledger) if s.ledger != ":memory:" else None
             if lock is not None:
                 lock.acquire()
-            began = time.monotonic()
-            ledger = Ledger(s.ledger, fsync=s.fsync)
-        except BaseException:
-            if lock is not None:
-                lock.release()
+            try:
+                sqlite = SqliteLedger(s.ledger, fsync=s.fsync)
+                try:
+                    web = self._web(s.http)
+                    self._run(sqlite, allow, lock)
+                finally:
+                    sqlite.close()
+            finally:
+                if lock is not None:
+                    lock.release()
+        finally:
+            _close(web)
             self._stop_auth(auth)
-            raise
+
+    # --- a shared ledger: active, or standing by ---------------------------------------------------
+    def _take_turns(self, ledger: PostgresLedger, allow: Any) -> None:
+        """Stand by until this sink's claim on the ledger is taken, serve while it lasts, and
+        stand by again when it is lost (the database out of reach, or another sink took over)."""
+        holder = f"{socket_module.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        while True:
+            try:
+                if not self._stand_by(ledger, holder):
+                    return
+                self._run(ledger, allow, None)
+                return
+            except LedgerLost as exc:
+                # Nothing more of this sink's lands in the ledger: producers resend what it did not
+                # acknowledge, to the sink that takes over.
+                log.warning("stepped down: %s; standing by", exc)
+                self._became(ACTIVE, False)
+            finally:
+                ledger.close()
+            ledger = self._reconnect()
+
+    def _stand_by(self, ledger: PostgresLedger, holder: str) -> bool:
+        """Wait until this sink holds the ledger's claim (True), or is asked to stop (False)."""
+        told = False
+        while not self._stopping.is_set() and self._drain_until is None:
+            self._turned = time.monotonic()
+            if ledger.claim(holder):
+                return True
+            if not told:
+                found = ledger.holder()
+                who = f"sink {found[1]} holds it (epoch {found[0]})" if found is not None else "no claim yet"
+                log.info("standing by on ledger %s: %s; taking over when it stops renewing", ledger.path, who)
+                self._became(STANDBY, True)
+                self._ready.set()
+                told = True
+            self._wakeup.wait(CLAIM_EVERY)
+        self._drained = True  # a standby holds nothing to drain
+        return False
+
+    def _reconnect(self) -> PostgresLedger:
+        """The ledger again, after its connection was lost: tried every CLAIM_EVERY until stopped."""
+        said = False
+        from ..ledger.postgres import PostgresLedger
+
+        while True:
+            self._turned = time.monotonic()
+            try:
+                return PostgresLedger(self.settings.ledger)
+            except LedgerError as exc:
+                if self._stopping.is_set() or self._drain_until is not None:
+                    raise
+                if not said:
+                    log.warning("%s; trying again", exc)
+                    said = True
+            self._wakeup.wait(CLAIM_EVERY)
+
+    def _became(self, state: str, on: bool) -> None:
+        if state == ACTIVE:
+            (self.active.set if on else self.active.clear)()
+            if not on:
+                self.intake = self.control = self.results = ""
+        self.standby = state == STANDBY and on
+        if self._on_state is not None and on:
+            self._on_state(state)
+
+    # --- serving -----------------------------------------------------------------------------------
+    def _run(self, ledger: Ledger, allow: Any, lock: LedgerLock | None) -> None:
+        """Bind, recover and serve on a ledger this sink holds, until stopped or drained."""
+        s = self.settings
+        began = time.monotonic()
         pull = router = xpub = None
-        web: Web | None = None
         try:
             pull = socket(self._ctx, zmq.PULL, max_frame=s.limits.max_frame)
             router = socket(self._ctx, zmq.ROUTER, max_frame=s.limits.max_frame)
@@ -122,7 +218,6 @@ class Sink(Service):
             self.intake = connect_address(bind(pull, s.intake, "intake endpoint"))
             self.control = connect_address(bind(router, s.control, "control endpoint"))
             self.results = connect_address(bind(xpub, s.results, "results endpoint"))
-            web = self._web(s.http)
             core = SinkCore(
                 ledger,
                 limits=s.limits,
@@ -150,10 +245,10 @@ class Sink(Service):
                     extra={"count": core.recovered, "seconds": round(time.monotonic() - began, 3)},
                 )
             self._turned = time.monotonic()
+            self._became(ACTIVE, True)
             self._ready.set()
             self._loop(core, pull, router, xpub, lock)
         finally:
-            _close(web)
             for opened in (pull, router, xpub):
                 if opened is not None:
                     opened.close(linger=0)
@@ -161,10 +256,7 @@ class Sink(Service):
                 remove_ipc(bound)
             if self._workers is not None:
                 self._workers.stop()
-            ledger.close()
-            if lock is not None:
-                lock.release()
-            self._stop_auth(auth)
+                self._workers = None
 
     def _stop_auth(self, auth: Any) -> None:
         if auth is not None:
@@ -202,6 +294,7 @@ class Sink(Service):
                 self._workers.check()
             if lock is not None:
                 lock.renew()
+            core.ledger.renew()
         self._send(core, router, xpub)  # acks for what the last turn committed
         core.ledger.commit()  # and what it left uncommitted
 

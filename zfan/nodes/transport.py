@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import select
 import stat
 import threading
 from collections.abc import Iterator
@@ -214,6 +215,11 @@ class Wakeup:
                 os.write(self._w, b"x")
             except BlockingIOError:
                 pass  # already full of wake-ups
+
+    def wait(self, timeout: float) -> None:
+        """Block until set() or `timeout` seconds passed, then clear: for a loop with no socket to poll."""
+        select.select([self._r], [], [], timeout)
+        self.clear()
 
     def clear(self) -> None:
         try:

@@ -1,4 +1,4 @@
-"""The sink's ledger: every batch, its lease, its result, in one SQLite file (WAL mode).
+"""The embedded ledger: every batch, its lease, its result, in one SQLite file (WAL mode).
 
 Writes go into one open transaction that the sink commits once per turn of its loop (group
 commit); nothing is acknowledged or published before that commit.
@@ -10,20 +10,27 @@ import os
 import sqlite3
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
-from . import checkpoints
-from .errors import LedgerError, LedgerFull
+from .. import checkpoints
+from ..errors import LedgerError, LedgerFull
+from .records import (
+    DEAD,
+    DONE,
+    EMPTY_RECORDS,
+    KEEP_BATCHES,
+    LEASED,
+    PENDING,
+    PURGED,
+    STATE_NAMES,
+    DeadLetter,
+    Pending,
+    Stored,
+)
 
-PENDING, LEASED, DONE, DEAD = 0, 1, 2, 3
-EMPTY_RECORDS = b"\x90"  # a msgpack array of no records
-PURGED = 4  # a dead letter whose records were dropped on request: kept, like a done one, for dedup
 # Stamped in the SQLite header of every ledger ("zfan"), so that no other database is taken over.
 APPLICATION_ID = 0x7A66616E
-# Finished batches remembered for deduplication, whatever the results' retention.
-KEEP_BATCHES = 1_000_000
-STATE_NAMES = {PENDING: "pending", LEASED: "leased", DONE: "done", DEAD: "dead", PURGED: "purged"}
+
 _IN_CHUNK = 500  # values in one `IN (...)`: well under SQLite's limit on bound parameters
 SQLITE_FULL = 13  # the primary result code; sqlite3.SQLITE_FULL exists only from Python 3.11
 # A new ledger's page size. A batch's payload is one blob of tens of KB: with bigger pages it
@@ -77,43 +84,7 @@ CREATE TABLE IF NOT EXISTS cursors (
 """
 
 
-@dataclass(slots=True)
-class Pending:
-    batch_id: int
-    topic: str
-    count: int
-    attempts: int
-    # Held by a worker that died holding several: one of them may have killed it, so it is run
-    # alone until it answers (see Leasing.drop in leasing.py).
-    suspect: bool = False
-
-
-@dataclass(slots=True)
-class DeadLetter:
-    batch_id: int
-    producer: str
-    seq: int  # the producer's
-    topic: str
-    count: int
-    attempts: int
-    error: str | None
-    at: float | None  # wall-clock seconds it was dead-lettered (None once retention dropped its notice)
-
-
-@dataclass(slots=True)
-class Stored:
-    """A result row as the sink publishes it."""
-
-    id: int
-    batch_id: int
-    topic: str
-    seq: int
-    count: int
-    kind: int
-    payload: bytes
-
-
-class Ledger:
+class SqliteLedger:
     def __init__(
         self, path: str = "zfan.db", *, fsync: str = "normal", checkpoint_every: int = checkpoints.EVERY
     ) -> None:
@@ -209,6 +180,9 @@ class Ledger:
         if self._checkpoints is not None:
             self._checkpoints.close()  # after the rollback: a checkpoint may be waiting for our write lock
         self._db.close()
+
+    def renew(self) -> None:
+        """One sink holds an SQLite ledger, by its lock file (lock.py): there is no claim to renew."""
 
     # --- startup ---------------------------------------------------------------------------
     def next_epoch(self) -> int:

@@ -1,0 +1,557 @@
+"""The ledger in PostgreSQL, shared by an active sink and its standbys.
+
+One sink at a time is active: the one whose claim is in the `leader` row. A claim is an epoch
+(a fencing token) and a time the active sink renews every second; a standby takes the row over
+once the renewal is older than the claim's term (`TERM`), by the database's clock, so no two
+hosts' clocks are compared. Every commit renews the claim *in its own transaction*, and only if
+the epoch is still this sink's: a sink paused or cut off while another took over has its next
+commit refused by the database, and steps down without a write landing.
+
+The row lock that renewal takes is held from the fence to the COMMIT only, and a session left
+idle inside a transaction (a paused process) is ended by the server after `TERM`: a standby is
+never kept waiting by a dead or frozen sink's locks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from ..errors import Fenced, LedgerError, LedgerFull, LedgerLost
+from .records import (
+    DEAD,
+    DONE,
+    EMPTY_RECORDS,
+    KEEP_BATCHES,
+    LEASED,
+    PENDING,
+    PURGED,
+    STATE_NAMES,
+    DeadLetter,
+    Pending,
+    Stored,
+)
+
+TERM = 4.0  # seconds a claim lasts unrenewed: a standby takes over this long after the active sink's last word
+RENEW_EVERY = 1.0  # seconds between renewals of an idle active sink's claim
+SCHEMA_VERSION = 1
+# The schema's advisory lock key ("zfan" in ASCII): sinks starting together create it once.
+_SCHEMA_LOCK = 0x7A66616E
+# Dead peers are found by the connection itself: a cut link errors within a few seconds instead
+# of leaving a query waiting on TCP retransmits for minutes.
+_CONNECT = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 2,
+    "keepalives_interval": 1,
+    "keepalives_count": 2,
+    "tcp_user_timeout": int(TERM * 1000),
+    "application_name": "zfan sink",
+}
+_TABLES = ("meta", "batches", "results", "topics", "producer_keys", "cursors", "leader")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    id bigint PRIMARY KEY,
+    producer text NOT NULL,
+    seq bigint NOT NULL,
+    topic text NOT NULL,
+    count integer NOT NULL,
+    payload bytea,             -- dropped once the batch is done
+    state smallint NOT NULL,
+    attempts integer NOT NULL DEFAULT 0,
+    error text,
+    UNIQUE (producer, seq)
+);
+CREATE INDEX IF NOT EXISTS batches_open ON batches (state) WHERE state < 2;
+CREATE TABLE IF NOT EXISTS results (
+    id bigint PRIMARY KEY,     -- publish order
+    batch_id bigint NOT NULL,
+    topic text NOT NULL,
+    seq bigint NOT NULL,
+    count integer NOT NULL,
+    kind smallint NOT NULL,    -- 0 result, 1 dead letter
+    payload bytea NOT NULL,
+    created double precision NOT NULL,
+    UNIQUE (topic, seq)
+);
+CREATE INDEX IF NOT EXISTS results_dead ON results (batch_id) WHERE kind = 1;
+CREATE TABLE IF NOT EXISTS topics (topic text PRIMARY KEY, seq bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS producer_keys (producer text PRIMARY KEY, key text NOT NULL);
+CREATE TABLE IF NOT EXISTS cursors (
+    name text NOT NULL,
+    topic text NOT NULL,
+    seq bigint NOT NULL,
+    PRIMARY KEY (name, topic)
+);
+CREATE TABLE IF NOT EXISTS leader (
+    id smallint PRIMARY KEY CHECK (id = 1),
+    epoch bigint NOT NULL,     -- the fencing token: every commit checks it
+    holder text NOT NULL,      -- host:pid:token of the sink that holds it
+    renewed timestamptz NOT NULL
+);
+"""
+
+_STORED = "SELECT id, batch_id, topic, seq, count, kind, payload FROM results"
+_DEAD = (
+    "SELECT b.id, b.producer, b.seq, b.topic, b.count, b.attempts, b.error, "
+    "(SELECT created FROM results r WHERE r.batch_id = b.id AND r.kind = 1)"
+)
+
+
+def redact(dsn: str) -> str:
+    """The DSN as a person may read it in a log: without its password."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+class PostgresLedger:
+    """A ledger in PostgreSQL. Opening it claims nothing: `claim()` makes this sink the active one."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.path = redact(dsn)
+        self.pruned: Counter[str] = Counter()
+        self.epoch = 0  # this sink's claim, once claim() took it
+        self._done: list[tuple[int, int]] = []
+        self._renewed = 0.0  # time.monotonic() of the last renewal that landed
+        self._next_batch = self._next_result = 1
+        try:
+            self._db = psycopg.connect(dsn, autocommit=True, **_CONNECT)  # type: ignore[arg-type]
+        except psycopg.Error as exc:
+            raise LedgerError(f"ledger {self.path}: cannot connect ({_reason(exc)})") from None
+        self._cur = self._db.cursor(binary=True)  # payloads come back as bytes, not hex
+        try:
+            # A frozen sink's open transaction must not hold a standby's takeover for long.
+            self._cur.execute(f"SET idle_in_transaction_session_timeout = {int(TERM * 1000)}")
+            self._create()
+        except LedgerError:
+            self._db.close()
+            raise
+        except psycopg.Error as exc:
+            self._db.close()
+            raise self._failed("open", exc) from None
+
+    def _create(self) -> None:
+        with self._db.transaction():
+            self._cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            if self._cur.execute("SELECT current_schema()").fetchone() == (None,):
+                raise LedgerError(
+                    f"ledger {self.path}: the search_path names no schema that exists (create it, or drop options=)"
+                )
+            found = self._cur.execute("SELECT to_regclass('batches') IS NOT NULL, to_regclass('meta') IS NOT NULL")
+            batches, meta = found.fetchone() or (False, False)
+            ours = meta and self._cur.execute("SELECT 1 FROM meta WHERE key='zfan_ledger'").fetchone() is not None
+            if batches and not ours:
+                raise LedgerError(
+                    f"ledger {self.path} holds tables that are no zfan ledger's; it was left untouched: "
+                    "give the sink a database or schema of its own"
+                )
+            self._cur.execute(_SCHEMA)
+            self._cur.execute(
+                "INSERT INTO meta (key, value) VALUES ('zfan_ledger', %s) ON CONFLICT (key) DO NOTHING",
+                (SCHEMA_VERSION,),
+            )
+
+    # --- the claim -----------------------------------------------------------------------
+    def claim(self, holder: str) -> bool:
+        """Become the active sink if no other one renewed its claim within TERM; True if this
+        one is active now. The epoch rises with every claim taken."""
+        try:
+            with self._db.transaction():
+                self._cur.execute("SET LOCAL lock_timeout = 1000")  # a frozen holder's lock: try again later
+                row = self._cur.execute(
+                    "INSERT INTO leader (id, epoch, holder, renewed) VALUES (1, 1, %s, clock_timestamp()) "
+                    "ON CONFLICT (id) DO UPDATE SET epoch = leader.epoch + 1, holder = excluded.holder, "
+                    "renewed = clock_timestamp() "
+                    "WHERE leader.renewed < clock_timestamp() - make_interval(secs => %s) RETURNING epoch",
+                    (holder, TERM),
+                ).fetchone()
+        except pg_errors.LockNotAvailable:
+            return False
+        except psycopg.Error as exc:
+            raise self._failed("claim", exc) from None
+        if row is None:
+            return False
+        self.epoch = int(row[0])
+        self._renewed = time.monotonic()
+        # Ids come from here, not from the database, so that a group of rows goes in one
+        # statement and each knows its id; read now, when no other sink can write.
+        self._next_batch = int(self._one("SELECT coalesce(max(id), 0) + 1 FROM batches"))
+        self._next_result = 1 + max(int(self._one("SELECT coalesce(max(id), 0) FROM results")), self.published_upto())
+        return True
+
+    def holder(self) -> tuple[int, str, float] | None:
+        """(epoch, holder, seconds since its renewal) of the claim in the ledger, if any."""
+        row = self._read("SELECT epoch, holder, extract(epoch FROM clock_timestamp() - renewed) FROM leader")
+        return (int(row[0][0]), str(row[0][1]), float(row[0][2])) if row else None
+
+    def renew(self) -> None:
+        """Renew the claim when a second went by without a commit doing it; raise Fenced if
+        another sink holds it now."""
+        if self.epoch and not self.uncommitted and time.monotonic() - self._renewed >= RENEW_EVERY:
+            started = time.monotonic()
+            self._fence()
+            self._renewed = started
+
+    def resign(self) -> None:
+        """Give the claim up at a clean stop: a standby takes over at its next try, not after TERM."""
+        if self.epoch:
+            try:
+                self._cur.execute("UPDATE leader SET renewed = '-infinity' WHERE id = 1 AND epoch = %s", (self.epoch,))
+            except psycopg.Error:
+                pass  # the claim then ends by itself, after TERM
+            self.epoch = 0
+
+    def _fence(self) -> None:
+        try:
+            self._cur.execute(
+                "UPDATE leader SET renewed = clock_timestamp() WHERE id = 1 AND epoch = %s", (self.epoch,)
+            )
+        except psycopg.Error as exc:
+            raise self._failed("renew", exc) from None
+        if self._cur.rowcount != 1:
+            raise Fenced(f"ledger {self.path}: another sink took over (epoch {self.epoch} is not the ledger's now)")
+
+    # --- transaction -----------------------------------------------------------------------
+    def _read(self, sql: str, args: tuple[Any, ...] | dict[str, Any] = ()) -> list[Any]:
+        try:
+            return self._cur.execute(sql, args).fetchall()
+        except psycopg.Error as exc:
+            raise self._failed("read", exc) from None
+
+    def _one(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        return self._read(sql, args)[0][0]
+
+    def _begin(self) -> None:
+        if self._db.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            self._cur.execute("BEGIN")
+
+    def _write(self, sql: str, args: tuple[Any, ...] = ()) -> int:
+        try:
+            self._begin()
+            self._cur.execute(sql, args)
+        except psycopg.Error as exc:
+            raise self._failed("write", exc) from None
+        return self._cur.rowcount
+
+    def _write_many(self, sql: str, rows: list[tuple[Any, ...]]) -> int:
+        if not rows:
+            return 0
+        try:
+            self._begin()
+            self._cur.executemany(sql, rows)  # one pipeline: one round trip for them all
+        except psycopg.Error as exc:
+            raise self._failed("write", exc) from None
+        return self._cur.rowcount
+
+    @property
+    def uncommitted(self) -> bool:
+        return self._db.info.transaction_status != psycopg.pq.TransactionStatus.IDLE or bool(self._done)
+
+    def commit(self) -> None:
+        if self._done:
+            done, self._done = self._done, []
+            self._write_many("UPDATE batches SET state=%s, payload=NULL, error=NULL WHERE id=%s", done)
+        if self._db.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            return
+        started = time.monotonic()
+        if self.epoch:
+            self._fence()  # in this transaction: it lands only while the claim is this sink's
+        try:
+            self._cur.execute("COMMIT")
+        except psycopg.Error as exc:
+            raise self._failed("commit", exc) from None
+        if self.epoch:
+            self._renewed = started
+
+    def close(self) -> None:
+        """Roll back what is not committed, give the claim up, and close. Raises nothing."""
+        self._done.clear()
+        try:
+            if self._db.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                self._cur.execute("ROLLBACK")
+            self.resign()
+        except psycopg.Error:
+            pass  # closing the connection rolls back all the same
+        self._db.close()
+
+    def _failed(self, doing: str, exc: psycopg.Error) -> LedgerError:
+        """The one line a person reads for a database error met while `doing` something."""
+        if isinstance(exc, pg_errors.DiskFull):
+            return LedgerFull(self.path)
+        state = exc.sqlstate or ""
+        # No SQLSTATE: libpq's own error, the connection is gone; 08: connection failures;
+        # 57P: the server ended the session (shut down, or an idle transaction timed out).
+        if self._db.broken or self._db.closed or not state or state.startswith(("08", "57P")):
+            return LedgerLost(f"ledger {self.path}: {doing} failed, the database is out of reach ({_reason(exc)})")
+        return LedgerError(f"ledger {self.path}: {doing} failed ({_reason(exc)})")
+
+    # --- startup ---------------------------------------------------------------------------
+    def next_epoch(self) -> int:
+        """The epoch of this sink's claim: larger than any earlier active sink's."""
+        if not self.epoch:
+            raise LedgerError(f"ledger {self.path}: this sink holds no claim on it")
+        return self.epoch
+
+    def recover(self) -> int:
+        """Put batches leased by an earlier sink back to pending; return how many. That sink's
+        end is no fault of the batch: the lease does not count as an attempt."""
+        n = self._write(
+            "UPDATE batches SET state=%s, attempts=greatest(attempts - 1, 0) WHERE state=%s", (PENDING, LEASED)
+        )
+        self.commit()
+        return n
+
+    def pending(self) -> list[Pending]:
+        rows = self._read("SELECT id, topic, count, attempts FROM batches WHERE state=%s ORDER BY id", (PENDING,))
+        return [Pending(*r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATE_NAMES.values(), 0)
+        for state, n in self._read("SELECT state, count(*) FROM batches GROUP BY state"):
+            counts[STATE_NAMES[state]] = int(n)
+        return counts
+
+    def topic_seqs(self) -> dict[str, int]:
+        heads: dict[str, int] = dict(self._read("SELECT topic, seq FROM topics"))
+        for topic, seq in self._read("SELECT topic, max(seq) FROM results GROUP BY topic"):
+            heads[topic] = max(seq, heads.get(topic, 0))
+        return heads
+
+    def save_heads(self, heads: dict[str, int]) -> None:
+        self._write_many(
+            "INSERT INTO topics (topic, seq) VALUES (%s, %s) "
+            "ON CONFLICT (topic) DO UPDATE SET seq = greatest(topics.seq, excluded.seq)",
+            list(heads.items()),
+        )
+
+    def published_upto(self) -> int:
+        rows = self._read("SELECT value FROM meta WHERE key='published'")
+        return int(rows[0][0]) if rows else 0
+
+    def results_after(self, result_id: int) -> list[Stored]:
+        return [Stored(*r) for r in self._read(f"{_STORED} WHERE id > %s ORDER BY id", (result_id,))]
+
+    # --- the life of a batch ---------------------------------------------------------------
+    def insert_batch(self, producer: str, seq: int, topic: str, count: int, payload: bytes) -> int | None:
+        return self.insert_batches(producer, [(seq, topic, count, payload)])[0]
+
+    def insert_batches(self, producer: str, batches: list[tuple[int, str, int, bytes]]) -> list[int | None]:
+        """Store new batches (seq, topic, count, payload) of one producer as pending; return each
+        one's id, None for one whose (producer, seq) is stored already."""
+        first = self._next_batch
+        ids = list(range(first, first + len(batches)))
+        self._next_batch += len(batches)
+        rows = [(bid, producer, *batch, PENDING) for bid, batch in zip(ids, batches, strict=True)]
+        n = self._write_many(
+            "INSERT INTO batches (id, producer, seq, topic, count, payload, state) VALUES (%s,%s,%s,%s,%s,%b,%s) "
+            "ON CONFLICT (producer, seq) DO NOTHING",
+            rows,
+        )
+        if n == len(batches):
+            return list(ids)
+        stored = {r[0] for r in self._read("SELECT id FROM batches WHERE id BETWEEN %s AND %s", (first, ids[-1]))}
+        return [bid if bid in stored else None for bid in ids]
+
+    def payload(self, batch_id: int) -> bytes:
+        rows = self._read("SELECT payload FROM batches WHERE id=%s", (batch_id,))
+        if not rows or rows[0][0] is None:
+            raise LedgerError(f"ledger {self.path}: batch {batch_id} has no payload")
+        return bytes(rows[0][0])
+
+    def lease(self, leases: list[tuple[int, int]]) -> None:
+        self._write_many(
+            "UPDATE batches SET state=%s, attempts=%s WHERE id=%s", [(LEASED, attempt, bid) for bid, attempt in leases]
+        )
+
+    def release(self, batch_id: int, error: str | None = None, *, attempts: int | None = None) -> None:
+        self._write(
+            "UPDATE batches SET state=%s, error=coalesce(%s, error), attempts=coalesce(%s, attempts) WHERE id=%s",
+            (PENDING, error, attempts, batch_id),
+        )
+
+    def store_results(self, batch_id: int, rows: list[tuple[str, int, int, bytes]]) -> list[Stored]:
+        return self.store_many([(batch_id, rows)])
+
+    def store_many(self, results: list[tuple[int, list[tuple[str, int, int, bytes]]]]) -> list[Stored]:
+        """Store the results of several batches, and mark the batches done at the commit."""
+        stored = []
+        for batch_id, rows in results:
+            for topic, seq, count, payload in rows:
+                stored.append(Stored(self._next_result, batch_id, topic, seq, count, 0, payload))
+                self._next_result += 1
+            self._done.append((DONE, batch_id))
+        now = time.time()
+        self._write_many(
+            "INSERT INTO results (id, batch_id, topic, seq, count, kind, payload, created) "
+            "VALUES (%s,%s,%s,%s,%s,0,%b,%s)",
+            [(s.id, s.batch_id, s.topic, s.seq, s.count, s.payload, now) for s in stored],
+        )
+        return stored
+
+    def dead_letter(self, batch_id: int, topic: str, seq: int, error: str) -> Stored:
+        count, payload = self._read("SELECT count, payload FROM batches WHERE id=%s", (batch_id,))[0]
+        self._write("UPDATE batches SET state=%s, error=%s WHERE id=%s", (DEAD, error, batch_id))
+        rid, self._next_result = self._next_result, self._next_result + 1
+        self._write(
+            "INSERT INTO results (id, batch_id, topic, seq, count, kind, payload, created) "
+            "VALUES (%s,%s,%s,%s,%s,1,%b,%s)",
+            (rid, batch_id, topic, seq, count, payload, time.time()),
+        )
+        return Stored(rid, batch_id, topic, seq, count, 1, bytes(payload))
+
+    def batch_info(self, batch_id: int) -> tuple[str, int, int, str | None]:
+        rows = self._read("SELECT topic, count, attempts, error FROM batches WHERE id=%s", (batch_id,))
+        if not rows:
+            raise LedgerError(f"ledger {self.path}: no batch {batch_id}")
+        topic, count, attempts, error = rows[0]
+        return topic, count, attempts, error
+
+    def owners(self, batch_ids: list[int]) -> list[tuple[int, str, int]]:
+        return [tuple(r) for r in self._read("SELECT id, producer, seq FROM batches WHERE id = ANY(%s)", (batch_ids,))]
+
+    def states(self, producer: str, seqs: list[int]) -> list[tuple[int, int, str | None]]:
+        done = {bid for _, bid in self._done}  # marked done at the commit: leased until then
+        found = self._read(
+            "SELECT seq, id, state, error FROM batches WHERE producer=%s AND seq = ANY(%s)", (producer, seqs)
+        )
+        return [(seq, DONE if bid in done else state, error) for seq, bid, state, error in found]
+
+    def mark_published(self, result_id: int) -> None:
+        self._write(
+            "INSERT INTO meta (key, value) VALUES ('published', %s) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (result_id,),
+        )
+
+    # --- dead letters ------------------------------------------------------------------------
+    def dead_page(self, prefix: str, after: int, limit: int) -> list[DeadLetter]:
+        rows = self._read(
+            f"{_DEAD} FROM batches b "
+            "WHERE b.state=%s AND b.id > %s AND starts_with(b.topic, %s) ORDER BY b.id LIMIT %s",
+            (DEAD, after, prefix, limit),
+        )
+        return [DeadLetter(*r) for r in rows]
+
+    def dead_letter_of(self, batch_id: int) -> tuple[DeadLetter, bytes] | None:
+        rows = self._read(f"{_DEAD}, b.payload FROM batches b WHERE b.id=%s AND b.state=%s", (batch_id, DEAD))
+        if not rows:
+            return None
+        *fields, payload = rows[0]
+        return DeadLetter(*fields), bytes(payload or b"")
+
+    def dead_ids(self, batch_ids: list[int] | None, prefix: str) -> list[int]:
+        args: tuple[Any, ...]
+        if batch_ids is None:
+            sql, args = "SELECT id FROM batches WHERE state=%s AND starts_with(topic, %s) ORDER BY id", (DEAD, prefix)
+        else:
+            sql = "SELECT id FROM batches WHERE state=%s AND starts_with(topic, %s) AND id = ANY(%s) ORDER BY id"
+            args = (DEAD, prefix, batch_ids)
+        return [int(r[0]) for r in self._read(sql, args)]
+
+    def requeue(self, batch_ids: list[int]) -> list[Pending]:
+        self._write_many(
+            "UPDATE batches SET state=%s, attempts=0, error=NULL WHERE id=%s AND state=%s",
+            [(PENDING, bid, DEAD) for bid in batch_ids],
+        )
+        rows = self._read(
+            "SELECT id, topic, count FROM batches WHERE id = ANY(%s) AND state=%s ORDER BY id", (batch_ids, PENDING)
+        )
+        return [Pending(bid, topic, count, 0) for bid, topic, count in rows]
+
+    def purge(self, batch_ids: list[int]) -> None:
+        self._write_many(
+            "UPDATE batches SET state=%s, payload=NULL WHERE id=%s AND state=%s",
+            [(PURGED, bid, DEAD) for bid in batch_ids],
+        )
+        self._write_many(
+            "UPDATE results SET payload=%b, count=0 WHERE batch_id=%s AND kind=1",
+            [(EMPTY_RECORDS, bid) for bid in batch_ids],
+        )
+
+    # --- for subscribers, producers' keys, retention ------------------------------------------
+    def results_range(self, topic: str, first: int, last: int, limit: int) -> list[Stored]:
+        rows = self._read(
+            f"{_STORED} WHERE topic=%s AND seq BETWEEN %s AND %s ORDER BY seq LIMIT %s", (topic, first, last, limit)
+        )
+        return [Stored(*r) for r in rows]
+
+    def cursor_page(self, name: str, after_topic: str, limit: int) -> list[tuple[str, int]]:
+        rows = self._read(
+            "SELECT topic, seq FROM cursors WHERE name=%s AND topic > %s ORDER BY topic LIMIT %s",
+            (name, after_topic, limit),
+        )
+        return [(topic, seq) for topic, seq in rows]
+
+    def cursors(self, limit: int) -> list[tuple[str, str, int]]:
+        return [(n, t, s) for n, t, s in self._read("SELECT name, topic, seq FROM cursors LIMIT %s", (limit,))]
+
+    def save_cursor(self, name: str, positions: dict[str, int]) -> None:
+        self._write_many(
+            "INSERT INTO cursors (name, topic, seq) VALUES (%s,%s,%s) "
+            "ON CONFLICT (name, topic) DO UPDATE SET seq = greatest(cursors.seq, excluded.seq)",
+            [(name, topic, seq) for topic, seq in positions.items()],
+        )
+
+    def producer_keys(self) -> dict[str, str]:
+        return dict(self._read("SELECT producer, key FROM producer_keys"))
+
+    def bind_key(self, producer: str, key: str) -> None:
+        self._write("INSERT INTO producer_keys (producer, key) VALUES (%s,%s) ON CONFLICT DO NOTHING", (producer, key))
+
+    def prune(
+        self, *, keep: int | None, max_age: float | None, now: float, keep_batches: int = KEEP_BATCHES
+    ) -> tuple[int, int]:
+        """Drop published results beyond the retention, and finished batches beyond the newest
+        `keep_batches`. Returns how many results and batches went."""
+        upto = self.published_upto()
+        dropped = 0
+        if keep is not None:
+            dropped += self._write(
+                "DELETE FROM results WHERE id <= least(%s, (SELECT max(id) FROM results) - %s)", (upto, keep)
+            )
+        if max_age is not None:
+            dropped += self._write("DELETE FROM results WHERE id <= %s AND created < %s", (upto, now - max_age))
+        batches = 0
+        for state in (DONE, PURGED):
+            n = self._write(
+                "DELETE FROM batches WHERE state=%s AND id <= (SELECT max(id) FROM batches) - %s", (state, keep_batches)
+            )
+            batches += n
+            self.pruned[STATE_NAMES[state]] += n
+        if batches:
+            self._write(
+                "DELETE FROM producer_keys WHERE NOT EXISTS "
+                "(SELECT 1 FROM batches b WHERE b.producer = producer_keys.producer)"
+            )
+        return dropped, batches
+
+    def size_bytes(self) -> int:
+        """The ledger's tables with their indexes and TOAST, as the server stores them."""
+        return int(
+            self._one(
+                "SELECT coalesce(sum(pg_total_relation_size(to_regclass(t))), 0) FROM unnest(%s::text[]) AS t",
+                (list(_TABLES),),
+            )
+        )
+
+    def integrity_check(self) -> str:
+        """The server keeps its own pages whole; what is checked here is that every table answers."""
+        for table in _TABLES:
+            self._read(f"SELECT 1 FROM {table} LIMIT 1")
+        return "ok"
+
+
+def _reason(exc: psycopg.Error) -> str:
+    """The server's or libpq's own words, on one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__
