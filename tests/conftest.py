@@ -7,6 +7,7 @@ import threading
 import pytest
 import zmq
 
+from tests import ledgers
 from tests.helpers import Role
 from zfan.ledger import SqliteLedger
 
@@ -37,6 +38,14 @@ def _leaks_found_where_made():
     yield
     if sys.version_info >= (3, 13):
         gc.collect()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request, tmp_path):
+    """Each ledger backend in turn (PostgreSQL in a schema of the test's own; skipped without a
+    server, see tests/ledgers.py)."""
+    with ledgers.backend(request.param, str(tmp_path)) as chosen:
+        yield chosen
 
 
 @pytest.fixture

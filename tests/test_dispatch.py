@@ -6,18 +6,17 @@ zfan.protocol, and what another process would read from the committed ledger.
 
 from __future__ import annotations
 
-import sqlite3
-from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import pytest
 
+from tests.ledgers import Backend
 from zfan import protocol as p
 from zfan.config import Timing
 from zfan.dispatch import COMMIT_WITHIN, SinkCore
-from zfan.ledger import LEASED, PENDING, Ledger, SqliteLedger
+from zfan.ledger import LEASED, PENDING, Ledger
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -132,15 +131,15 @@ def settle(core: SinkCore) -> None:
     Turn(core)
 
 
-def peek(path: str, sql: str, args: tuple = ()) -> list[tuple]:
-    """Committed rows, as another process would read them."""
-    with closing(sqlite3.connect(path)) as db:
-        return db.execute(sql, args).fetchall()
-
-
 def status_counts(core: SinkCore) -> dict[str, int]:
     s = core.status()
     return {k: s[k] for k in ("pending", "leased", "done", "dead", "purged")}
+
+
+@pytest.fixture
+def ledger(backend) -> Ledger:
+    """Every decision here is tried on each ledger backend."""
+    return backend.open()
 
 
 @pytest.fixture
@@ -149,18 +148,9 @@ def core(ledger, clock) -> SinkCore:
 
 
 @pytest.fixture
-def reopen(ledger):
-    """Open the fixture's ledger file again (as a restarted sink would); closed at teardown."""
-    opened: list[Ledger] = []
-
-    def open_again() -> Ledger:
-        led = SqliteLedger(ledger.path)
-        opened.append(led)
-        return led
-
-    yield open_again
-    for led in opened:
-        led.close()
+def reopen(backend):
+    """Open the fixture's ledger again (as a restarted sink would); closed at teardown."""
+    return backend.open
 
 
 # --- dispatch by credit -----------------------------------------------------------------
@@ -263,31 +253,31 @@ def test_every_batch_is_leased_once_per_attempt(core):
 # --- acks -----------------------------------------------------------------------------------
 
 
-def test_leases_alone_are_committed_later_and_acks_at_once(core, ledger, clock):
+def test_leases_alone_are_committed_later_and_acks_at_once(core, ledger, clock, backend):
     hello_producer(core, b"p", "prod")
     Turn(core)
     core.intake(batch("prod", 1))
     assert Turn(core).acks(b"p") == [[1]]
     states = "SELECT state FROM batches ORDER BY id"
-    assert peek(ledger.path, states) == [(PENDING,)], "committed before its ack"
+    assert backend.peek(states) == [(PENDING,)], "committed before its ack"
     hello_worker(core, b"w", 1)
     assert len(Turn(core).leases) == 1
-    assert peek(ledger.path, states) == [(PENDING,)], "a lease alone waits for a later commit"
+    assert backend.peek(states) == [(PENDING,)], "a lease alone waits for a later commit"
     assert core.next_deadline() <= COMMIT_WITHIN
     clock.advance(COMMIT_WITHIN)
     Turn(core)
-    assert peek(ledger.path, states) == [(LEASED,)]
+    assert backend.peek(states) == [(LEASED,)]
 
 
-def test_batch_is_acked_in_the_turn_that_commits_it(core, ledger):
+def test_batch_is_acked_in_the_turn_that_commits_it(core, ledger, backend):
     hello_producer(core, b"p1", "prod-1")
     Turn(core)
     core.intake(batch("prod-1", 1))
     core.intake(batch("prod-1", 2))
-    assert peek(ledger.path, "SELECT count(*) FROM batches") == [(0,)]  # nothing committed yet
+    assert backend.peek("SELECT count(*) FROM batches") == [(0,)]  # nothing committed yet
     turn = Turn(core)
     assert turn.acks(b"p1") == [[1, 2]]
-    assert peek(ledger.path, "SELECT producer, seq FROM batches ORDER BY id") == [("prod-1", 1), ("prod-1", 2)]
+    assert backend.peek("SELECT producer, seq FROM batches ORDER BY id") == [("prod-1", 1), ("prod-1", 2)]
     assert Turn(core).acks(b"p1") == []  # acked once
 
 
@@ -297,7 +287,7 @@ def test_producer_gets_welcome_with_epoch_and_timing(core):
     assert welcome.msg == p.Welcome(core.epoch, round(HEARTBEAT * 1000), LIVENESS)
 
 
-def test_duplicate_batch_is_stored_once_and_acked_again(core, ledger):
+def test_duplicate_batch_is_stored_once_and_acked_again(core, ledger, backend):
     hello_producer(core, b"p1", "prod-1")
     core.intake(batch("prod-1", 1))
     assert Turn(core).acks(b"p1") == [[1]]
@@ -306,19 +296,19 @@ def test_duplicate_batch_is_stored_once_and_acked_again(core, ledger):
     assert Turn(core).acks(b"p1") == [[1, 1]]
     assert core.stats["duplicate batches"] == 2
     assert core.stats["batches in"] == 1
-    assert peek(ledger.path, "SELECT count(*) FROM batches") == [(1,)]
+    assert backend.peek("SELECT count(*) FROM batches") == [(1,)]
     assert status_counts(core)["pending"] == 1
     hello_worker(core, b"w1", 5)
     (lease,) = Turn(core).leases
     assert msgpack.unpackb(lease.payload) == ["prod-1-1"]
 
 
-def test_duplicate_within_one_turn_is_stored_once(core, ledger):
+def test_duplicate_within_one_turn_is_stored_once(core, ledger, backend):
     hello_producer(core, b"p1", "prod-1")
     core.intake(batch("prod-1", 7))
     core.intake(batch("prod-1", 7))
     assert Turn(core).acks(b"p1") == [[7, 7]]
-    assert peek(ledger.path, "SELECT count(*) FROM batches") == [(1,)]
+    assert backend.peek("SELECT count(*) FROM batches") == [(1,)]
     assert core.stats["duplicate batches"] == 1
 
 
@@ -348,12 +338,12 @@ def test_same_seq_from_two_producers_is_two_batches(core):
     assert status_counts(core)["pending"] == 2
 
 
-def test_no_ack_to_a_producer_without_hello(core, ledger):
+def test_no_ack_to_a_producer_without_hello(core, ledger, backend):
     core.intake(batch("stranger", 1))
     turn = Turn(core)
     assert turn.msgs == []
     # The batch is still stored and will be processed.
-    assert peek(ledger.path, "SELECT producer, seq FROM batches") == [("stranger", 1)]
+    assert backend.peek("SELECT producer, seq FROM batches") == [("stranger", 1)]
     hello_worker(core, b"w1", 1)
     assert len(Turn(core).leases) == 1
 
@@ -409,7 +399,7 @@ def test_results_are_published_once_with_per_topic_seq(core, ledger):
     assert core.stats["published"] == 3
 
 
-def test_result_fans_out_to_several_topics(core, ledger):
+def test_result_fans_out_to_several_topics(core, ledger, backend):
     hello_worker(core, b"w1", 2)
     core.intake(batch("prod", 1))
     core.intake(batch("prod", 2))
@@ -423,7 +413,7 @@ def test_result_fans_out_to_several_topics(core, ledger):
     send_result(core, b"w1", second, {"b": records(4), "c": records()})
     turn = Turn(core)
     assert [(pub.topic, pub.seq, count_of(pub)) for pub in turn.pubs] == [("b", 2, 1), ("c", 1, 0)]
-    assert peek(ledger.path, "SELECT batch_id, topic, seq, count, kind FROM results ORDER BY id") == [
+    assert backend.peek("SELECT batch_id, topic, seq, count, kind FROM results ORDER BY id") == [
         (first.batch_id, "a", 1, 2, 0),
         (first.batch_id, "b", 1, 1, 0),
         (second.batch_id, "b", 2, 1, 0),
@@ -441,16 +431,16 @@ def test_result_with_no_topics_completes_the_batch_silently(core):
     assert status_counts(core)["done"] == 1
 
 
-def test_results_are_committed_before_they_are_published(core, ledger):
+def test_results_are_committed_before_they_are_published(core, ledger, backend):
     hello_worker(core, b"w1", 1)
     core.intake(batch("prod", 1))
     (lease,) = Turn(core).leases
     send_result(core, b"w1", lease, {"out": records("x")})
-    assert peek(ledger.path, "SELECT count(*) FROM results") == [(0,)]
+    assert backend.peek("SELECT count(*) FROM results") == [(0,)]
     turn = Turn(core)
     assert len(turn.pubs) == 1
-    assert peek(ledger.path, "SELECT topic, seq, payload FROM results") == [("out", 1, records("x"))]
-    assert peek(ledger.path, "SELECT state, payload FROM batches") == [(2, None)]  # done, payload dropped
+    assert backend.peek("SELECT topic, seq, payload FROM results") == [("out", 1, records("x"))]
+    assert backend.peek("SELECT state, payload FROM batches") == [(2, None)]  # done, payload dropped
 
 
 def test_status_counts_pending_leased_done(core, ledger):
@@ -471,7 +461,7 @@ def test_status_counts_pending_leased_done(core, ledger):
     ]
 
 
-def test_status_request_from_a_client_gets_a_reply(core):
+def test_status_request_from_a_client_gets_a_reply(core, backend):
     hello_worker(core, b"w1", 1)
     core.intake(batch("prod", 1))
     core.intake(batch("prod", 2))
@@ -487,14 +477,14 @@ def test_status_request_from_a_client_gets_a_reply(core):
 # --- fencing ------------------------------------------------------------------------------
 
 
-def assert_fenced(core: SinkCore, ledger: Ledger, n: int = 1) -> None:
+def assert_fenced(core: SinkCore, backend: Backend, n: int = 1) -> None:
     turn = Turn(core)
     assert turn.pubs == []
     assert core.stats["fenced results"] == n
-    assert peek(ledger.path, "SELECT count(*) FROM results") == [(0,)]
+    assert backend.peek("SELECT count(*) FROM results") == [(0,)]
 
 
-def test_result_for_a_stale_attempt_is_fenced(core, ledger):
+def test_result_for_a_stale_attempt_is_fenced(core, ledger, backend):
     hello_worker(core, b"w1", 1)
     core.intake(batch("prod", 1))
     (first,) = Turn(core).leases
@@ -502,33 +492,33 @@ def test_result_for_a_stale_attempt_is_fenced(core, ledger):
     (second,) = Turn(core).leases
     assert (second.batch_id, second.attempt) == (first.batch_id, 2)
     send_result(core, b"w1", first)  # attempt 1 again
-    assert_fenced(core, ledger)
+    assert_fenced(core, backend)
     send_result(core, b"w1", second)
     assert [(pub.topic, pub.seq) for pub in Turn(core).pubs] == [("out", 1)]
 
 
-def test_result_from_the_wrong_worker_is_fenced(core, ledger):
+def test_result_from_the_wrong_worker_is_fenced(core, ledger, backend):
     hello_worker(core, b"w1", 1)
     hello_worker(core, b"w2", 1)
     core.intake(batch("prod", 1))
     (lease,) = Turn(core).leases
     other = b"w2" if lease.rid == b"w1" else b"w1"
     send_result(core, other, lease)
-    assert_fenced(core, ledger)
+    assert_fenced(core, backend)
     assert status_counts(core)["leased"] == 1
     send_result(core, lease.rid, lease)
     assert len(Turn(core).pubs) == 1
 
 
-def test_result_for_an_unknown_batch_is_fenced(core, ledger):
+def test_result_for_an_unknown_batch_is_fenced(core, ledger, backend):
     hello_worker(core, b"w1", 1)
     Turn(core)
     send_result(core, b"w1", (999, 1))
-    assert_fenced(core, ledger)
+    assert_fenced(core, backend)
     assert status_counts(core) == {"pending": 0, "leased": 0, "done": 0, "dead": 0, "purged": 0}
 
 
-def test_result_for_a_batch_already_done_is_fenced(core, ledger):
+def test_result_for_a_batch_already_done_is_fenced(core, ledger, backend):
     hello_worker(core, b"w1", 1)
     core.intake(batch("prod", 1))
     (lease,) = Turn(core).leases
@@ -538,17 +528,17 @@ def test_result_for_a_batch_already_done_is_fenced(core, ledger):
     turn = Turn(core)
     assert turn.pubs == []
     assert core.stats["fenced results"] == 1
-    assert peek(ledger.path, "SELECT payload FROM results") == [(records("first"),)]
+    assert backend.peek("SELECT payload FROM results") == [(records("first"),)]
     assert status_counts(core)["done"] == 1
 
 
 @pytest.mark.parametrize("delta", [-1, 1])
-def test_result_with_a_wrong_epoch_is_fenced(core, ledger, delta):
+def test_result_with_a_wrong_epoch_is_fenced(core, ledger, delta, backend):
     hello_worker(core, b"w1", 1)
     core.intake(batch("prod", 1))
     (lease,) = Turn(core).leases
     send_result(core, b"w1", lease, epoch=core.epoch + delta)
-    assert_fenced(core, ledger)
+    assert_fenced(core, backend)
 
 
 def test_failed_with_a_wrong_epoch_is_fenced_and_does_not_replay(core, ledger):
@@ -728,7 +718,7 @@ def test_hello_again_replays_what_the_worker_held(core):
 # --- failure and dead letters -------------------------------------------------------------
 
 
-def test_failed_batch_is_requeued_ahead_of_newer_work(core, ledger):
+def test_failed_batch_is_requeued_ahead_of_newer_work(core, ledger, backend):
     hello_worker(core, b"w1", 1)
     core.intake(batch("prod", 1))
     core.intake(batch("prod", 2))
@@ -739,10 +729,10 @@ def test_failed_batch_is_requeued_ahead_of_newer_work(core, ledger):
     assert again.payload == first.payload
     assert core.stats["batches failed"] == 1
     settle(core)
-    assert peek(ledger.path, "SELECT error FROM batches WHERE id=?", (first.batch_id,)) == [("ValueError: bad input",)]
+    assert backend.peek("SELECT error FROM batches WHERE id=?", (first.batch_id,)) == [("ValueError: bad input",)]
 
 
-def test_batch_is_dead_lettered_once_after_max_attempts(ledger, clock):
+def test_batch_is_dead_lettered_once_after_max_attempts(ledger, clock, backend):
     core = make_core(ledger, clock, max_attempts=3)
     hello_worker(core, b"w1", 1)
     payload = records("poison")
@@ -777,9 +767,7 @@ def test_batch_is_dead_lettered_once_after_max_attempts(ledger, clock):
     for _ in range(3):
         assert all(not isinstance(pub, p.Dead) for pub in Turn(core).pubs)
     assert status_counts(core) == {"pending": 0, "leased": 0, "done": 2, "dead": 1, "purged": 0}
-    assert peek(ledger.path, "SELECT topic, seq, kind FROM results WHERE batch_id=?", (poison,)) == [
-        (p.DEAD_TOPIC, 1, 1)
-    ]
+    assert backend.peek("SELECT topic, seq, kind FROM results WHERE batch_id=?", (poison,)) == [(p.DEAD_TOPIC, 1, 1)]
     # A late result for the dead batch changes nothing.
     send_result(core, b"w1", lease)
     assert Turn(core).pubs == []
@@ -942,14 +930,14 @@ def run_first_sink(ledger, clock):
     return core, first, (second, third), turn.pubs
 
 
-def test_restart_has_a_larger_epoch_and_puts_leases_back(ledger, clock, reopen):
+def test_restart_has_a_larger_epoch_and_puts_leases_back(ledger, clock, reopen, backend):
     old, first, (second, third), _ = run_first_sink(ledger, clock)
     ledger.close()  # crash
     core = make_core(reopen(), clock)
     assert core.epoch > old.epoch
     assert core.recovered == 2
     assert status_counts(core) == {"pending": 2, "leased": 0, "done": 1, "dead": 0, "purged": 0}
-    assert peek(ledger.path, "SELECT id, state FROM batches ORDER BY id") == [
+    assert backend.peek("SELECT id, state FROM batches ORDER BY id") == [
         (first.batch_id, 2),
         (second.batch_id, 0),
         (third.batch_id, 0),
@@ -1042,7 +1030,7 @@ BAD_INTAKE = [
 
 
 @pytest.mark.parametrize("frames,reason", [c[1:] for c in BAD_INTAKE], ids=[c[0] for c in BAD_INTAKE])
-def test_malformed_batch_is_rejected_and_changes_nothing(core, ledger, frames, reason):
+def test_malformed_batch_is_rejected_and_changes_nothing(core, ledger, frames, reason, backend):
     hello_producer(core, b"p1", "prod")
     hello_worker(core, b"w1", 5)
     Turn(core)
@@ -1052,7 +1040,7 @@ def test_malformed_batch_is_rejected_and_changes_nothing(core, ledger, frames, r
     assert turn.msgs == [] and turn.pubs == []
     assert core.stats == {}
     assert status_counts(core) == {"pending": 0, "leased": 0, "done": 0, "dead": 0, "purged": 0}
-    assert peek(ledger.path, "SELECT count(*) FROM batches") == [(0,)]
+    assert backend.peek("SELECT count(*) FROM batches") == [(0,)]
     # The sink goes on: a good batch afterwards is stored, acked and leased.
     core.intake(batch("prod", 1))
     turn = Turn(core)
@@ -1098,7 +1086,7 @@ BAD_CONTROL = [
 
 
 @pytest.mark.parametrize("make,reason", [c[1:] for c in BAD_CONTROL], ids=[c[0] for c in BAD_CONTROL])
-def test_malformed_control_message_is_rejected_and_changes_nothing(core, ledger, make, reason):
+def test_malformed_control_message_is_rejected_and_changes_nothing(core, ledger, make, reason, backend):
     hello_worker(core, b"w1", 1)
     core.intake(batch("prod", 1))
     core.intake(batch("prod", 2))
@@ -1110,7 +1098,7 @@ def test_malformed_control_message_is_rejected_and_changes_nothing(core, ledger,
     assert turn.msgs == [] and turn.pubs == []
     assert dict(core.stats) == stats
     assert status_counts(core) == {"pending": 1, "leased": 1, "done": 0, "dead": 0, "purged": 0}
-    assert peek(ledger.path, "SELECT count(*) FROM results") == [(0,)]
+    assert backend.peek("SELECT count(*) FROM results") == [(0,)]
     # The lease stands and the worker's credit is still used by it.
     send_result(core, b"w1", lease)
     turn = Turn(core)

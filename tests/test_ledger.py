@@ -47,14 +47,16 @@ def test_ledger_is_in_wal_mode(ledger):
     assert peek(ledger.path, "PRAGMA journal_mode") == [("wal",)]
 
 
-def test_new_ledger_passes_integrity_check(ledger):
+def test_new_ledger_passes_integrity_check(backend):
+    ledger = backend.open()
     assert ledger.integrity_check() == "ok"
     ledger.insert_batch("prod", 1, "t", 2, b"\x92\x01\x02")
     ledger.commit()
     assert ledger.integrity_check() == "ok"
 
 
-def test_a_batch_is_stored_once_per_producer_and_seq(ledger):
+def test_a_batch_is_stored_once_per_producer_and_seq(backend):
+    ledger = backend.open()
     first = ledger.insert_batch("prod", 1, "t", 2, b"one")
     assert isinstance(first, int)
     assert ledger.insert_batch("prod", 1, "t", 2, b"one again") is None
@@ -63,7 +65,7 @@ def test_a_batch_is_stored_once_per_producer_and_seq(ledger):
     next_seq = ledger.insert_batch("prod", 2, "t", 2, b"three")
     assert len({first, other_producer, next_seq}) == 3
     ledger.commit()
-    assert peek(ledger.path, "SELECT producer, seq, payload FROM batches ORDER BY id") == [
+    assert backend.peek("SELECT producer, seq, payload FROM batches ORDER BY id") == [
         ("prod", 1, b"one"),
         ("prod-2", 1, b"two"),
         ("prod", 2, b"three"),
@@ -80,33 +82,30 @@ def test_unique_constraint_is_in_the_file(ledger):
         )
 
 
-def test_writes_are_invisible_until_commit(ledger):
+def test_writes_are_invisible_until_commit(backend):
+    ledger = backend.open()
     ledger.insert_batch("prod", 1, "t", 1, b"x")
-    assert peek(ledger.path, "SELECT count(*) FROM batches") == [(0,)]
+    assert backend.peek("SELECT count(*) FROM batches") == [(0,)]
     ledger.commit()
-    assert peek(ledger.path, "SELECT count(*) FROM batches") == [(1,)]
+    assert backend.peek("SELECT count(*) FROM batches") == [(1,)]
 
 
-def test_close_rolls_back_what_was_not_committed(tmp_path):
-    path = str(tmp_path / "l.db")
-    led = SqliteLedger(path)
+def test_close_rolls_back_what_was_not_committed(backend):
+    led = backend.open()
     led.insert_batch("prod", 1, "t", 1, b"kept")
     led.commit()
     led.insert_batch("prod", 2, "t", 1, b"lost")
     led.close()
-    led = SqliteLedger(path)
-    try:
-        assert [p.batch_id for p in led.pending()] == [1]
-    finally:
-        led.close()
+    assert [p.batch_id for p in backend.open().pending()] == [1]
 
 
-def test_the_life_of_a_batch(ledger):
+def test_the_life_of_a_batch(backend):
+    ledger = backend.open()
     bid = ledger.insert_batch("prod", 1, "in", 3, b"payload")
     assert ledger.pending() == [Pending(bid, "in", 3, 0)]
     ledger.lease([(bid, 1)])
     ledger.commit()
-    assert peek(ledger.path, "SELECT state, attempts FROM batches") == [(LEASED, 1)]
+    assert backend.peek("SELECT state, attempts FROM batches") == [(LEASED, 1)]
     ledger.release(bid, "boom")
     assert ledger.batch_info(bid) == ("in", 3, 1, "boom")
     assert ledger.pending() == [Pending(bid, "in", 3, 1)]
@@ -117,45 +116,47 @@ def test_the_life_of_a_batch(ledger):
         ("out", 1, 2, 0, b"r1"),
         ("other", 1, 1, 0, b"r2"),
     ]
-    assert peek(ledger.path, "SELECT state, payload, error FROM batches") == [(DONE, None, None)]
+    assert backend.peek("SELECT state, payload, error FROM batches") == [(DONE, None, None)]
     assert ledger.counts() == {"pending": 0, "leased": 0, "done": 1, "dead": 0, "purged": 0}
     assert ledger.topic_seqs() == {"out": 1, "other": 1}
     with pytest.raises(LedgerError, match=f"batch {bid} has no payload"):
         ledger.payload(bid)
 
 
-def test_dead_letter_keeps_the_payload_and_the_error(ledger):
+def test_dead_letter_keeps_the_payload_and_the_error(backend):
+    ledger = backend.open()
     bid = ledger.insert_batch("prod", 1, "in", 3, b"payload")
     ledger.lease([(bid, 1)])
     stored = ledger.dead_letter(bid, "zfan.dead", 1, "ValueError: bad")
     ledger.commit()
     assert (stored.topic, stored.seq, stored.kind, stored.payload, stored.count) == ("zfan.dead", 1, 1, b"payload", 3)
-    assert peek(ledger.path, "SELECT state, error FROM batches") == [(DEAD, "ValueError: bad")]
+    assert backend.peek("SELECT state, error FROM batches") == [(DEAD, "ValueError: bad")]
     assert ledger.counts()["dead"] == 1
     assert ledger.pending() == []
 
 
-def test_recover_puts_leased_batches_back_without_counting_the_interrupted_lease(ledger):
+def test_recover_puts_leased_batches_back_without_counting_the_interrupted_lease(backend):
+    ledger = backend.open()
     a = ledger.insert_batch("prod", 1, "t", 1, b"a")
     b = ledger.insert_batch("prod", 2, "t", 1, b"b")
     ledger.lease([(a, 2)])  # its second attempt, cut short by the sink's own death
     ledger.commit()
     assert ledger.recover() == 1
     assert ledger.pending() == [Pending(a, "t", 1, 1), Pending(b, "t", 1, 0)]
-    assert peek(ledger.path, "SELECT state, attempts FROM batches WHERE id=?", (a,)) == [(PENDING, 1)]
+    assert backend.peek("SELECT state, attempts FROM batches WHERE id=?", (a,)) == [(PENDING, 1)]
 
 
-def test_epochs_grow_across_opens(tmp_path):
-    path = str(tmp_path / "l.db")
+def test_epochs_grow_across_opens(backend):
     epochs = []
     for _ in range(3):
-        led = SqliteLedger(path)
+        led = backend.open()
         epochs.append(led.next_epoch())
         led.close()
     assert epochs == [1, 2, 3]
 
 
-def test_published_mark_and_results_after(ledger):
+def test_published_mark_and_results_after(backend):
+    ledger = backend.open()
     a = ledger.insert_batch("prod", 1, "t", 1, b"a")
     stored = ledger.store_results(a, [("out", 1, 1, b"r1"), ("out", 2, 1, b"r2"), ("out", 3, 1, b"r3")])
     ledger.commit()
@@ -261,7 +262,8 @@ def test_memory_ledger_works(tmp_path):
         led.close()
 
 
-def test_deduplication_outlives_the_results_retention(ledger):
+def test_deduplication_outlives_the_results_retention(backend):
+    ledger = backend.open()
     ids = [ledger.insert_batch("prod", seq, "t", 1, b"x") for seq in range(1, 11)]
     for seq, batch_id in enumerate(ids, 1):
         ledger.lease([(batch_id, 1)])
@@ -275,7 +277,8 @@ def test_deduplication_outlives_the_results_retention(ledger):
     assert ledger.insert_batch("prod", 1, "t", 1, b"x") is not None, "beyond keep_batches it is forgotten"
 
 
-def test_a_producer_ids_key_is_kept_as_long_as_its_batches(ledger):
+def test_a_producer_ids_key_is_kept_as_long_as_its_batches(backend):
+    ledger = backend.open()
     for producer in ("old", "new"):
         ledger.bind_key(producer, f"key-of-{producer}")
     ledger.bind_key("old", "another key")  # the first key keeps the id

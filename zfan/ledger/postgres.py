@@ -117,8 +117,9 @@ def redact(dsn: str) -> str:
 class PostgresLedger:
     """A ledger in PostgreSQL. Opening it claims nothing: `claim()` makes this sink the active one."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, *, term: float = TERM) -> None:
         self.dsn = dsn
+        self.term = term
         self.path = redact(dsn)
         self.pruned: Counter[str] = Counter()
         self.epoch = 0  # this sink's claim, once claim() took it
@@ -138,8 +139,9 @@ class PostgresLedger:
             self._db.close()
             raise
         except psycopg.Error as exc:
+            error = self._failed("open", exc)
             self._db.close()
-            raise self._failed("open", exc) from None
+            raise error from None
 
     def _create(self) -> None:
         with self._db.transaction():
@@ -156,7 +158,9 @@ class PostgresLedger:
                     f"ledger {self.path} holds tables that are no zfan ledger's; it was left untouched: "
                     "give the sink a database or schema of its own"
                 )
-            self._cur.execute(_SCHEMA)
+            for statement in _SCHEMA.split(";\n"):
+                if statement.strip():
+                    self._cur.execute(statement)
             self._cur.execute(
                 "INSERT INTO meta (key, value) VALUES ('zfan_ledger', %s) ON CONFLICT (key) DO NOTHING",
                 (SCHEMA_VERSION,),
@@ -174,7 +178,7 @@ class PostgresLedger:
                     "ON CONFLICT (id) DO UPDATE SET epoch = leader.epoch + 1, holder = excluded.holder, "
                     "renewed = clock_timestamp() "
                     "WHERE leader.renewed < clock_timestamp() - make_interval(secs => %s) RETURNING epoch",
-                    (holder, TERM),
+                    (holder, self.term),
                 ).fetchone()
         except pg_errors.LockNotAvailable:
             return False
