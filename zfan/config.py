@@ -46,6 +46,32 @@ def check_endpoint(endpoint: str, *, what: str = "endpoint") -> str:
     raise ConfigError(f"{what} {endpoint!r} is not a valid endpoint: use tcp://HOST:PORT or ipc:///path/to/socket")
 
 
+def endpoints(value: str, *, what: str = "endpoint") -> list[str]:
+    """A client's endpoints of one kind: one sink's, or several sinks' separated by commas (an
+    active sink and its standbys on a shared ledger, tried in turn); each checked."""
+    if not isinstance(value, str):
+        return [check_endpoint(value, what=what)]
+    return [check_endpoint(part.strip(), what=what) for part in value.split(",")]
+
+
+def check_sinks(**kinds: str | None) -> int:
+    """How many sinks a client's endpoint settings name, each kind listing them in one order;
+    ConfigError if the lists differ in length."""
+    counts = {
+        kind: len(endpoints(value, what=f"{kind} endpoint")) for kind, value in kinds.items() if value is not None
+    }
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+        raise ConfigError(f"endpoints name the sinks in one order, as many of each kind: got {listed}")
+    return max(counts.values(), default=1)
+
+
+def sink_endpoint(value: str, sink: int) -> str:
+    """The endpoint of sink number `sink` in a setting that lists one or several."""
+    listed = [part.strip() for part in value.split(",")]
+    return listed[sink % len(listed)]
+
+
 _HTTP = re.compile(r"^(?:(?P<host>\[[0-9a-fA-F:.]+\]|[^:\[\]]*):)?(?P<port>\d{1,5})$")
 
 
@@ -242,7 +268,7 @@ class WorkerSettings:
     route: str = DEFAULT_ROUTE
 
     def __post_init__(self) -> None:
-        check_endpoint(self.control, what="control endpoint")
+        check_sinks(control=self.control)
         check_route_name(self.route)
         if self.http is not None:
             split_http(self.http)
@@ -275,8 +301,7 @@ class ProducerSettings:
     connect_timeout: float | None = CLIENT_CONNECT_TIMEOUT
 
     def __post_init__(self) -> None:
-        check_endpoint(self.intake, what="intake endpoint")
-        check_endpoint(self.control, what="control endpoint")
+        check_sinks(intake=self.intake, control=self.control)
         _check_connect_timeout(self.connect_timeout)
         _positive("batch_size", self.batch_size, integer=True)
         if not isinstance(self.linger_ms, (int, float)) or self.linger_ms < 0:
@@ -306,10 +331,8 @@ class SubscriberSettings:
     connect_timeout: float | None = CLIENT_CONNECT_TIMEOUT
 
     def __post_init__(self) -> None:
-        check_endpoint(self.results, what="results endpoint")
+        check_sinks(results=self.results, control=self.control)
         _check_connect_timeout(self.connect_timeout)
-        if self.control is not None:
-            check_endpoint(self.control, what="control endpoint")
         for prefix in self.topics:
             if not isinstance(prefix, str) or len(prefix.encode()) > 255:
                 raise ConfigError(f"topic prefix {prefix!r}: at most 255 bytes of text")

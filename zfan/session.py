@@ -27,7 +27,10 @@ BACKOFF_CAP = 2.0  # seconds: the longest wait between two dials
 @dataclass(frozen=True)
 class Dial:
     """Open a new control connection now (the first, or one after the sink went silent) and
-    send the outbox on it: the hello is in it."""
+    send the outbox on it: the hello is in it. `sink`: which of the client's sinks to dial
+    (the next one after a silence, where it has several: an active sink and its standbys)."""
+
+    sink: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,8 +120,13 @@ class Session:
         route: str = DEFAULT_ROUTE,
         rng: random.Random | None = None,
         connect_timeout: float | None = None,
+        sinks: int = 1,
     ) -> None:
         self.hello = p.Hello(role, name, credit, route)
+        # The sinks this client may reach (an active one and its standbys), and the one it dials.
+        self.sinks = sinks
+        self.sink = 0
+        self.dialled = 0  # the sink of the last dial: the one a Lost speaks of
         self.timing = timing
         # Seconds from the first dial to the first welcome before giving up (None: never).
         # Once welcomed, a silent sink is an outage: the session dials until closed.
@@ -192,7 +200,8 @@ class Session:
             self._heard = now
             self.outbox.append(self.hello)
             self._next_beat = now + self._beat
-            return Dial()
+            self.dialled = self.sink
+            return Dial(self.sink)
         if now - self._wake_at > self._expiry / 2:
             # Woken this late, we were not listening (a busy process, a caller elsewhere), and
             # the sink may have forgotten us meanwhile: that proves nothing about it. Beat now
@@ -202,6 +211,9 @@ class Session:
         silent = now - self._heard
         if silent > self._expiry:
             self.state = State.IDLE
+            # A silent sink may have died or been cut off, and a standby taken over: the
+            # next dial goes to the next sink.
+            self.sink = (self.sink + 1) % self.sinks
             self._dial_at = now + self.backoff.next()
             self._beat, self._expiry = self.timing.heartbeat, self.timing.expiry
             first = self._silent_since is None

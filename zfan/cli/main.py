@@ -38,7 +38,7 @@ from ..nodes import security
 from ..nodes.dead import dead_letters, purge_dead_letters, requeue_dead_letters, show_dead_letter
 from ..nodes.local import die_with_parent
 from ..nodes.producer import Producer
-from ..nodes.sink import Sink
+from ..nodes.sink import ACTIVE, Sink
 from ..nodes.status import query_status
 from ..nodes.subscriber import Subscriber
 from ..nodes.worker import Worker
@@ -229,19 +229,24 @@ def sink(
             routes=dict(parse_route(r) for r in routes),
             retries=dict(parse_retry(r) for r in retries),
         )
-        node = Sink(settings, workers=workers, app=app, worker_credit=credit)
+
+        def announce(state: str) -> None:
+            # On a shared ledger a standby says so in its log, and is ready once it takes over.
+            if state == ACTIVE:
+                ready(
+                    "sink",
+                    intake=node.intake,
+                    control=node.control,
+                    results=node.results,
+                    ledger=node.ledger,
+                    epoch=node.epoch,
+                    workers=workers,
+                    curve="on" if curve else "off",
+                    http=node.http or "off",
+                )
+
+        node = Sink(settings, workers=workers, app=app, worker_credit=credit, on_state=announce)
         node.start()
-        ready(
-            "sink",
-            intake=node.intake,
-            control=node.control,
-            results=node.results,
-            ledger=ledger,
-            epoch=node.epoch,
-            workers=workers,
-            curve="on" if curve else "off",
-            http=node.http or "off",
-        )
         if not _serve(node, stop):
             return _ended(node)
         if stop.signum == signal.SIGHUP and remove_folder is not None:
@@ -249,11 +254,12 @@ def sink(
             # too: nothing a drain would finish is wanted any more.
             _ended(node)
             return stop.code
-        say(
-            stop.after_ctrl_c(
-                "zfan sink: stopping: waiting for the batches leased to come back (Ctrl-C again to stop at once)"
+        if not node.standby:  # a standby holds nothing to wait for
+            say(
+                stop.after_ctrl_c(
+                    "zfan sink: stopping: waiting for the batches leased to come back (Ctrl-C again to stop at once)"
+                )
             )
-        )
         drained = node.drain(drain_timeout)
         _ended(node)
         return RET_OK if drained else stop.code

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from .records import (
     DEAD,
@@ -44,6 +45,7 @@ __all__ = [
     "Stored",
     "is_postgres",
     "open_ledger",
+    "redact",
 ]
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -112,6 +114,15 @@ class Ledger(Protocol):
 
 def is_postgres(location: str) -> bool:
     return location.startswith(POSTGRES_SCHEMES)
+
+
+def redact(dsn: str) -> str:
+    """The DSN as a person may read it in a log: without its password."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def open_ledger(location: str, *, fsync: str = "normal") -> Ledger:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import time
 from collections import Counter
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import errors as pg_errors
 
 from ..errors import Fenced, LedgerError, LedgerFull, LedgerLost
+from . import redact
 from .records import (
     DEAD,
     DONE,
@@ -103,15 +103,6 @@ _DEAD = (
     "SELECT b.id, b.producer, b.seq, b.topic, b.count, b.attempts, b.error, "
     "(SELECT created FROM results r WHERE r.batch_id = b.id AND r.kind = 1)"
 )
-
-
-def redact(dsn: str) -> str:
-    """The DSN as a person may read it in a log: without its password."""
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 class PostgresLedger:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import zmq
 
 from .. import protocol as p
-from ..config import ProducerSettings, settings_from
+from ..config import ProducerSettings, check_sinks, settings_from, sink_endpoint
 from ..delivery import BatchOutcome, Outcomes, ProducerCore, Sent
 from ..errors import Closed, ZfanError
 from ..packing import Packing
@@ -60,15 +60,17 @@ class Flag(Protocol):
 
 
 def open_sockets(
-    ctx: zmq.Context[Any], s: ProducerSettings, handshakes: Handshakes, watches: list[HandshakeWatch]
+    ctx: zmq.Context[Any], s: ProducerSettings, handshakes: Handshakes, watches: list[HandshakeWatch], sink: int = 0
 ) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
-    """The producer's control DEALER and intake PUSH, connected, of `ctx`'s socket class; their
-    handshake watches (intake's first) are appended to `watches`."""
+    """The producer's control DEALER and intake PUSH, connected to sink number `sink` of the
+    settings' endpoints, of `ctx`'s socket class; their handshake watches (intake's first) are
+    appended to `watches`. One sink at a time: a PUSH to several would also feed a frozen one."""
     push = socket(ctx, zmq.PUSH)
     ctl = socket(ctx, zmq.DEALER, max_frame=p.MAX_HEADER_BYTES)  # it receives headers only
     opened: list[HandshakeWatch] = []
+    intake, control = sink_endpoint(s.intake, sink), sink_endpoint(s.control, sink)
     try:
-        for sock, endpoint, what in ((push, s.intake, "intake endpoint"), (ctl, s.control, "control endpoint")):
+        for sock, endpoint, what in ((push, intake, "intake endpoint"), (ctl, control, "control endpoint")):
             opened.append(secure_client(sock, s.curve, endpoint, handshakes))
             connect(sock, endpoint, what)
     except BaseException:
@@ -102,12 +104,14 @@ class ProducerLink:
         self._on_outcome = on_outcome
         self.core = ProducerCore(s.producer_id, s.timing, time.monotonic(), resend_after=s.resend_after, groups=True)
         self.core.session.connect_timeout = s.connect_timeout
+        self.core.session.sinks = check_sinks(intake=s.intake, control=s.control)
         self._handshakes = Handshakes()
         self._watches: list[HandshakeWatch] = []
         self._sockets: tuple[zmq.Socket[Any], zmq.Socket[Any]] | None = None  # (ctl, push): polled, closed
         self._plain: tuple[Sock, Sock] | None = None  # the same, read and written
         # Until the intake connection's first handshake: when to give up on it (connect_timeout).
         self._intake_due: float | None = None
+        self._dialled = sink_endpoint(s.control, 0)  # the control endpoint of the sink dialled last
 
     @property
     def acked_records(self) -> int:
@@ -135,7 +139,7 @@ class ProducerLink:
             # backed-off retransmits long after the network heals: both are replaced.
             self.close()
         elif isinstance(event, Dial):
-            self._open()
+            self._open(event.sink)
         self._check_intake(now)
         blocked = self._give(now)
         return self._watched(blocked), self._deadline(blocked)
@@ -178,7 +182,7 @@ class ProducerLink:
                 self._tell(ended)
 
     def _say(self, event: object) -> None:
-        if isinstance(event, (Joined, Lost)) and (line := said(event, self.settings.control)) is not None:
+        if isinstance(event, (Joined, Lost)) and (line := said(event, self._dialled)) is not None:
             log.log(*line)
 
     def _check_intake(self, now: float) -> None:
@@ -243,14 +247,15 @@ class ProducerLink:
             if not send(self._plain[0], p.encode(msg)):
                 # No connection to queue on, or the sink reads nothing: what is unsent is the
                 # session's to notice (no welcome, no acks) and the resends' to make good.
-                log.debug("sink %s takes nothing on control; %s not sent", self.settings.control, type(msg).__name__)
+                log.debug("sink %s takes nothing on control; %s not sent", self._dialled, type(msg).__name__)
 
-    def _open(self) -> None:
+    def _open(self, sink: int) -> None:
         self.close()
         s = self.settings
+        self._dialled = sink_endpoint(s.control, sink)
         if self._intake_due is None and s.connect_timeout is not None and not self._handshakes.ever_succeeded:
             self._intake_due = time.monotonic() + s.connect_timeout
-        ctl, push = self._sockets = open_sockets(self._ctx, s, self._handshakes, self._watches)
+        ctl, push = self._sockets = open_sockets(self._ctx, s, self._handshakes, self._watches, sink)
         self._plain = (plain(ctl), plain(push))
 
 

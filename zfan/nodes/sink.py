@@ -26,7 +26,7 @@ from ..config import DEFAULT_CREDIT, SinkSettings, connect_address, settings_fro
 from ..dispatch import SinkCore
 from ..errors import ConfigError, LedgerError, LedgerLost
 from ..exporter import SinkCollector, registry
-from ..ledger import Ledger, SqliteLedger, is_postgres
+from ..ledger import Ledger, SqliteLedger, is_postgres, redact
 from ..loading import load_app
 from ..lock import LedgerLock
 from ..routing import parse_app
@@ -93,6 +93,15 @@ class Sink(Service):
         self._draining = False
         self._drain_began: float | None = None
 
+    @property
+    def ledger(self) -> str:
+        """Where the ledger is, as a person may read it (a DSN without its password)."""
+        return redact(self.settings.ledger)
+
+    def wait_active(self, timeout: float | None = None) -> bool:
+        """Block until this sink is the active one on its ledger (at once on an SQLite ledger)."""
+        return self.active.wait(timeout)
+
     def drain(self, timeout: float | None = None) -> bool:
         """Stop gracefully: take no more batches, lease nothing more, wait up to `timeout` for
         the batches leased to come back, then stop (local workers drain too). True if none
@@ -152,7 +161,10 @@ class Sink(Service):
                 self._became(ACTIVE, False)
             finally:
                 ledger.close()
-            ledger = self._reconnect()
+            again = self._reconnect()
+            if again is None:
+                return
+            ledger = again
 
     def _stand_by(self, ledger: PostgresLedger, holder: str) -> bool:
         """Wait until this sink holds the ledger's claim (True), or is asked to stop (False)."""
@@ -172,22 +184,23 @@ class Sink(Service):
         self._drained = True  # a standby holds nothing to drain
         return False
 
-    def _reconnect(self) -> PostgresLedger:
-        """The ledger again, after its connection was lost: tried every CLAIM_EVERY until stopped."""
-        said = False
+    def _reconnect(self) -> PostgresLedger | None:
+        """The ledger again, after its connection was lost: tried every CLAIM_EVERY until it
+        answers, or None once the sink is asked to stop."""
         from ..ledger.postgres import PostgresLedger
 
-        while True:
+        said = False
+        while not self._stopping.is_set() and self._drain_until is None:
             self._turned = time.monotonic()
             try:
                 return PostgresLedger(self.settings.ledger)
             except LedgerError as exc:
-                if self._stopping.is_set() or self._drain_until is not None:
-                    raise
                 if not said:
                     log.warning("%s; trying again", exc)
                     said = True
             self._wakeup.wait(CLAIM_EVERY)
+        self._drained = True
+        return None
 
     def _became(self, state: str, on: bool) -> None:
         if state == ACTIVE:
@@ -395,8 +408,10 @@ class Sink(Service):
         reasons = self._healthy()
         if self._draining:
             reasons.append("draining: taking no more batches")
+        if self.standby:
+            reasons.append("standing by: another sink holds the ledger")
         path = self.settings.ledger
-        if path != ":memory:":
+        if path != ":memory:" and not is_postgres(path):
             folder = os.path.dirname(os.path.abspath(path))
             if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
                 reasons.append(f"ledger {path} is not writable")

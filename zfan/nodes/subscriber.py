@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from .. import protocol as p
-from ..config import SubscriberSettings, settings_from
+from ..config import SubscriberSettings, check_sinks, endpoints, settings_from, sink_endpoint
 from ..errors import Closed, ZfanError
 from ..sequencing import RetentionGap
 from ..session import Dial, Event, GaveUp, Joined, Lost, said
@@ -62,24 +62,47 @@ class SubscriberBase:
             name=self._token,
             connect_timeout=s.connect_timeout,
         )
-        self._sub = socket(ctx, zmq.SUB, max_frame=s.limits.max_frame, stallable=True)
+        if self._core.session is not None:
+            self._core.session.sinks = check_sinks(results=s.results, control=s.control)
+        self._sub_sink = 0  # the sink whose results the SUB takes
+        # Without control there is no session to follow a sink with: the SUB takes every sink's
+        # results at once (only the active one publishes; a result twice is dropped by its seq).
+        self._sub, self._sub_watch = self._open_sub(s.results if s.control is None else sink_endpoint(s.results, 0))
         self._sub_plain = plain(self._sub)
-        self._sub.setsockopt(zmq.RCVHWM, s.hwm)
-        self._sub_watch = secure_client(self._sub, s.curve, s.results, self._handshakes)
-        try:
-            connect(self._sub, s.results, "results endpoint")
-        except BaseException:
-            self._sub_watch.close()
-            self._sub.close(linger=0)
-            raise
-        for prefix in s.topics:
-            self._sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
-        self._sub.setsockopt(zmq.SUBSCRIBE, self._token.encode())
         self._ctl: zmq.Socket[Any] | None = None  # opened when the core dials
+        self._dialled = "" if s.control is None else sink_endpoint(s.control, 0)  # the sink dialled last
         self._ctl_plain: Sock | None = None
         self._ctl_watch: HandshakeWatch | None = None
         self._closed = False
         self._error: ZfanError | None = None  # why it cannot go on: raised again at every call
+
+    def _open_sub(self, results: str) -> tuple[zmq.Socket[Any], HandshakeWatch]:
+        s = self.settings
+        sub = socket(self._ctx, zmq.SUB, max_frame=s.limits.max_frame, stallable=True)
+        sub.setsockopt(zmq.RCVHWM, s.hwm)
+        watch = secure_client(sub, s.curve, results, self._handshakes)
+        try:
+            for endpoint in endpoints(results, what="results endpoint"):
+                connect(sub, endpoint, "results endpoint")
+        except BaseException:
+            watch.close()
+            sub.close(linger=0)
+            raise
+        for prefix in s.topics:
+            sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+        sub.setsockopt(zmq.SUBSCRIBE, self._token.encode())
+        return sub, watch
+
+    def _follow(self, sink: int) -> None:
+        """Take results from sink number `sink`, the one the session dials now: what the old
+        one published meanwhile and the new one's first results are repaired over control."""
+        if sink == self._sub_sink:
+            return
+        self._sub_watch.close()
+        self._sub.close(linger=0)
+        self._sub_sink = sink
+        self._sub, self._sub_watch = self._open_sub(sink_endpoint(self.settings.results, sink))
+        self._sub_plain = plain(self._sub)
 
     # --- counters ------------------------------------------------------------------------------
     @property
@@ -212,11 +235,12 @@ class SubscriberBase:
             self._say(event)
             self._close_control()
         elif isinstance(event, Dial):
-            self._open_control()
+            self._follow(event.sink)
+            self._open_control(event.sink)
         self._send()
 
     def _say(self, event: Event | None) -> None:
-        if isinstance(event, (Joined, Lost)) and (line := said(event, str(self.settings.control))) is not None:
+        if isinstance(event, (Joined, Lost)) and (line := said(event, self._dialled)) is not None:
             log.log(*line)
 
     def _from_stream(self, frames: list[bytes], now: float) -> None:
@@ -239,17 +263,18 @@ class SubscriberBase:
             if not send(self._ctl_plain, p.encode(msg)):
                 # No connection to queue on, or the sink reads nothing: the session notices the
                 # silence and dials again, and what was asked is asked again.
-                log.debug("sink %s takes nothing on control; %s not sent", self.settings.control, type(msg).__name__)
+                log.debug("sink %s takes nothing on control; %s not sent", self._dialled, type(msg).__name__)
 
-    def _open_control(self) -> None:
+    def _open_control(self, sink: int) -> None:
         s = self.settings
         assert s.control is not None
         self._close_control()
+        self._dialled = endpoint = sink_endpoint(s.control, sink)
         ctl = socket(self._ctx, zmq.DEALER, max_frame=s.limits.max_frame, stallable=True)
         ctl.setsockopt(zmq.RCVHWM, 10 * s.hwm)
-        watch = secure_client(ctl, s.curve, s.control, self._handshakes)
+        watch = secure_client(ctl, s.curve, endpoint, self._handshakes)
         try:
-            connect(ctl, s.control, "control endpoint")
+            connect(ctl, endpoint, "control endpoint")
         except BaseException:
             watch.close()
             ctl.close(linger=0)

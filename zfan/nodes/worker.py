@@ -22,7 +22,7 @@ import zmq
 
 from .. import protocol as p
 from ..calling import Caller, Process
-from ..config import Limits, WorkerSettings, settings_from
+from ..config import Limits, WorkerSettings, check_sinks, settings_from, sink_endpoint
 from ..errors import SerializationError
 from ..exporter import WorkerCollector, registry
 from ..jobs import WorkerCore
@@ -200,6 +200,7 @@ class Worker(Service):
         self._jobs: queue.SimpleQueue[p.Lease | None] = queue.SimpleQueue()
         self._done: deque[tuple[p.Lease, p.Result | p.Failed]] = deque()
         self._handshakes = Handshakes()
+        self._dialled = sink_endpoint(self.settings.control, 0)  # the sink dialled last
         self._poll = Poll()
         self.connected = threading.Event()  # set while a sink has welcomed us
         self.metrics = WorkerMetrics()
@@ -235,6 +236,7 @@ class Worker(Service):
     def _serve(self) -> None:
         s = self.settings
         core = WorkerCore(s.name, s.credit, s.timing, time.monotonic(), groups=s.limits, route=s.route)
+        core.session.sinks = check_sinks(control=s.control)
         core.session.connect_timeout = s.connect_timeout
         worker_thread = threading.Thread(target=self._work, name="zfan-worker-process", daemon=True)
         worker_thread.start()
@@ -270,7 +272,7 @@ class Worker(Service):
                     sock, watch = self._close(sock, watch)
                 elif isinstance(event, Dial):
                     self._close(sock, watch)
-                    sock, watch = self._open()
+                    sock, watch = self._open(event.sink)
                 if sock is not None:
                     self._send(sock, core.session.take())
                 ready = self._wait(core, sock, watch)
@@ -339,18 +341,19 @@ class Worker(Service):
             if not send(sock, p.encode(msg)):
                 # No connection to queue on, or the sink reads nothing: the session notices
                 # the silence and dials again.
-                log.debug("sink %s takes nothing on control; %s not sent", self.settings.control, type(msg).__name__)
+                log.debug("sink %s takes nothing on control; %s not sent", self._dialled, type(msg).__name__)
 
     def _say(self, event: object) -> None:
-        if isinstance(event, (Joined, Lost)) and (line := said(event, self.settings.control)) is not None:
+        if isinstance(event, (Joined, Lost)) and (line := said(event, self._dialled)) is not None:
             log.log(*line)
 
-    def _open(self) -> tuple[Sock, HandshakeWatch]:
+    def _open(self, sink: int) -> tuple[Sock, HandshakeWatch]:
         s = self.settings
+        self._dialled = endpoint = sink_endpoint(s.control, sink)
         sock = socket(self._ctx, zmq.DEALER, max_frame=s.limits.max_frame)
-        watch = secure_client(sock, s.curve, s.control, self._handshakes)
+        watch = secure_client(sock, s.curve, endpoint, self._handshakes)
         try:
-            connect(sock, s.control, "control endpoint")
+            connect(sock, endpoint, "control endpoint")
         except BaseException:
             self._close(sock, watch)
             raise
