@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -235,3 +237,49 @@ def render(raw: str) -> list[str]:
             col += 1
         lines.append("".join(cells).rstrip())
     return lines
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` loopback ports free a moment ago (for endpoints a test must name before binding)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class Feed:
+    """Writes JSON-lines records {"id": i} to a producer's stdin at a steady pace, from a thread."""
+
+    def __init__(self, proc: subprocess.Popen[str], rate: int) -> None:
+        self.proc, self.rate = proc, rate
+        self.sent = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        stdin = self.proc.stdin
+        assert stdin is not None
+        try:
+            while not self.stop.is_set():
+                chunk = "".join(json.dumps({"id": i}) + "\n" for i in range(self.sent, self.sent + self.rate // 20))
+                stdin.write(chunk)
+                stdin.flush()
+                self.sent += self.rate // 20
+                self.stop.wait(0.05)  # load shaping: a steady stream, not a wait
+        except BrokenPipeError:
+            pass  # the producer is gone (a test that failed killed it): its exit code says why
+        finally:
+            try:
+                stdin.close()
+            except BrokenPipeError:
+                pass
+
+    def finish(self) -> int:
+        self.stop.set()
+        self.thread.join(30)
+        return self.sent

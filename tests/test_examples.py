@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, Role, run_cli
+from tests.helpers import ROOT, Role, free_ports, run_cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,17 +39,6 @@ def test_routed_apps_requeue_their_dead_letters_and_end_exactly_once():
     assert done.returncode == 0, done.stdout + done.stderr
     assert "KeyError: 'price'" in done.stdout and re.search(r"fixed; \d+ batch\(es\) requeued", done.stdout)
     assert done.stdout.splitlines()[-1] == "orders 2,000, audit 500: exactly once"
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def test_the_curve_example_runs_both_hosts_encrypted_and_leaves_nothing_behind(tmp_path):

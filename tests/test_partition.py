@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.checker import check, from_json_lines
-from tests.helpers import ROOT, Role, wait_for
+from tests.helpers import ROOT, Feed, Role, wait_for
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -113,35 +113,6 @@ def status(ns: str, port: int) -> dict:
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
-
-
-class Feed:
-    """Writes JSON-lines records {"id": i} to a producer's stdin at a steady pace, from a thread."""
-
-    def __init__(self, proc: subprocess.Popen, rate: int) -> None:
-        self.proc, self.rate = proc, rate
-        self.sent = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        stdin = self.proc.stdin
-        assert stdin is not None
-        try:
-            while not self.stop.is_set():
-                chunk = "".join(json.dumps({"id": i}) + "\n" for i in range(self.sent, self.sent + self.rate // 20))
-                stdin.write(chunk)
-                stdin.flush()
-                self.sent += self.rate // 20
-                self.stop.wait(0.05)  # load shaping: a steady stream, not a wait
-        finally:
-            stdin.close()
-
-    def finish(self) -> int:
-        self.stop.set()
-        self.thread.join(30)
-        return self.sent
 
 
 def test_a_sink_cut_off_for_15_s_dead_letters_nothing_and_takes_batches_again_within_5_s(hosts, tmp_path):

@@ -410,3 +410,44 @@ def test_time_not_listening_before_the_first_welcome_is_not_held_against_the_sin
         now = s.next_deadline()
         event, _ = act(s, now)
     assert event.waited == pytest.approx(now - 100.0)
+
+
+# --- several sinks: an active one and its standbys ----------------------------------------
+
+
+def test_a_silent_sink_sends_the_next_dial_to_the_next_sink_at_once_and_a_round_backs_off():
+    s = Session("worker", "w1", OWN, 100.0, credit=4, rng=random.Random(1), sinks=3)
+    assert s.tick(100.0) == Dial(0)
+    s.received(FAST, 100.0)
+    lost = lose(s)
+    assert s.next_deadline() == lost, "the next sink is dialled at once"
+    dials = []
+    for _ in range(4):
+        event, now = next_event(s)
+        if isinstance(event, Dial):
+            dials.append((event.sink, now))
+    assert [sink for sink, _ in dials] == [1, 2]
+    (_, first), (_, second) = dials
+    assert second - first == pytest.approx(OWN.expiry, abs=0.01), "an unanswered dial moves on after the expiry"
+    event, back_at_start = next_event(s)
+    assert event == Dial(0) and back_at_start - second > OWN.expiry, "a whole round unanswered backs off"
+
+
+def test_a_welcome_from_another_sink_is_said_as_a_takeover():
+    s = Session("worker", "w1", OWN, 100.0, credit=4, rng=random.Random(1), sinks=2)
+    s.tick(100.0)
+    s.received(FAST, 100.0)
+    lost = lose(s)
+    assert s.tick(lost) == Dial(1)
+    event = s.received(p.Welcome(4, 125, 4), lost + 0.5)
+    assert isinstance(event, Joined) and event.moved and event.new_epoch
+    line = said(event, "tcp://b:5558")
+    assert line is not None and line[1].startswith("sink tcp://b:5558 answered after ")
+    assert line[1].endswith("it took over (epoch 4)")
+
+
+def test_a_silence_with_one_sink_dials_it_again_after_a_backoff():
+    s = joined()
+    lost = lose(s)
+    event, when = next_event(s)
+    assert event == Dial(0) and when > lost

@@ -44,6 +44,7 @@ class Joined:
     new_epoch: bool
     outage: float | None = None
     waited: float | None = None
+    moved: bool = False  # welcomed by another of the client's sinks than the one last joined
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ def said(event: Event | None, endpoint: str) -> tuple[int, str] | None:
     if isinstance(event, Lost):
         level = logging.WARNING if event.first and event.redial else logging.DEBUG
         return level, f"sink {endpoint}: {event.reason}"
+    if isinstance(event, Joined) and event.outage is not None and event.moved:
+        return logging.INFO, f"sink {endpoint} answered after {event.outage:.1f} s: it took over (epoch {event.epoch})"
     if isinstance(event, Joined) and event.outage is not None:
         return logging.INFO, f"sink {endpoint} back after {event.outage:.1f} s"
     if isinstance(event, Joined) and event.waited is not None:
@@ -127,6 +130,8 @@ class Session:
         self.sinks = sinks
         self.sink = 0
         self.dialled = 0  # the sink of the last dial: the one a Lost speaks of
+        self._joined_sink = 0  # the sink that welcomed us last
+        self._round_from: int | None = None  # the sink a silence began at: a round of dials ends there
         self.timing = timing
         # Seconds from the first dial to the first welcome before giving up (None: never).
         # Once welcomed, a silent sink is an outage: the session dials until closed.
@@ -211,10 +216,12 @@ class Session:
         silent = now - self._heard
         if silent > self._expiry:
             self.state = State.IDLE
-            # A silent sink may have died or been cut off, and a standby taken over: the
-            # next dial goes to the next sink.
+            # A silent sink may have died or been cut off, and a standby taken over: the next
+            # dial goes to the next sink, at once; the backoff is for a round of them all.
+            if self._round_from is None:
+                self._round_from = self.sink
             self.sink = (self.sink + 1) % self.sinks
-            self._dial_at = now + self.backoff.next()
+            self._dial_at = now + self.backoff.next() if self.sink == self._round_from else now
             self._beat, self._expiry = self.timing.heartbeat, self.timing.expiry
             first = self._silent_since is None
             if first:
@@ -243,6 +250,8 @@ class Session:
         return min(self._next_beat, expiry) if self.joined else min(expiry, give_up)
 
     def _silence(self, silent: float) -> str:
+        if self.welcomed and self.sinks > 1:
+            return f"the sink has been silent for {silent:.1f} s; trying the next sink"
         if self.welcomed:
             return f"the sink has been silent for {silent:.1f} s; connecting again"
         if self.connect_timeout is None:
@@ -258,14 +267,17 @@ class Session:
         back = self.welcomed
         self.welcomed = True
         self._silent_since = None
+        moved, self._joined_sink, self._round_from = self.dialled != self._joined_sink, self.dialled, None
         if msg.heartbeat_ms and msg.liveness:
             # Beat as often as the sink expects, and give it the silence it allows itself.
             self._beat = msg.heartbeat_ms / 1000
             self._expiry = self._beat * msg.liveness
             self._next_beat = min(self._next_beat, self._heard + self._beat)
         if away is None:
-            return Joined(msg.epoch, new)
-        return Joined(msg.epoch, new, outage=away) if back else Joined(msg.epoch, new, waited=away)
+            return Joined(msg.epoch, new, moved=moved and back)
+        if back:
+            return Joined(msg.epoch, new, outage=away, moved=moved)
+        return Joined(msg.epoch, new, waited=away)
 
     def _hello_again(self, now: float, reason: str) -> Lost:
         self.state = State.HELLO

@@ -14,6 +14,7 @@ never kept waiting by a dead or frozen sink's locks.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from typing import Any
@@ -53,6 +54,9 @@ _CONNECT = {
     "tcp_user_timeout": int(TERM * 1000),
     "application_name": "zfan sink",
 }
+# psycopg warns of a lost connection itself, once per pipeline it could not end; the ledger says
+# it once, in its own words, as the LedgerLost the sink logs.
+logging.getLogger("psycopg").setLevel(logging.ERROR)
 _TABLES = ("meta", "batches", "results", "topics", "producer_keys", "cursors", "leader")
 
 _SCHEMA = """
