@@ -169,12 +169,15 @@ def result(
     return {**out, "lost": counted["lost"], "duplicated": counted["duplicated"], **stamps}
 
 
-def measure(rate: float, seconds: float = 5.0, batch_size: int = 1000, linger_ms: float = LINGER_MS) -> dict[str, Any]:
+def measure(
+    rate: float, seconds: float = 5.0, batch_size: int = 1000, linger_ms: float = LINGER_MS, ledger: str | None = None
+) -> dict[str, Any]:
+    """`ledger`: where the sink keeps it [default: an SQLite file in a temporary folder]."""
     n = int(rate * seconds)
     tmp = tempfile.mkdtemp(prefix="zfan-lat-")
     ends = endpoints(tmp)
     ready, stop, go = mp.Event(), mp.Event(), mp.Event()
-    sink = mp.Process(target=_sink, args=(ends, os.path.join(tmp, "zfan.db"), ready, stop))
+    sink = mp.Process(target=_sink, args=(ends, ledger or os.path.join(tmp, "zfan.db"), ready, stop))
     prod = mp.Process(target=_producer, args=(ends, rate, n, batch_size, linger_ms, go))
     count = Count(n)
     stamps = Stamps()

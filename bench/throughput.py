@@ -220,10 +220,15 @@ def _zfan_producer(ends: dict[str, str], batches: list[list[dict]], batch_size: 
 
 
 def _start_api(
-    ends: dict[str, str], folder: str, workers: int, http: str | None = None, counted: bool = True
+    ends: dict[str, str],
+    folder: str,
+    workers: int,
+    http: str | None = None,
+    counted: bool = True,
+    ledger: str | None = None,
 ) -> Callable[[], None]:
     ready, stop = mp.Event(), mp.Event()
-    db = os.path.join(folder, "zfan.db")
+    db = ledger or os.path.join(folder, "zfan.db")
     sink = mp.Process(target=_zfan_sink, args=(ends, db, workers, ready, stop, http, counted))
     sink.start()
     if not ready.wait(WAIT):
@@ -249,18 +254,25 @@ def _start_cli(ends: dict[str, str], folder: str, workers: int) -> Callable[[], 
 
 
 def run_zfan(
-    batches: list[list[dict]], workers: int = 1, *, cli: bool = False, scraped: bool = False, counted: bool = True
+    batches: list[list[dict]],
+    workers: int = 1,
+    *,
+    cli: bool = False,
+    scraped: bool = False,
+    counted: bool = True,
+    ledger: str | None = None,
 ) -> dict[str, Any]:
     """The whole pipeline: a producer process, the sink (embedded, or the `zfan sink` and `zfan
     worker` processes), and a subscriber here that checks every topic's seqs. `scraped`: the
     sink serves HTTP, and a thread here reads its /metrics and /api/status every second, as
     Prometheus and an open dashboard would. `counted=False`: the embedded sink's per-batch
-    metrics hooks do nothing (both for bench/metrics_cost.py)."""
+    metrics hooks do nothing (both for bench/metrics_cost.py). `ledger`: where the embedded
+    sink keeps it [default: an SQLite file in a temporary folder] (bench/ledgers.py)."""
     tmp = tempfile.mkdtemp(prefix="zfan-bench-")
     ends = endpoints(tmp)
     count = Count(sum(map(len, batches)))
     http = f"127.0.0.1:{free_port()}" if scraped else None
-    end = _start_cli(ends, tmp, workers) if cli else _start_api(ends, tmp, workers, http, counted)
+    end = _start_cli(ends, tmp, workers) if cli else _start_api(ends, tmp, workers, http, counted, ledger)
     scraping = threading.Event()
     scraper = threading.Thread(target=_scrape, args=(f"http://{http}/", scraping), daemon=True) if http else None
     go = mp.Event()

@@ -14,7 +14,6 @@ from tests.test_dispatch import (
     hello_producer,
     hello_worker,
     make_core,
-    peek,
     send_result,
     settle,
     status_counts,
@@ -22,6 +21,13 @@ from tests.test_dispatch import (
 from zfan import protocol as p
 
 pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def ledger(backend):
+    """Tried on each ledger backend."""
+    return backend.open()
+
 
 EXPIRY = HEARTBEAT * LIVENESS
 
@@ -37,7 +43,7 @@ def silence(core, clock, seconds: float, *, talking: tuple[bytes, ...] = ()) -> 
         Turn(core)
 
 
-def test_a_sink_cut_off_from_every_peer_dead_letters_nothing(ledger, clock):
+def test_a_sink_cut_off_from_every_peer_dead_letters_nothing(ledger, clock, backend):
     core = make_core(ledger, clock, max_attempts=3)
     hello_producer(core, b"p", "prod")
     for seq in range(1, 4):
@@ -54,7 +60,7 @@ def test_a_sink_cut_off_from_every_peer_dead_letters_nothing(ledger, clock):
         assert status_counts(core) == {"pending": 3, "leased": 0, "done": 0, "dead": 0, "purged": 0}
         hello_producer(core, b"p", "prod")  # the link is back
     assert core.stats["replays not charged"] == 15
-    assert peek(ledger.path, "SELECT attempts, state FROM batches") == [(0, 0)] * 3
+    assert backend.peek("SELECT attempts, state FROM batches") == [(0, 0)] * 3
     hello_worker(core, b"last", 3)
     leases = Turn(core).leases
     assert [lease.attempt for lease in leases] == [1, 1, 1]
@@ -63,7 +69,7 @@ def test_a_sink_cut_off_from_every_peer_dead_letters_nothing(ledger, clock):
     assert len(Turn(core).pubs) == 3
 
 
-def test_a_worker_silent_while_others_are_heard_costs_its_batch_an_attempt(ledger, clock):
+def test_a_worker_silent_while_others_are_heard_costs_its_batch_an_attempt(ledger, clock, backend):
     core = make_core(ledger, clock, max_attempts=3)
     for rid in (b"a", b"b"):
         hello_worker(core, rid, 1)
@@ -74,7 +80,7 @@ def test_a_worker_silent_while_others_are_heard_costs_its_batch_an_attempt(ledge
     assert core.stats["replays"] == 1 and core.stats["replays not charged"] == 0
     assert [(w["name"], w["in_flight"]) for w in core.status()["workers"]] == [(other.decode(), 1)]
     settle(core)
-    assert peek(ledger.path, "SELECT attempts FROM batches") == [(2,)]
+    assert backend.peek("SELECT attempts FROM batches") == [(2,)]
 
 
 def test_a_batch_that_kills_every_worker_it_reaches_is_still_dead_lettered(ledger, clock):

@@ -352,3 +352,81 @@ def test_failover_when_the_active_sinks_host_is_cut_off_the_standby_takes_over_a
     finally:
         for r in reversed(started):
             r.kill()
+
+
+# --- the database itself goes away ----------------------------------------------------------------
+
+
+@pytest.fixture
+def private_postgres():
+    """A PostgreSQL server of the test's own, which it may stop and start: (start, stop, dsn)."""
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb") and shutil.which("initdb") is None:
+        why = "no PostgreSQL server binaries (Debian's postgresql package)"
+        if os.environ.get("ZFAN_REQUIRE_POSTGRES"):
+            pytest.fail(why)
+        pytest.skip(why)
+    folder = tempfile.mkdtemp(prefix="zfan-pg-")
+    os.chmod(folder, 0o755)  # as root, the server runs as the postgres user
+    (port,) = free_ports(1)
+    cluster = os.path.join(folder, "pg")
+
+    def start() -> str:
+        out = subprocess.run(
+            [POSTGRES_SCRIPT, "start", cluster],
+            env={**os.environ, "PORT": str(port)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    def stop() -> None:
+        subprocess.run([POSTGRES_SCRIPT, "stop", cluster], capture_output=True, timeout=60, check=True)
+
+    try:
+        yield start, stop
+    finally:
+        subprocess.run([POSTGRES_SCRIPT, "stop", cluster], capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_failover_when_the_database_restarts_the_sink_stands_by_and_serves_again(private_postgres):
+    start_db, stop_db = private_postgres
+    dsn = start_db()
+    intake, control, results = (f"--{k}=tcp://127.0.0.1:{p}" for k, p in zip(KINDS, free_ports(3), strict=True))
+    started: list[Role] = []
+
+    def role(*args: str, **kw) -> Role:
+        r = Role(*args, **kw)
+        started.append(r)
+        return r
+
+    try:
+        sink = role("sink", "--ledger", dsn, "--max-attempts", "1", intake, control, results)
+        sink.wait_ready()
+        role("worker", control, "--app", "tests.apps:ids").wait_ready()
+        sub = role("subscribe", results, control, "--topic", "readings")
+        sub.wait_ready()
+        prod = role("produce", intake, control, "--topic", "readings", "--timeout", "90", stdin=subprocess.PIPE)
+        prod.wait_ready()
+        feed = Feed(prod.proc, rate=2000)
+        port = int(control.rsplit(":", 1)[1])
+        wait_for(lambda: status(port).get("batches_in", 0) >= 10, 20, what="intake flowing")
+
+        stop_db()  # at once (immediate mode): the sink's connection breaks mid-stream
+        wait_for(lambda: "stepped down" in sink.stderr, 20, what="the sink stepping down")
+        assert answers(port) is None, "a sink without its ledger serves nothing"
+        assert start_db() == dsn
+        wait_for(lambda: sink.stderr.count(": ready ") == 2, 30, what="the sink serving again")
+
+        total = feed.finish()
+        assert prod.wait(120) == 0, prod.stderr
+        wait_for(lambda: len(from_json_lines(list(sub.out))[0]) >= total, 60, what="every record at the subscriber")
+        ids, seqs = from_json_lines(list(sub.out))
+        verdict = check(range(total), ids, seqs)
+        assert verdict.ok, verdict
+        assert status(port)["epoch"] == 2
+    finally:
+        for r in reversed(started):
+            r.kill()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from tests.test_dispatch import Turn, batch, hello_producer, hello_worker, make_core, peek, records
+from tests.test_dispatch import Turn, batch, hello_producer, hello_worker, make_core, records
 from zfan import protocol as p
 from zfan.config import Limits, Timing
 from zfan.delivery import ProducerCore, Sent
@@ -19,6 +19,13 @@ from zfan.publishing import GROUP_BYTES
 from zfan.session import Joined, Lost
 
 pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def ledger(backend):
+    """Tried on each ledger backend."""
+    return backend.open()
+
 
 BIG = (16 << 20, 64 << 20)  # max_frame, max_message: room for any group here
 TIMING = Timing(heartbeat=0.25, liveness=3)
@@ -96,7 +103,7 @@ def test_the_sink_answers_features_with_what_it_shares_and_its_limits(ledger, cl
     assert grouped_worker(core, b"w1", 8) == p.Features([p.GROUPS], 1 << 20, 4 << 20)  # "colour" left out
 
 
-def test_a_group_of_batches_is_stored_once_each_and_acknowledged_whole(ledger, clock):
+def test_a_group_of_batches_is_stored_once_each_and_acknowledged_whole(ledger, clock, backend):
     core = make_core(ledger, clock)
     hello_producer(core, b"pr", "prod")
     Turn(core)
@@ -104,18 +111,18 @@ def test_a_group_of_batches_is_stored_once_each_and_acknowledged_whole(ledger, c
     core.intake(batches("prod", [1, 2, 3, 3]))  # one resent, one twice in the group
     turn = Turn(core)
     assert turn.acks(b"pr") == [[2, 1, 2, 3, 3]]
-    assert peek(ledger.path, "SELECT seq FROM batches ORDER BY id") == [(2,), (1,), (3,)]
+    assert backend.peek("SELECT seq FROM batches ORDER BY id") == [(2,), (1,), (3,)]
     assert core.stats["duplicate batches"] == 2 and core.counts["pending"] == 3
 
 
-def test_a_group_of_batches_with_a_reserved_topic_is_refused_whole(ledger, clock):
+def test_a_group_of_batches_with_a_reserved_topic_is_refused_whole(ledger, clock, backend):
     core = make_core(ledger, clock)
     payloads = [records("a"), records("b")]
     group = p.Batches("prod", [1, 2], ["in", "zfan.x"], [1, 1], list(map(len, payloads)), b"".join(payloads))
     core.intake(p.encode(group))
     Turn(core)
     assert core.rejected == {"reserved topic": 1}
-    assert peek(ledger.path, "SELECT count(*) FROM batches") == [(0,)]
+    assert backend.peek("SELECT count(*) FROM batches") == [(0,)]
 
 
 def test_a_worker_that_asked_for_groups_gets_a_turns_leases_in_one_message(ledger, clock):
@@ -145,7 +152,7 @@ def test_leases_are_grouped_within_what_the_worker_takes(ledger, clock):
     assert sizes == [2, 2, 1]  # two payloads fill the frame it takes
 
 
-def test_a_group_of_results_is_stored_and_published_and_a_fenced_one_in_it_is_dropped(ledger, clock):
+def test_a_group_of_results_is_stored_and_published_and_a_fenced_one_in_it_is_dropped(ledger, clock, backend):
     core = make_core(ledger, clock)
     grouped_worker(core, b"w1", 4)
     for seq in range(1, 5):
@@ -158,7 +165,7 @@ def test_a_group_of_results_is_stored_and_published_and_a_fenced_one_in_it_is_dr
     assert [(pub.topic, pub.seq) for pub in turn.pubs] == [("out", 1), ("out", 2), ("out", 3)]
     assert turn.messages == 1  # one topic, one turn: one message
     assert core.stats["fenced results"] == 1 and core.counts["done"] == 3
-    done = {bid for (bid,) in peek(ledger.path, "SELECT id FROM batches WHERE state=?", (DONE,))}
+    done = {bid for (bid,) in backend.peek("SELECT id FROM batches WHERE state=?", (DONE,))}
     assert done == {leases[0].batch_id, leases[2].batch_id, leases[3].batch_id}
 
 

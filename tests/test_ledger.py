@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 from contextlib import closing
 
 import pytest
 
+from tests import ledgers
+from tests.helpers import ROOT, free_ports, run_cli
 from zfan.errors import LedgerError, LedgerFull
 from zfan.ledger import DEAD, DONE, LEASED, PENDING, Ledger, Pending, SqliteLedger
 from zfan.ledger.sqlite import _failed
@@ -423,3 +427,100 @@ def test_an_existing_ledger_keeps_its_page_size(tmp_path):
     led.close()
     assert peek(path, "PRAGMA page_size") == [(4096,)]
     assert peek(path, "SELECT count(*) FROM batches") == [(1,)]
+
+
+# --- PostgreSQL: what a person gets for a wrong DSN, a foreign database, a missing extra ---------
+
+
+def test_a_postgres_ledger_that_cannot_be_reached_is_one_line_and_exit_5():
+    (port,) = free_ports(1)  # nothing listens there
+    dsn = f"postgresql://zfan@127.0.0.1:{port}/zfan"
+    out = run_cli("sink", "--ledger", dsn, "--intake", "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0")
+    assert out.returncode == 5, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"zfan sink: error: ledger {dsn}: cannot connect ("), lines
+    assert "Traceback" not in out.stderr
+
+
+def test_a_postgres_password_is_never_printed():
+    (port,) = free_ports(1)
+    out = run_cli("sink", "--ledger", f"postgresql://zfan:s3cret@127.0.0.1:{port}/zfan")
+    assert out.returncode == 5 and "s3cret" not in out.stderr
+    assert f"ledger postgresql://zfan:***@127.0.0.1:{port}/zfan: cannot connect" in out.stderr
+
+
+def test_a_postgres_schema_with_other_tables_is_refused_and_left_untouched():
+    import psycopg
+
+    from zfan.ledger.postgres import PostgresLedger
+
+    with ledgers.schema() as dsn:
+        with psycopg.connect(dsn, autocommit=True) as db:
+            db.execute("CREATE TABLE batches (id int, what text)")
+            db.execute("INSERT INTO batches VALUES (1, 'theirs')")
+        with pytest.raises(LedgerError, match="holds tables that are no zfan ledger's; it was left untouched"):
+            PostgresLedger(dsn)
+        with psycopg.connect(dsn, autocommit=True) as db:
+            assert db.execute("SELECT * FROM batches").fetchall() == [(1, "theirs")]
+            assert db.execute("SELECT to_regclass('results')").fetchone() == (None,)
+
+
+def test_a_postgres_ledger_without_psycopg_says_which_extra_to_install():
+    code = (
+        "import sys; sys.modules['psycopg'] = None; sys.argv = ['zfan', 'sink', '--ledger', 'postgresql://h/db']; "
+        "from zfan.cli import main; main()"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == "zfan sink: error: a postgresql:// ledger needs psycopg: pip install 'zfan[postgres]'"
+
+
+# --- PostgreSQL: one active sink, fenced in the database ------------------------------------------
+
+
+def test_a_commit_under_an_old_epoch_is_refused_by_the_postgres_database():
+    from zfan.errors import Fenced
+    from zfan.ledger.postgres import PostgresLedger
+
+    with ledgers.schema() as dsn:
+        old = PostgresLedger(dsn, term=0.0)
+        new = PostgresLedger(dsn, term=0.0)
+        try:
+            assert old.claim() and new.claim()
+            assert (old.epoch, new.epoch) == (1, 2)
+            # The old sink's late write, on a connection of its own (its first one was ended).
+            late = PostgresLedger(dsn, holder=old.holder)
+            late.epoch = old.epoch
+            late.insert_batch("prod", 1, "t", 1, b"late")
+            with pytest.raises(Fenced, match="another sink took over"):
+                late.commit()
+            late.close()
+            new.insert_batch("prod", 2, "t", 1, b"new")
+            new.commit()
+            with closing(__import__("psycopg").connect(dsn)) as db:
+                assert db.execute("SELECT seq FROM batches").fetchall() == [(2,)]
+        finally:
+            old.close()
+            new.close()
+
+
+@pytest.mark.timeout(20)
+def test_a_postgres_takeover_is_not_held_up_by_a_frozen_sinks_locks():
+    from zfan.errors import LedgerLost
+    from zfan.ledger.postgres import PostgresLedger
+
+    with ledgers.schema() as dsn:
+        frozen = PostgresLedger(dsn, term=0.0)
+        standby = PostgresLedger(dsn, term=0.0)
+        try:
+            assert frozen.claim()
+            frozen.insert_batch("prod", 1, "t", 1, b"uncommitted")  # its transaction holds the row's locks
+            assert standby.claim()  # and ends the frozen sink's sessions
+            assert standby.insert_batch("prod", 1, "t", 1, b"resent") is not None  # not waiting on those locks
+            standby.commit()
+            with pytest.raises(LedgerLost):
+                frozen.commit()
+            assert standby.payload(1) == b"resent"
+        finally:
+            frozen.close()
+            standby.close()

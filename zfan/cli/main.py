@@ -87,7 +87,9 @@ def cli() -> None:
     default="zfan.db",
     show_default=True,
     envvar="ZFAN_LEDGER",
-    help="SQLite ledger file (':memory:' keeps nothing across restarts)",
+    metavar="PATH|postgresql://...",
+    help="the ledger: an SQLite file (':memory:' keeps nothing across restarts), or a PostgreSQL "
+    "database that an active sink and its standbys share (see Failover in the README)",
 )
 @click.option(
     "--fsync",

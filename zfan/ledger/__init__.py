@@ -11,9 +11,10 @@ The sink's core sees only the interface; `open_ledger` picks the backend from th
 from __future__ import annotations
 
 from collections import Counter
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+from ..errors import ConfigError
 from .records import (
     DEAD,
     DONE,
@@ -28,6 +29,9 @@ from .records import (
     Stored,
 )
 from .sqlite import SqliteLedger
+
+if TYPE_CHECKING:
+    from .postgres import PostgresLedger
 
 __all__ = [
     "DEAD",
@@ -45,6 +49,7 @@ __all__ = [
     "Stored",
     "is_postgres",
     "open_ledger",
+    "postgres",
     "redact",
 ]
 
@@ -125,10 +130,17 @@ def redact(dsn: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
+def postgres() -> type[PostgresLedger]:
+    """The PostgreSQL backend; ConfigError if psycopg, an extra, is not installed."""
+    try:
+        from .postgres import PostgresLedger  # imported only when asked for
+    except ImportError:
+        raise ConfigError("a postgresql:// ledger needs psycopg: pip install 'zfan[postgres]'") from None
+    return PostgresLedger
+
+
 def open_ledger(location: str, *, fsync: str = "normal") -> Ledger:
     """The ledger at `location`: a PostgreSQL URL (postgresql://...), else an SQLite file's path."""
     if is_postgres(location):
-        from .postgres import PostgresLedger  # psycopg is an extra: imported only when asked for
-
-        return PostgresLedger(location)
+        return postgres()(location)
     return SqliteLedger(location, fsync=fsync)

@@ -15,7 +15,10 @@ never kept waiting by a dead or frozen sink's locks.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -52,11 +55,11 @@ _CONNECT = {
     "keepalives_interval": 1,
     "keepalives_count": 2,
     "tcp_user_timeout": int(TERM * 1000),
-    "application_name": "zfan sink",
 }
 # psycopg warns of a lost connection itself, once per pipeline it could not end; the ledger says
 # it once, in its own words, as the LedgerLost the sink logs.
 logging.getLogger("psycopg").setLevel(logging.ERROR)
+log = logging.getLogger(__name__)
 _TABLES = ("meta", "batches", "results", "topics", "producer_keys", "cursors", "leader")
 
 _SCHEMA = """
@@ -112,9 +115,10 @@ _DEAD = (
 class PostgresLedger:
     """A ledger in PostgreSQL. Opening it claims nothing: `claim()` makes this sink the active one."""
 
-    def __init__(self, dsn: str, *, term: float = TERM) -> None:
+    def __init__(self, dsn: str, *, term: float = TERM, holder: str | None = None) -> None:
         self.dsn = dsn
         self.term = term
+        self.holder = holder or holder_name()  # how this sink's claim names it
         self.path = redact(dsn)
         self.pruned: Counter[str] = Counter()
         self.epoch = 0  # this sink's claim, once claim() took it
@@ -122,7 +126,12 @@ class PostgresLedger:
         self._renewed = 0.0  # time.monotonic() of the last renewal that landed
         self._next_batch = self._next_result = 1
         try:
-            self._db = psycopg.connect(dsn, autocommit=True, **_CONNECT)  # type: ignore[arg-type]
+            self._db = psycopg.connect(
+                dsn,
+                autocommit=True,
+                application_name=_session_name(self.holder),  # a sink that takes over ends this one's sessions
+                **_CONNECT,  # type: ignore[arg-type]
+            )
         except psycopg.Error as exc:
             raise LedgerError(f"ledger {self.path}: cannot connect ({_reason(exc)})") from None
         self._cur = self._db.cursor(binary=True)  # payloads come back as bytes, not hex
@@ -162,18 +171,26 @@ class PostgresLedger:
             )
 
     # --- the claim -----------------------------------------------------------------------
-    def claim(self, holder: str) -> bool:
+    def claim(self) -> bool:
         """Become the active sink if no other one renewed its claim within TERM; True if this
         one is active now. The epoch rises with every claim taken."""
         try:
+            current = self.claimed_by()
+            # A holder on this host whose process is gone is dead for sure (a frozen one is still
+            # a process): a sink restarted after a crash takes over at once, as does this sink
+            # after it lost its connection. Taking over early is never unsafe, only disruptive:
+            # fencing keeps a live holder's writes out.
+            dead = current[1] if current is not None and _gone(current[1]) else ""
             with self._db.transaction():
                 self._cur.execute("SET LOCAL lock_timeout = 1000")  # a frozen holder's lock: try again later
                 row = self._cur.execute(
                     "INSERT INTO leader (id, epoch, holder, renewed) VALUES (1, 1, %s, clock_timestamp()) "
                     "ON CONFLICT (id) DO UPDATE SET epoch = leader.epoch + 1, holder = excluded.holder, "
                     "renewed = clock_timestamp() "
-                    "WHERE leader.renewed < clock_timestamp() - make_interval(secs => %s) RETURNING epoch",
-                    (holder, self.term),
+                    "WHERE leader.renewed < clock_timestamp() - make_interval(secs => %s) "
+                    "OR leader.holder IN (%s, excluded.holder) "
+                    "RETURNING epoch",
+                    (self.holder, self.term, dead),
                 ).fetchone()
         except pg_errors.LockNotAvailable:
             return False
@@ -183,13 +200,30 @@ class PostgresLedger:
             return False
         self.epoch = int(row[0])
         self._renewed = time.monotonic()
+        if current is not None and current[1] != self.holder:
+            self._end_sessions(current[1])
         # Ids come from here, not from the database, so that a group of rows goes in one
         # statement and each knows its id; read now, when no other sink can write.
         self._next_batch = int(self._one("SELECT coalesce(max(id), 0) + 1 FROM batches"))
         self._next_result = 1 + max(int(self._one("SELECT coalesce(max(id), 0) FROM results")), self.published_upto())
         return True
 
-    def holder(self) -> tuple[int, str, float] | None:
+    def _end_sessions(self, holder: str) -> None:
+        """End the sessions of the sink whose claim this one took. A frozen sink may hold row
+        locks in a transaction it never ends (paused mid-pipeline, no timeout of the server's
+        applies), and this sink's first writes would wait on them; its writes are fenced
+        anyway, so nothing is lost by ending them, and it steps down when it wakes."""
+        sql = (
+            "SELECT count(pg_terminate_backend(pid, %s)) FROM pg_stat_activity "
+            "WHERE application_name = %s AND pid <> pg_backend_pid()"
+        )
+        try:
+            self._cur.execute(sql, (int(TERM * 1000), _session_name(holder)))
+        except psycopg.Error as exc:
+            # Not allowed to (another role's sessions): they end by the server's own timeouts.
+            log.warning("ledger %s: could not end the sessions of sink %s (%s)", self.path, holder, _reason(exc))
+
+    def claimed_by(self) -> tuple[int, str, float] | None:
         """(epoch, holder, seconds since its renewal) of the claim in the ledger, if any."""
         row = self._read("SELECT epoch, holder, extract(epoch FROM clock_timestamp() - renewed) FROM leader")
         return (int(row[0][0]), str(row[0][1]), float(row[0][2])) if row else None
@@ -206,7 +240,9 @@ class PostgresLedger:
         """Give the claim up at a clean stop: a standby takes over at its next try, not after TERM."""
         if self.epoch:
             try:
-                self._cur.execute("UPDATE leader SET renewed = '-infinity' WHERE id = 1 AND epoch = %s", (self.epoch,))
+                self._cur.execute(
+                    "UPDATE leader SET renewed = to_timestamp(0) WHERE id = 1 AND epoch = %s", (self.epoch,)
+                )
             except psycopg.Error:
                 pass  # the claim then ends by itself, after TERM
             self.epoch = 0
@@ -549,6 +585,32 @@ class PostgresLedger:
         for table in _TABLES:
             self._read(f"SELECT 1 FROM {table} LIMIT 1")
         return "ok"
+
+
+def holder_name() -> str:
+    """How a sink names itself in the claim: host, pid, and a token of this start."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def _session_name(holder: str) -> str:
+    """The application_name of a sink's database sessions: from its token, unique and short
+    (the server keeps 63 bytes of it)."""
+    return f"zfan sink {holder.rsplit(':', 1)[-1]}"
+
+
+def _gone(holder: str) -> bool:
+    """Whether a claim's holder is a process of this host that no longer exists."""
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # it exists, as another user's process
+    return False
 
 
 def _reason(exc: psycopg.Error) -> str:

@@ -12,10 +12,8 @@ import errno
 import logging
 import math
 import os
-import socket as socket_module
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +24,7 @@ from ..config import DEFAULT_CREDIT, SinkSettings, connect_address, settings_fro
 from ..dispatch import SinkCore
 from ..errors import ConfigError, LedgerError, LedgerLost
 from ..exporter import SinkCollector, registry
-from ..ledger import Ledger, SqliteLedger, is_postgres, redact
+from ..ledger import Ledger, SqliteLedger, is_postgres, postgres, redact
 from ..loading import load_app
 from ..lock import LedgerLock
 from ..routing import parse_app
@@ -78,6 +76,8 @@ class Sink(Service):
             raise ConfigError("local workers need app='module:function', e.g. app='zfan.apps:rollup'")
         if workers and app:
             load_app(parse_app(app)[1])  # fail here, once and clearly, rather than in every worker
+        if is_postgres(self.settings.ledger):
+            postgres()  # psycopg is there, or one line says how to get it
         self._local = (workers, app, worker_credit)
         self._workers: LocalWorkers | None = None
         self.intake = self.control = self.results = ""
@@ -87,6 +87,7 @@ class Sink(Service):
         self.active = threading.Event()
         self.standby = False
         self._on_state = on_state
+        self._holder = ""  # how this sink's claim on a shared ledger names it
         self.http = ""  # the HTTP port's URL, once serving (settings.http)
         self._snapshots = Snapshots(self._wakeup.set)
         self._turned = 0.0  # when the loop last turned (time.monotonic)
@@ -117,9 +118,10 @@ class Sink(Service):
         web: Web | None = None
         try:
             if is_postgres(s.ledger):
-                from ..ledger.postgres import PostgresLedger  # psycopg: the postgres extra
+                from ..ledger.postgres import holder_name
 
-                ledger = PostgresLedger(s.ledger)  # a wrong DSN or a foreign database: one line, here
+                self._holder = holder_name()
+                ledger = postgres()(s.ledger, holder=self._holder)  # a wrong DSN or a foreign database: one line
                 web = self._web(s.http)
                 self._take_turns(ledger, allow)
                 return
@@ -147,18 +149,20 @@ class Sink(Service):
     def _take_turns(self, ledger: PostgresLedger, allow: Any) -> None:
         """Stand by until this sink's claim on the ledger is taken, serve while it lasts, and
         stand by again when it is lost (the database out of reach, or another sink took over)."""
-        holder = f"{socket_module.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         while True:
             try:
-                if not self._stand_by(ledger, holder):
+                if not self._stand_by(ledger):
                     return
                 self._run(ledger, allow, None)
                 return
             except LedgerLost as exc:
-                # Nothing more of this sink's lands in the ledger: producers resend what it did not
-                # acknowledge, to the sink that takes over.
-                log.warning("stepped down: %s; standing by", exc)
-                self._became(ACTIVE, False)
+                if self.active.is_set():
+                    # Nothing more of this sink's lands in the ledger: producers resend what it
+                    # did not acknowledge, to the sink that takes over.
+                    log.warning("stepped down: %s; standing by", exc)
+                    self._became(ACTIVE, False)
+                else:
+                    log.warning("%s; standing by", exc)
             finally:
                 ledger.close()
             again = self._reconnect()
@@ -166,15 +170,15 @@ class Sink(Service):
                 return
             ledger = again
 
-    def _stand_by(self, ledger: PostgresLedger, holder: str) -> bool:
+    def _stand_by(self, ledger: PostgresLedger) -> bool:
         """Wait until this sink holds the ledger's claim (True), or is asked to stop (False)."""
         told = False
         while not self._stopping.is_set() and self._drain_until is None:
             self._turned = time.monotonic()
-            if ledger.claim(holder):
+            if ledger.claim():
                 return True
             if not told:
-                found = ledger.holder()
+                found = ledger.claimed_by()
                 who = f"sink {found[1]} holds it (epoch {found[0]})" if found is not None else "no claim yet"
                 log.info("standing by on ledger %s: %s; taking over when it stops renewing", ledger.path, who)
                 self._became(STANDBY, True)
@@ -187,13 +191,11 @@ class Sink(Service):
     def _reconnect(self) -> PostgresLedger | None:
         """The ledger again, after its connection was lost: tried every CLAIM_EVERY until it
         answers, or None once the sink is asked to stop."""
-        from ..ledger.postgres import PostgresLedger
-
         said = False
         while not self._stopping.is_set() and self._drain_until is None:
             self._turned = time.monotonic()
             try:
-                return PostgresLedger(self.settings.ledger)
+                return postgres()(self.settings.ledger, holder=self._holder)
             except LedgerError as exc:
                 if not said:
                     log.warning("%s; trying again", exc)
