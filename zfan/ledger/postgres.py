@@ -105,6 +105,13 @@ CREATE TABLE IF NOT EXISTS leader (
 );
 """
 
+# Renews the claim if the epoch is still the ledger's, else fails the statement (and with it the
+# transaction it is in): an error, not a count to look at, so that it can go in one round trip
+# with the COMMIT it guards.
+_FENCE = (
+    "WITH renewed AS (UPDATE leader SET renewed = clock_timestamp() WHERE id = 1 AND epoch = %s RETURNING 1) "
+    "SELECT 1 / (SELECT count(*) FROM renewed)::int"
+)
 _STORED = "SELECT id, batch_id, topic, seq, count, kind, payload FROM results"
 _DEAD = (
     "SELECT b.id, b.producer, b.seq, b.topic, b.count, b.attempts, b.error, "
@@ -123,6 +130,9 @@ class PostgresLedger:
         self.pruned: Counter[str] = Counter()
         self.epoch = 0  # this sink's claim, once claim() took it
         self._done: list[tuple[int, int]] = []
+        # Writes not yet sent: they go with the next read or the commit, in one pipeline.
+        self._buffer: list[tuple[str, Any]] = []
+        self._in_tx = False  # a transaction is open, or its BEGIN is in the buffer
         self._renewed = 0.0  # time.monotonic() of the last renewal that landed
         self._next_batch = self._next_result = 1
         try:
@@ -169,6 +179,15 @@ class PostgresLedger:
                 "INSERT INTO meta (key, value) VALUES ('zfan_ledger', %s) ON CONFLICT (key) DO NOTHING",
                 (SCHEMA_VERSION,),
             )
+            for table in ("batches", "results"):
+                # Payloads are msgpack, and compressing them costs the sink more than it saves:
+                # stored out of line, as they are (once, at creation: ALTER TABLE locks the table).
+                storage = self._cur.execute(
+                    "SELECT attstorage FROM pg_attribute WHERE attrelid = %s::regclass AND attname = 'payload'",
+                    (table,),
+                ).fetchone()
+                if storage is not None and storage[0] != "e":
+                    self._cur.execute(f"ALTER TABLE {table} ALTER COLUMN payload SET STORAGE EXTERNAL")
 
     # --- the claim -----------------------------------------------------------------------
     def claim(self) -> bool:
@@ -233,7 +252,7 @@ class PostgresLedger:
         another sink holds it now."""
         if self.epoch and not self.uncommitted and time.monotonic() - self._renewed >= RENEW_EVERY:
             started = time.monotonic()
-            self._fence()
+            self._send("renew", (_FENCE, (self.epoch,)))
             self._renewed = started
 
     def resign(self) -> None:
@@ -247,71 +266,74 @@ class PostgresLedger:
                 pass  # the claim then ends by itself, after TERM
             self.epoch = 0
 
-    def _fence(self) -> None:
-        try:
-            self._cur.execute(
-                "UPDATE leader SET renewed = clock_timestamp() WHERE id = 1 AND epoch = %s", (self.epoch,)
-            )
-        except psycopg.Error as exc:
-            raise self._failed("renew", exc) from None
-        if self._cur.rowcount != 1:
-            raise Fenced(f"ledger {self.path}: another sink took over (epoch {self.epoch} is not the ledger's now)")
-
     # --- transaction -----------------------------------------------------------------------
-    def _read(self, sql: str, args: tuple[Any, ...] | dict[str, Any] = ()) -> list[Any]:
+    # Writes wait in a buffer and go to the server in one pipeline with whatever comes next: a
+    # read, which runs after them in the same transaction and so sees them, or the commit. A
+    # turn of the sink's loop costs a round trip per read it makes, and one for its commit.
+    def _defer(self, sql: str, args: Any = ()) -> None:
+        if not self._in_tx:
+            self._buffer.append(("BEGIN", ()))
+            self._in_tx = True
+        self._buffer.append((sql, args))
+
+    def _send(self, doing: str, last: tuple[str, Any] | None = None) -> psycopg.Cursor[Any]:
+        """Send the buffered writes, then `last`, in one round trip; the cursor holds last's result."""
+        statements = [*self._buffer, last] if last is not None else self._buffer
+        self._buffer = []
         try:
-            return self._cur.execute(sql, args).fetchall()
+            if len(statements) == 1:
+                self._cur.execute(*statements[0])
+            elif statements:
+                with self._db.pipeline():
+                    for sql, args in statements:
+                        self._cur.execute(sql, args)
+        except psycopg.Error as exc:
+            raise self._failed(doing, exc) from None
+        return self._cur
+
+    def _read(self, sql: str, args: Any = ()) -> list[Any]:
+        cur = self._send("read", (sql, args))
+        try:
+            return cur.fetchall()
         except psycopg.Error as exc:
             raise self._failed("read", exc) from None
 
     def _one(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
         return self._read(sql, args)[0][0]
 
-    def _begin(self) -> None:
-        if self._db.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-            self._cur.execute("BEGIN")
-
-    def _write(self, sql: str, args: tuple[Any, ...] = ()) -> int:
-        try:
-            self._begin()
-            self._cur.execute(sql, args)
-        except psycopg.Error as exc:
-            raise self._failed("write", exc) from None
-        return self._cur.rowcount
-
-    def _write_many(self, sql: str, rows: list[tuple[Any, ...]]) -> int:
-        if not rows:
-            return 0
-        try:
-            self._begin()
-            self._cur.executemany(sql, rows)  # one pipeline: one round trip for them all
-        except psycopg.Error as exc:
-            raise self._failed("write", exc) from None
-        return self._cur.rowcount
+    def _write_now(self, sql: str, args: Any = ()) -> psycopg.Cursor[Any]:
+        """A write whose outcome is wanted now (rows changed, ids returned), after the buffered ones."""
+        if not self._in_tx:
+            self._buffer.append(("BEGIN", ()))
+            self._in_tx = True
+        return self._send("write", (sql, args))
 
     @property
     def uncommitted(self) -> bool:
-        return self._db.info.transaction_status != psycopg.pq.TransactionStatus.IDLE or bool(self._done)
+        return self._in_tx or bool(self._done)
 
     def commit(self) -> None:
         if self._done:
             done, self._done = self._done, []
-            self._write_many("UPDATE batches SET state=%s, payload=NULL, error=NULL WHERE id=%s", done)
-        if self._db.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            self._defer(
+                "UPDATE batches SET state=%s, payload=NULL, error=NULL WHERE id = ANY(%s)", (DONE, [b for _, b in done])
+            )
+        if not self._in_tx:
             return
         started = time.monotonic()
         if self.epoch:
-            self._fence()  # in this transaction: it lands only while the claim is this sink's
-        try:
-            self._cur.execute("COMMIT")
-        except psycopg.Error as exc:
-            raise self._failed("commit", exc) from None
+            # In this transaction, last before its COMMIT: it lands only while the claim is this sink's.
+            self._buffer.append((_FENCE, (self.epoch,)))
+        self._in_tx = False
+        self._send("commit", ("COMMIT", ()))
         if self.epoch:
             self._renewed = started
 
     def close(self) -> None:
         """Roll back what is not committed, give the claim up, and close. Raises nothing."""
         self._done.clear()
+        self._buffer.clear()
+        self._in_tx = False
         try:
             if self._db.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 self._cur.execute("ROLLBACK")
@@ -324,6 +346,8 @@ class PostgresLedger:
         """The one line a person reads for a database error met while `doing` something."""
         if isinstance(exc, pg_errors.DiskFull):
             return LedgerFull(self.path)
+        if isinstance(exc, pg_errors.DivisionByZero):  # what _FENCE raises for an epoch not the ledger's
+            return Fenced(f"ledger {self.path}: another sink took over (epoch {self.epoch} is not the ledger's now)")
         state = exc.sqlstate or ""
         # No SQLSTATE: libpq's own error, the connection is gone; 08: connection failures;
         # 57P: the server ended the session (shut down, or an idle transaction timed out).
@@ -341,9 +365,9 @@ class PostgresLedger:
     def recover(self) -> int:
         """Put batches leased by an earlier sink back to pending; return how many. That sink's
         end is no fault of the batch: the lease does not count as an attempt."""
-        n = self._write(
+        n = self._write_now(
             "UPDATE batches SET state=%s, attempts=greatest(attempts - 1, 0) WHERE state=%s", (PENDING, LEASED)
-        )
+        ).rowcount
         self.commit()
         return n
 
@@ -364,11 +388,12 @@ class PostgresLedger:
         return heads
 
     def save_heads(self, heads: dict[str, int]) -> None:
-        self._write_many(
-            "INSERT INTO topics (topic, seq) VALUES (%s, %s) "
-            "ON CONFLICT (topic) DO UPDATE SET seq = greatest(topics.seq, excluded.seq)",
-            list(heads.items()),
-        )
+        if heads:
+            self._defer(
+                "INSERT INTO topics (topic, seq) SELECT * FROM unnest(%s::text[], %s::bigint[]) "
+                "ON CONFLICT (topic) DO UPDATE SET seq = greatest(topics.seq, excluded.seq)",
+                (list(heads), list(heads.values())),
+            )
 
     def published_upto(self) -> int:
         rows = self._read("SELECT value FROM meta WHERE key='published'")
@@ -387,15 +412,19 @@ class PostgresLedger:
         first = self._next_batch
         ids = list(range(first, first + len(batches)))
         self._next_batch += len(batches)
-        rows = [(bid, producer, *batch, PENDING) for bid, batch in zip(ids, batches, strict=True)]
-        n = self._write_many(
-            "INSERT INTO batches (id, producer, seq, topic, count, payload, state) VALUES (%s,%s,%s,%s,%s,%b,%s) "
-            "ON CONFLICT (producer, seq) DO NOTHING",
-            rows,
+        seqs, topics, counts, payloads = (list(column) for column in zip(*batches, strict=True))
+        cur = self._write_now(
+            "INSERT INTO batches (id, producer, seq, topic, count, payload, state) "
+            "SELECT u.id, %s, u.seq, u.topic, u.count, u.payload, %s "
+            "FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::int[], %b::bytea[]) "
+            "AS u(id, seq, topic, count, payload) "
+            "ON CONFLICT (producer, seq) DO NOTHING RETURNING id",
+            (producer, PENDING, ids, seqs, topics, counts, payloads),
         )
-        if n == len(batches):
-            return list(ids)
-        stored = {r[0] for r in self._read("SELECT id FROM batches WHERE id BETWEEN %s AND %s", (first, ids[-1]))}
+        try:
+            stored = {r[0] for r in cur.fetchall()}
+        except psycopg.Error as exc:
+            raise self._failed("write", exc) from None
         return [bid if bid in stored else None for bid in ids]
 
     def payload(self, batch_id: int) -> bytes:
@@ -405,12 +434,15 @@ class PostgresLedger:
         return bytes(rows[0][0])
 
     def lease(self, leases: list[tuple[int, int]]) -> None:
-        self._write_many(
-            "UPDATE batches SET state=%s, attempts=%s WHERE id=%s", [(LEASED, attempt, bid) for bid, attempt in leases]
-        )
+        if leases:
+            self._defer(
+                "UPDATE batches b SET state=%s, attempts=u.attempt "
+                "FROM unnest(%s::bigint[], %s::int[]) AS u(id, attempt) WHERE b.id = u.id",
+                (LEASED, [bid for bid, _ in leases], [attempt for _, attempt in leases]),
+            )
 
     def release(self, batch_id: int, error: str | None = None, *, attempts: int | None = None) -> None:
-        self._write(
+        self._defer(
             "UPDATE batches SET state=%s, error=coalesce(%s, error), attempts=coalesce(%s, attempts) WHERE id=%s",
             (PENDING, error, attempts, batch_id),
         )
@@ -426,19 +458,29 @@ class PostgresLedger:
                 stored.append(Stored(self._next_result, batch_id, topic, seq, count, 0, payload))
                 self._next_result += 1
             self._done.append((DONE, batch_id))
-        now = time.time()
-        self._write_many(
-            "INSERT INTO results (id, batch_id, topic, seq, count, kind, payload, created) "
-            "VALUES (%s,%s,%s,%s,%s,0,%b,%s)",
-            [(s.id, s.batch_id, s.topic, s.seq, s.count, s.payload, now) for s in stored],
-        )
+        if stored:
+            self._defer(
+                "INSERT INTO results (id, batch_id, topic, seq, count, kind, payload, created) "
+                "SELECT u.id, u.batch_id, u.topic, u.seq, u.count, 0, u.payload, %s "
+                "FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::bigint[], %s::int[], %b::bytea[]) "
+                "AS u(id, batch_id, topic, seq, count, payload)",
+                (
+                    time.time(),
+                    [r.id for r in stored],
+                    [r.batch_id for r in stored],
+                    [r.topic for r in stored],
+                    [r.seq for r in stored],
+                    [r.count for r in stored],
+                    [r.payload for r in stored],
+                ),
+            )
         return stored
 
     def dead_letter(self, batch_id: int, topic: str, seq: int, error: str) -> Stored:
         count, payload = self._read("SELECT count, payload FROM batches WHERE id=%s", (batch_id,))[0]
-        self._write("UPDATE batches SET state=%s, error=%s WHERE id=%s", (DEAD, error, batch_id))
+        self._defer("UPDATE batches SET state=%s, error=%s WHERE id=%s", (DEAD, error, batch_id))
         rid, self._next_result = self._next_result, self._next_result + 1
-        self._write(
+        self._defer(
             "INSERT INTO results (id, batch_id, topic, seq, count, kind, payload, created) "
             "VALUES (%s,%s,%s,%s,%s,1,%b,%s)",
             (rid, batch_id, topic, seq, count, payload, time.time()),
@@ -463,7 +505,7 @@ class PostgresLedger:
         return [(seq, DONE if bid in done else state, error) for seq, bid, state, error in found]
 
     def mark_published(self, result_id: int) -> None:
-        self._write(
+        self._defer(
             "INSERT INTO meta (key, value) VALUES ('published', %s) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (result_id,),
@@ -495,9 +537,9 @@ class PostgresLedger:
         return [int(r[0]) for r in self._read(sql, args)]
 
     def requeue(self, batch_ids: list[int]) -> list[Pending]:
-        self._write_many(
-            "UPDATE batches SET state=%s, attempts=0, error=NULL WHERE id=%s AND state=%s",
-            [(PENDING, bid, DEAD) for bid in batch_ids],
+        self._defer(
+            "UPDATE batches SET state=%s, attempts=0, error=NULL WHERE id = ANY(%s) AND state=%s",
+            (PENDING, batch_ids, DEAD),
         )
         rows = self._read(
             "SELECT id, topic, count FROM batches WHERE id = ANY(%s) AND state=%s ORDER BY id", (batch_ids, PENDING)
@@ -505,13 +547,11 @@ class PostgresLedger:
         return [Pending(bid, topic, count, 0) for bid, topic, count in rows]
 
     def purge(self, batch_ids: list[int]) -> None:
-        self._write_many(
-            "UPDATE batches SET state=%s, payload=NULL WHERE id=%s AND state=%s",
-            [(PURGED, bid, DEAD) for bid in batch_ids],
+        self._defer(
+            "UPDATE batches SET state=%s, payload=NULL WHERE id = ANY(%s) AND state=%s", (PURGED, batch_ids, DEAD)
         )
-        self._write_many(
-            "UPDATE results SET payload=%b, count=0 WHERE batch_id=%s AND kind=1",
-            [(EMPTY_RECORDS, bid) for bid in batch_ids],
+        self._defer(
+            "UPDATE results SET payload=%b, count=0 WHERE batch_id = ANY(%s) AND kind=1", (EMPTY_RECORDS, batch_ids)
         )
 
     # --- for subscribers, producers' keys, retention ------------------------------------------
@@ -532,17 +572,18 @@ class PostgresLedger:
         return [(n, t, s) for n, t, s in self._read("SELECT name, topic, seq FROM cursors LIMIT %s", (limit,))]
 
     def save_cursor(self, name: str, positions: dict[str, int]) -> None:
-        self._write_many(
-            "INSERT INTO cursors (name, topic, seq) VALUES (%s,%s,%s) "
-            "ON CONFLICT (name, topic) DO UPDATE SET seq = greatest(cursors.seq, excluded.seq)",
-            [(name, topic, seq) for topic, seq in positions.items()],
-        )
+        if positions:
+            self._defer(
+                "INSERT INTO cursors (name, topic, seq) SELECT %s, * FROM unnest(%s::text[], %s::bigint[]) "
+                "ON CONFLICT (name, topic) DO UPDATE SET seq = greatest(cursors.seq, excluded.seq)",
+                (name, list(positions), list(positions.values())),
+            )
 
     def producer_keys(self) -> dict[str, str]:
         return dict(self._read("SELECT producer, key FROM producer_keys"))
 
     def bind_key(self, producer: str, key: str) -> None:
-        self._write("INSERT INTO producer_keys (producer, key) VALUES (%s,%s) ON CONFLICT DO NOTHING", (producer, key))
+        self._defer("INSERT INTO producer_keys (producer, key) VALUES (%s,%s) ON CONFLICT DO NOTHING", (producer, key))
 
     def prune(
         self, *, keep: int | None, max_age: float | None, now: float, keep_batches: int = KEEP_BATCHES
@@ -552,20 +593,22 @@ class PostgresLedger:
         upto = self.published_upto()
         dropped = 0
         if keep is not None:
-            dropped += self._write(
+            dropped += self._write_now(
                 "DELETE FROM results WHERE id <= least(%s, (SELECT max(id) FROM results) - %s)", (upto, keep)
-            )
+            ).rowcount
         if max_age is not None:
-            dropped += self._write("DELETE FROM results WHERE id <= %s AND created < %s", (upto, now - max_age))
+            dropped += self._write_now(
+                "DELETE FROM results WHERE id <= %s AND created < %s", (upto, now - max_age)
+            ).rowcount
         batches = 0
         for state in (DONE, PURGED):
-            n = self._write(
+            n = self._write_now(
                 "DELETE FROM batches WHERE state=%s AND id <= (SELECT max(id) FROM batches) - %s", (state, keep_batches)
-            )
+            ).rowcount
             batches += n
             self.pruned[STATE_NAMES[state]] += n
         if batches:
-            self._write(
+            self._defer(
                 "DELETE FROM producer_keys WHERE NOT EXISTS "
                 "(SELECT 1 FROM batches b WHERE b.producer = producer_keys.producer)"
             )
