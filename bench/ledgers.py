@@ -73,8 +73,8 @@ def schema(base: str) -> Iterator[str]:
             db.execute(f"DROP SCHEMA {name} CASCADE")
 
 
-def throughput(base: str, size: int, pairs: int) -> dict[str, Any]:
-    batches = make_batches(RECORDS.get(size, 300_000), size)
+def throughput(base: str, size: int, pairs: int, records: int | None = None) -> dict[str, Any]:
+    batches = make_batches(records or RECORDS.get(size, 300_000), size)
     rates: dict[str, list[int]] = {"sqlite": [], "postgres": []}
     for i in range(pairs):
         for kind in ("sqlite", "postgres") if i % 2 == 0 else ("postgres", "sqlite"):
@@ -94,12 +94,12 @@ def throughput(base: str, size: int, pairs: int) -> dict[str, Any]:
     }
 
 
-def latencies(base: str, rate: float) -> dict[str, dict[str, Any]]:
+def latencies(base: str, rate: float, seconds: float = LATENCY_SECONDS) -> dict[str, dict[str, Any]]:
     out = {}
     for kind in ("sqlite", "postgres"):
         with contextlib.ExitStack() as stack:
             ledger = stack.enter_context(schema(base)) if kind == "postgres" else None
-            out[kind] = latency.measure(rate, LATENCY_SECONDS, 1000, ledger=ledger)
+            out[kind] = latency.measure(rate, seconds, 1000, ledger=ledger)
     return out
 
 

@@ -152,6 +152,10 @@ def test_failover_when_the_active_sink_dies_delivers_every_record_once(pipeline,
         assert a.stop(40) == 0, a.stderr  # drains, and hands its claim over at once
     finish(pipeline, b, sub, prod, feed)
     assert leader(pipeline.dsn)[0] == 2
+    # `zfan status` given both sinks answers from the active one.
+    out = run_cli("status", "--json", pipeline.both["control"], timeout=20)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["epoch"] == 2
 
 
 def test_failover_when_the_active_sink_is_frozen_and_wakes_it_steps_down_without_a_write(pipeline):
@@ -430,3 +434,32 @@ def test_failover_when_the_database_restarts_the_sink_stands_by_and_serves_again
     finally:
         for r in reversed(started):
             r.kill()
+
+
+# --- clients given several sinks: what a person reads ---------------------------------------------
+
+
+def test_failover_clients_with_no_sink_at_any_endpoint_say_so_in_one_line_and_exit_6():
+    a, b, c, d = free_ports(4)
+    out = run_cli(
+        "produce",
+        f"--intake=tcp://127.0.0.1:{a},tcp://127.0.0.1:{b}",
+        f"--control=tcp://127.0.0.1:{c},tcp://127.0.0.1:{d}",
+        "--count",
+        "10",
+        "--connect-timeout",
+        "1",
+    )
+    assert out.returncode == 6, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"zfan produce: error: no zfan sink answered at any of tcp://127.0.0.1:{c},tcp://127.0.0.1:{d} "
+        "within 1 s: is one of them running, and are these their control ports?"
+    )
+
+
+def test_failover_endpoint_lists_of_different_lengths_are_refused_in_one_line():
+    out = run_cli("produce", "--intake=tcp://a:5557,tcp://b:5557", "--control=tcp://a:5558", "--count", "1")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == (
+        "zfan produce: error: endpoints name the sinks in one order, as many of each kind: got 2 intake, 1 control"
+    )

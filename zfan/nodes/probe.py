@@ -167,7 +167,14 @@ def not_a_sink_port(endpoint: str, port: str, peer: Peer) -> NoSink:
 
 def no_answer(endpoint: str, port: str, timeout: float) -> NoSink:
     """The error for an endpoint where no sink answered within `timeout` seconds, with what a
-    probe finds there."""
+    probe finds there. For several sinks' endpoints (an active one and its standbys), no probe:
+    a standby binds nothing, and only one of them need be there."""
+    if "," in endpoint:
+        return NoSink(
+            endpoint,
+            f"no zfan sink answered at any of {endpoint} within {timeout:g} s: "
+            f"is one of them running, and are these their {port} ports?",
+        )
     peer = probe(endpoint)
     head = f"no zfan sink answered at {endpoint} within {timeout:g} s"
     if not peer.known:

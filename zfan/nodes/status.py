@@ -9,7 +9,7 @@ from typing import Any
 import zmq
 
 from .. import protocol as p
-from ..config import Curve
+from ..config import Curve, endpoints
 from ..errors import NoSink, ProtocolError, ZfanError
 from .security import secure_client
 from .transport import Ctx, connect, send, socket
@@ -26,25 +26,37 @@ def ask(
     max_frame: int = p.MAX_HEADER_BYTES,
 ) -> p.Message:
     """Send `request` on a connection of its own and return the answer, one of `answers`.
-    Raises NoSink if none comes within `timeout` seconds, AuthError if the handshake is refused."""
-    sock = socket(context or zmq.Context.instance(), zmq.DEALER, max_frame=max_frame)
-    watch = secure_client(sock, curve, control)
+    `control` may list several sinks (an active one and its standbys): each is asked, and the
+    first answer wins, which only an active sink gives. Raises NoSink if none comes within
+    `timeout` seconds, AuthError if a handshake is refused."""
+    ctx = context or zmq.Context.instance()
+    asked: list[tuple[str, Any, Any]] = []  # (endpoint, socket, handshake watch)
     try:
-        connect(sock, control, "control endpoint")
-        send(sock, p.encode(request))  # a send that cannot go ends as no answer, below
+        for endpoint in endpoints(control, what="control endpoint"):
+            sock = socket(ctx, zmq.DEALER, max_frame=max_frame)
+            asked.append((endpoint, sock, secure_client(sock, curve, endpoint)))
+            connect(sock, endpoint, "control endpoint")
+            send(sock, p.encode(request))  # a send that cannot go ends as no answer, below
+        poller = zmq.Poller()
+        for _, sock, _ in asked:
+            poller.register(sock, zmq.POLLIN)
         deadline = time.monotonic() + timeout
-        while not sock.poll(50):
-            watch.check()
+        while not (ready := dict(poller.poll(50))):
+            for _, _, watch in asked:
+                watch.check()
             if time.monotonic() > deadline:
-                raise NoSink(control, f"no answer from a sink at {control} within {timeout:g} s (is it running?)")
+                where = ", ".join(endpoint for endpoint, _, _ in asked)
+                raise NoSink(control, f"no answer from a sink at {where} within {timeout:g} s (is it running?)")
+        endpoint, sock, _ = next(entry for entry in asked if entry[1] in ready)
         frames = sock.recv_multipart()
         try:
             return p.decode(frames, allowed=answers)
         except ProtocolError as exc:
-            raise ZfanError(f"the sink at {control} answered something else: {exc}") from None
+            raise ZfanError(f"the sink at {endpoint} answered something else: {exc}") from None
     finally:
-        watch.close()
-        sock.close(linger=0)
+        for _, sock, watch in asked:
+            watch.close()
+            sock.close(linger=0)
 
 
 def query_status(
