@@ -463,3 +463,36 @@ def test_failover_endpoint_lists_of_different_lengths_are_refused_in_one_line():
     assert out.stderr.strip() == (
         "zfan produce: error: endpoints name the sinks in one order, as many of each kind: got 2 intake, 1 control"
     )
+
+
+# --- the embedded API ------------------------------------------------------------------------------
+
+
+def test_failover_in_the_api_a_standby_starts_waits_and_takes_over_when_the_active_sink_drains(tmp_path, ctx):
+    from tests.test_observability import get
+    from zfan import Sink
+
+    def ends(name: str) -> dict[str, str]:
+        return {kind: f"ipc://{tmp_path}/{name}-{kind}" for kind in KINDS}
+
+    with ledgers.schema() as dsn:
+        states: list[str] = []
+        a = Sink(ledger=dsn, context=ctx, **ends("a")).start()
+        b = Sink(ledger=dsn, context=ctx, on_state=states.append, http="127.0.0.1:0", **ends("b"))
+        try:
+            b.start()
+            assert b.standby and not b.wait_active(0.5) and b.control == ""
+            code, body = get(b.http + "readyz")
+            assert (code, json.loads(body)) == (
+                503,
+                {"ok": False, "reasons": ["standing by: another sink holds the ledger"]},
+            )
+            assert "zfan_sink_active 0.0" in get(b.http + "metrics")[1]
+            assert a.drain()  # a clean stop hands the claim over at once
+            assert b.wait_active(5)
+            assert states == ["standby", "active"] and not b.standby and b.epoch == 2
+            assert b.control == ends("b")["control"]
+            assert "zfan_sink_active 1.0" in get(b.http + "metrics")[1]
+        finally:
+            a.close()
+            b.drain()

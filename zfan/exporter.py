@@ -87,11 +87,17 @@ class SinkCollector(Collector):
     """The sink's metrics, from `snapshot()` (None while the sink is not serving: then only
     the build info)."""
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, active: Callable[[], bool] | None = None) -> None:
         self._snapshot = snapshot
+        self._active = active
 
     def collect(self) -> Iterator[Metric]:
         yield build_info("sink")
+        if self._active is not None:
+            # On a shared ledger: alert when no sink of a pipeline says 1, or two do.
+            yield GaugeMetricFamily(
+                "zfan_sink_active", "1 if this sink serves, 0 while it stands by.", value=int(self._active())
+            )
         s = self._snapshot()
         if s is None:
             return

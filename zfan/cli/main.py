@@ -256,7 +256,9 @@ def sink(
             # too: nothing a drain would finish is wanted any more.
             _ended(node)
             return stop.code
-        if not node.standby:  # a standby holds nothing to wait for
+        if node.standby:
+            say(stop.after_ctrl_c("zfan sink: stopping: it was standing by, and holds nothing"))
+        else:
             say(
                 stop.after_ctrl_c(
                     "zfan sink: stopping: waiting for the batches leased to come back (Ctrl-C again to stop at once)"

@@ -352,7 +352,10 @@ class PostgresLedger:
         # No SQLSTATE: libpq's own error, the connection is gone; 08: connection failures;
         # 57P: the server ended the session (shut down, or an idle transaction timed out).
         if self._db.broken or self._db.closed or not state or state.startswith(("08", "57P")):
-            return LedgerLost(f"ledger {self.path}: {doing} failed, the database is out of reach ({_reason(exc)})")
+            return LedgerLost(
+                f"ledger {self.path}: {doing} failed: the database is out of reach, or ended this sink's "
+                f"session ({_reason(exc)})"
+            )
         return LedgerError(f"ledger {self.path}: {doing} failed ({_reason(exc)})")
 
     # --- startup ---------------------------------------------------------------------------
@@ -657,5 +660,6 @@ def _gone(holder: str) -> bool:
 
 
 def _reason(exc: psycopg.Error) -> str:
-    """The server's or libpq's own words, on one line."""
-    return " ".join(str(exc).split()) or type(exc).__name__
+    """The server's or libpq's own words: their first line (libpq adds guesses on the next)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return " ".join(first.split()) or type(exc).__name__

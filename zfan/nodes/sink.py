@@ -205,6 +205,7 @@ class Sink(Service):
         return None
 
     def _became(self, state: str, on: bool) -> None:
+        self._snapshots.serving(state == ACTIVE and on)
         if state == ACTIVE:
             (self.active.set if on else self.active.clear)()
             if not on:
@@ -390,7 +391,7 @@ class Sink(Service):
             return None
         web = Web(
             address,
-            registry=registry(SinkCollector(self._snapshots.get)),
+            registry=registry(SinkCollector(self._snapshots.get, self.active.is_set)),
             snapshot=self._snapshots.get,
             healthy=self._healthy,
             ready=self._ready_reasons,

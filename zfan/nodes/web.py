@@ -50,6 +50,14 @@ class Snapshots:
         self._latest: dict[str, Any] | None = None
         self._at = -FRESH  # when the latest was built
         self._wanted = -WANTED  # when it was last asked for
+        self._serving = True  # False while the node serves nothing (a standby sink): no snapshot comes
+
+    def serving(self, on: bool) -> None:
+        with self._cond:
+            self._serving = on
+            if not on:
+                self._latest, self._at = None, -FRESH
+            self._cond.notify_all()
 
     def due(self, now: float) -> bool:
         return now - self._wanted < WANTED and now - self._at >= FRESH
@@ -61,6 +69,8 @@ class Snapshots:
 
     def get(self) -> dict[str, Any] | None:
         """A snapshot at most FRESH seconds old, or the latest if none comes within WAIT."""
+        if not self._serving:
+            return None
         now = time.monotonic()
         self._wanted = now
         if now - self._at < FRESH:
