@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -16,6 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from bench.peers.parties import free_ports  # noqa: F401  (for the tests: one copy)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} ")  # how every log line begins
@@ -237,18 +238,6 @@ def render(raw: str) -> list[str]:
             col += 1
         lines.append("".join(cells).rstrip())
     return lines
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` loopback ports free a moment ago (for endpoints a test must name before binding)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Feed:

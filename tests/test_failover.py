@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -101,30 +102,40 @@ def pipeline():
             pipe.close()
 
 
+def clients(role: Callable[..., Role], both: dict[str, str], flowing: Callable[[], bool]) -> tuple[Role, Role, Feed]:
+    """Two workers, a subscriber and a producer fed 2000 records/s, each naming both sinks, all
+    started with `role`; returns once `flowing` says intake flows."""
+    for i in range(2):
+        role("worker", both["control"], "--app", "tests.apps:ids", "--name", f"w{i}").wait_ready()
+    sub = role("subscribe", both["results"], both["control"], "--topic", "readings")
+    sub.wait_ready()
+    prod = role(
+        "produce", both["intake"], both["control"], "--topic", "readings", "--timeout", "90", stdin=subprocess.PIPE
+    )
+    prod.wait_ready()
+    feed = Feed(prod.proc, rate=2000)
+    wait_for(flowing, 30, what="intake flowing to A")
+    return sub, prod, feed
+
+
+def delivered_once(sub: Role, prod: Role, feed: Feed) -> None:
+    """The feed ends; the producer exits 0 and the subscriber has every record once, in order."""
+    total = feed.finish()
+    assert prod.wait(120) == 0, prod.stderr
+    wait_for(lambda: len(from_json_lines(list(sub.out))[0]) >= total, 60, what="every record at the subscriber")
+    ids, seqs = from_json_lines(list(sub.out))
+    verdict = check(range(total), ids, seqs)
+    assert verdict.ok, verdict
+
+
 def start(pipe: Pipeline) -> tuple[Role, Role, Role, Role, Feed]:
-    """A active, B standing by, two workers, a subscriber and a producer fed 2000 records/s."""
+    """A active, B standing by, and the clients."""
     a = pipe.sink("a")
     a.wait_ready()
     b = pipe.sink("b")
     wait_for(lambda: "standing by on ledger" in b.stderr, 15, what="sink B standing by")
     assert ": ready " not in b.stderr
-    for i in range(2):
-        pipe.role("worker", pipe.both["control"], "--app", "tests.apps:ids", "--name", f"w{i}").wait_ready()
-    sub = pipe.role("subscribe", pipe.both["results"], pipe.both["control"], "--topic", "readings")
-    sub.wait_ready()
-    prod = pipe.role(
-        "produce",
-        pipe.both["intake"],
-        pipe.both["control"],
-        "--topic",
-        "readings",
-        "--timeout",
-        "90",
-        stdin=subprocess.PIPE,
-    )
-    prod.wait_ready()
-    feed = Feed(prod.proc, rate=2000)
-    wait_for(lambda: status(pipe.control("a")).get("batches_in", 0) >= 10, 20, what="intake flowing to A")
+    sub, prod, feed = clients(pipe.role, pipe.both, lambda: status(pipe.control("a")).get("batches_in", 0) >= 10)
     return a, b, sub, prod, feed
 
 
@@ -133,12 +144,7 @@ def finish(pipe: Pipeline, b: Role, sub: Role, prod: Role, feed: Feed) -> None:
     b.wait_ready(timeout=30)
     taken = status(pipe.control("b")).get("batches_in", 0)
     wait_for(lambda: status(pipe.control("b")).get("batches_in", 0) > taken, 30, what="intake flowing to B")
-    total = feed.finish()
-    assert prod.wait(120) == 0, prod.stderr
-    wait_for(lambda: len(from_json_lines(list(sub.out))[0]) >= total, 60, what="every record at the subscriber")
-    ids, seqs = from_json_lines(list(sub.out))
-    verdict = check(range(total), ids, seqs)
-    assert verdict.ok, verdict
+    delivered_once(sub, prod, feed)
     info = status(pipe.control("b"))
     assert info["dead"] == 0 and info["epoch"] == 2, info
 
@@ -314,24 +320,12 @@ def test_failover_when_the_active_sinks_host_is_cut_off_the_standby_takes_over_a
         a.wait_ready()
         b = sink("sb")
         wait_for(lambda: "standing by on ledger" in b.stderr, 20, what="sink B standing by")
-        for i in range(2):
-            role("wk", "worker", both["control"], "--app", "tests.apps:ids", "--name", f"w{i}").wait_ready()
-        sub = role("su", "subscribe", both["results"], both["control"], "--topic", "readings")
-        sub.wait_ready()
-        prod = role(
-            "pr",
-            "produce",
-            both["intake"],
-            both["control"],
-            "--topic",
-            "readings",
-            "--timeout",
-            "90",
-            stdin=subprocess.PIPE,
+        on = {"worker": "wk", "subscribe": "su", "produce": "pr"}
+        sub, prod, feed = clients(
+            lambda *args, **kw: role(on[args[0]], *args, **kw),
+            both,
+            lambda: (status_on(hosts, "sa") or {}).get("batches_in", 0) >= 10,
         )
-        prod.wait_ready()
-        feed = Feed(prod.proc, rate=2000)
-        wait_for(lambda: (status_on(hosts, "sa") or {}).get("batches_in", 0) >= 10, 30, what="intake flowing to A")
 
         hosts.cut("sa")
         b.wait_ready(timeout=30)
@@ -339,13 +333,7 @@ def test_failover_when_the_active_sinks_host_is_cut_off_the_standby_takes_over_a
         # A, cut off from its ledger too, finds out by itself and stops serving.
         wait_for(lambda: "stepped down" in a.stderr, 30, what="A stepping down while cut off")
         hosts.heal("sa")
-
-        total = feed.finish()
-        assert prod.wait(120) == 0, prod.stderr
-        wait_for(lambda: len(from_json_lines(list(sub.out))[0]) >= total, 60, what="every record at the subscriber")
-        ids, seqs = from_json_lines(list(sub.out))
-        verdict = check(range(total), ids, seqs)
-        assert verdict.ok, verdict
+        delivered_once(sub, prod, feed)
         # Healed, A stands by: B holds the claim it took, and nothing A held landed.
         wait_for(lambda: a.stderr.count("standing by on ledger") >= 1, 30, what="A standing by after the heal")
         assert a.proc.poll() is None
@@ -424,12 +412,7 @@ def test_failover_when_the_database_restarts_the_sink_stands_by_and_serves_again
         assert start_db() == dsn
         wait_for(lambda: sink.stderr.count(": ready ") == 2, 30, what="the sink serving again")
 
-        total = feed.finish()
-        assert prod.wait(120) == 0, prod.stderr
-        wait_for(lambda: len(from_json_lines(list(sub.out))[0]) >= total, 60, what="every record at the subscriber")
-        ids, seqs = from_json_lines(list(sub.out))
-        verdict = check(range(total), ids, seqs)
-        assert verdict.ok, verdict
+        delivered_once(sub, prod, feed)
         assert status(port)["epoch"] == 2
     finally:
         for r in reversed(started):

@@ -27,16 +27,14 @@ from psycopg import errors as pg_errors
 
 from ..errors import Fenced, LedgerError, LedgerFull, LedgerLost
 from . import redact
+from .queries import Queries
 from .records import (
     DEAD,
     DONE,
     EMPTY_RECORDS,
-    KEEP_BATCHES,
     LEASED,
     PENDING,
     PURGED,
-    STATE_NAMES,
-    DeadLetter,
     Pending,
     Stored,
 )
@@ -112,14 +110,9 @@ _FENCE = (
     "WITH renewed AS (UPDATE leader SET renewed = clock_timestamp() WHERE id = 1 AND epoch = %s RETURNING 1) "
     "SELECT 1 / (SELECT count(*) FROM renewed)::int"
 )
-_STORED = "SELECT id, batch_id, topic, seq, count, kind, payload FROM results"
-_DEAD = (
-    "SELECT b.id, b.producer, b.seq, b.topic, b.count, b.attempts, b.error, "
-    "(SELECT created FROM results r WHERE r.batch_id = b.id AND r.kind = 1)"
-)
 
 
-class PostgresLedger:
+class PostgresLedger(Queries):
     """A ledger in PostgreSQL. Opening it claims nothing: `claim()` makes this sink the active one."""
 
     def __init__(self, dsn: str, *, term: float = TERM, holder: str | None = None) -> None:
@@ -292,7 +285,7 @@ class PostgresLedger:
         return self._cur
 
     def _read(self, sql: str, args: Any = ()) -> list[Any]:
-        cur = self._send("read", (sql, args))
+        cur = self._send("read", (sql.replace("?", "%s"), args))  # the shared queries' placeholders
         try:
             return cur.fetchall()
         except psycopg.Error as exc:
@@ -307,6 +300,9 @@ class PostgresLedger:
             self._buffer.append(("BEGIN", ()))
             self._in_tx = True
         return self._send("write", (sql, args))
+
+    def _change(self, sql: str, args: tuple[Any, ...] = ()) -> int:
+        return self._write_now(sql.replace("?", "%s"), args).rowcount
 
     @property
     def uncommitted(self) -> bool:
@@ -374,22 +370,6 @@ class PostgresLedger:
         self.commit()
         return n
 
-    def pending(self) -> list[Pending]:
-        rows = self._read("SELECT id, topic, count, attempts FROM batches WHERE state=%s ORDER BY id", (PENDING,))
-        return [Pending(*r) for r in rows]
-
-    def counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATE_NAMES.values(), 0)
-        for state, n in self._read("SELECT state, count(*) FROM batches GROUP BY state"):
-            counts[STATE_NAMES[state]] = int(n)
-        return counts
-
-    def topic_seqs(self) -> dict[str, int]:
-        heads: dict[str, int] = dict(self._read("SELECT topic, seq FROM topics"))
-        for topic, seq in self._read("SELECT topic, max(seq) FROM results GROUP BY topic"):
-            heads[topic] = max(seq, heads.get(topic, 0))
-        return heads
-
     def save_heads(self, heads: dict[str, int]) -> None:
         if heads:
             self._defer(
@@ -398,17 +378,7 @@ class PostgresLedger:
                 (list(heads), list(heads.values())),
             )
 
-    def published_upto(self) -> int:
-        rows = self._read("SELECT value FROM meta WHERE key='published'")
-        return int(rows[0][0]) if rows else 0
-
-    def results_after(self, result_id: int) -> list[Stored]:
-        return [Stored(*r) for r in self._read(f"{_STORED} WHERE id > %s ORDER BY id", (result_id,))]
-
     # --- the life of a batch ---------------------------------------------------------------
-    def insert_batch(self, producer: str, seq: int, topic: str, count: int, payload: bytes) -> int | None:
-        return self.insert_batches(producer, [(seq, topic, count, payload)])[0]
-
     def insert_batches(self, producer: str, batches: list[tuple[int, str, int, bytes]]) -> list[int | None]:
         """Store new batches (seq, topic, count, payload) of one producer as pending; return each
         one's id, None for one whose (producer, seq) is stored already."""
@@ -430,12 +400,6 @@ class PostgresLedger:
             raise self._failed("write", exc) from None
         return [bid if bid in stored else None for bid in ids]
 
-    def payload(self, batch_id: int) -> bytes:
-        rows = self._read("SELECT payload FROM batches WHERE id=%s", (batch_id,))
-        if not rows or rows[0][0] is None:
-            raise LedgerError(f"ledger {self.path}: batch {batch_id} has no payload")
-        return bytes(rows[0][0])
-
     def lease(self, leases: list[tuple[int, int]]) -> None:
         if leases:
             self._defer(
@@ -450,34 +414,22 @@ class PostgresLedger:
             (PENDING, error, attempts, batch_id),
         )
 
-    def store_results(self, batch_id: int, rows: list[tuple[str, int, int, bytes]]) -> list[Stored]:
-        return self.store_many([(batch_id, rows)])
-
-    def store_many(self, results: list[tuple[int, list[tuple[str, int, int, bytes]]]]) -> list[Stored]:
-        """Store the results of several batches, and mark the batches done at the commit."""
-        stored = []
-        for batch_id, rows in results:
-            for topic, seq, count, payload in rows:
-                stored.append(Stored(self._next_result, batch_id, topic, seq, count, 0, payload))
-                self._next_result += 1
-            self._done.append((DONE, batch_id))
-        if stored:
-            self._defer(
-                "INSERT INTO results (id, batch_id, topic, seq, count, kind, payload, created) "
-                "SELECT u.id, u.batch_id, u.topic, u.seq, u.count, 0, u.payload, %s "
-                "FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::bigint[], %s::int[], %b::bytea[]) "
-                "AS u(id, batch_id, topic, seq, count, payload)",
-                (
-                    time.time(),
-                    [r.id for r in stored],
-                    [r.batch_id for r in stored],
-                    [r.topic for r in stored],
-                    [r.seq for r in stored],
-                    [r.count for r in stored],
-                    [r.payload for r in stored],
-                ),
-            )
-        return stored
+    def _store(self, stored: list[Stored], created: float) -> None:
+        self._defer(
+            "INSERT INTO results (id, batch_id, topic, seq, count, kind, payload, created) "
+            "SELECT u.id, u.batch_id, u.topic, u.seq, u.count, 0, u.payload, %s "
+            "FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::bigint[], %s::int[], %b::bytea[]) "
+            "AS u(id, batch_id, topic, seq, count, payload)",
+            (
+                created,
+                [r.id for r in stored],
+                [r.batch_id for r in stored],
+                [r.topic for r in stored],
+                [r.seq for r in stored],
+                [r.count for r in stored],
+                [r.payload for r in stored],
+            ),
+        )
 
     def dead_letter(self, batch_id: int, topic: str, seq: int, error: str) -> Stored:
         count, payload = self._read("SELECT count, payload FROM batches WHERE id=%s", (batch_id,))[0]
@@ -489,13 +441,6 @@ class PostgresLedger:
             (rid, batch_id, topic, seq, count, payload, time.time()),
         )
         return Stored(rid, batch_id, topic, seq, count, 1, bytes(payload))
-
-    def batch_info(self, batch_id: int) -> tuple[str, int, int, str | None]:
-        rows = self._read("SELECT topic, count, attempts, error FROM batches WHERE id=%s", (batch_id,))
-        if not rows:
-            raise LedgerError(f"ledger {self.path}: no batch {batch_id}")
-        topic, count, attempts, error = rows[0]
-        return topic, count, attempts, error
 
     def owners(self, batch_ids: list[int]) -> list[tuple[int, str, int]]:
         return [tuple(r) for r in self._read("SELECT id, producer, seq FROM batches WHERE id = ANY(%s)", (batch_ids,))]
@@ -515,21 +460,6 @@ class PostgresLedger:
         )
 
     # --- dead letters ------------------------------------------------------------------------
-    def dead_page(self, prefix: str, after: int, limit: int) -> list[DeadLetter]:
-        rows = self._read(
-            f"{_DEAD} FROM batches b "
-            "WHERE b.state=%s AND b.id > %s AND starts_with(b.topic, %s) ORDER BY b.id LIMIT %s",
-            (DEAD, after, prefix, limit),
-        )
-        return [DeadLetter(*r) for r in rows]
-
-    def dead_letter_of(self, batch_id: int) -> tuple[DeadLetter, bytes] | None:
-        rows = self._read(f"{_DEAD}, b.payload FROM batches b WHERE b.id=%s AND b.state=%s", (batch_id, DEAD))
-        if not rows:
-            return None
-        *fields, payload = rows[0]
-        return DeadLetter(*fields), bytes(payload or b"")
-
     def dead_ids(self, batch_ids: list[int] | None, prefix: str) -> list[int]:
         args: tuple[Any, ...]
         if batch_ids is None:
@@ -558,22 +488,6 @@ class PostgresLedger:
         )
 
     # --- for subscribers, producers' keys, retention ------------------------------------------
-    def results_range(self, topic: str, first: int, last: int, limit: int) -> list[Stored]:
-        rows = self._read(
-            f"{_STORED} WHERE topic=%s AND seq BETWEEN %s AND %s ORDER BY seq LIMIT %s", (topic, first, last, limit)
-        )
-        return [Stored(*r) for r in rows]
-
-    def cursor_page(self, name: str, after_topic: str, limit: int) -> list[tuple[str, int]]:
-        rows = self._read(
-            "SELECT topic, seq FROM cursors WHERE name=%s AND topic > %s ORDER BY topic LIMIT %s",
-            (name, after_topic, limit),
-        )
-        return [(topic, seq) for topic, seq in rows]
-
-    def cursors(self, limit: int) -> list[tuple[str, str, int]]:
-        return [(n, t, s) for n, t, s in self._read("SELECT name, topic, seq FROM cursors LIMIT %s", (limit,))]
-
     def save_cursor(self, name: str, positions: dict[str, int]) -> None:
         if positions:
             self._defer(
@@ -582,40 +496,8 @@ class PostgresLedger:
                 (name, list(positions), list(positions.values())),
             )
 
-    def producer_keys(self) -> dict[str, str]:
-        return dict(self._read("SELECT producer, key FROM producer_keys"))
-
     def bind_key(self, producer: str, key: str) -> None:
         self._defer("INSERT INTO producer_keys (producer, key) VALUES (%s,%s) ON CONFLICT DO NOTHING", (producer, key))
-
-    def prune(
-        self, *, keep: int | None, max_age: float | None, now: float, keep_batches: int = KEEP_BATCHES
-    ) -> tuple[int, int]:
-        """Drop published results beyond the retention, and finished batches beyond the newest
-        `keep_batches`. Returns how many results and batches went."""
-        upto = self.published_upto()
-        dropped = 0
-        if keep is not None:
-            dropped += self._write_now(
-                "DELETE FROM results WHERE id <= least(%s, (SELECT max(id) FROM results) - %s)", (upto, keep)
-            ).rowcount
-        if max_age is not None:
-            dropped += self._write_now(
-                "DELETE FROM results WHERE id <= %s AND created < %s", (upto, now - max_age)
-            ).rowcount
-        batches = 0
-        for state in (DONE, PURGED):
-            n = self._write_now(
-                "DELETE FROM batches WHERE state=%s AND id <= (SELECT max(id) FROM batches) - %s", (state, keep_batches)
-            ).rowcount
-            batches += n
-            self.pruned[STATE_NAMES[state]] += n
-        if batches:
-            self._defer(
-                "DELETE FROM producer_keys WHERE NOT EXISTS "
-                "(SELECT 1 FROM batches b WHERE b.producer = producer_keys.producer)"
-            )
-        return dropped, batches
 
     def size_bytes(self) -> int:
         """The ledger's tables with their indexes and TOAST, as the server stores them."""

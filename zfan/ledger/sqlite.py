@@ -14,16 +14,14 @@ from typing import Any
 
 from .. import checkpoints
 from ..errors import LedgerError, LedgerFull
+from .queries import Queries
 from .records import (
     DEAD,
     DONE,
     EMPTY_RECORDS,
-    KEEP_BATCHES,
     LEASED,
     PENDING,
     PURGED,
-    STATE_NAMES,
-    DeadLetter,
     Pending,
     Stored,
 )
@@ -84,7 +82,7 @@ CREATE TABLE IF NOT EXISTS cursors (
 """
 
 
-class SqliteLedger:
+class SqliteLedger(Queries):
     def __init__(
         self, path: str = "zfan.db", *, fsync: str = "normal", checkpoint_every: int = checkpoints.EVERY
     ) -> None:
@@ -136,6 +134,9 @@ class SqliteLedger:
             return self._db.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise _failed(self.path, "read", exc) from None
+
+    def _change(self, sql: str, args: tuple[Any, ...] = ()) -> int:
+        return self._write(sql, args).rowcount
 
     def _write(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         return self._write_many(sql, [args], one=True)
@@ -202,22 +203,6 @@ class SqliteLedger:
         self.commit()
         return n
 
-    def pending(self) -> list[Pending]:
-        rows = self._read("SELECT id, topic, count, attempts FROM batches WHERE state=? ORDER BY id", (PENDING,))
-        return [Pending(*r) for r in rows]
-
-    def counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATE_NAMES.values(), 0)
-        for state, n in self._read("SELECT state, count(*) FROM batches GROUP BY state"):
-            counts[STATE_NAMES[state]] = n
-        return counts
-
-    def topic_seqs(self) -> dict[str, int]:
-        heads = dict(self._read("SELECT topic, seq FROM topics"))
-        for topic, seq in self._read("SELECT topic, max(seq) FROM results GROUP BY topic"):
-            heads[topic] = max(seq, heads.get(topic, 0))
-        return heads
-
     def save_heads(self, heads: dict[str, int]) -> None:
         for topic, seq in heads.items():
             self._write(
@@ -226,21 +211,7 @@ class SqliteLedger:
                 (topic, seq),
             )
 
-    def published_upto(self) -> int:
-        rows = self._read("SELECT value FROM meta WHERE key='published'")
-        return int(rows[0][0]) if rows else 0
-
-    def results_after(self, result_id: int) -> list[Stored]:
-        rows = self._read(
-            "SELECT id, batch_id, topic, seq, count, kind, payload FROM results WHERE id > ? ORDER BY id", (result_id,)
-        )
-        return [Stored(*r) for r in rows]
-
     # --- the life of a batch ---------------------------------------------------------------
-    def insert_batch(self, producer: str, seq: int, topic: str, count: int, payload: bytes) -> int | None:
-        """Store a new batch as pending and return its id; None if (producer, seq) is stored already."""
-        return self.insert_batches(producer, [(seq, topic, count, payload)])[0]
-
     def insert_batches(self, producer: str, batches: list[tuple[int, str, int, bytes]]) -> list[int | None]:
         """Store new batches (seq, topic, count, payload) of one producer as pending, in one
         statement; return each one's id, None for one whose (producer, seq) is stored already."""
@@ -259,12 +230,6 @@ class SqliteLedger:
         stored = {r[0] for r in self._read("SELECT id FROM batches WHERE id BETWEEN ? AND ?", (first, ids[-1]))}
         return [bid if bid in stored else None for bid in ids]
 
-    def payload(self, batch_id: int) -> bytes:
-        rows = self._read("SELECT payload FROM batches WHERE id=?", (batch_id,))
-        if not rows or rows[0][0] is None:
-            raise LedgerError(f"ledger {self.path}: batch {batch_id} has no payload")
-        return bytes(rows[0][0])
-
     def lease(self, leases: list[tuple[int, int]]) -> None:
         """Mark batches leased: (batch_id, attempt) each, in one statement for a whole turn."""
         # Only fixed-size fields change, so SQLite rewrites the row in place and leaves the
@@ -280,28 +245,12 @@ class SqliteLedger:
             (PENDING, error, attempts, batch_id),
         )
 
-    def store_results(self, batch_id: int, rows: list[tuple[str, int, int, bytes]]) -> list[Stored]:
-        """Store a batch's results (topic, seq, count, payload) and mark the batch done."""
-        return self.store_many([(batch_id, rows)])
-
-    def store_many(self, results: list[tuple[int, list[tuple[str, int, int, bytes]]]]) -> list[Stored]:
-        """Store the results of several batches, (batch_id, [(topic, seq, count, payload)]) each,
-        in one statement, and mark the batches done."""
-        stored = []
-        now = time.time()
-        for batch_id, rows in results:
-            for topic, seq, count, payload in rows:
-                stored.append(Stored(self._next_result, batch_id, topic, seq, count, 0, payload))
-                self._next_result += 1
-            self._done.append((DONE, batch_id))
-        if stored:
-            self._write_many(
-                "INSERT INTO results (id, batch_id, topic, seq, count, kind, payload, created) "
-                "VALUES (?,?,?,?,?,0,?,?)",
-                [(s.id, s.batch_id, s.topic, s.seq, s.count, s.payload, now) for s in stored],
-            )
-            self._written += sum(len(s.payload) for s in stored)
-        return stored
+    def _store(self, stored: list[Stored], created: float) -> None:
+        self._write_many(
+            "INSERT INTO results (id, batch_id, topic, seq, count, kind, payload, created) VALUES (?,?,?,?,?,0,?,?)",
+            [(r.id, r.batch_id, r.topic, r.seq, r.count, r.payload, created) for r in stored],
+        )
+        self._written += sum(len(r.payload) for r in stored)
 
     def dead_letter(self, batch_id: int, topic: str, seq: int, error: str) -> Stored:
         """Move a batch to the dead-letter state and store the message that announces it."""
@@ -314,39 +263,7 @@ class SqliteLedger:
         )
         return Stored(rid, batch_id, topic, seq, count, 1, bytes(payload))
 
-    def batch_info(self, batch_id: int) -> tuple[str, int, int, str | None]:
-        """(topic, record count, attempts, last error) of a batch."""
-        rows = self._read("SELECT topic, count, attempts, error FROM batches WHERE id=?", (batch_id,))
-        if not rows:
-            raise LedgerError(f"ledger {self.path}: no batch {batch_id}")
-        topic, count, attempts, error = rows[0]
-        return topic, count, attempts, error
-
     # --- dead letters ------------------------------------------------------------------------
-    def dead_page(self, prefix: str, after: int, limit: int) -> list[DeadLetter]:
-        """Up to `limit` dead-lettered batches with ids above `after` whose topic starts with
-        `prefix`, oldest first."""
-        rows = self._read(
-            "SELECT b.id, b.producer, b.seq, b.topic, b.count, b.attempts, b.error, "
-            "(SELECT created FROM results r WHERE r.batch_id = b.id AND r.kind = 1) "
-            "FROM batches b WHERE b.state=? AND b.id > ? AND substr(b.topic, 1, ?) = ? ORDER BY b.id LIMIT ?",
-            (DEAD, after, len(prefix), prefix, limit),
-        )
-        return [DeadLetter(*r) for r in rows]
-
-    def dead_letter_of(self, batch_id: int) -> tuple[DeadLetter, bytes] | None:
-        """A dead-lettered batch and its records (packed); None if it is not dead-lettered."""
-        rows = self._read(
-            "SELECT b.id, b.producer, b.seq, b.topic, b.count, b.attempts, b.error, "
-            "(SELECT created FROM results r WHERE r.batch_id = b.id AND r.kind = 1), b.payload "
-            "FROM batches b WHERE b.id=? AND b.state=?",
-            (batch_id, DEAD),
-        )
-        if not rows:
-            return None
-        *fields, payload = rows[0]
-        return DeadLetter(*fields), bytes(payload or b"")
-
     def dead_ids(self, batch_ids: list[int] | None, prefix: str) -> list[int]:
         """Of `batch_ids` (every one if None), those dead-lettered with a topic that starts with `prefix`."""
         if batch_ids is None:
@@ -420,33 +337,11 @@ class SqliteLedger:
         self._write("INSERT OR REPLACE INTO meta (key, value) VALUES ('published', ?)", (result_id,))
 
     # --- for subscribers --------------------------------------------------------------------
-    def results_range(self, topic: str, first: int, last: int, limit: int) -> list[Stored]:
-        rows = self._read(
-            "SELECT id, batch_id, topic, seq, count, kind, payload FROM results "
-            "WHERE topic=? AND seq BETWEEN ? AND ? ORDER BY seq LIMIT ?",
-            (topic, first, last, limit),
-        )
-        return [Stored(*r) for r in rows]
-
-    def cursor_page(self, name: str, after_topic: str, limit: int) -> list[tuple[str, int]]:
-        """Up to `limit` positions of a durable name, of the topics after `after_topic`, in topic order."""
-        return [
-            (topic, seq)
-            for topic, seq in self._read(
-                "SELECT topic, seq FROM cursors WHERE name=? AND topic > ? ORDER BY topic LIMIT ?",
-                (name, after_topic, limit),
-            )
-        ]
-
     def size_bytes(self) -> int:
         """The ledger's files on disk: the database, its WAL and the WAL's index."""
         if self.path == ":memory:":
             return 0
         return sum(os.path.getsize(f) for f in (self.path, self.path + "-wal", self.path + "-shm") if os.path.exists(f))
-
-    def cursors(self, limit: int) -> list[tuple[str, str, int]]:
-        """Up to `limit` durable positions, (name, topic, seq) each."""
-        return [(n, t, s) for n, t, s in self._read("SELECT name, topic, seq FROM cursors LIMIT ?", (limit,))]
 
     def save_cursor(self, name: str, positions: dict[str, int]) -> None:
         for topic, seq in positions.items():
@@ -456,42 +351,8 @@ class SqliteLedger:
                 (name, topic, seq),
             )
 
-    def producer_keys(self) -> dict[str, str]:
-        return dict(self._read("SELECT producer, key FROM producer_keys"))
-
     def bind_key(self, producer: str, key: str) -> None:
         self._write("INSERT OR IGNORE INTO producer_keys (producer, key) VALUES (?,?)", (producer, key))
-
-    def prune(
-        self, *, keep: int | None, max_age: float | None, now: float, keep_batches: int = KEEP_BATCHES
-    ) -> tuple[int, int]:
-        """Drop published results beyond the retention, and finished batches beyond the newest
-        `keep_batches`. Returns how many results and batches went."""
-        upto = self.published_upto()
-        dropped = 0
-        if keep is not None:
-            dropped += self._write(
-                "DELETE FROM results WHERE id <= min(?, (SELECT max(id) FROM results) - ?)", (upto, keep)
-            ).rowcount
-        if max_age is not None:
-            dropped += self._write("DELETE FROM results WHERE id <= ? AND created < ?", (upto, now - max_age)).rowcount
-        # A finished batch's row (without its payload) is what makes a late resend of it a
-        # duplicate; resends come within seconds or minutes, so the newest ones are what counts.
-        batches = 0
-        for state in (DONE, PURGED):
-            n = self._write(
-                "DELETE FROM batches WHERE state=? AND id <= (SELECT max(id) FROM batches) - ?", (state, keep_batches)
-            ).rowcount
-            batches += n
-            self.pruned[STATE_NAMES[state]] += n
-        if batches:
-            # A key's claim on a producer id lasts as long as the rows that deduplicate its
-            # batches: with those gone, the id starts afresh whoever uses it.
-            self._write(
-                "DELETE FROM producer_keys WHERE NOT EXISTS "
-                "(SELECT 1 FROM batches b WHERE b.producer = producer_keys.producer)"
-            )
-        return dropped, batches
 
     def integrity_check(self) -> str:
         return str(self._read("PRAGMA integrity_check")[0][0])
