@@ -22,9 +22,10 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
-from tests import ledgers
+from tests import ledgers, netns
 from tests.checker import check, from_json_lines
 from tests.helpers import ROOT, Feed, Role, free_ports, run_cli, wait_for
+from tests.netns import Network
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -182,74 +183,14 @@ def test_failover_when_the_active_sink_is_frozen_and_wakes_it_steps_down_without
 
 # --- across hosts: the active sink's link goes down ---------------------------------------------
 
-HOSTS = ("db", "sa", "sb", "wk", "pr", "su")  # the ledger's, sink A's and B's, workers', producer's, subscriber's
+HOSTS = ["db", "sa", "sb", "wk", "pr", "su"]  # the ledger's, sink A's and B's, workers', producer's, subscriber's
 POSTGRES_SCRIPT = os.path.join(ROOT, ".ci", "postgres")
-
-
-def address(i: int) -> tuple[str, str]:
-    """Host i's address and its router's, in a /29 of its own (TEST-NET-3: nothing leaves)."""
-    return f"203.0.113.{8 * i + 1}", f"203.0.113.{8 * i + 6}"
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
-class Hosts:
-    """A host per role, network namespaces joined by veth pairs to a router namespace."""
-
-    def __init__(self) -> None:
-        tag = f"{os.getpid() % 100000}"
-        self.tag = tag
-        self.router = f"zfr{tag}"
-        self.ns = {host: f"zf{host}{tag}" for host in HOSTS}
-        self.addr = {host: address(i)[0] for i, host in enumerate(HOSTS)}
-        self.link = {host: f"zr{host}{tag}" for host in HOSTS}  # the router's end of each host's link
-        self.dsn = ""  # the ledger, as the sinks reach it
-        self.socket_dsn = ""  # the same, over its Unix socket: for the test, on no host
-
-    def make(self) -> None:
-        for ns in (*self.ns.values(), self.router):
-            ip("netns", "add", ns)
-            ip("-n", ns, "link", "set", "lo", "up")
-        subprocess.run(
-            ["ip", "netns", "exec", self.router, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
-            check=True,
-            capture_output=True,
-            timeout=10,
-        )
-        for i, host in enumerate(HOSTS):
-            addr, gateway = address(i)
-            dev, router_dev = f"zh{host}{self.tag}", self.link[host]
-            ip("link", "add", dev, "type", "veth", "peer", "name", router_dev)
-            ip("link", "set", dev, "netns", self.ns[host])
-            ip("link", "set", router_dev, "netns", self.router)
-            ip("-n", self.ns[host], "addr", "add", f"{addr}/29", "dev", dev)
-            ip("-n", self.router, "addr", "add", f"{gateway}/29", "dev", router_dev)
-            ip("-n", self.ns[host], "link", "set", dev, "up")
-            ip("-n", self.router, "link", "set", router_dev, "up")
-            ip("-n", self.ns[host], "route", "add", "default", "via", gateway)
-
-    def remove(self) -> None:
-        for ns in (*self.ns.values(), self.router):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
-
-    def on(self, host: str) -> tuple[str, ...]:
-        return ("ip", "netns", "exec", self.ns[host])
-
-    def cut(self, host: str) -> None:
-        """The host's link goes down at the router: nothing in or out, and no error at the host
-        until its own timers run out."""
-        ip("-n", self.router, "link", "set", self.link[host], "down")
-
-    def heal(self, host: str) -> None:
-        ip("-n", self.router, "link", "set", self.link[host], "up")
 
 
 def netns_ready() -> str | None:
     """Why the cross-host test cannot run here, if it cannot."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return "network namespaces need root and iproute2 (CI has both)"
+    if netns.unavailable() is not None:
+        return netns.unavailable()
     if not glob.glob("/usr/lib/postgresql/*/bin/initdb") and shutil.which("initdb") is None:
         return "no PostgreSQL server binaries (Debian's postgresql package)"
     return None
@@ -262,7 +203,7 @@ def hosts():
         if os.environ.get("ZFAN_REQUIRE_POSTGRES"):
             pytest.fail(why)
         pytest.skip(why)
-    h = Hosts()
+    h = Network(HOSTS)
     folder = tempfile.mkdtemp(prefix="zfan-failover-")
     os.chmod(folder, 0o755)  # the server runs as the postgres user
     try:
@@ -276,16 +217,15 @@ def hosts():
             timeout=60,
         )
         assert out.returncode == 0, out.stderr
-        h.dsn = out.stdout.strip()
-        h.socket_dsn = f"postgresql://zfan@/postgres?host={folder}/pg&port=5432"  # for the test itself
-        yield h
+        # The ledger as the sinks reach it, and over its Unix socket, for the test on no host.
+        yield h, out.stdout.strip(), f"postgresql://zfan@/postgres?host={folder}/pg&port=5432"
     finally:
         subprocess.run([POSTGRES_SCRIPT, "stop", os.path.join(folder, "pg")], capture_output=True, timeout=60)
         h.remove()
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def status_on(hosts: Hosts, host: str, timeout: float = 2.0) -> dict | None:
+def status_on(hosts: Network, host: str, timeout: float = 2.0) -> dict | None:
     """The status of the sink on `host` (asked on its own loopback), or None if none answers."""
     out = subprocess.run(
         [*hosts.on(host), sys.executable, "-m", "zfan", "status", "--json", "--timeout", str(timeout)]
@@ -299,6 +239,7 @@ def status_on(hosts: Hosts, host: str, timeout: float = 2.0) -> dict | None:
 
 
 def test_failover_when_the_active_sinks_host_is_cut_off_the_standby_takes_over_and_the_old_one_steps_down(hosts):
+    hosts, dsn, socket_dsn = hosts
     ports = {"intake": 5557, "control": 5558, "results": 5559}
     both = {
         kind: f"--{kind}=tcp://{hosts.addr['sa']}:{port},tcp://{hosts.addr['sb']}:{port}"
@@ -313,7 +254,7 @@ def test_failover_when_the_active_sinks_host_is_cut_off_the_standby_takes_over_a
 
     def sink(host: str) -> Role:
         bound = [f"--{kind}=tcp://*:{port}" for kind, port in ports.items()]
-        return role(host, "sink", "--ledger", hosts.dsn, "--max-attempts", "1", *bound)
+        return role(host, "sink", "--ledger", dsn, "--max-attempts", "1", *bound)
 
     try:
         a = sink("sa")
@@ -327,17 +268,17 @@ def test_failover_when_the_active_sinks_host_is_cut_off_the_standby_takes_over_a
             lambda: (status_on(hosts, "sa") or {}).get("batches_in", 0) >= 10,
         )
 
-        hosts.cut("sa")
+        hosts.link_down("sa")
         b.wait_ready(timeout=30)
         wait_for(lambda: (status_on(hosts, "sb") or {}).get("batches_in", 0) >= 10, 30, what="intake flowing to B")
         # A, cut off from its ledger too, finds out by itself and stops serving.
         wait_for(lambda: "stepped down" in a.stderr, 30, what="A stepping down while cut off")
-        hosts.heal("sa")
+        hosts.link_up("sa")
         delivered_once(sub, prod, feed)
         # Healed, A stands by: B holds the claim it took, and nothing A held landed.
         wait_for(lambda: a.stderr.count("standing by on ledger") >= 1, 30, what="A standing by after the heal")
         assert a.proc.poll() is None
-        assert leader(hosts.socket_dsn)[0] == 2
+        assert leader(socket_dsn)[0] == 2
         info = status_on(hosts, "sb")
         assert info is not None and info["epoch"] == 2 and info["dead"] == 0, info
         assert status_on(hosts, "sa", timeout=1.0) is None, "A serves nothing while B is active"
