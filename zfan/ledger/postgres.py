@@ -7,9 +7,13 @@ hosts' clocks are compared. Every commit renews the claim *in its own transactio
 the epoch is still this sink's: a sink paused or cut off while another took over has its next
 commit refused by the database, and steps down without a write landing.
 
-The row lock that renewal takes is held from the fence to the COMMIT only, and a session left
-idle inside a transaction (a paused process) is ended by the server after `TERM`: a standby is
-never kept waiting by a dead or frozen sink's locks.
+A standby is never kept waiting by a dead or frozen sink's locks: the sink that takes over
+ends the sessions of the one it replaced, and the server ends a session left idle inside a
+transaction after `TERM` besides. The fence goes last in each commit's transaction, in the same
+round trip as its COMMIT, so the claim's row is locked only for that moment.
+
+Writes wait in a buffer and go in one pipeline with the next read or the commit, as arrays (one
+statement for a whole turn's leases, results, marks) rather than a statement per row.
 """
 
 from __future__ import annotations
