@@ -1,0 +1,61 @@
+"""Which sink owns a key (zfan.partitions): stable, balanced, and minimal movement when a sink
+is added."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from tests.helpers import ROOT
+from zfan.errors import ConfigError
+from zfan.partitions import jump, key_bytes, key_hash, partition_of
+
+pytestmark = pytest.mark.timeout(30)
+
+KEYS = [f"sensor-{i}" for i in range(20_000)]
+
+
+def test_a_key_has_the_same_partition_in_another_process_with_another_hash_seed():
+    here = [partition_of(k, 7) for k in KEYS[:200]]
+    code = "from zfan.partitions import partition_of; print([partition_of(f'sensor-{i}', 7) for i in range(200)])"
+    env = {"PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(here)
+
+
+def test_known_values_pin_the_hash_for_clients_in_other_languages():
+    # Jump consistent hashing as the paper's C++ has it (the values other implementations
+    # publish), of BLAKE2b-64 (big-endian) of the key's msgpack.
+    assert [jump(1, 1), jump(42, 57), jump(256, 1024), jump(3735883980, 666)] == [0, 43, 520, 361]
+    assert jump(16045690984833335023, 255) == 237
+    assert key_bytes("a") == b"\xa1a" and key_bytes(7) == b"\x07"
+    assert key_hash(b"\xa1a") == int.from_bytes(hashlib.blake2b(b"\xa1a", digest_size=8).digest(), "big")
+
+
+def test_keys_spread_evenly_over_the_partitions():
+    for n in (2, 3, 4, 8):
+        counts = Counter(partition_of(k, n) for k in KEYS)
+        assert sorted(counts) == list(range(n))
+        assert max(counts.values()) / min(counts.values()) < 1.1, counts
+
+
+def test_adding_a_partition_moves_only_the_keys_the_new_one_takes():
+    for n in (1, 2, 3, 4, 7):
+        before = {k: partition_of(k, n) for k in KEYS}
+        after = {k: partition_of(k, n + 1) for k in KEYS}
+        moved = [k for k in KEYS if before[k] != after[k]]
+        assert all(after[k] == n for k in moved), "a moved key goes to the new partition only"
+        assert abs(len(moved) / len(KEYS) - 1 / (n + 1)) < 0.02
+
+
+def test_different_kinds_of_key_are_different_keys():
+    assert key_bytes(7) != key_bytes("7") != key_bytes(b"7")
+    with pytest.raises(ConfigError, match="a partition key must be a msgpack value"):
+        key_bytes(object())
+    with pytest.raises(ConfigError, match="partitions must be 1 or more"):
+        partition_of("k", 0)
