@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 
 import psycopg
@@ -392,12 +393,16 @@ def test_failover_endpoint_lists_of_different_lengths_are_refused_in_one_line():
 # --- the embedded API ------------------------------------------------------------------------------
 
 
+def ipc_ends(folder, name: str) -> dict[str, str]:
+    return {kind: f"ipc://{folder}/{name}-{kind}" for kind in KINDS}
+
+
 def test_failover_in_the_api_a_standby_starts_waits_and_takes_over_when_the_active_sink_drains(tmp_path, ctx):
     from tests.test_observability import get
     from zfan import Sink
 
     def ends(name: str) -> dict[str, str]:
-        return {kind: f"ipc://{tmp_path}/{name}-{kind}" for kind in KINDS}
+        return ipc_ends(tmp_path, name)
 
     with ledgers.schema() as dsn:
         states: list[str] = []
@@ -420,3 +425,22 @@ def test_failover_in_the_api_a_standby_starts_waits_and_takes_over_when_the_acti
         finally:
             a.close()
             b.drain()
+
+
+def test_failover_sinks_with_a_heartbeat_longer_than_the_claims_term_keep_one_claim(tmp_path, ctx):
+    from zfan import Sink
+    from zfan.config import Timing
+    from zfan.ledger.postgres import TERM
+
+    slow = Timing(heartbeat=2 * TERM)  # an idle sink's loop would wait that long between turns
+    with ledgers.schema() as dsn:
+        a = Sink(ledger=dsn, context=ctx, timing=slow, **ipc_ends(tmp_path, "a")).start()
+        b = Sink(ledger=dsn, context=ctx, timing=slow, **ipc_ends(tmp_path, "b"))
+        try:
+            b.start()
+            assert a.active.is_set() and b.standby
+            threading.Event().wait(2 * TERM)  # the span the claim must hold, not a wait for anything
+            assert a.active.is_set() and b.standby and leader(dsn)[0] == 1, "the claim changed hands"
+        finally:
+            b.close()
+            a.close()

@@ -12,7 +12,7 @@ from contextlib import closing
 import pytest
 
 from tests import ledgers
-from tests.helpers import ROOT, free_ports, run_cli
+from tests.helpers import ROOT, free_ports, run_cli, wait_for
 from zfan.errors import LedgerError, LedgerFull
 from zfan.ledger import DEAD, DONE, LEASED, PENDING, Ledger, Pending, SqliteLedger
 from zfan.ledger.sqlite import _failed
@@ -524,3 +524,59 @@ def test_a_postgres_takeover_is_not_held_up_by_a_frozen_sinks_locks():
         finally:
             frozen.close()
             standby.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_postgres_sink_frozen_mid_commit_does_not_keep_a_standby_out():
+    import psycopg
+
+    from zfan.ledger.postgres import PostgresLedger, _session_name
+
+    with ledgers.schema() as dsn:
+        active = PostgresLedger(dsn)
+        standby = PostgresLedger(dsn, term=0.2)
+        # The active sink frozen between its fence and its COMMIT: the claim's row stays locked,
+        # in a session no server timeout ends.
+        frozen = psycopg.connect(dsn, application_name=_session_name(active.holder))
+        try:
+            assert active.claim()
+            frozen.execute("UPDATE leader SET renewed = renewed WHERE id = 1")
+            wait_for(standby.claim, 15, interval=0.1, what="the standby taking over")
+            assert standby.epoch == 2
+            with pytest.raises(psycopg.OperationalError):
+                frozen.execute("SELECT 1")  # its session was ended
+        finally:
+            frozen.close()
+            active.close()
+            standby.close()
+
+
+def test_a_plain_error_after_a_postgres_takeover_is_said_as_fenced(monkeypatch):
+    from zfan.errors import Fenced
+    from zfan.ledger.postgres import PostgresLedger
+
+    # The new sink may not end the old one's sessions (another database role): the old sink's
+    # next write meets the new sink's rows (an id taken) before its fence does.
+    monkeypatch.setattr(PostgresLedger, "_end_sessions", lambda self, holder: None)
+    with ledgers.schema() as dsn:
+        old, new = PostgresLedger(dsn, term=0.0), PostgresLedger(dsn, term=0.0)
+        try:
+            assert old.claim() and new.claim()
+            new.insert_batch("prod", 1, "t", 1, b"new")
+            new.commit()
+            with pytest.raises(Fenced, match="another sink took over"):
+                old.insert_batch("prod", 2, "t", 1, b"old")  # the same id: a primary key taken
+        finally:
+            old.close()
+            new.close()
+
+
+def test_only_a_process_of_this_host_and_pid_namespace_that_is_gone_loses_its_claim_at_once():
+    from zfan.ledger.postgres import _gone, _where
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: its pid names no process now
+    assert _gone(f"{_where()}:{child.pid}:token")
+    assert not _gone(f"{_where()}:{os.getpid()}:token"), "this process"
+    assert not _gone(f"{_where()}:1:token"), "a live process"
+    assert not _gone(f"{_where()}x:{child.pid}:token"), "another host, or a container's own pids"

@@ -7,10 +7,11 @@ hosts' clocks are compared. Every commit renews the claim *in its own transactio
 the epoch is still this sink's: a sink paused or cut off while another took over has its next
 commit refused by the database, and steps down without a write landing.
 
-A standby is never kept waiting by a dead or frozen sink's locks: the sink that takes over
-ends the sessions of the one it replaced, and the server ends a session left idle inside a
-transaction after `TERM` besides. The fence goes last in each commit's transaction, in the same
-round trip as its COMMIT, so the claim's row is locked only for that moment.
+A standby is never kept waiting by a dead or frozen sink's locks: before it takes over a claim
+that ran out, it ends the sessions of the sink that held it (a sink frozen mid-commit holds the
+claim's row locked, and no timeout of the server's ends a session that went idle inside a
+pipeline). The fence goes last in each commit's transaction, in the same round trip as its
+COMMIT, so the claim's row is locked only for that moment.
 
 Writes wait in a buffer and go in one pipeline with the next read or the commit, as arrays (one
 statement for a whole turn's leases, results, marks) rather than a statement per row.
@@ -19,6 +20,7 @@ statement for a whole turn's leases, results, marks) rather than a statement per
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -163,12 +165,14 @@ class PostgresLedger(Queries):
                 )
             found = self._cur.execute("SELECT to_regclass('batches') IS NOT NULL, to_regclass('meta') IS NOT NULL")
             batches, meta = found.fetchone() or (False, False)
-            ours = meta and self._cur.execute("SELECT 1 FROM meta WHERE key='zfan_ledger'").fetchone() is not None
-            if batches and not ours:
+            version = self._cur.execute("SELECT value FROM meta WHERE key='zfan_ledger'").fetchone() if meta else None
+            if batches and version is None:
                 raise LedgerError(
                     f"ledger {self.path} holds tables that are no zfan ledger's; it was left untouched: "
                     "give the sink a database or schema of its own"
                 )
+            if version is not None and version[0] >= SCHEMA_VERSION:
+                return  # its DDL would wait for the locks of an active sink's open transaction
             for statement in _SCHEMA.split(";\n"):
                 if statement.strip():
                     self._cur.execute(statement)
@@ -197,6 +201,9 @@ class PostgresLedger(Queries):
             # after it lost its connection. Taking over early is never unsafe, only disruptive:
             # fencing keeps a live holder's writes out.
             dead = current[1] if current is not None and _gone(current[1]) else ""
+            if current is not None and (current[2] > self.term or current[1] in (dead, self.holder)):
+                # The holder's sessions go first: one frozen mid-commit keeps the claim's row locked.
+                self._end_sessions(current[1])
             with self._db.transaction():
                 self._cur.execute("SET LOCAL lock_timeout = 1000")  # a frozen holder's lock: try again later
                 row = self._cur.execute(
@@ -216,8 +223,6 @@ class PostgresLedger(Queries):
             return False
         self.epoch = int(row[0])
         self._renewed = time.monotonic()
-        if current is not None and current[1] != self.holder:
-            self._end_sessions(current[1])
         # Ids come from here, not from the database, so that a group of rows goes in one
         # statement and each knows its id; read now, when no other sink can write.
         self._next_batch = int(self._one("SELECT coalesce(max(id), 0) + 1 FROM batches"))
@@ -225,10 +230,10 @@ class PostgresLedger(Queries):
         return True
 
     def _end_sessions(self, holder: str) -> None:
-        """End the sessions of the sink whose claim this one took. A frozen sink may hold row
-        locks in a transaction it never ends (paused mid-pipeline, no timeout of the server's
-        applies), and this sink's first writes would wait on them; its writes are fenced
-        anyway, so nothing is lost by ending them, and it steps down when it wakes."""
+        """End the sessions of the sink whose claim this one takes (this sink's own earlier
+        ones too, left on the server by a cut). A frozen sink may hold locks in a transaction it
+        never ends; its writes would be fenced anyway, so nothing is lost by ending them, and it
+        steps down when it wakes."""
         sql = (
             "SELECT count(pg_terminate_backend(pid, %s)) FROM pg_stat_activity "
             "WHERE application_name = %s AND pid <> pg_backend_pid()"
@@ -251,6 +256,9 @@ class PostgresLedger(Queries):
             started = time.monotonic()
             self._send("renew", (_FENCE, (self.epoch,)))
             self._renewed = started
+
+    def next_renewal(self) -> float:
+        return self._renewed + RENEW_EVERY if self.epoch else math.inf
 
     def resign(self) -> None:
         """Give the claim up at a clean stop: a standby takes over at its next try, not after TERM."""
@@ -285,8 +293,31 @@ class PostgresLedger(Queries):
                     for sql, args in statements:
                         self._cur.execute(sql, args)
         except psycopg.Error as exc:
-            raise self._failed(doing, exc) from None
+            error = self._failed(doing, exc)
+            if type(error) is LedgerError and self._taken_over():
+                # Its sessions could not be ended (another role's): its writes meet the new
+                # sink's (a key taken) before the fence does.
+                error = Fenced(
+                    f"ledger {self.path}: another sink took over (epoch {self.epoch} is not the ledger's now)"
+                )
+            raise error from None
         return self._cur
+
+    def _fenced(self) -> Fenced:
+        return Fenced(f"ledger {self.path}: another sink took over (epoch {self.epoch} is not the ledger's now)")
+
+    def _taken_over(self) -> bool:
+        """Whether another sink holds the claim now (asked after an error: rolled back first)."""
+        if not self.epoch:
+            return False
+        self._buffer, self._in_tx = [], False
+        try:
+            if self._db.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                self._cur.execute("ROLLBACK")
+            row = self._cur.execute("SELECT epoch FROM leader").fetchone()
+        except psycopg.Error:
+            return False
+        return row is not None and int(row[0]) != self.epoch
 
     def _read(self, sql: str, args: Any = ()) -> list[Any]:
         cur = self._send("read", (sql.replace("?", "%s"), args))  # the shared queries' placeholders
@@ -347,11 +378,12 @@ class PostgresLedger(Queries):
         if isinstance(exc, pg_errors.DiskFull):
             return LedgerFull(self.path)
         if isinstance(exc, pg_errors.DivisionByZero):  # what _FENCE raises for an epoch not the ledger's
-            return Fenced(f"ledger {self.path}: another sink took over (epoch {self.epoch} is not the ledger's now)")
+            return self._fenced()
         state = exc.sqlstate or ""
         # No SQLSTATE: libpq's own error, the connection is gone; 08: connection failures;
-        # 57P: the server ended the session (shut down, or an idle transaction timed out).
-        if self._db.broken or self._db.closed or not state or state.startswith(("08", "57P")):
+        # 57P: the server ended the session (shut down, or another sink took over).
+        # 25006: the server is read-only now (a database failover put a replica in its place).
+        if self._db.broken or self._db.closed or not state or state.startswith(("08", "57P")) or state == "25006":
             return LedgerLost(
                 f"ledger {self.path}: {doing} failed: the database is out of reach, or ended this sink's "
                 f"session ({_reason(exc)})"
@@ -520,8 +552,18 @@ class PostgresLedger(Queries):
 
 
 def holder_name() -> str:
-    """How a sink names itself in the claim: host, pid, and a token of this start."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    """How a sink names itself in the claim: its host (with its PID namespace), pid, and a
+    token of this start."""
+    return f"{_where()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def _where() -> str:
+    """This host, as far as pids go: containers that share a host name (or the host's network)
+    number their processes apart, each in a PID namespace of its own."""
+    try:
+        return f"{socket.gethostname()}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return socket.gethostname()
 
 
 def _session_name(holder: str) -> str:
@@ -532,9 +574,9 @@ def _session_name(holder: str) -> str:
 
 def _gone(holder: str) -> bool:
     """Whether a claim's holder is a process of this host that no longer exists."""
-    host, _, rest = holder.partition(":")
+    where, _, rest = holder.partition(":")
     pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit() or int(pid_text) == os.getpid():
+    if where != _where() or not pid_text.isdigit() or int(pid_text) == os.getpid():
         return False
     try:
         os.kill(int(pid_text), 0)

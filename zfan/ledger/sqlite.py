@@ -6,6 +6,7 @@ commit); nothing is acknowledged or published before that commit.
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 import time
@@ -184,6 +185,9 @@ class SqliteLedger(Queries):
 
     def renew(self) -> None:
         """One sink holds an SQLite ledger, by its lock file (lock.py): there is no claim to renew."""
+
+    def next_renewal(self) -> float:
+        return math.inf
 
     # --- startup ---------------------------------------------------------------------------
     def next_epoch(self) -> int:

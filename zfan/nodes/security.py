@@ -311,6 +311,13 @@ class HandshakeWatch:
     def _failed(self, event: zmq.Event, value: int) -> None:
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             raise AuthError(f"cannot connect to {self.endpoint}: {_REFUSED}")
+        if "," in self.endpoint:
+            # One socket dialling several sinks (results without control): which one failed is
+            # not known, so nothing is probed; only failures that repeat say the keys are wrong.
+            self._failures += 1
+            if self.encrypted and self._failures >= REPEATED_FAILURES:
+                raise AuthError(f"cannot connect to {self.endpoint}: {_WRONG_KEY}")
+            return
         peer = probe(self.endpoint)
         if peer.wrong_for(self.port):
             raise not_a_sink_port(self.endpoint, self.port, peer)

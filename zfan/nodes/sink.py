@@ -156,13 +156,12 @@ class Sink(Service):
                 self._run(ledger, allow, None)
                 return
             except LedgerLost as exc:
-                if self.active.is_set():
-                    # Nothing more of this sink's lands in the ledger: producers resend what it
-                    # did not acknowledge, to the sink that takes over.
-                    log.warning("stepped down: %s; standing by", exc)
-                    self._became(ACTIVE, False)
-                else:
-                    log.warning("%s; standing by", exc)
+                # Nothing more of this sink's lands in the ledger: producers resend what it did
+                # not acknowledge, to the sink that takes over.
+                log.warning("%s%s; standing by", "stepped down: " if self.active.is_set() else "", exc)
+                self._became(ACTIVE, False)  # also when it was lost while starting to serve
+                if self._stopping.is_set() or self._drain_until is not None:
+                    return  # not drained: what it held is the next active sink's to recover
             finally:
                 ledger.close()
             again = self._reconnect()
@@ -297,7 +296,8 @@ class Sink(Service):
                 self._drain_began = now
                 core.drain()
                 log.info("draining: waiting for %d leased batch(es)", len(core.leases))
-            wait = core.next_deadline()
+            # A shared ledger's claim is renewed in time however long the loop would wait.
+            wait = min(core.next_deadline(), max(0.0, core.ledger.next_renewal() - now))
             if until is not None:
                 left = self._drain_left(core, until)
                 if left is None:
