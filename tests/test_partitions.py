@@ -4,6 +4,7 @@ is added."""
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -12,7 +13,7 @@ import pytest
 
 from tests.helpers import ROOT
 from zfan.errors import ConfigError
-from zfan.partitions import jump, key_bytes, key_hash, partition_of
+from zfan.partitions import Partition, jump, key_bytes, key_hash, parse_sinks, partition_of
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -59,3 +60,34 @@ def test_different_kinds_of_key_are_different_keys():
         key_bytes(object())
     with pytest.raises(ConfigError, match="partitions must be 1 or more"):
         partition_of("k", 0)
+
+
+# --- naming the sinks ---------------------------------------------------------------------------
+
+
+def test_sinks_are_named_by_host_port_or_folder_and_a_partition_may_have_standbys():
+    a, b = parse_sinks("a, tcp://b:6000|b2:7000")
+    assert a == Partition("tcp://a:5557", "tcp://a:5558", "tcp://a:5559")
+    assert b == Partition("tcp://b:6000,tcp://b2:7000", "tcp://b:6001,tcp://b2:7001", "tcp://b:6002,tcp://b2:7002"), (
+        "each kind lists the partition's sinks in one order, as a failover client takes them"
+    )
+    (c,) = parse_sinks(["ipc:///run/zfan/p0"])
+    assert c == Partition("ipc:///run/zfan/p0/intake", "ipc:///run/zfan/p0/control", "ipc:///run/zfan/p0/results")
+    assert parse_sinks("[::1]:6000")[0].control == "tcp://[::1]:6001"
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("a,,b", "a sink is missing"),
+        ("a|", "a sink is missing"),
+        ("a:70000", "is not HOST, HOST:PORT"),
+        ("a:65534", "1 to 65533"),
+        ("http://a:80", "is not HOST, HOST:PORT"),
+        ("ipc://", "give a folder"),
+        ("a,a:5557", "named twice"),
+    ],
+)
+def test_a_wrong_sinks_value_is_one_clear_error(value, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        parse_sinks(value)

@@ -10,6 +10,8 @@ one takes, about 1 / (N + 1) of them, and none between the old ones.
 from __future__ import annotations
 
 import hashlib
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -51,3 +53,63 @@ def jump(hashed: int, buckets: int) -> int:
 def partition_of(key: Any, partitions: int) -> int:
     """Which of `partitions` sinks owns `key`."""
     return jump(key_hash(key_bytes(key)), partitions)
+
+
+# --- naming the sinks ------------------------------------------------------------------------------
+
+BASE_PORT = 5557  # a sink's intake port by default; control and results follow it
+KINDS = ("intake", "control", "results")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One partition's sink: each kind of endpoint, as a client's setting takes it (several,
+    separated by commas, where the partition is an active sink and its standbys)."""
+
+    intake: str
+    control: str
+    results: str
+
+
+def parse_sinks(value: str | list[str] | tuple[str, ...]) -> tuple[Partition, ...]:
+    """The partitions a `--sinks` value names, in order: partitions separated by commas (or
+    given as a list), each a sink, or an active sink and its standbys separated by `|`. A sink is
+    a host (its ports 5557, 5558, 5559), `HOST:PORT` or `tcp://HOST:PORT` (intake PORT, control
+    PORT+1, results PORT+2), or `ipc:///FOLDER` (FOLDER/intake, FOLDER/control, FOLDER/results).
+
+    `a,b,c` is three partitions; `a|a2,b|b2` two, each with a standby."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    partitions = []
+    seen: set[str] = set()
+    for item in items:
+        parts = [part.strip() for part in item.split("|")]
+        if not all(parts):
+            raise ConfigError(f"sinks {value!r}: a sink is missing (two commas or bars in a row?)")
+        sinks = [_sink(part) for part in parts]
+        for sink in sinks:
+            if sink[1] in seen:
+                raise ConfigError(f"sinks {value!r}: the sink with control {sink[1]} is named twice")
+            seen.add(sink[1])
+        partitions.append(Partition(*(",".join(sink[i] for sink in sinks) for i in range(len(KINDS)))))
+    return tuple(partitions)
+
+
+_HOST_PORT = re.compile(r"(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+)(?::(?P<port>\d{1,5}))?")
+
+
+def _sink(text: str) -> tuple[str, str, str]:
+    """A sink's three endpoints, from how --sinks names it."""
+    if text.startswith("ipc://"):
+        folder = text[len("ipc://") :].rstrip("/")
+        if not folder:
+            raise ConfigError(f"sink {text!r}: give a folder, as ipc:///run/zfan/sink1")
+        return f"ipc://{folder}/intake", f"ipc://{folder}/control", f"ipc://{folder}/results"
+    m = _HOST_PORT.fullmatch(text.removeprefix("tcp://"))
+    port = int(m.group("port") or BASE_PORT) if m else 0
+    if m is None or not 0 < port <= 65533:
+        raise ConfigError(
+            f"sink {text!r} is not HOST, HOST:PORT, tcp://HOST:PORT or ipc:///FOLDER "
+            "(PORT is its intake, 1 to 65533; control and results take the next two)"
+        )
+    host = m.group("host")
+    return f"tcp://{host}:{port}", f"tcp://{host}:{port + 1}", f"tcp://{host}:{port + 2}"
