@@ -8,8 +8,11 @@ import pytest
 import zmq
 
 from tests import ledgers
-from tests.helpers import Role
+from tests.helpers import Role, free_ports
+from zfan import Sink
 from zfan.ledger import SqliteLedger
+
+ANY = "tcp://127.0.0.1:*"  # a free port, which the sink binds and reports
 
 
 class FakeClock:
@@ -53,6 +56,19 @@ def ledger(tmp_path):
     led = SqliteLedger(str(tmp_path / "ledger.db"))
     yield led
     led.close()
+
+
+@pytest.fixture
+def sink(tmp_path, ctx):
+    """A sink of the test's own on free loopback ports (a module may have a sink fixture of its own)."""
+    with Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), context=ctx) as s:
+        yield s
+
+
+@pytest.fixture
+def free_port():
+    """A tcp port nothing listens on (free a moment ago: nothing here binds ports)."""
+    return f"tcp://127.0.0.1:{free_ports(1)[0]}"
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -32,20 +31,6 @@ aio = pytest.mark.asyncio  # (sync tests here run without it: marked, pytest-asy
 
 ANY = "tcp://127.0.0.1:*"
 PROMPT = 5.0  # seconds: "at once", on a busy machine
-
-
-@pytest.fixture
-def sink(tmp_path, ctx):
-    with Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), context=ctx) as s:
-        yield s
-
-
-@pytest.fixture
-def free_port():
-    """A tcp port nothing listens on (free a moment ago: nothing here binds ports)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 def numbered(first: int, last: int) -> list[dict[str, int]]:

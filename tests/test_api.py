@@ -30,12 +30,6 @@ pytestmark = pytest.mark.timeout(60)
 ANY = "tcp://127.0.0.1:*"
 
 
-@pytest.fixture
-def sink(tmp_path, ctx):
-    with Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), context=ctx) as s:
-        yield s
-
-
 def collect(sub: Subscriber, until, timeout: float = 30.0) -> list:
     got: list = []
     wait_for(

@@ -35,20 +35,6 @@ def echo(records):
     return records
 
 
-@pytest.fixture
-def sink(tmp_path, ctx):
-    with Sink(intake=ANY, control=ANY, results=ANY, ledger=str(tmp_path / "z.db"), context=ctx) as s:
-        yield s
-
-
-@pytest.fixture
-def free_port():
-    """A tcp port nothing listens on (free a moment ago: nothing here binds ports)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 def wrong_port(endpoint: str, dialled: str, found: str) -> str:
     """What a client says when it dialled its `dialled` port and found the sink's `found` port."""
     return (
