@@ -121,8 +121,8 @@ class Sink(Service):
                 from ..ledger.postgres import holder_name
 
                 self._holder = holder_name()
+                web = self._web(s.http)  # a standby serves its probes too
                 ledger = postgres()(s.ledger, holder=self._holder)  # a wrong DSN or a foreign database: one line
-                web = self._web(s.http)
                 self._take_turns(ledger, allow)
                 return
             # The ledger is this sink's alone before anything in it is read or written, and its
