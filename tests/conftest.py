@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gc
+import shutil
 import sys
 import threading
 
@@ -10,7 +11,9 @@ import zmq
 from tests import ledgers
 from tests.helpers import Role, free_ports
 from zfan import Sink
+from zfan.config import Curve
 from zfan.ledger import SqliteLedger
+from zfan.nodes.security import generate
 
 ANY = "tcp://127.0.0.1:*"  # a free port, which the sink binds and reports
 
@@ -69,6 +72,19 @@ def sink(tmp_path, ctx):
 def free_port():
     """A tcp port nothing listens on (free a moment ago: nothing here binds ports)."""
     return f"tcp://127.0.0.1:{free_ports(1)[0]}"
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """A sink's keypair and a node's, the node's let in (test_curve.py has keys of its own)."""
+    folder, allowed = tmp_path / "keys", tmp_path / "allowed"
+    allowed.mkdir()
+    for name in ("sink", "node"):
+        generate(str(folder), name)
+    shutil.copy(folder / "node.key", allowed)
+    server = Curve(secret_file=str(folder / "sink.key_secret"), allow_keys=str(allowed))
+    client = Curve(secret_file=str(folder / "node.key_secret"), server_key=str(folder / "sink.key"))
+    return server, client
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -22,8 +21,6 @@ from tests.checker import check
 from tests.helpers import ROOT
 from zfan import AuthError, Closed, DeliveryTimeout, Message, NoSink, Sink, Worker, protocol, query_status
 from zfan.aio import AsyncProducer, AsyncSubscriber
-from zfan.config import Curve
-from zfan.nodes.security import generate
 from zfan.nodes.worker import run_batch
 
 pytestmark = pytest.mark.timeout(60)
@@ -296,19 +293,6 @@ async def test_a_subscriber_at_a_port_of_the_wrong_kind_says_so_at_once(sink, ct
         "as a zfan sink's control port is)"
     )
     assert time.monotonic() - started < PROMPT
-
-
-@pytest.fixture
-def keys(tmp_path):
-    """A sink's keypair and a node's, the node's let in."""
-    folder, allowed = tmp_path / "keys", tmp_path / "allowed"
-    allowed.mkdir()
-    for name in ("sink", "node"):
-        generate(str(folder), name)
-    shutil.copy(folder / "node.key", allowed)
-    server = Curve(secret_file=str(folder / "sink.key_secret"), allow_keys=str(allowed))
-    client = Curve(secret_file=str(folder / "node.key_secret"), server_key=str(folder / "sink.key"))
-    return server, client
 
 
 @aio

@@ -6,7 +6,6 @@ and says so once), and a signal stops it at once. Real commands as subprocesses,
 from __future__ import annotations
 
 import logging
-import shutil
 import signal
 import socket
 import threading
@@ -18,9 +17,8 @@ import zmq
 from tests.helpers import wait_for
 from zfan import AuthError, Producer, Sink, Subscriber, Worker, query_status
 from zfan.cli.options import RET_TIMEOUT
-from zfan.config import Curve, ProducerSettings, SubscriberSettings, WorkerSettings
+from zfan.config import ProducerSettings, SubscriberSettings, WorkerSettings
 from zfan.errors import ConfigError, NoSink
-from zfan.nodes.security import generate
 from zfan.nodes.transport import send
 from zfan.subscription import SubscriberCore
 
@@ -100,19 +98,6 @@ def test_a_subscriber_at_a_plain_sinks_control_port_is_never_told_it_needs_encry
 
 
 # --- encryption: said only when it is what is wrong --------------------------------------------
-
-
-@pytest.fixture
-def keys(tmp_path):
-    """A sink's keypair and a node's, the node's let in."""
-    folder, allowed = tmp_path / "keys", tmp_path / "allowed"
-    allowed.mkdir()
-    for name in ("sink", "node"):
-        generate(str(folder), name)
-    shutil.copy(folder / "node.key", allowed)
-    server = Curve(secret_file=str(folder / "sink.key_secret"), allow_keys=str(allowed))
-    client = Curve(secret_file=str(folder / "node.key_secret"), server_key=str(folder / "sink.key"))
-    return server, client
 
 
 def test_an_encrypted_client_at_an_encrypted_sinks_port_of_the_wrong_kind_is_told_the_port_not_the_key(
