@@ -151,7 +151,8 @@ def test_a_caller_busy_for_longer_than_the_expiry_keeps_its_session(sink, ctx, c
         with caplog.at_level("WARNING", logger="zfan"):
             assert sub.recv(0.3) is None
         assert [r.getMessage() for r in caplog.records if "connecting again" in r.getMessage()] == []
-        assert sub._core.session is not None and sub._core.session.dials == 1
+        core = sub._parts[0]._core
+        assert core.session is not None and core.session.dials == 1
 
 
 STALLED = """

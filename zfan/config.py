@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypedDict, TypeVar
 
 from .errors import ConfigError
+from .partitions import parse_sinks
 from .routing import DEFAULT_ROUTE, RetryPolicy, Routes, check_route_name
 
 DEFAULT_INTAKE = "tcp://127.0.0.1:5557"
@@ -134,6 +135,20 @@ def _positive(name: str, value: float, *, integer: bool = False) -> None:
 def _check_connect_timeout(value: float | None) -> None:
     if value is not None:
         _positive("connect_timeout", value)
+
+
+def _check_partitions(settings: Any, **defaults: str | None) -> None:
+    """`sinks` names every endpoint of a partitioned client: given with one of them set too,
+    which wins would be a guess, so it is a ConfigError."""
+    sinks = settings.sinks
+    if sinks is None:
+        return
+    if not isinstance(sinks, str) or not sinks.strip():
+        raise ConfigError(f"sinks must name one or more sinks (as 'host1,host2'), not {sinks!r}")
+    parse_sinks(sinks)
+    for name, default in defaults.items():
+        if getattr(settings, name) != default:
+            raise ConfigError(f"give sinks or {name}, not both: sinks names each sink's {name} endpoint")
 
 
 # Seconds a client waits for its first welcome before it stops with NoSink. A producer or a
@@ -266,9 +281,12 @@ class WorkerSettings:
     http: str | None = None
     # The route (app name) this worker serves: it is leased only batches of that route.
     route: str = DEFAULT_ROUTE
+    # Key-partitioned sinks (zfan.partitions), in place of `control`: the worker spans them all.
+    sinks: str | None = None
 
     def __post_init__(self) -> None:
         check_sinks(control=self.control)
+        _check_partitions(self, control=DEFAULT_CONTROL)
         check_route_name(self.route)
         if self.http is not None:
             split_http(self.http)
@@ -299,9 +317,16 @@ class ProducerSettings:
     # Seconds to wait for the first welcome before stopping with NoSink (None: no limit). Once
     # welcomed, a producer whose sink goes away dials until closed; flush() bounds that wait.
     connect_timeout: float | None = CLIENT_CONNECT_TIMEOUT
+    # Key-partitioned sinks (zfan.partitions), in place of `intake` and `control`: each record
+    # goes to the sink that owns its key, the field `key` of the record (None: its topic).
+    sinks: str | None = None
+    key: str | None = None
 
     def __post_init__(self) -> None:
         check_sinks(intake=self.intake, control=self.control)
+        _check_partitions(self, intake=DEFAULT_INTAKE, control=DEFAULT_CONTROL)
+        if self.key is not None:
+            check_name("key", self.key, 255)
         _check_connect_timeout(self.connect_timeout)
         _positive("batch_size", self.batch_size, integer=True)
         if not isinstance(self.linger_ms, (int, float)) or self.linger_ms < 0:
@@ -329,9 +354,13 @@ class SubscriberSettings:
     # answer that says it has our subscriptions) before wait_ready() and recv() raise NoSink;
     # None: no limit. Once answered, a subscriber whose sink goes away dials until closed.
     connect_timeout: float | None = CLIENT_CONNECT_TIMEOUT
+    # Key-partitioned sinks (zfan.partitions), in place of `results` and `control`: the
+    # subscriber takes every sink's results, each sink's topics in order, gaps repaired.
+    sinks: str | None = None
 
     def __post_init__(self) -> None:
         check_sinks(results=self.results, control=self.control)
+        _check_partitions(self, results=DEFAULT_RESULTS, control=None)
         _check_connect_timeout(self.connect_timeout)
         for prefix in self.topics:
             if not isinstance(prefix, str) or len(prefix.encode()) > 255:
@@ -382,6 +411,7 @@ class WorkerOptions(TypedDict, total=False):
     connect_timeout: float | None
     http: str | None
     route: str
+    sinks: str | None
 
 
 class ProducerOptions(TypedDict, total=False):
@@ -397,6 +427,8 @@ class ProducerOptions(TypedDict, total=False):
     curve: Curve | None
     limits: Limits
     connect_timeout: float | None
+    sinks: str | None
+    key: str | None
 
 
 class SubscriberOptions(TypedDict, total=False):
@@ -408,6 +440,7 @@ class SubscriberOptions(TypedDict, total=False):
     curve: Curve | None
     limits: Limits
     connect_timeout: float | None
+    sinks: str | None
 
 
 S = TypeVar("S")

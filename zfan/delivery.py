@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -91,6 +91,17 @@ class Outcomes:
 
     def copy(self) -> Outcomes:
         return dataclasses.replace(self, failures=list(self.failures))
+
+    @classmethod
+    def total(cls, parts: Iterable[Outcomes]) -> Outcomes:
+        """Several partitions' outcomes as one."""
+        out = cls()
+        for part in parts:
+            for f in dataclasses.fields(cls):
+                if f.name != "failures":
+                    setattr(out, f.name, getattr(out, f.name) + getattr(part, f.name))
+            out.failures += part.failures[: FAILURES_KEPT - len(out.failures)]
+        return out
 
 
 class Window:

@@ -77,10 +77,11 @@ class SerializationError(ZfanError):
 class DeliveryTimeout(ZfanError):
     """flush() or close() gave up with batches still unacknowledged by the sink."""
 
-    def __init__(self, unacked: int, timeout: float) -> None:
+    def __init__(self, unacked: int, timeout: float, held: str = "") -> None:
         super().__init__(
-            f"{unacked} batch(es) not acknowledged by the sink after {timeout:g} s; "
-            "they are kept and will be resent if the producer stays open"
+            f"{unacked} batch(es) not acknowledged by the sink after {timeout:g} s"
+            + (f" ({held})" if held else "")
+            + "; they are kept and will be resent if the producer stays open"
         )
         self.unacked = unacked
 
@@ -88,10 +89,11 @@ class DeliveryTimeout(ZfanError):
 class OutcomeTimeout(ZfanError):
     """join() gave up with batches whose outcome has not come; `outcomes` is what did come."""
 
-    def __init__(self, unended: int, timeout: float, outcomes: Any) -> None:
+    def __init__(self, unended: int, timeout: float, outcomes: Any, held: str = "") -> None:
         super().__init__(
-            f"{unended} batch(es) not processed after {timeout:g} s (acknowledged: stored in the "
-            "sink's ledger, and processed when a worker takes them)"
+            f"{unended} batch(es) not processed after {timeout:g} s"
+            + (f" ({held})" if held else "")
+            + " (acknowledged: stored in the sink's ledger, and processed when a worker takes them)"
         )
         self.unended = unended
         self.outcomes = outcomes

@@ -9,14 +9,16 @@ one takes, about 1 / (N + 1) of them, and none between the old ones.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
-from .errors import ConfigError
+from .errors import ConfigError, SerializationError
 
 _JUMP = 2862933555777941757  # the multiplier of the paper's linear congruential generator
 _MASK = (1 << 64) - 1
@@ -53,6 +55,49 @@ def jump(hashed: int, buckets: int) -> int:
 def partition_of(key: Any, partitions: int) -> int:
     """Which of `partitions` sinks owns `key`."""
     return jump(key_hash(key_bytes(key)), partitions)
+
+
+class Router:
+    """Which partition each record goes to: by its field `key` (a mapping's item), or by its
+    topic when `key` is None. Owners of keys seen are remembered (up to CACHED of them), since
+    a stream mostly repeats a bounded set of keys and hashing each record would cost more than
+    packing it."""
+
+    CACHED = 100_000
+
+    def __init__(self, partitions: int, key: str | None) -> None:
+        self.partitions = partitions
+        self.key = key
+        self._owners: dict[Any, int] = {}
+
+    def of(self, record: Any, topic: str) -> int:
+        if self.key is None:
+            value: Any = topic
+        else:
+            try:
+                value = record[self.key]
+            except (KeyError, TypeError, IndexError):
+                raise SerializationError(
+                    f"record of type {type(record).__name__} has no field {self.key!r}, the key that "
+                    "chooses its sink (give every record one, or partition by topic: no key)"
+                ) from None
+        seen = (value.__class__, value)  # 1, 1.0 and True are equal, and different keys
+        try:
+            return self._owners[seen]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable (a list): hashed every time
+            return self._hashed(value)
+        owner = self._owners[seen] = self._hashed(value)
+        if len(self._owners) > self.CACHED:
+            self._owners.clear()
+        return owner
+
+    def _hashed(self, value: Any) -> int:
+        try:
+            return partition_of(value, self.partitions)
+        except ConfigError as exc:
+            raise SerializationError(f"the key of a record ({self.key!r}): {exc}") from None
 
 
 # --- naming the sinks ------------------------------------------------------------------------------
@@ -113,3 +158,63 @@ def _sink(text: str) -> tuple[str, str, str]:
         )
     host = m.group("host")
     return f"tcp://{host}:{port}", f"tcp://{host}:{port + 1}", f"tcp://{host}:{port + 2}"
+
+
+# --- a client's settings, one per partition --------------------------------------------------------
+
+S = TypeVar("S")
+
+
+def split(settings: S) -> list[S]:
+    """A client's settings for each partition its `sinks` names (the settings as they are, if
+    none): the same settings, with that partition's endpoints (those of the kinds the client
+    has) in place of `sinks`."""
+    sinks = getattr(settings, "sinks", None)
+    if sinks is None:
+        return [settings]
+    kinds = [kind for kind in KINDS if hasattr(settings, kind)]
+    return [
+        dataclasses.replace(settings, sinks=None, **{kind: getattr(part, kind) for kind in kinds})  # type: ignore[type-var]
+        for part in parse_sinks(sinks)
+    ]
+
+
+def unpartitioned(role: str, settings: Any) -> None:
+    """ConfigError for `sinks` given to a client that takes one sink (and its standbys)."""
+    if getattr(settings, "sinks", None) is not None:
+        raise ConfigError(
+            f"{role} takes one sink (with its standbys), not key-partitioned sinks: "
+            f"use the threaded {role.removeprefix('Async')}, or one {role} per sink"
+        )
+
+
+class AllWelcomed:
+    """A client's `connected`, set while every partition's sink has welcomed it; each
+    partition's session sets and clears its own flag()."""
+
+    def __init__(self, connected: threading.Event, partitions: int) -> None:
+        self._connected = connected
+        self._welcomed = [False] * partitions
+
+    def flag(self, i: int) -> Welcomed:
+        return Welcomed(self, i)
+
+    def mark(self, i: int, welcomed: bool) -> None:
+        self._welcomed[i] = welcomed
+        if all(self._welcomed):
+            self._connected.set()
+        else:
+            self._connected.clear()
+
+
+class Welcomed:
+    """Partition `i`'s flag, as a threading.Event's set() and clear()."""
+
+    def __init__(self, welcomed: AllWelcomed, i: int) -> None:
+        self._all, self._i = welcomed, i
+
+    def set(self) -> None:
+        self._all.mark(self._i, True)
+
+    def clear(self) -> None:
+        self._all.mark(self._i, False)

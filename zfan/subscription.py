@@ -46,9 +46,14 @@ class Message:
     error: str = ""
     source_topic: str = ""
     attempts: int = 0
+    # Which of the key-partitioned sinks published it (None: the subscriber takes one sink's):
+    # seqs, batch ids and durable positions are each sink's own.
+    partition: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"topic": self.topic, "seq": self.seq, "batch": self.batch_id, "records": self.records}
+        if self.partition is not None:
+            d["partition"] = self.partition
         if self.dead:
             d.update(source_topic=self.source_topic, attempts=self.attempts, error=self.error)
         return d
@@ -86,8 +91,10 @@ class SubscriberCore:
         name: str = "subscriber",
         rng: random.Random | None = None,
         connect_timeout: float | None = None,
+        partition: int | None = None,
     ) -> None:
         self.prefixes = prefixes
+        self.partition = partition
         self.durable = durable
         self._now = now
         # With a control channel, a session keeps it alive and says when to dial it again.
@@ -353,8 +360,18 @@ class SubscriberCore:
             self._undecodable(msg.topic, msg.seq)
             return None
         if isinstance(msg, p.Dead):
-            return Message(msg.topic, msg.seq, msg.batch_id, records, True, msg.error, msg.source_topic, msg.attempts)
-        return Message(msg.topic, msg.seq, msg.batch_id, records)
+            return Message(
+                msg.topic,
+                msg.seq,
+                msg.batch_id,
+                records,
+                True,
+                msg.error,
+                msg.source_topic,
+                msg.attempts,
+                self.partition,
+            )
+        return Message(msg.topic, msg.seq, msg.batch_id, records, partition=self.partition)
 
     def _undecodable(self, topic: str, seq: int) -> None:
         """A result whose records cannot be decoded is reported lost in its place: once it is the

@@ -27,6 +27,7 @@ from ..delivery import BatchOutcome, Outcomes, Sent
 from ..errors import Closed, DeliveryTimeout, OutcomeTimeout, ZfanError
 from ..nodes.producer import ProducerLink, stopped_error
 from ..packing import Packing
+from ..partitions import unpartitioned
 from .polling import Poll, aio_context
 
 if TYPE_CHECKING:
@@ -165,6 +166,7 @@ class AsyncProducer:
         **options: Unpack[ProducerOptions],
     ) -> None:
         s = self.settings = settings_from("AsyncProducer", ProducerSettings, settings, options)
+        unpartitioned("AsyncProducer", s)
         if on_outcome is not None and not callable(on_outcome):
             raise TypeError(f"on_outcome must be callable, not {type(on_outcome).__name__}")
         if is_async(on_outcome):

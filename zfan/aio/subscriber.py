@@ -23,6 +23,7 @@ import zmq
 from ..config import SubscriberSettings, settings_from
 from ..errors import Closed
 from ..nodes.subscriber import TURN, SubscriberBase
+from ..partitions import unpartitioned
 from ..subscription import Message
 from .polling import Poll, aio_context
 
@@ -50,7 +51,9 @@ class AsyncSubscriber(SubscriberBase):
         context: zmq.Context[Any] | None = None,
         **options: Unpack[SubscriberOptions],
     ) -> None:
-        super().__init__(settings_from("AsyncSubscriber", SubscriberSettings, settings, options), aio_context(context))
+        s = settings_from("AsyncSubscriber", SubscriberSettings, settings, options)
+        unpartitioned("AsyncSubscriber", s)
+        super().__init__(s, aio_context(context))
         self._poll = Poll()
         self._turning = asyncio.Lock()  # one turn at a time, whichever task asks
 

@@ -63,6 +63,15 @@ class Handoff:
         return self._out.unacked
 
     @property
+    def unended(self) -> int:
+        return self._out.unended
+
+    @property
+    def room(self) -> int:
+        """Places left in the window."""
+        return self._out.room
+
+    @property
     def told(self) -> bool:
         """A caller has been given the error that stopped the I/O thread."""
         return self._out.told

@@ -10,9 +10,11 @@ each turn is a ProducerLink's, which the asyncio producer (zfan.aio) turns from 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
@@ -20,8 +22,9 @@ import zmq
 from .. import protocol as p
 from ..config import ProducerSettings, check_sinks, settings_from, sink_endpoint
 from ..delivery import BatchOutcome, Outcomes, ProducerCore, Sent
-from ..errors import Closed, ZfanError
+from ..errors import Closed, DeliveryTimeout, OutcomeTimeout, ZfanError
 from ..packing import Packing
+from ..partitions import AllWelcomed, Router, split
 from ..session import Dial, GaveUp, Joined, Lost, said
 from .handoff import Handoff
 from .probe import no_answer
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Watched = list[tuple[Any, int]]  # (a socket, or a file descriptor; POLLIN / POLLOUT) to poll
+ROUTED_CHUNK = 10_000  # records send_many() routes to their partitions at a time
 
 
 class Feed(Protocol):
@@ -116,6 +120,11 @@ class ProducerLink:
     @property
     def acked_records(self) -> int:
         return self.core.window.acked_records
+
+    @property
+    def welcomed(self) -> bool:
+        """A sink has welcomed us, and has not gone silent since."""
+        return self.core.session.joined
 
     def turn(self, ready: Mapping[Any, int]) -> tuple[Watched, float]:
         """Take what the last poll found `ready` and what callers sealed, tick, dial or hang up as
@@ -277,30 +286,58 @@ class Producer(Service):
         if on_outcome is not None and not callable(on_outcome):
             raise TypeError(f"on_outcome must be callable, not {type(on_outcome).__name__}")
         self._on_outcome = on_outcome
-        self._packing = Packing(s)
-        self._handoff = Handoff(self._packing.batcher, s.window, self._wakeup, self._packing.seal)
-        self._pack, self._add = self._packing.pack, self._handoff.add  # looked up once
+        # One partition's batches, window and link for each sink that `sinks` names (or the
+        # one sink of `intake` and `control`): a sink that is down holds back only its own.
+        self._parts = split(s)
+        self._packings = [Packing(part) for part in self._parts]
+        self._handoffs = [
+            Handoff(packing.batcher, part.window, self._wakeup, packing.seal)
+            for part, packing in zip(self._parts, self._packings, strict=True)
+        ]
+        self._router = Router(len(self._parts), s.key) if s.sinks is not None else None
+        self._packing = self._packings[0]  # packs and checks topics for every partition
+        self._pack, self._add = self._packing.pack, self._handoffs[0].add  # looked up once
         self._closed = False
-        self._link: ProducerLink | None = None  # made by the I/O thread
+        self._links: list[ProducerLink] = []  # made by the I/O thread
         self.sent_records = 0
-        self.connected = threading.Event()  # set while a sink has welcomed us
+        self.connected = threading.Event()  # set while every partition's sink has welcomed us
         self._poll = Poll()
 
     # --- the caller's side -----------------------------------------------------------------
     def send(self, record: Any, topic: str | None = None) -> None:
-        """Queue one record. Blocks while the window of unacknowledged batches is full."""
+        """Queue one record. Blocks while the window of unacknowledged batches is full (with
+        partitions, that of the record's partition)."""
         if self._closed:  # (what _topic() does, inlined: this is the path of every record)
             raise Closed("producer is closed")
-        self._add(self._packing.topic(topic), self._pack(record), 1)
+        topic = self._packing.topic(topic)
+        if self._router is None:
+            self._add(topic, self._pack(record), 1)
+        else:
+            self._handoffs[self._router.of(record, topic)].add(topic, self._pack(record), 1)
         self.sent_records += 1
 
     def send_many(self, records: Iterable[Any], topic: str | None = None) -> None:
         """Queue records, as send() would one by one, for a fraction of the cost per record:
         what fills the open batch is packed in one call. A record that cannot be sent raises
-        SerializationError; those before it are queued."""
+        SerializationError; those before it are queued (with partitions: those before it in
+        its chunk of records for the same sink, and every earlier chunk)."""
         topic = self._topic(topic)
-        for packed, count in self._packing.pieces(records, topic):
-            self._handoff.add(topic, packed, count)
+        if self._router is None:
+            self._queue(0, records, topic)
+            return
+        it = iter(records)
+        while chunk := list(islice(it, ROUTED_CHUNK)):
+            routed: list[list[Any]] = [[] for _ in self._parts]
+            for record in chunk:
+                routed[self._router.of(record, topic)].append(record)
+            for i, part in enumerate(routed):
+                if part:
+                    self._queue(i, part, topic)
+
+    def _queue(self, i: int, records: Iterable[Any], topic: str) -> None:
+        handoff = self._handoffs[i]
+        for packed, count in self._packings[i].pieces(records, topic):
+            handoff.add(topic, packed, count)
             self.sent_records += count
 
     def _topic(self, topic: str | None) -> str:
@@ -309,25 +346,68 @@ class Producer(Service):
         return self._packing.topic(topic)
 
     def flush(self, timeout: float = 30.0) -> None:
-        """Return once every record sent so far is acknowledged; raise DeliveryTimeout if not."""
-        self._handoff.flush(timeout)
+        """Return once every record sent so far is acknowledged; raise DeliveryTimeout if not
+        (naming, with partitions, the sinks that hold them)."""
+        deadline = time.monotonic() + timeout
+        try:
+            for handoff in self._handoffs:
+                handoff.flush(max(0.0, deadline - time.monotonic()))
+        except DeliveryTimeout:
+            raise DeliveryTimeout(self.unacked, timeout, self._stuck("unacked")) from None
 
     def join(self, timeout: float = 30.0) -> Outcomes:
         """Flush, then wait until every batch sent so far is processed (its results stored) or
         dead-lettered; return what became of them all, counted since the producer started.
         Raises OutcomeTimeout (with the outcomes that did come) if that takes longer."""
-        return self._handoff.join(timeout)
+        deadline = time.monotonic() + timeout
+        self.flush(timeout)
+        try:
+            for handoff in self._handoffs:
+                handoff.join(max(0.0, deadline - time.monotonic()))
+        except OutcomeTimeout:
+            unended = sum(handoff.unended for handoff in self._handoffs)
+            raise OutcomeTimeout(unended, timeout, self.outcomes, self._stuck("unended")) from None
+        return self.outcomes
+
+    def _stuck(self, count: str) -> str:
+        """Which partitions' sinks hold what is still waiting, said when there are several."""
+        if len(self._parts) == 1:
+            return ""
+        held = [
+            f"partition {i} ({part.control}): {getattr(handoff, count)}"
+            for i, (part, handoff) in enumerate(zip(self._parts, self._handoffs, strict=True))
+            if getattr(handoff, count)
+        ]
+        return "; ".join(held)
 
     @property
     def outcomes(self) -> Outcomes:
         """What became of the batches that have an outcome so far."""
-        return self._handoff.outcomes
+        if len(self._handoffs) == 1:
+            return self._handoffs[0].outcomes
+        return Outcomes.total(handoff.outcomes for handoff in self._handoffs)
+
+    @property
+    def partitions(self) -> int:
+        """How many key-partitioned sinks the producer sends to (1 without `sinks`)."""
+        return len(self._parts)
+
+    @property
+    def stuck(self) -> list[int]:
+        """The partitions whose sink has not welcomed us, or whose window is full: records of
+        their keys wait (send() of one blocks while its window is full)."""
+        links = self._links
+        return [
+            i
+            for i, handoff in enumerate(self._handoffs)
+            if handoff.room <= 0 or (i < len(links) and not links[i].welcomed)
+        ]
 
     def close(self, timeout: float = 30.0) -> None:
         """Flush, then stop. Raises DeliveryTimeout (after stopping) if the sink never acked."""
         if self._closed:
             return
-        told = self._handoff.told
+        told = any(handoff.told for handoff in self._handoffs)
         try:
             if self.running:
                 self.flush(timeout)
@@ -342,30 +422,41 @@ class Producer(Service):
 
     @property
     def unacked(self) -> int:
-        return self._handoff.unacked
+        return sum(handoff.unacked for handoff in self._handoffs)
 
     @property
     def acked_records(self) -> int:
-        return 0 if self._link is None else self._link.acked_records
+        return sum(link.acked_records for link in self._links)
 
     # --- the I/O thread --------------------------------------------------------------------
     def _serve(self) -> None:
-        link = self._link = ProducerLink(self.settings, self._ctx, self._handoff, self.connected, self._on_outcome)
+        welcomed = AllWelcomed(self.connected, len(self._parts))
+        for i, (part, handoff) in enumerate(zip(self._parts, self._handoffs, strict=True)):
+            self._links.append(ProducerLink(part, self._ctx, handoff, welcomed.flag(i), self._on_outcome))
         wakeup = self._wakeup.fileno()
         ready: dict[Any, int] = {}
         try:
             self._ready.set()
             while not self._stopping.is_set():
                 if wakeup in ready:
-                    self._wakeup.clear()  # before the link takes what callers sealed
-                watched, due = link.turn(ready)
-                ready = self._poll([(wakeup, zmq.POLLIN), *watched], due - time.monotonic())
-            link.bye()
+                    self._wakeup.clear()  # before the links take what callers sealed
+                watched: Watched = [(wakeup, zmq.POLLIN)]
+                due = math.inf
+                for link in self._links:
+                    more, when = link.turn(ready)
+                    watched += more
+                    due = min(due, when)
+                ready = self._poll(watched, due - time.monotonic())
+            for link in self._links:
+                link.bye()
         finally:
-            link.close()
+            for link in self._links:
+                link.close()
 
     def _ended(self) -> None:
-        self._handoff.stop(stopped_error(self.error, self._stopping.is_set()))
+        why = stopped_error(self.error, self._stopping.is_set())
+        for handoff in self._handoffs:
+            handoff.stop(why)
 
 
 def stopped_error(error: BaseException | None, stopping: bool, loop: str = "I/O thread") -> ZfanError:

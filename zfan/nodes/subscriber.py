@@ -22,6 +22,7 @@ import zmq
 from .. import protocol as p
 from ..config import SubscriberSettings, check_sinks, endpoints, settings_from, sink_endpoint
 from ..errors import Closed, ZfanError
+from ..partitions import split
 from ..sequencing import RetentionGap
 from ..session import Dial, Event, GaveUp, Joined, Lost, said
 from ..subscription import Message, SubscriberCore
@@ -49,7 +50,7 @@ class SubscriberBase:
     a thread or a task: the caller's own calls turn it.
     """
 
-    def __init__(self, settings: SubscriberSettings, ctx: zmq.Context[Any]) -> None:
+    def __init__(self, settings: SubscriberSettings, ctx: zmq.Context[Any], partition: int | None = None) -> None:
         self.settings = s = settings
         self._ctx = ctx
         self._handshakes = Handshakes()
@@ -61,6 +62,7 @@ class SubscriberBase:
             durable=s.durable,
             name=self._token,
             connect_timeout=s.connect_timeout,
+            partition=partition,
         )
         if self._core.session is not None:
             self._core.session.sinks = check_sinks(results=s.results, control=s.control)
@@ -290,13 +292,14 @@ class SubscriberBase:
             self._ctl = self._ctl_plain = None
 
 
-class Subscriber(SubscriberBase):
+class Subscriber:
     """``for msg in Subscriber(results=..., control=..., topics=["sensor."]): ...``
 
     With ``control`` (the sink's control endpoint) gaps are repaired from the sink's ledger;
     with ``durable="name"`` as well, the position is saved at the sink, so that a subscriber
     of that name resumes where the last one stopped (or, the first time, from the oldest
-    result the sink retains).
+    result the sink retains). With ``sinks`` (key-partitioned sinks) it takes every sink's
+    results: each sink's topics in order, gaps repaired and positions saved at each sink.
     """
 
     def __init__(
@@ -306,10 +309,63 @@ class Subscriber(SubscriberBase):
         context: Ctx | None = None,
         **options: Unpack[SubscriberOptions],
     ) -> None:
-        super().__init__(
-            settings_from("Subscriber", SubscriberSettings, settings, options), context or zmq.Context.instance()
-        )
+        s = self.settings = settings_from("Subscriber", SubscriberSettings, settings, options)
+        ctx = context or zmq.Context.instance()
+        self._parts: list[SubscriberBase] = []
+        try:
+            for i, part in enumerate(split(s)):
+                self._parts.append(SubscriberBase(part, ctx, None if s.sinks is None else i))
+        except BaseException:
+            for opened in self._parts:
+                opened._close()
+            raise
+        self._turn_from = 0  # the part whose results are handed out first, in turn: none starves
         self._poll = Poll()
+
+    # --- counters ------------------------------------------------------------------------------
+    @property
+    def synced(self) -> bool:
+        return all(part.synced for part in self._parts)
+
+    @property
+    def ready(self) -> bool:
+        """Every sink has our subscriptions (and, with a control channel, we know where each
+        topic starts): what wait_ready() waits for."""
+        return all(part.ready for part in self._parts)
+
+    @property
+    def received(self) -> int:
+        """Results handed to the caller."""
+        return sum(part.received for part in self._parts)
+
+    @property
+    def replayed(self) -> int:
+        """Results that came from the ledger, not the live stream."""
+        return sum(part.replayed for part in self._parts)
+
+    @property
+    def rejected(self) -> Counter[str]:
+        return sum((part.rejected for part in self._parts), Counter())
+
+    @property
+    def duplicates(self) -> int:
+        return sum(part.duplicates for part in self._parts)
+
+    @property
+    def lost(self) -> int:
+        """Results skipped because the sink no longer retained them."""
+        return sum(part.lost for part in self._parts)
+
+    @property
+    def gaps(self) -> int:
+        """Results known to exist and not received: skipped (without a control channel) or
+        still being repaired."""
+        return sum(part.gaps for part in self._parts)
+
+    @property
+    def partitions(self) -> int:
+        """How many key-partitioned sinks it takes results from (1 without `sinks`)."""
+        return len(self._parts)
 
     # --- the caller's side -------------------------------------------------------------------
     def wait_ready(self, timeout: float = 10.0) -> bool:
@@ -319,7 +375,7 @@ class Subscriber(SubscriberBase):
         recv()), or at once if an endpoint is certainly no sink's; AuthError if a handshake
         was refused. This is the subscriber's "connected": it keeps no thread of its own."""
         deadline = time.monotonic() + timeout
-        while not self._core.ready:
+        while not self.ready:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
@@ -327,9 +383,9 @@ class Subscriber(SubscriberBase):
         return True
 
     def recv(self, timeout: float | None = None) -> Message | None:
-        """The next result in order, or None if none comes within the timeout (seconds).
-        Raises RetentionGap (once per gap) for results the sink no longer has, and NoSink or
-        AuthError as wait_ready() does."""
+        """The next result in order if one is ready, or None if none comes within the timeout
+        (seconds). Raises RetentionGap (once per gap) for results the sink no longer has, and
+        NoSink or AuthError as wait_ready() does."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             out = self._next()
@@ -363,10 +419,12 @@ class Subscriber(SubscriberBase):
     def commit(self) -> None:
         """Save a durable subscriber's position at the sink now (it is also saved every second
         and on close)."""
-        self._commit()
+        for part in self._parts:
+            part._commit()
 
     def close(self) -> None:
-        self._close()
+        for part in self._parts:
+            part._close()
 
     def __enter__(self) -> Subscriber:
         return self
@@ -374,8 +432,25 @@ class Subscriber(SubscriberBase):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _next(self) -> Message | None:
+        """The next result of any sink, taking the sinks in turn."""
+        n = len(self._parts)
+        for k in range(n):
+            i = (self._turn_from + k) % n
+            out = self._parts[i]._next()
+            if out is not None:
+                self._turn_from = (i + 1) % n
+                return out
+        return None
+
     def _turn(self, wait: float) -> None:
-        """One turn: poll for at most `wait` seconds (less if the core has something due), then
+        """One turn: poll for at most `wait` seconds (less if a core has something due), then
         take what came."""
-        watched, seconds = self._before(wait)
-        self._after(self._poll(watched, seconds))
+        watched: Watched = []
+        for part in self._parts:
+            more, seconds = part._before(wait)
+            watched += more
+            wait = min(wait, seconds)
+        ready = self._poll(watched, wait)
+        for part in self._parts:
+            part._after(ready)

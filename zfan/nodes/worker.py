@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import queue
 import threading
 import time
@@ -27,6 +28,7 @@ from ..errors import SerializationError
 from ..exporter import WorkerCollector, registry
 from ..jobs import WorkerCore
 from ..metrics import WorkerMetrics
+from ..partitions import AllWelcomed, Welcomed, split
 from ..session import Dial, GaveUp, Joined, Lost, said
 from .probe import no_answer
 from .security import Handshakes, HandshakeWatch, secure_client
@@ -177,6 +179,28 @@ def _split(out: Any, topic: str) -> tuple[list[str], list[int], list[bytes]]:
     return topics, counts, payloads
 
 
+class SinkLink:
+    """A worker's session and socket with one sink (one partition's, with `sinks`)."""
+
+    def __init__(self, index: int, settings: WorkerSettings, connected: Welcomed, core: WorkerCore) -> None:
+        self.index = index
+        self.settings = settings
+        self.connected = connected
+        self.core = core
+        core.session.sinks = check_sinks(control=settings.control)
+        core.session.connect_timeout = settings.connect_timeout
+        self.dialled = sink_endpoint(settings.control, 0)  # the sink dialled last
+        self.sock: Sock | None = None
+        self.watch: HandshakeWatch | None = None
+
+    def close(self, linger: int = 0) -> None:
+        if self.watch is not None:
+            self.watch.close()
+        if self.sock is not None:
+            self.sock.close(linger=linger)
+        self.sock = self.watch = None
+
+
 class Worker(Service):
     """Runs ``process(records) -> list | dict[str, list] | None`` on batches leased by a sink."""
 
@@ -196,11 +220,12 @@ class Worker(Service):
         super().__init__(context)
         self.process = process
         self._caller = Caller(process)  # decides once whether process is async
-        # Leases for the function's thread, and its answers for the I/O thread.
-        self._jobs: queue.SimpleQueue[p.Lease | None] = queue.SimpleQueue()
-        self._done: deque[tuple[p.Lease, p.Result | p.Failed]] = deque()
+        # Leases for the function's thread, and its answers for the I/O thread, each with the
+        # index of the sink that leased it.
+        self._jobs: queue.SimpleQueue[tuple[int, p.Lease] | None] = queue.SimpleQueue()
+        self._done: deque[tuple[int, p.Lease, p.Result | p.Failed]] = deque()
         self._handshakes = Handshakes()
-        self._dialled = sink_endpoint(self.settings.control, 0)  # the sink dialled last
+        self._links: list[SinkLink] = []  # made by the I/O thread
         self._poll = Poll()
         self.connected = threading.Event()  # set while a sink has welcomed us
         self.metrics = WorkerMetrics()
@@ -225,23 +250,33 @@ class Worker(Service):
     # --- the function's thread -------------------------------------------------------------
     def _work(self) -> None:
         with self._caller as call:
-            while (lease := self._jobs.get()) is not None:
+            while (job := self._jobs.get()) is not None:
+                index, lease = job
                 started = time.perf_counter()
                 answer = run_batch(call, lease, limits=self.settings.limits)
                 self.metrics.ran(lease.count, time.perf_counter() - started, isinstance(answer, p.Failed))
-                self._done.append((lease, answer))
+                self._done.append((index, lease, answer))
                 self._wakeup.set()  # (writes nothing while a wake-up is pending: see Wakeup)
 
     # --- the I/O thread --------------------------------------------------------------------
     def _serve(self) -> None:
         s = self.settings
-        core = WorkerCore(s.name, s.credit, s.timing, time.monotonic(), groups=s.limits, route=s.route)
-        core.session.sinks = check_sinks(control=s.control)
-        core.session.connect_timeout = s.connect_timeout
+        parts = split(s)
+        # One budget: the credit is shared among the sinks, so that the batches held in all are
+        # what one sink's would be (and no fewer than one each).
+        credit = max(1, s.credit // len(parts))
+        welcomed = AllWelcomed(self.connected, len(parts))
+        links = self._links = [
+            SinkLink(
+                i,
+                part,
+                welcomed.flag(i),
+                WorkerCore(s.name, credit, s.timing, time.monotonic(), groups=s.limits, route=s.route),
+            )
+            for i, part in enumerate(parts)
+        ]
         worker_thread = threading.Thread(target=self._work, name="zfan-worker-process", daemon=True)
         worker_thread.start()
-        sock: Sock | None = None
-        watch: HandshakeWatch | None = None
         ready: dict[Any, int] = {}
         web: Web | None = None
         try:
@@ -249,122 +284,139 @@ class Worker(Service):
             self._ready.set()
             while not self._stopping.is_set():
                 now = self._turned = time.monotonic()
-                self._in_flight = len(core.held)
-                if sock is not None:
-                    self._take(core, sock, ready, now)  # first: a sink heard from is not a sink lost
-                if self._drain_until is not None:
-                    core.drain()
-                    if core.drained:
-                        self._drained = True
-                        break
-                    if now >= self._drain_until:
-                        log.warning("drain timed out with %d batch(es) held; handing them back", len(core.held))
-                        break
-                event = core.tick(now)
-                if isinstance(event, (Lost, GaveUp)) and watch is not None:
-                    watch.check()  # a refused handshake, not silence, may be why
-                if isinstance(event, GaveUp):
-                    raise no_answer(s.control, "control", s.connect_timeout or event.waited)
-                if isinstance(event, Lost):
-                    self._say(event)
-                    self.connected.clear()
-                    self._drop_jobs()
-                    sock, watch = self._close(sock, watch)
-                elif isinstance(event, Dial):
-                    self._close(sock, watch)
-                    sock, watch = self._open(event.sink)
-                if sock is not None:
-                    self._send(sock, core.session.take())
-                ready = self._wait(core, sock, watch)
-            if sock is not None:
-                core.session.close()  # bye lets the sink replay our batches at once
-                self._send(sock, core.session.take())
-                sock, watch = self._close(sock, watch, linger=100)  # time for the bye to leave
+                self._in_flight = sum(len(link.core.held) for link in links)
+                if self._wakeup.fileno() in ready:
+                    self._wakeup.clear()
+                self._answer(links)
+                for link in links:
+                    if link.sock is not None:
+                        self._take(link, ready, now)  # first: a sink heard from is not a sink lost
+                if self._drain_until is not None and self._drain_over(links, now):
+                    break
+                for link in links:
+                    self._tick(link, now)
+                ready = self._wait(links)
+            for link in links:
+                if link.sock is not None:
+                    link.core.session.close()  # bye lets the sink replay our batches at once
+                    self._send(link, link.core.session.take())
+                    link.close(linger=100)  # time for the bye to leave
         finally:
             self._jobs.put(None)
-            self._close(sock, watch)
+            for link in links:
+                link.close()
             if web is not None:
                 web.close()
 
-    def _take(self, core: WorkerCore, sock: Sock, ready: dict[Any, int], now: float) -> None:
-        """Answer what the function finished, and take what the sink sent."""
-        if self._wakeup.fileno() in ready:
-            self._wakeup.clear()
-        while self._done:
-            lease, _ = self._done[0]
-            if not core.holds(lease):  # void once its lease is no longer ours: dropped here
-                self._done.popleft()
-                core.finished(lease)
+    def _drain_over(self, links: list[SinkLink], now: float) -> bool:
+        """Draining: ask for no new lease; True once every one held is answered, or time is up."""
+        assert self._drain_until is not None
+        for link in links:
+            link.core.drain()
+        if all(link.core.drained for link in links):
+            self._drained = True
+            return True
+        if now >= self._drain_until:
+            held = sum(len(link.core.held) for link in links)
+            log.warning("drain timed out with %d batch(es) held; handing them back", held)
+            return True
+        return False
+
+    def _tick(self, link: SinkLink, now: float) -> None:
+        """What time does to one sink's session: dial, give up, or say it is lost."""
+        s = link.settings
+        event = link.core.tick(now)
+        if isinstance(event, (Lost, GaveUp)) and link.watch is not None:
+            link.watch.check()  # a refused handshake, not silence, may be why
+        if isinstance(event, GaveUp):
+            raise no_answer(s.control, "control", s.connect_timeout or event.waited)
+        if isinstance(event, Lost):
+            self._say(link, event)
+            link.connected.clear()
+            self._drop_jobs(link.index)
+            link.close()
+        elif isinstance(event, Dial):
+            self._open(link, event.sink)
+        if link.sock is not None:
+            self._send(link, link.core.session.take())
+
+    def _answer(self, links: list[SinkLink]) -> None:
+        """Send back what the function finished, each answer to the sink that leased its batch."""
+        done = self._done
+        while done:
+            link = links[done[0][0]]
+            if link.sock is None or not link.core.holds(done[0][1]):  # void once its lease is not ours
+                link.core.finished(done.popleft()[1])
                 continue
+            core = link.core
             # By index: the function's thread appends while we read, which an iterator refuses.
             held = []
-            for i in range(min(len(self._done), p.MAX_GROUP if core.sink_groups else 1)):
-                job, answer = self._done[i]
-                if not core.holds(job):
+            for i in range(min(len(done), p.MAX_GROUP if core.sink_groups else 1)):
+                index, job, answer = done[i]
+                if index != link.index or not core.holds(job):
                     break
                 held.append(answer)
             n, frames = answer_frames(held, core.sink_groups)
             # Answers wait for room (a sink reading slowly) rather than be lost or block us.
-            if not send(sock, frames):
+            if not send(link.sock, frames):
                 break
             for _ in range(n):
-                core.finished(self._done.popleft()[0])
-        for frames in drain(sock) if sock in ready else ():
-            event, jobs = core.received(frames, now)
-            self._say(event)
-            if isinstance(event, Joined):
-                self.connected.set()
-            elif isinstance(event, Lost):
-                self.connected.clear()
-            if isinstance(event, Lost) or (isinstance(event, Joined) and event.new_epoch):
-                self._drop_jobs()
-            for job in jobs:
-                self._jobs.put(job)
+                core.finished(done.popleft()[1])
 
-    def _wait(self, core: WorkerCore, sock: Sock | None, watch: HandshakeWatch | None) -> dict[Any, int]:
-        """Poll until the sink sends, the function finishes a batch, or the core's next deadline."""
+    def _take(self, link: SinkLink, ready: dict[Any, int], now: float) -> None:
+        """Take what the sink sent."""
+        assert link.sock is not None
+        core = link.core
+        for frames in drain(link.sock) if link.sock in ready else ():
+            event, jobs = core.received(frames, now)
+            self._say(link, event)
+            if isinstance(event, Joined):
+                link.connected.set()
+            elif isinstance(event, Lost):
+                link.connected.clear()
+            if isinstance(event, Lost) or (isinstance(event, Joined) and event.new_epoch):
+                self._drop_jobs(link.index)
+            for job in jobs:
+                self._jobs.put((link.index, job))
+
+    def _wait(self, links: list[SinkLink]) -> dict[Any, int]:
+        """Poll until a sink sends, the function finishes a batch, or a core's next deadline."""
         watched: list[tuple[Sock | int, int]] = [(self._wakeup.fileno(), zmq.POLLIN)]
-        if sock is not None:  # with answers waiting for room, room is news too
-            watched.append((sock, zmq.POLLIN | zmq.POLLOUT if self._done else zmq.POLLIN))
-        if watch is not None:  # a failed handshake is news at once
-            watched.append((watch.monitor, zmq.POLLIN))
-        due = core.next_deadline()
+        due = math.inf
+        for link in links:
+            if link.sock is not None:  # with answers waiting for room, room is news too
+                watched.append((link.sock, zmq.POLLIN | zmq.POLLOUT if self._done else zmq.POLLIN))
+            if link.watch is not None:  # a failed handshake is news at once
+                watched.append((link.watch.monitor, zmq.POLLIN))
+            due = min(due, link.core.next_deadline())
         if self._drain_until is not None:
             due = min(due, self._drain_until)
         ready = self._poll(watched, due - time.monotonic())
-        if watch is not None and watch.monitor in ready:
-            watch.check()
+        for link in links:
+            if link.watch is not None and link.watch.monitor in ready:
+                link.watch.check()
         return ready
 
-    def _send(self, sock: Sock, messages: list[p.Message]) -> None:
+    def _send(self, link: SinkLink, messages: list[p.Message]) -> None:
+        assert link.sock is not None
         for msg in messages:
-            if not send(sock, p.encode(msg)):
+            if not send(link.sock, p.encode(msg)):
                 # No connection to queue on, or the sink reads nothing: the session notices
                 # the silence and dials again.
-                log.debug("sink %s takes nothing on control; %s not sent", self._dialled, type(msg).__name__)
+                log.debug("sink %s takes nothing on control; %s not sent", link.dialled, type(msg).__name__)
 
-    def _say(self, event: object) -> None:
-        if isinstance(event, (Joined, Lost)) and (line := said(event, self._dialled)) is not None:
+    def _say(self, link: SinkLink, event: object) -> None:
+        if isinstance(event, (Joined, Lost)) and (line := said(event, link.dialled)) is not None:
             log.log(*line)
 
-    def _open(self, sink: int) -> tuple[Sock, HandshakeWatch]:
-        s = self.settings
-        self._dialled = endpoint = sink_endpoint(s.control, sink)
+    def _open(self, link: SinkLink, sink: int) -> None:
+        link.close()
+        s = link.settings
+        link.dialled = endpoint = sink_endpoint(s.control, sink)
         sock = socket(self._ctx, zmq.DEALER, max_frame=s.limits.max_frame)
-        watch = secure_client(sock, s.curve, endpoint, self._handshakes)
-        try:
-            connect(sock, endpoint, "control endpoint")
-        except BaseException:
-            self._close(sock, watch)
-            raise
-        return sock, watch
-
-    def _close(self, sock: Sock | None, watch: HandshakeWatch | None, linger: int = 0) -> tuple[None, None]:
-        if watch is not None:
-            watch.close()
-        if sock is not None:
-            sock.close(linger=linger)
-        return None, None
+        link.watch = secure_client(sock, s.curve, endpoint, self._handshakes)
+        link.sock = sock
+        connect(sock, endpoint, "control endpoint")  # (a failure ends the loop, which closes it)
 
     def _web(self, address: str | None) -> Web | None:
         if address is None:
@@ -389,10 +441,15 @@ class Worker(Service):
         stalled = time.monotonic() - self._turned
         return [f"the worker's loop has not turned for {stalled:.0f} s"] if stalled > STALLED else []
 
-    def _drop_jobs(self) -> None:
-        """Forget leases not yet started: the sink replays them."""
+    def _drop_jobs(self, index: int) -> None:
+        """Forget the leases of sink `index` not yet started: the sink replays them."""
+        kept = []
         try:
             while True:
-                self._jobs.get_nowait()
+                job = self._jobs.get_nowait()
+                if job is not None and job[0] != index:
+                    kept.append(job)
         except queue.Empty:
             pass
+        for job in kept:
+            self._jobs.put(job)
