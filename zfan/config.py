@@ -137,9 +137,9 @@ def _check_connect_timeout(value: float | None) -> None:
         _positive("connect_timeout", value)
 
 
-def _check_partitions(settings: Any, **defaults: str | None) -> None:
-    """`sinks` names every endpoint of a partitioned client: given with one of them set too,
-    which wins would be a guess, so it is a ConfigError."""
+def _check_partitions(settings: Any, **defaults: tuple[str | None, ...]) -> None:
+    """`sinks` names every endpoint of a partitioned client: given with one of them set too (to
+    other than its `defaults`), which wins would be a guess, so it is a ConfigError."""
     sinks = settings.sinks
     if sinks is None:
         return
@@ -147,7 +147,7 @@ def _check_partitions(settings: Any, **defaults: str | None) -> None:
         raise ConfigError(f"sinks must name one or more sinks (as 'host1,host2'), not {sinks!r}")
     parse_sinks(sinks)
     for name, default in defaults.items():
-        if getattr(settings, name) != default:
+        if getattr(settings, name) not in default:
             raise ConfigError(f"give sinks or {name}, not both: sinks names each sink's {name} endpoint")
 
 
@@ -286,7 +286,7 @@ class WorkerSettings:
 
     def __post_init__(self) -> None:
         check_sinks(control=self.control)
-        _check_partitions(self, control=DEFAULT_CONTROL)
+        _check_partitions(self, control=(DEFAULT_CONTROL,))
         check_route_name(self.route)
         if self.http is not None:
             split_http(self.http)
@@ -324,7 +324,7 @@ class ProducerSettings:
 
     def __post_init__(self) -> None:
         check_sinks(intake=self.intake, control=self.control)
-        _check_partitions(self, intake=DEFAULT_INTAKE, control=DEFAULT_CONTROL)
+        _check_partitions(self, intake=(DEFAULT_INTAKE,), control=(DEFAULT_CONTROL,))
         if self.key is not None:
             check_name("key", self.key, 255)
         _check_connect_timeout(self.connect_timeout)
@@ -360,7 +360,7 @@ class SubscriberSettings:
 
     def __post_init__(self) -> None:
         check_sinks(results=self.results, control=self.control)
-        _check_partitions(self, results=DEFAULT_RESULTS, control=None)
+        _check_partitions(self, results=(DEFAULT_RESULTS,), control=(None, DEFAULT_CONTROL))
         _check_connect_timeout(self.connect_timeout)
         for prefix in self.topics:
             if not isinstance(prefix, str) or len(prefix.encode()) > 255:

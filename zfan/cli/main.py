@@ -39,9 +39,10 @@ from ..nodes.dead import dead_letters, purge_dead_letters, requeue_dead_letters,
 from ..nodes.local import die_with_parent
 from ..nodes.producer import Producer
 from ..nodes.sink import ACTIVE, Sink
-from ..nodes.status import query_status
+from ..nodes.status import query_partitions, query_status
 from ..nodes.subscriber import Subscriber
 from ..nodes.worker import Worker
+from ..partitions import parse_sinks
 from ..routing import parse_app, parse_retry, parse_route
 from ..sequencing import RetentionGap
 from . import pipeline, show
@@ -61,9 +62,10 @@ from .options import (
     resolved,
     role,
     signals,
+    sinks_option,
     timing,
 )
-from .show import Bar, Counts, say, status_table, summary
+from .show import Bar, Counts, partitions_table, say, status_table, summary
 
 DRAIN = "seconds to finish the batches held before handing them back"
 CHECK_TIMEOUT = 5.0  # seconds `zfan worker --check` waits for the sink's answer, unless told
@@ -272,16 +274,18 @@ def sink(
             shutil.rmtree(remove_folder, ignore_errors=True)
 
 
-def _check_worker(control: str, name: str | None, timeout: float, curve: Curve | None) -> int:
-    """`zfan worker --check`: the app loaded (or we would not be here); does the sink answer, and
-    is the named worker among those connected? One line, and an exit code a probe reads."""
-    info = query_status(control, timeout=timeout, curve=curve)  # ZfanError: one line, RET_TIMEOUT
-    names = [w["name"] for w in info.get("workers", [])]
-    if name is not None and name not in names:
-        say(f"zfan worker: check failed: no worker named {name!r} is connected to the sink at {control}")
-        return RET_ERROR
-    who = f"worker {name!r} is connected" if name is not None else f"{len(names)} worker(s) connected"
-    say(f"zfan worker: check passed: the sink at {control} answers, {who}")
+def _check_worker(controls: list[str], name: str | None, timeout: float, curve: Curve | None) -> int:
+    """`zfan worker --check`: the app loaded (or we would not be here); does the sink (each of
+    `--sinks`) answer, and is the named worker among those connected? One line each, and an exit
+    code a probe reads."""
+    for control in controls:
+        info = query_status(control, timeout=timeout, curve=curve)  # ZfanError: one line, RET_TIMEOUT
+        names = [w["name"] for w in info.get("workers", [])]
+        if name is not None and name not in names:
+            say(f"zfan worker: check failed: no worker named {name!r} is connected to the sink at {control}")
+            return RET_ERROR
+        who = f"worker {name!r} is connected" if name is not None else f"{len(names)} worker(s) connected"
+        say(f"zfan worker: check passed: the sink at {control} answers, {who}")
     return RET_OK
 
 
@@ -316,11 +320,13 @@ def _check_worker(control: str, name: str | None, timeout: float, curve: Curve |
     "exit 0 if so",
 )
 @click.option("--parent", type=int, default=None, hidden=True, help="end when this process does")
+@sinks_option
 @connect_timeout(None)
 @timing
 @curve(server=False)
 def worker(
     control: str,
+    sinks: str | None,
     app: str,
     credit: int,
     name: str | None,
@@ -343,9 +349,11 @@ def worker(
     route, spec = parse_app(app)
     process = load_app(spec)
     if check:
-        return _check_worker(control, name, connect_timeout or CHECK_TIMEOUT, curve)
+        controls = [part.control for part in parse_sinks(sinks)] if sinks else [control]
+        return _check_worker(controls, name, connect_timeout or CHECK_TIMEOUT, curve)
     settings = WorkerSettings(
         control=control,
+        sinks=sinks,
         credit=credit,
         timing=timing,
         curve=curve,
@@ -358,7 +366,7 @@ def worker(
     if await_welcome(node, stop):
         ready(
             "worker",
-            control=control,
+            **({"sinks": sinks} if sinks else {"control": control}),
             app=spec,
             route=route,
             name=node.settings.name,
@@ -431,12 +439,21 @@ def worker(
     "--no-wait: only until the sink has stored it",
 )
 @click.option("--progress/--no-progress", default=None, help="[default: on a terminal]")
+@sinks_option
+@click.option(
+    "--key",
+    default=None,
+    metavar="FIELD",
+    help="with --sinks: the record field whose value chooses the sink [default: the topic]",
+)
 @connect_timeout(10.0)
 @timing
 @curve(server=False)
 def produce(
     intake: str,
     control: str,
+    sinks: str | None,
+    key: str | None,
     path: TextIO | None,
     count: int | None,
     start: int,
@@ -468,9 +485,13 @@ def produce(
         source = JsonLines(path or sys.stdin, strict=strict, name=getattr(path, "name", "stdin"))
         if path is None and progress is None and sys.stdin.isatty():
             progress = False  # a person typing records: a bar redrawn on their line is in the way
+    if key is not None and sinks is None:
+        raise ConfigError("--key chooses one of several sinks: give them with --sinks")
     settings = ProducerSettings(
         intake=intake,
         control=control,
+        sinks=sinks,
+        key=key,
         topic=topic,
         batch_size=batch_size,
         linger_ms=linger_ms,
@@ -481,7 +502,8 @@ def produce(
     )
     node = Producer(settings if not producer_id else dataclasses.replace(settings, producer_id=producer_id))
     node.start()
-    fields = {"intake": intake, "control": control, "producer_id": node.settings.producer_id}
+    where = {"sinks": sinks, "key": key or "topic"} if sinks else {"intake": intake, "control": control}
+    fields = {**where, "producer_id": node.settings.producer_id}
     # Sending does not wait for the welcome (the window holds what goes before it), so the
     # ready line is said when it comes, from a thread.
     announcer = threading.Thread(target=_say_ready, args=(node, stop, fields), name="zfan-ready", daemon=True)
@@ -604,10 +626,12 @@ def _say_ready(node: Producer, stop: Signals, fields: dict[str, str]) -> None:
     default=None,
     help="exit after this many seconds without a result (exit 6 if --messages were not all there)",
 )
+@sinks_option
 @curve(server=False)
 def subscribe(
     results: str,
     control: str,
+    sinks: str | None,
     topics: tuple[str, ...],
     durable: str | None,
     messages: int | None,
@@ -624,6 +648,7 @@ def subscribe(
     settings = SubscriberSettings(
         results=results,
         control=control,
+        sinks=sinks,
         topics=topics,
         durable=durable,
         curve=curve,
@@ -633,7 +658,8 @@ def subscribe(
         while not sub.wait_ready(0.25):  # (it warns once itself when no sink answers)
             if stop.stopping.is_set():
                 return stop.code
-        ready("subscribe", results=results, topics=",".join(topics) or "*", durable=durable or "-")
+        where = {"sinks": sinks} if sinks else {"results": results}
+        ready("subscribe", **where, topics=",".join(topics) or "*", durable=durable or "-")
         n, last = 0, time.monotonic()
         while not stop.stopping.is_set() and (messages is None or n < messages):
             try:
@@ -682,13 +708,27 @@ def subscribe(
     metavar="[SECONDS]",
     help="ask again every SECONDS (2 if not given), redrawing in place, until Ctrl-C",
 )
+@sinks_option
 @curve(server=False)
-def status(control: str, as_json: bool, timeout: float, watch: float | None, curve: Curve | None) -> int:
-    """Ask a running sink for its workers, batch counts, rates and topics."""
-    first = query_status(control, timeout=timeout, curve=curve)  # none there: one line, exit 6
+def status(
+    control: str, as_json: bool, timeout: float, watch: float | None, sinks: str | None, curve: Curve | None
+) -> int:
+    """Ask a running sink (with --sinks: every sink) for its workers, batch counts, rates and topics.
+
+    With --sinks, exit 6 if a sink did not answer (the others are shown)."""
+    controls = None if sinks is None else [part.control for part in parse_sinks(sinks)]
+
+    def ask() -> dict[str, Any]:
+        if controls is None:
+            return query_status(control, timeout=timeout, curve=curve)
+        return query_partitions(controls, timeout=timeout, curve=curve)
+
+    table = status_table if controls is None else partitions_table
+    first = ask()  # none there: one line, exit 6
     if watch is None:
-        click.echo(json.dumps(first, indent=2) if as_json else status_table(first))
-        return RET_OK
+        click.echo(json.dumps(first, indent=2) if as_json else table(first))
+        # Some sink did not answer (the others are shown): that is no success.
+        return RET_TIMEOUT if any("error" in part for part in first.get("partitions", [])) else RET_OK
     info: dict[str, Any] | None = first
     stop = signals().cooperate()
     redraw = sys.stdout.isatty() and not as_json
@@ -697,8 +737,10 @@ def status(control: str, as_json: bool, timeout: float, watch: float | None, cur
         if as_json:
             text = json.dumps(info if info is not None else {"error": error}, separators=(",", ":")) + "\n"
         else:
-            head = f"zfan status of {control}, every {watch:g} s, at {time.strftime('%H:%M:%S')} (Ctrl-C to stop)"
-            body = status_table(info) if info is not None else f"{error}; asking again"
+            head = (
+                f"zfan status of {sinks or control}, every {watch:g} s, at {time.strftime('%H:%M:%S')} (Ctrl-C to stop)"
+            )
+            body = table(info) if info is not None else f"{error}; asking again"
             # Home and clear to the end before the new text: redrawn in place, as `watch` does.
             text = ("\x1b[H\x1b[J" if redraw else "") + f"{head}\n\n{body}\n" + ("" if redraw else "\n")
         try:
@@ -709,7 +751,7 @@ def status(control: str, as_json: bool, timeout: float, watch: float | None, cur
         if stop.stopping.wait(watch):
             return stop.code
         try:
-            info = query_status(control, timeout=timeout, curve=curve)
+            info = ask()
         except ZfanError as exc:  # gone for now (restarting?): said in place of the table
             info, error = None, str(exc)
 
@@ -725,6 +767,14 @@ def status(control: str, as_json: bool, timeout: float, watch: float | None, cur
 @click.option("--records", type=click.IntRange(min=1), default=None, help="stream this many records")
 @click.option("--producers", type=click.IntRange(1, 64), default=4, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option(
+    "--sinks",
+    type=click.IntRange(1, 16),
+    default=1,
+    show_default=True,
+    envvar="ZFAN_UP_SINKS",
+    help="key-partitioned sinks: each sensor's readings go to one, and the workers span them all",
+)
 @click.option(
     "--sensors",
     type=click.IntRange(min=1),
@@ -746,6 +796,7 @@ def up(
     records: int | None,
     producers: int,
     workers: int,
+    sinks: int,
     sensors: int,
     batch_size: int,
     progress: bool | None,
@@ -770,6 +821,7 @@ def up(
             records=records,
             producers=producers,
             workers=workers,
+            sinks=sinks,
             sensors=sensors,
             batch_size=batch_size,
             progress=progress_of,

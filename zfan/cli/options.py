@@ -88,6 +88,18 @@ def endpoints(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     return decorate
 
 
+SINKS_HELP = (
+    "key-partitioned sinks, in place of the endpoints above: each a HOST (ports 5557-5559), HOST:PORT "
+    "(intake PORT, control and results the next two), tcp://HOST:PORT or ipc:///FOLDER, separated by "
+    "commas; a sink's standbys after | (a|a2,b|b2). Every role names the same sinks in the same order"
+)
+
+
+def sinks_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --sinks (also ZFAN_SINKS, or `sinks` at the top of the settings file)."""
+    return click.option("--sinks", default=None, metavar="SINKS", help=SINKS_HELP)(f)
+
+
 def connect_timeout(default: float | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Add --connect-timeout: how long a client waits for a first welcome before it says that no
     sink answers (and exits 6)."""

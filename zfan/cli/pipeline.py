@@ -28,6 +28,7 @@ from typing import IO, Protocol
 import zmq
 
 from ..apps import readings
+from ..config import ProducerSettings, SubscriberSettings
 from ..config_file import child_environment
 from ..errors import LedgerError, ZfanError
 from ..nodes.local import stop_processes
@@ -67,6 +68,7 @@ class Report:
     duplicated: int
     elapsed: float
     interrupted: bool = False  # asked to stop before the run was over
+    sinks: int = 1
 
     @property
     def rate(self) -> float:
@@ -83,7 +85,7 @@ class _Tally:
     def __init__(self) -> None:
         self.lock = threading.Condition()  # notified at every result
         self.per_sensor: Counter[str] = Counter()
-        self.seen: set[tuple[int, str]] = set()
+        self.seen: set[tuple[int | None, int, str]] = set()
         self.results = 0
         self.duplicated = 0
         self.last = 0.0
@@ -93,12 +95,54 @@ class _Tally:
         return sum(self.per_sensor.values())
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a local pipeline's sinks listen: one sink's endpoints, or (`sinks` > 1) a folder
+    per partition, named to every client as --sinks names them."""
+
+    folder: str
+    sinks: int
+
+    def part(self, i: int) -> str:
+        return os.path.join(self.folder, f"p{i}") if self.sinks > 1 else self.folder
+
+    def ends(self, i: int) -> dict[str, str]:
+        return {name: f"ipc://{self.part(i)}/{name}" for name in ("intake", "control", "results")}
+
+    @property
+    def spec(self) -> str:
+        return ",".join(f"ipc://{self.part(i)}" for i in range(self.sinks))
+
+    def producer(self, producer_id: str, batch_size: int) -> ProducerSettings:
+        """A producer's settings: to one sink, or each sensor's readings to the sink owning it."""
+        if self.sinks > 1:
+            return ProducerSettings(
+                sinks=self.spec, key="sensor", producer_id=producer_id, topic="readings", batch_size=batch_size
+            )
+        ends = self.ends(0)
+        return ProducerSettings(
+            intake=ends["intake"],
+            control=ends["control"],
+            producer_id=producer_id,
+            topic="readings",
+            batch_size=batch_size,
+        )
+
+    def subscriber(self) -> SubscriberSettings:
+        """A subscriber's settings: one sink's results, or every partition's."""
+        if self.sinks > 1:
+            return SubscriberSettings(sinks=self.spec, topics=("sensor.",))
+        ends = self.ends(0)
+        return SubscriberSettings(results=ends["results"], control=ends["control"], topics=("sensor.",))
+
+
 def run(
     *,
     seconds: float | None = 5.0,
     records: int | None = None,
     producers: int = 4,
     workers: int = 2,
+    sinks: int = 1,
     sensors: int = 8,
     batch_size: int = 1000,
     settle: float = 30.0,
@@ -109,50 +153,18 @@ def run(
     if seconds is None and records is None:
         raise ZfanError("zfan up needs --seconds or --records to know when to stop")
     stopping = stopping or threading.Event()
-    tmp = tempfile.mkdtemp(prefix="zfan-up-")
-    ends = {name: f"ipc://{tmp}/{name}" for name in ("intake", "control", "results")}
+    layout = Layout(tempfile.mkdtemp(prefix="zfan-up-"), sinks)
     ctx = zmq.Context()
-    sink = None
-    # The sink's stderr, unnamed: nothing of it is left behind, however this process ends.
+    procs: list[subprocess.Popen[bytes]] = []
+    # The roles' stderr, unnamed: nothing of it is left behind, however this process ends.
     with tempfile.TemporaryFile("w+") as log:
         try:
-            sink = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "zfan",
-                    "sink",
-                    "--log-level",
-                    "warning",
-                    "--workers",
-                    str(workers),
-                    "--app",
-                    "zfan.apps:rollup",
-                    "--ledger",
-                    os.path.join(tmp, "zfan.db"),
-                    *(f"--{k}={v}" for k, v in ends.items()),
-                    "--drain-timeout",
-                    str(SINK_DRAIN),
-                    *(["--http", http] if http else []),
-                    # It ends when this process does, and then removes the folder: a `zfan up`
-                    # killed outright leaves neither a sink nor a folder behind.
-                    "--parent",
-                    str(os.getpid()),
-                    "--remove-folder",
-                    tmp,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                env=child_environment(),
-                # Ctrl-C at the terminal is for this process, which stops the sink in order.
-                start_new_session=True,
-            )
-            if not _wait_for_workers(sink, ends["control"], workers, log, ctx, stopping):
-                return _nothing_run(producers, workers)
+            procs += _start(layout, workers=workers, http=http, log=log)
+            if not _wait_for_workers(procs, layout, workers, log, ctx, stopping):
+                return _nothing_run(producers, workers, sinks)
             try:
                 report = _stream(
-                    ends,
+                    layout,
                     ctx,
                     seconds=seconds,
                     records=records,
@@ -162,63 +174,114 @@ def run(
                     workers=workers,
                     settle=settle,
                     progress=progress,
-                    sink_alive=lambda: sink is not None and sink.poll() is None,
+                    alive=lambda: all(proc.poll() is None for proc in procs),
                     stopping=stopping,
                 )
             except ZfanError as exc:
-                raise _sink_stopped(sink, log) or exc from None
-            if (stopped := _sink_stopped(sink, log)) is not None:
+                raise _stopped(procs, log, layout.sinks) or exc from None
+            if (stopped := _stopped(procs, log, layout.sinks)) is not None:
                 raise stopped
             return report
         finally:
-            if sink is not None:
-                stop_processes([sink], timeout=SINK_DRAIN + 10)
+            # Workers first, so that none is left dialling a sink that has gone.
+            stop_processes(procs[sinks:], timeout=SINK_DRAIN + 10)
+            stop_processes(procs[:sinks], timeout=SINK_DRAIN + 10)
             ctx.term()
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(layout.folder, ignore_errors=True)
+
+
+def _start(layout: Layout, *, workers: int, http: str | None, log: IO[str]) -> list[subprocess.Popen[bytes]]:
+    """The sinks (the first with the dashboard), then, for several sinks, the workers that span
+    them; one sink runs its workers itself. Each ends when this process does, and the first sink
+    then removes the folder: a `zfan up` killed outright leaves neither a process nor a folder."""
+    procs = []
+    spanning = layout.sinks > 1
+    for i in range(layout.sinks):
+        os.makedirs(layout.part(i), exist_ok=True)
+        procs.append(
+            _child(
+                "sink",
+                "--workers",
+                "0" if spanning else str(workers),
+                "--app",
+                "zfan.apps:rollup",
+                "--ledger",
+                os.path.join(layout.part(i), "zfan.db"),
+                *(f"--{k}={v}" for k, v in layout.ends(i).items()),
+                "--drain-timeout",
+                str(SINK_DRAIN),
+                *(["--http", http] if http and i == 0 else []),
+                *(["--remove-folder", layout.folder] if i == 0 else []),
+                log=log,
+            )
+        )
+    for _ in range(workers if spanning else 0):
+        procs.append(_child("worker", "--sinks", layout.spec, "--app", "zfan.apps:rollup", log=log))
+    return procs
+
+
+def _child(role: str, *args: str, log: IO[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "zfan", role, "--log-level", "warning", *args, "--parent", str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        env=child_environment(),
+        # Ctrl-C at the terminal is for this process, which stops the children in order.
+        start_new_session=True,
+    )
 
 
 SINK_DRAIN = 5.0  # seconds the sink waits, as it stops, for its workers to finish their batches
 
 
-def _nothing_run(producers: int, workers: int) -> Report:
-    return Report(producers, workers, 0, 0, 0, 0, 0, 0, 0, 0.0, interrupted=True)
+def _nothing_run(producers: int, workers: int, sinks: int) -> Report:
+    return Report(producers, workers, 0, 0, 0, 0, 0, 0, 0, 0.0, interrupted=True, sinks=sinks)
 
 
 def _wait_for_workers(
-    sink: subprocess.Popen[bytes],
-    control: str,
+    procs: list[subprocess.Popen[bytes]],
+    layout: Layout,
     workers: int,
     log: IO[str],
     ctx: Ctx,
     stopping: Flag,
     timeout: float = 30.0,
 ) -> bool:
-    """True once the sink and its workers are up; False if asked to stop first."""
+    """True once every sink is up with every worker; False if asked to stop first."""
     deadline = time.monotonic() + timeout
+    waiting = list(range(layout.sinks))
     while time.monotonic() < deadline:
-        if (stopped := _sink_stopped(sink, log)) is not None:
+        if (stopped := _stopped(procs, log, layout.sinks)) is not None:
             raise stopped
         if stopping.is_set():
             return False
         try:
-            if len(query_status(control, timeout=0.5, context=ctx)["workers"]) >= workers:
-                return True
+            while waiting and _workers_at(layout.ends(waiting[0])["control"], ctx) >= workers:
+                waiting.pop(0)
         except ZfanError:
             pass
-    raise ZfanError(f"the sink and its {workers} workers did not come up within {timeout:g} s")
+        if not waiting:
+            return True
+    raise ZfanError(f"the sinks and their {workers} workers did not come up within {timeout:g} s")
 
 
-def _sink_stopped(sink: subprocess.Popen[bytes], log: IO[str]) -> ZfanError | None:
-    """Why the sink stopped, if it has: a ledger's error (a full disk) as a LedgerError, so that
-    `zfan up` exits as `zfan sink` did."""
-    code = sink.poll()
-    if code is None:
+def _stopped(procs: list[subprocess.Popen[bytes]], log: IO[str], sinks: int) -> ZfanError | None:
+    """Why a sink or a worker stopped, if one has: a ledger's error (a full disk) as a
+    LedgerError, so that `zfan up` exits as `zfan sink` did."""
+    ended = [(i, code) for i, proc in enumerate(procs) if (code := proc.poll()) is not None]
+    if not ended:
         return None
+    i, code = ended[0]
     log.seek(0)
     said = log.read().strip()
     if code == 5:  # the sink's exit code for a ledger it cannot use
         return LedgerError(said.rsplit(": error: ", 1)[-1])
-    return ZfanError(f"the sink exited early: {said}")
+    return ZfanError(f"the {'sink' if i < sinks else 'worker'} exited early: {said}")
+
+
+def _workers_at(control: str, ctx: Ctx) -> int:
+    return len(query_status(control, timeout=0.5, context=ctx)["workers"])
 
 
 class _Fleet:
@@ -226,7 +289,7 @@ class _Fleet:
 
     def __init__(
         self,
-        ends: dict[str, str],
+        layout: Layout,
         ctx: Ctx,
         *,
         producers: int,
@@ -235,17 +298,7 @@ class _Fleet:
         records: int | None,
         settle: float,
     ) -> None:
-        self.prods = [
-            Producer(
-                intake=ends["intake"],
-                control=ends["control"],
-                producer_id=f"node{i}",
-                topic="readings",
-                batch_size=batch_size,
-                context=ctx,
-            ).start()
-            for i in range(producers)
-        ]
+        self.prods = [Producer(layout.producer(f"node{i}", batch_size), context=ctx).start() for i in range(producers)]
         self.sent: list[Counter[str]] = [Counter() for _ in self.prods]
         self.errors: list[BaseException] = []
         self.stopping = threading.Event()
@@ -296,7 +349,7 @@ class _Fleet:
 
 
 def _stream(
-    ends: dict[str, str],
+    layout: Layout,
     ctx: Ctx,
     *,
     seconds: float | None,
@@ -307,25 +360,25 @@ def _stream(
     workers: int,
     settle: float,
     progress: Callable[[Progress], None] | None,
-    sink_alive: Callable[[], bool],
+    alive: Callable[[], bool],
     stopping: Flag,
 ) -> Report:
     tally = _Tally()
     stop_sub = threading.Event()
-    sub = Subscriber(results=ends["results"], control=ends["control"], topics=("sensor.",), context=ctx)
+    sub = Subscriber(layout.subscriber(), context=ctx)
     deadline = time.monotonic() + 10
     while not sub.wait_ready(0.2):
         if stopping.is_set() or time.monotonic() > deadline:
             sub.close()
             if stopping.is_set():
-                return _nothing_run(producers, workers)
+                return _nothing_run(producers, workers, layout.sinks)
             raise ZfanError("the subscriber could not reach the sink's results")
     sub_thread = threading.Thread(target=_subscribe, args=(sub, tally, stop_sub), daemon=True)
     sub_thread.start()
 
     start = time.monotonic()
     fleet = _Fleet(
-        ends, ctx, producers=producers, sensors=sensors, batch_size=batch_size, records=records, settle=settle
+        layout, ctx, producers=producers, sensors=sensors, batch_size=batch_size, records=records, settle=settle
     )
 
     def report_progress() -> None:
@@ -333,7 +386,7 @@ def _stream(
             progress(Progress(time.monotonic() - start, fleet.records_sent, fleet.records_acked, tally.delivered))
 
     try:
-        while fleet.alive() and sink_alive():
+        while fleet.alive() and alive():
             if stopping.is_set() or (seconds is not None and time.monotonic() - start >= seconds):
                 fleet.stopping.set()
             report_progress()
@@ -342,7 +395,7 @@ def _stream(
         expected = fleet.per_sensor()
         total = sum(expected.values())
         deadline = time.monotonic() + settle
-        while tally.delivered < total and time.monotonic() < deadline and sink_alive():
+        while tally.delivered < total and time.monotonic() < deadline and alive():
             report_progress()
             with tally.lock:
                 tally.lock.wait_for(lambda: tally.delivered >= total, timeout=0.2)
@@ -352,7 +405,7 @@ def _stream(
         stop_sub.set()
         sub_thread.join(5)
         fleet.stopping.set()
-        fleet.close(timeout=1.0 if sink_alive() else 0.0)  # no sink, no ack to wait for
+        fleet.close(timeout=1.0 if alive() else 0.0)  # no sink, no ack to wait for
         fleet.join(5.0)
     if fleet.errors:
         err = fleet.errors[0]
@@ -371,6 +424,7 @@ def _stream(
         duplicated=tally.duplicated + extra,
         elapsed=max(tally.last - start, 1e-9),
         interrupted=stopping.is_set(),
+        sinks=layout.sinks,
     )
 
 
@@ -380,7 +434,7 @@ def _subscribe(sub: Subscriber, tally: _Tally, stop: threading.Event) -> None:
             msg = sub.recv(timeout=0.1)
             if msg is None:
                 continue
-            key = (msg.batch_id, msg.topic)
+            key = (msg.partition, msg.batch_id, msg.topic)  # batch ids are each sink's own
             with tally.lock:
                 tally.results += 1
                 tally.last = time.monotonic()

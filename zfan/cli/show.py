@@ -8,6 +8,7 @@ import logging
 import os
 import select
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -212,6 +213,15 @@ SHOWN = {
 }  # fmt: skip
 
 
+def partitions_table(info: dict[str, Any]) -> str:
+    """Every key-partitioned sink's status, each under its partition's number and endpoint."""
+    return "\n\n".join(
+        f"partition {part['partition']} at {part['control']}:\n"
+        + (f"  {part['error']}" if "error" in part else textwrap.indent(status_table(part["status"]), "  "))
+        for part in info["partitions"]
+    )
+
+
 def status_table(info: dict[str, Any]) -> str:
     """A sink's status for a person: one line per subject, the workers and the furthest topics."""
     version = f" {info['version']}" if "version" in info else ""  # a sink of an earlier version says less
@@ -295,7 +305,8 @@ def summary(r: Report) -> str:
             f"  records in:    {r.sent:,} from {r.producers} producers (acknowledged {r.acked:,})",
             f"  results out:   {r.results:,} roll-ups on {r.topics} topics (sensor.<id>), "
             f"covering {r.delivered:,} records",
-            f"  throughput:    {r.rate:,.0f} records/s over {r.elapsed:.2f} s, {r.workers} workers",
+            f"  throughput:    {r.rate:,.0f} records/s over {r.elapsed:.2f} s, {r.workers} workers"
+            + (f", {r.sinks} sinks (partitioned by sensor)" if r.sinks > 1 else ""),
             f"  lost {r.lost:,}, duplicated {r.duplicated:,}  (counted per sensor against what was sent)",
         ]
     )

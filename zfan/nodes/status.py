@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -57,6 +58,30 @@ def ask(
         for _, sock, watch in asked:
             watch.close()
             sock.close(linger=0)
+
+
+def query_partitions(
+    controls: list[str], *, timeout: float = 3.0, context: Ctx | None = None, curve: Curve | None = None
+) -> dict[str, Any]:
+    """Every key-partitioned sink's status, asked at once: {"partitions": [{"partition": i,
+    "control": its endpoint, and "status" or "error"}, ...]}. Raises the first error only when
+    no sink answered."""
+    answers: list[dict[str, Any]] = [{"partition": i, "control": control} for i, control in enumerate(controls)]
+
+    def ask_one(i: int, control: str) -> None:
+        try:
+            answers[i]["status"] = query_status(control, timeout=timeout, context=context, curve=curve)
+        except ZfanError as exc:
+            answers[i]["error"] = str(exc)
+
+    threads = [threading.Thread(target=ask_one, args=pair, daemon=True) for pair in enumerate(controls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if all("error" in answer for answer in answers):
+        raise NoSink(controls[0], answers[0]["error"])
+    return {"partitions": answers}
 
 
 def query_status(
