@@ -20,10 +20,13 @@ What runs, all on this machine and in this one run, so that the ratios are fair:
 4. Recovery after a worker's SIGKILL and SIGSTOP, and a sink restart on a ledger of 100 000
    batches (bench/recovery.py).
 5. The sink's memory under a slow subscriber (bench/memory.py).
+6. Throughput with 1, 2 and 4 key-partitioned sinks, the same 2 producers and 2 workers, and the
+   CPU each sink used (bench/sinks.py), at batches of 1000.
 
 Every contender's subscriber counts every record: one lost or duplicated gets no score. Each
 target is reported as met or not met, with its figures. Writes bench/results/run.json, run.md
-(the tables) and throughput.png (the chart, with the `bench` extra: pip install '.[bench]').
+(the tables), throughput.png (the chart, with the `bench` extra: pip install '.[bench]') and,
+but for --quick, sinks.txt.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench import latency, memory, recovery  # noqa: E402
+from bench import latency, memory, recovery, sinks  # noqa: E402
 from bench.peers import nats_jetstream, rabbitmq, redis_streams  # noqa: E402
 from bench.throughput import make_batches, median_of, run_raw, run_zfan  # noqa: E402
 
@@ -218,6 +221,18 @@ class Bench:
             f"  from {mem['start_mb']} MB to a peak of {mem['peak_mb']} MB; first half {mem['peak_first_half_mb']} "
             f"MB, second half {mem['peak_second_half_mb']} MB"
         )
+
+    def partitioned(self) -> None:
+        n = self.records[1000]
+        say(f"key-partitioned sinks, batches of 1000 ({n:,} records, median of {self.runs} interleaved rounds):")
+        res = self.res["sinks"] = sinks.measure(1000, n, self.runs)
+        for c, e in res["by_sinks"].items():
+            note = f"  LOST {e['lost']}, DUPLICATED {e['duplicated']}: no score" if not e["records_per_s"] else ""
+            cpu = ", ".join(f"{p} %" for p in e["sink_core_pct"])
+            say(
+                f"  {c} sink(s): {e['records_per_s']:>11,} records/s, {e['ratio']:.2f} of 1 sink; "
+                f"each sink {cpu} of a core; {e['cores_busy']} cores busy{note}"
+            )
 
 
 def _cpu() -> str:
@@ -413,6 +428,8 @@ def markdown(res: dict[str, Any]) -> str:
             f"{mem['start_mb']} MB to a peak of **{mem['peak_mb']} MB** (first half {mem['peak_first_half_mb']}"
             f" MB, second half {mem['peak_second_half_mb']} MB).",
         ]
+    if res.get("sinks"):
+        lines += ["", *sinks.table([res["sinks"]])]
     lines += ["", "Targets:", "", *verdicts(res)]
     return "\n".join(lines) + "\n"
 
@@ -485,6 +502,7 @@ def main() -> None:
         bench.one_at_a_time()
     bench.recovery()
     bench.memory()
+    bench.partitioned()
     res["elapsed_s"] = round(time.monotonic() - t0, 1)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "run.json"), "w") as f:
@@ -493,6 +511,9 @@ def main() -> None:
     table = markdown(res)
     with open(os.path.join(args.out, "run.md"), "w") as f:
         f.write(table)
+    if not args.quick:  # a smoke test's small counts do not replace the measured table
+        with open(os.path.join(args.out, "sinks.txt"), "w") as f:
+            f.write("\n".join(sinks.report([res["sinks"]], "python bench/run.py (its sinks step)")) + "\n")
     why_not = chart(res, os.path.join(args.out, "throughput.png"))
     say("\n" + table)
     say(f"chart: {why_not}" if why_not else f"chart: {os.path.relpath(os.path.join(args.out, 'throughput.png'))}")
@@ -514,6 +535,7 @@ def main() -> None:
         if lat.get("lost") or lat.get("duplicated")
     ]
     lost += [f"one/{key}" for key, lat in res.get("one", {}).items() if lat.get("lost") or lat.get("duplicated")]
+    lost += [f"sinks/{c}" for c, e in res["sinks"]["by_sinks"].items() if not e["records_per_s"]]
     if lost:
         raise SystemExit(f"bench/run.py: records lost or duplicated in {', '.join(lost)}")
 

@@ -12,6 +12,11 @@ def ids(records):
     return [r["id"] for r in records]
 
 
+def echo(records):
+    """Each record as it came (partitioned tests read its key and id)."""
+    return records
+
+
 def slow_ids(records):
     """Like ids(), taking long enough that a kill lands mid-batch."""
     time.sleep(0.03)

@@ -57,11 +57,13 @@ def check(sent: Iterable[Any], received: Iterable[Any], seqs: dict[str, list[int
 
 
 def from_json_lines(lines: Iterable[str], key: str = "id") -> tuple[list[Any], dict[str, list[int]]]:
-    """The record ids and per-topic seqs in `zfan subscribe` output."""
+    """The record ids and per-topic seqs in `zfan subscribe` output (per partition and topic,
+    "P/TOPIC", from partitioned sinks: each sink numbers its topics' results itself)."""
     ids: list[Any] = []
     seqs: dict[str, list[int]] = {}
     for line in lines:
         msg = json.loads(line)
-        seqs.setdefault(msg["topic"], []).append(msg["seq"])
+        stream = msg["topic"] if "partition" not in msg else f"{msg['partition']}/{msg['topic']}"
+        seqs.setdefault(stream, []).append(msg["seq"])
         ids.extend(r[key] if isinstance(r, dict) else r for r in msg["records"])
     return ids, seqs

@@ -241,10 +241,13 @@ def render(raw: str) -> list[str]:
 
 
 class Feed:
-    """Writes JSON-lines records {"id": i} to a producer's stdin at a steady pace, from a thread."""
+    """Writes JSON-lines records ({"id": i}, or `record(i)`) to a producer's stdin at a steady
+    pace, from a thread."""
 
-    def __init__(self, proc: subprocess.Popen[str], rate: int) -> None:
-        self.proc, self.rate = proc, rate
+    def __init__(
+        self, proc: subprocess.Popen[str], rate: int, record: Callable[[int], Any] = lambda i: {"id": i}
+    ) -> None:
+        self.proc, self.rate, self.record = proc, rate, record
         self.sent = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -255,7 +258,9 @@ class Feed:
         assert stdin is not None
         try:
             while not self.stop.is_set():
-                chunk = "".join(json.dumps({"id": i}) + "\n" for i in range(self.sent, self.sent + self.rate // 20))
+                chunk = "".join(
+                    json.dumps(self.record(i)) + "\n" for i in range(self.sent, self.sent + self.rate // 20)
+                )
                 stdin.write(chunk)
                 stdin.flush()
                 self.sent += self.rate // 20

@@ -458,7 +458,7 @@ def test_close_does_not_raise_again_why_the_producer_stopped_once_flush_has(ctx,
     the flush that raised it must not raise it a second time (it once did, now and then)."""
     prod = Producer(intake=f"ipc://{tmp_path}/i", control=f"ipc://{tmp_path}/c", context=ctx).start()
     try:
-        prod._handoff.stop(NoSink("ipc://x", "no sink"))  # as the I/O thread does as it ends
+        prod._handoffs[0].stop(NoSink("ipc://x", "no sink"))  # as the I/O thread does as it ends
         assert prod.running  # and it has not ended yet
         with pytest.raises(NoSink):
             prod.flush(1)
@@ -468,6 +468,6 @@ def test_close_does_not_raise_again_why_the_producer_stopped_once_flush_has(ctx,
 
 def test_close_raises_why_the_producer_stopped_if_nothing_had_said_it(ctx, tmp_path):
     prod = Producer(intake=f"ipc://{tmp_path}/i", control=f"ipc://{tmp_path}/c", context=ctx).start()
-    prod._handoff.stop(NoSink("ipc://x", "no sink"))
+    prod._handoffs[0].stop(NoSink("ipc://x", "no sink"))
     with pytest.raises(NoSink):
         prod.close(timeout=1)

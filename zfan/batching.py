@@ -147,10 +147,12 @@ class Outgoing:
             self._wake()
 
     # --- the I/O loop's side -------------------------------------------------------------------
-    def take(self, now: float) -> list[Sent]:
-        """Sealed batches, and the open ones that have lingered long enough if the window has
-        room for them. Clear the wake-up before calling, so that no wake-up is lost."""
-        while self.room > 0 and (due := self.batcher.take_due(now)) is not None:
+    def take(self, now: float, linger: bool = True) -> list[Sent]:
+        """Sealed batches, and (with `linger`) the open ones that have lingered long enough if
+        the window has room for them. Clear the wake-up before calling, so that no wake-up is
+        lost. Without `linger` (no sink has welcomed us) open batches fill up to their size:
+        a window of full batches holds many more records while the sink is away."""
+        while linger and self.room > 0 and (due := self.batcher.take_due(now)) is not None:
             self.room -= 1
             self.unacked += 1
             self.unended += 1
@@ -159,9 +161,9 @@ class Outgoing:
         self.queue.clear()
         return out
 
-    def linger_deadline(self, now: float) -> float | None:
-        """When the oldest open batch is due, if the window has room for it."""
-        if self.room <= 0:
+    def linger_deadline(self, now: float, linger: bool = True) -> float | None:
+        """When the oldest open batch is due, if the window has room for it (and `linger`)."""
+        if self.room <= 0 or not linger:
             return None  # an ack comes first, and that wakes the I/O loop anyway
         due = self.batcher.next_due(now)
         return None if due is None else now + due

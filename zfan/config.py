@@ -367,7 +367,7 @@ class SubscriberSettings:
                 raise ConfigError(f"topic prefix {prefix!r}: at most 255 bytes of text")
         if self.durable is not None:
             check_name("durable name", self.durable)
-            if self.control is None:
+            if self.control is None and self.sinks is None:
                 raise ConfigError("a durable subscriber needs the sink's control endpoint")
         if isinstance(self.topics, str):
             raise ConfigError("topics must be a list of prefixes, not a single string")

@@ -35,6 +35,9 @@ FILE_NAME = "zfan.toml"
 PYPROJECT = "pyproject.toml"
 ENV = "ZFAN_CONFIG"
 NONE = "none"  # --config none: read no settings file
+# Top-level keys a command does not take although it has an option of that name: `sinks` at
+# the top names the running sinks every client spans; `zfan up --sinks` counts sinks of its own.
+NOT_SHARED = frozenset({("up", "sinks")})
 
 
 def child_environment() -> dict[str, str]:
@@ -75,7 +78,7 @@ class ConfigFile:
 
     def defaults(self, command: str, options: Mapping[str, str]) -> dict[str, Any]:
         """What the file sets for `command`, by parameter name; `options` as for check()."""
-        values = {options[k]: v for k, v in self.shared.items() if k in options}
+        values = {options[k]: v for k, v in self.shared.items() if k in options and (command, k) not in NOT_SHARED}
         values.update((options[k], v) for k, v in self.commands.get(command, {}).items() if k in options)
         return values
 

@@ -129,11 +129,11 @@ class AsyncHandoff:
             self._changed = None
 
     # --- the I/O task's side -----------------------------------------------------------------
-    def take(self, now: float) -> list[Sent]:
-        return self._out.take(now)
+    def take(self, now: float, linger: bool = True) -> list[Sent]:
+        return self._out.take(now, linger)
 
-    def linger_deadline(self, now: float) -> float | None:
-        return self._out.linger_deadline(now)
+    def linger_deadline(self, now: float, linger: bool = True) -> float | None:
+        return self._out.linger_deadline(now, linger)
 
     def acked(self, n: int) -> None:
         self._out.acked(n)

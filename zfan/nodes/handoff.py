@@ -92,16 +92,16 @@ class Handoff:
         out.enqueue(topic, batch)
 
     # --- the I/O thread's side ---------------------------------------------------------------
-    def take(self, now: float) -> list[Sent]:
+    def take(self, now: float, linger: bool = True) -> list[Sent]:
         """Sealed batches, and the open ones that have lingered long enough if the window has
         room for them. Clear the wake-up before calling, so that no wake-up is lost."""
         with self._lock:
-            return self._out.take(now)
+            return self._out.take(now, linger)
 
-    def linger_deadline(self, now: float) -> float | None:
+    def linger_deadline(self, now: float, linger: bool = True) -> float | None:
         """When the oldest open batch is due, if the window has room for it."""
         with self._lock:
-            return self._out.linger_deadline(now)
+            return self._out.linger_deadline(now, linger)
 
     def acked(self, n: int) -> None:
         with self._lock:

@@ -46,9 +46,9 @@ ROUTED_CHUNK = 10_000  # records send_many() routes to their partitions at a tim
 class Feed(Protocol):
     """The I/O loop's side of a producer's hand-off: what callers sealed, and what became of it."""
 
-    def take(self, now: float) -> list[Sent]: ...
+    def take(self, now: float, linger: bool = True) -> list[Sent]: ...
 
-    def linger_deadline(self, now: float) -> float | None: ...
+    def linger_deadline(self, now: float, linger: bool = True) -> float | None: ...
 
     def acked(self, n: int) -> None: ...
 
@@ -173,7 +173,8 @@ class ProducerLink:
         """Take what callers sealed and what the sink sent."""
         assert self._sockets is not None and self._plain is not None
         core = self.core
-        for sent in self._feed.take(now):
+        # Batches linger only while a sink takes them: for one that is away they fill up.
+        for sent in self._feed.take(now, core.session.joined):
             core.add(sent)
         for frames in drain(self._plain[0]) if self._sockets[0] in ready else ():
             event, acked = core.received(frames, now)
@@ -243,7 +244,7 @@ class ProducerLink:
         now = time.monotonic()
         core = self.core
         due = core.session.next_deadline() if blocked else core.next_deadline()
-        linger = self._feed.linger_deadline(now)
+        linger = self._feed.linger_deadline(now, core.session.joined)
         if linger is not None:
             due = min(due, linger)
         if self._intake_due is not None:
