@@ -27,6 +27,9 @@ from zfan.partitions import parse_sinks, partition_of
 KEYS = 30
 RATE = 2000  # records/s the feed writes
 DOWN = 8.0  # seconds a sink is away: long enough for its keys to pile up
+# A window of 64 batches: at 20 small batches a second, a sink's keys would fill it in 3 s if
+# batches lingered while their sink is away; they fill up to their size instead.
+WINDOW = ("--window", "64")
 
 
 def keyed(i: int) -> dict:
@@ -99,7 +102,7 @@ def test_a_sink_killed_and_restarted_mid_stream_holds_back_only_its_keys(tmp_pat
     sub = roles("subscribe", "--sinks", spec)
     sub.wait_ready()
     roles("worker", "--sinks", spec, "--app", "tests.apps:echo").wait_ready()
-    prod = roles("produce", "--sinks", spec, "--key", "key", "--timeout", "60", stdin=subprocess.PIPE)
+    prod = roles("produce", "--sinks", spec, "--key", "key", *WINDOW, "--timeout", "60", stdin=subprocess.PIPE)
     prod.wait_ready()
     feed = Feed(prod.proc, rate=RATE, record=keyed)
     stream = Stream(sub)
@@ -163,6 +166,7 @@ def test_a_sinks_host_cut_off_stalls_only_its_keys_and_they_resume_once_healed(h
             spec,
             "--key",
             "key",
+            *WINDOW,
             "--timeout",
             "60",
             stdin=subprocess.PIPE,
