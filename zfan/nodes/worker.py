@@ -192,6 +192,8 @@ class SinkLink:
         self.dialled = sink_endpoint(settings.control, 0)  # the sink dialled last
         self.sock: Sock | None = None
         self.watch: HandshakeWatch | None = None
+        # What the function finished of this sink's leases, for the I/O thread to answer.
+        self.done: deque[tuple[p.Lease, p.Result | p.Failed]] = deque()
 
     def close(self, linger: int = 0) -> None:
         if self.watch is not None:
@@ -220,10 +222,9 @@ class Worker(Service):
         super().__init__(context)
         self.process = process
         self._caller = Caller(process)  # decides once whether process is async
-        # Leases for the function's thread, and its answers for the I/O thread, each with the
-        # index of the sink that leased it.
+        # Leases for the function's thread, each with the index of the sink that leased it (its
+        # answers go to that sink's link).
         self._jobs: queue.SimpleQueue[tuple[int, p.Lease] | None] = queue.SimpleQueue()
-        self._done: deque[tuple[int, p.Lease, p.Result | p.Failed]] = deque()
         self._handshakes = Handshakes()
         self._links: list[SinkLink] = []  # made by the I/O thread
         self._poll = Poll()
@@ -255,7 +256,7 @@ class Worker(Service):
                 started = time.perf_counter()
                 answer = run_batch(call, lease, limits=self.settings.limits)
                 self.metrics.ran(lease.count, time.perf_counter() - started, isinstance(answer, p.Failed))
-                self._done.append((index, lease, answer))
+                self._links[index].done.append((lease, answer))
                 self._wakeup.set()  # (writes nothing while a wake-up is pending: see Wakeup)
 
     # --- the I/O thread --------------------------------------------------------------------
@@ -287,8 +288,8 @@ class Worker(Service):
                 self._in_flight = sum(len(link.core.held) for link in links)
                 if self._wakeup.fileno() in ready:
                     self._wakeup.clear()
-                self._answer(links)
                 for link in links:
+                    self._answer(link)
                     if link.sock is not None:
                         self._take(link, ready, now)  # first: a sink heard from is not a sink lost
                 if self._drain_until is not None and self._drain_over(links, now):
@@ -340,20 +341,20 @@ class Worker(Service):
         if link.sock is not None:
             self._send(link, link.core.session.take())
 
-    def _answer(self, links: list[SinkLink]) -> None:
-        """Send back what the function finished, each answer to the sink that leased its batch."""
-        done = self._done
+    def _answer(self, link: SinkLink) -> None:
+        """Send back what the function finished of the batches this sink leased."""
+        done, core = link.done, link.core
         while done:
-            link = links[done[0][0]]
-            if link.sock is None or not link.core.holds(done[0][1]):  # void once its lease is not ours
-                link.core.finished(done.popleft()[1])
+            lease, _ = done[0]
+            if link.sock is None or not core.holds(lease):  # void once its lease is no longer ours
+                done.popleft()
+                core.finished(lease)
                 continue
-            core = link.core
             # By index: the function's thread appends while we read, which an iterator refuses.
             held = []
             for i in range(min(len(done), p.MAX_GROUP if core.sink_groups else 1)):
-                index, job, answer = done[i]
-                if index != link.index or not core.holds(job):
+                job, answer = done[i]
+                if not core.holds(job):
                     break
                 held.append(answer)
             n, frames = answer_frames(held, core.sink_groups)
@@ -361,7 +362,7 @@ class Worker(Service):
             if not send(link.sock, frames):
                 break
             for _ in range(n):
-                core.finished(done.popleft()[1])
+                core.finished(done.popleft()[0])
 
     def _take(self, link: SinkLink, ready: dict[Any, int], now: float) -> None:
         """Take what the sink sent."""
@@ -385,7 +386,7 @@ class Worker(Service):
         due = math.inf
         for link in links:
             if link.sock is not None:  # with answers waiting for room, room is news too
-                watched.append((link.sock, zmq.POLLIN | zmq.POLLOUT if self._done else zmq.POLLIN))
+                watched.append((link.sock, zmq.POLLIN | zmq.POLLOUT if link.done else zmq.POLLIN))
             if link.watch is not None:  # a failed handshake is news at once
                 watched.append((link.watch.monitor, zmq.POLLIN))
             due = min(due, link.core.next_deadline())
