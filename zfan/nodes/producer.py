@@ -349,6 +349,8 @@ class Producer(Service):
     def flush(self, timeout: float = 30.0) -> None:
         """Return once every record sent so far is acknowledged; raise DeliveryTimeout if not
         (naming, with partitions, the sinks that hold them)."""
+        if len(self._handoffs) == 1:
+            return self._handoffs[0].flush(timeout)
         deadline = time.monotonic() + timeout
         try:
             for handoff in self._handoffs:
@@ -360,6 +362,8 @@ class Producer(Service):
         """Flush, then wait until every batch sent so far is processed (its results stored) or
         dead-lettered; return what became of them all, counted since the producer started.
         Raises OutcomeTimeout (with the outcomes that did come) if that takes longer."""
+        if len(self._handoffs) == 1:
+            return self._handoffs[0].join(timeout)
         deadline = time.monotonic() + timeout
         self.flush(timeout)
         try:
