@@ -310,7 +310,8 @@ def main() -> None:
         records = args.records or (QUICK_RECORDS.get(size, 20_000) if args.quick else None)
         print(f"batches of {size:,}, sinks {args.sinks}, {runs} round(s)...", flush=True)
         results.append(measure(size, records, runs, counts))
-    lines = report(results, " ".join(["python bench/sinks.py", *sys.argv[1:]]))
+    command = f"python bench/sinks.py --runs {runs} --sizes {args.sizes} --sinks {args.sinks}"
+    lines = report(results, command + (f" --records {args.records}" if args.records else ""))
     print("\n".join(lines), flush=True)
     if args.out:
         with open(args.out, "w") as f:
