@@ -12,8 +12,8 @@ from collections import Counter
 import pytest
 
 from tests.helpers import ROOT
-from zfan.errors import ConfigError
-from zfan.partitions import Partition, jump, key_bytes, key_hash, parse_sinks, partition_of
+from zfan.errors import ConfigError, SerializationError
+from zfan.partitions import Partition, Router, jump, key_bytes, key_hash, parse_sinks, partition_of
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -91,3 +91,16 @@ def test_sinks_are_named_by_host_port_or_folder_and_a_partition_may_have_standby
 def test_a_wrong_sinks_value_is_one_clear_error(value, says):
     with pytest.raises(ConfigError, match=re.escape(says)):
         parse_sinks(value)
+
+
+def test_a_router_splits_many_records_as_it_routes_each_keeping_their_order():
+    router = Router(4, "key")
+    records = [{"key": k, "n": n} for n, k in enumerate([7, "7", True, 1.0, b"a", "a", [1, 2], None] * 50)]
+    parts = router.split(records, "t")
+    assert [r for part in parts for r in part] != records  # (spread, so this test is not vacuous)
+    for i, part in enumerate(parts):
+        assert part == [r for r in records if Router(4, "key").of(r, "t") == i]
+    by_topic = Router(3, None).split(records, "t")
+    assert by_topic[partition_of("t", 3)] == records and sum(map(len, by_topic)) == len(records)
+    with pytest.raises(SerializationError, match="record of type str has no field 'key'"):
+        router.split([{"key": 1}, "no key"], "t")

@@ -93,6 +93,25 @@ class Router:
             self._owners.clear()
         return owner
 
+    def split(self, records: list[Any], topic: str) -> list[list[Any]]:
+        """`records` by partition, each in its order: of() for many records at a time, at a
+        fraction of its cost per record (send_many's path)."""
+        if self.key is None:  # all of one topic: one partition
+            parts: list[list[Any]] = [[] for _ in range(self.partitions)]
+            parts[self.of(None, topic)] = records
+            return parts
+        parts = [[] for _ in range(self.partitions)]
+        appends = [part.append for part in parts]
+        owners, key = self._owners, self.key
+        for record in records:
+            try:
+                value = record[key]
+                owner = owners[(value.__class__, value)]
+            except (KeyError, TypeError, IndexError):  # not seen yet, or no key: of() says which
+                owner = self.of(record, topic)
+            appends[owner](record)
+        return parts
+
     def _hashed(self, value: Any) -> int:
         try:
             return partition_of(value, self.partitions)

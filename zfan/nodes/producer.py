@@ -320,18 +320,15 @@ class Producer(Service):
     def send_many(self, records: Iterable[Any], topic: str | None = None) -> None:
         """Queue records, as send() would one by one, for a fraction of the cost per record:
         what fills the open batch is packed in one call. A record that cannot be sent raises
-        SerializationError; those before it are queued (with partitions: those before it in
-        its chunk of records for the same sink, and every earlier chunk)."""
+        SerializationError; those before it are queued (with partitions, records are routed
+        ROUTED_CHUNK at a time: those of the earlier chunks)."""
         topic = self._topic(topic)
         if self._router is None:
             self._queue(0, records, topic)
             return
         it = iter(records)
         while chunk := list(islice(it, ROUTED_CHUNK)):
-            routed: list[list[Any]] = [[] for _ in self._parts]
-            for record in chunk:
-                routed[self._router.of(record, topic)].append(record)
-            for i, part in enumerate(routed):
+            for i, part in enumerate(self._router.split(chunk, topic)):
                 if part:
                     self._queue(i, part, topic)
 
