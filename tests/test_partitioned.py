@@ -4,6 +4,7 @@ back only its own keys. Real sinks with SQLite ledgers on ipc:// endpoints of th
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter, defaultdict
 
@@ -12,6 +13,7 @@ import zmq
 
 from tests.checker import check
 from tests.helpers import wait_for
+from tests.test_observability import get
 from zfan import Producer, Sink, Subscriber, Worker
 from zfan.aio import AsyncProducer, AsyncSubscriber
 from zfan.errors import ConfigError, DeliveryTimeout, SerializationError
@@ -223,3 +225,14 @@ def test_sinks_and_an_endpoint_together_are_refused(three):
         AsyncSubscriber(sinks=three.spec)
     with pytest.raises(ConfigError, match="is not HOST, HOST:PORT"):
         Subscriber(sinks="a,b:99999")
+
+
+def test_a_spanning_worker_is_ready_only_while_every_sink_has_welcomed_it(three, ctx):
+    with Worker(echo, sinks=three.spec, http="127.0.0.1:0", context=ctx) as worker:
+        wait_for(lambda: get(worker.http + "readyz")[0] == 200, 10, what="ready once every sink welcomed it")
+        three.stop(2)
+        wait_for(lambda: get(worker.http + "readyz")[0] == 503, 10, what="not ready once a sink is silent")
+        reasons = json.loads(get(worker.http + "readyz")[1])["reasons"]
+        assert reasons == [f"no welcome from the sink at {three.parts[2].control}"]
+        three.restart(2)
+        wait_for(lambda: get(worker.http + "readyz")[0] == 200, 10, what="ready again once it is back")

@@ -427,11 +427,20 @@ class Worker(Service):
             registry=registry(WorkerCollector(self._snapshot)),
             snapshot=self._snapshot,
             healthy=self._healthy,
-            ready=lambda: self._healthy() or ([] if self.connected.is_set() else ["no sink has welcomed this worker"]),
+            ready=lambda: self._healthy() or self._unwelcomed(),
         ).start()
         self.http = web.url
         log.info("metrics on %smetrics", web.url)
         return web
+
+    def _unwelcomed(self) -> list[str]:
+        """Why /readyz says no: the sinks that have not welcomed us (or are silent since)."""
+        if self.connected.is_set():
+            return []
+        if len(self._links) <= 1:
+            return ["no sink has welcomed this worker"]
+        away = [link.dialled for link in self._links if not link.core.session.joined]
+        return [f"no welcome from the sink at {endpoint}" for endpoint in away]
 
     def _snapshot(self) -> dict[str, Any]:
         return {**self.metrics.snapshot(), "in_flight": self._in_flight, "connected": int(self.connected.is_set())}
