@@ -34,6 +34,14 @@ def test_fan_in_fan_out_gives_every_node_its_own_results_once():
     assert done.stdout.count("2,000 readings summarised") == 3
 
 
+def test_partitioned_sinks_give_each_device_one_sink_and_its_readings_in_order():
+    done = run_example(sys.executable, os.path.join(EXAMPLES, "partitioned_sinks.py"), "--readings", "2000")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "every reading once, each device's in order through its own sink"
+    assert [line.split(":")[0] for line in lines[:-1]] == ["sink 0", "sink 1", "sink 2"]
+
+
 def test_routed_apps_requeue_their_dead_letters_and_end_exactly_once():
     done = run_example(sys.executable, os.path.join(EXAMPLES, "routed_apps.py"))
     assert done.returncode == 0, done.stdout + done.stderr
