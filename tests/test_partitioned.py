@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter, defaultdict
 
 import pytest
 import zmq
 
+from tests.apps import echo
 from tests.checker import check
 from tests.helpers import wait_for
 from tests.test_observability import get
@@ -23,11 +25,6 @@ from zfan.partitions import parse_sinks, partition_of
 pytestmark = pytest.mark.timeout(60)
 
 KEYS = 30
-
-
-def echo(records):
-    """Each record as it came: its id, key and place in its key's order reach the subscriber."""
-    return records
 
 
 class Partitions:
@@ -188,11 +185,51 @@ def test_a_record_without_the_key_is_refused_by_name_and_the_ones_before_it_go(t
                 prod.send(r)
             with pytest.raises(SerializationError, match="record of type dict has no field 'key', the key that"):
                 prod.send({"id": 10})
+            # In send_many, the records before the one at fault go, whatever their sink, and none after it.
+            batch = [*records(10, 40), [1, 2], *records(50, 10)]
             with pytest.raises(SerializationError, match="record of type list has no field 'key'"):
-                prod.send_many([{"id": 11, "key": "k1"}, [1, 2]])
+                prod.send_many(batch)
+            with pytest.raises(
+                SerializationError, match="record of type dict cannot be sent: can not serialize 'set' object"
+            ):
+                prod.send_many([*records(60, 5), {"id": -1, "key": "k1", "tags": {1}}, *records(65, 5)])
             prod.join(10)
-            got.take(sub, 10)
-    assert sorted(got.ids) == list(range(10))
+            got.take(sub, 55)
+            assert sub.recv(0.5) is None
+    assert sorted(got.ids) == [*range(50), *range(60, 65)]
+
+
+def test_a_timeout_names_every_partition_that_holds_records_back(three, ctx):
+    with Producer(sinks=three.spec, key="key", context=ctx) as prod:
+        prod.send_many(records(0, 300))
+        prod.flush(10)
+        three.stop(0)
+        three.stop(2)
+        wait_for(lambda: prod.stuck == [0, 2], 10, what="the producer to see both sinks away")
+        prod.send_many(records(300, 300))
+        with pytest.raises(DeliveryTimeout) as raised:
+            prod.flush(1)
+        said = str(raised.value)
+        # Each away sink's records are sealed and counted, not only the first one's.
+        assert re.search(r"partition 0 \(ipc://.*/p0/control\): \d+;", said), said
+        assert re.search(r"partition 2 \(ipc://.*/p2/control\): \d+;?", said), said
+        assert "partition 1" not in said
+        assert raised.value.unacked == prod.unacked > 0
+        three.restart(0)
+        three.restart(2)
+        prod.flush(30)
+
+
+def test_each_outcome_says_which_sink_took_its_batch(three, ctx):
+    seen: list = []
+    with (
+        Worker(echo, sinks=three.spec, context=ctx),
+        Producer(sinks=three.spec, key="key", batch_size=10, context=ctx, on_outcome=seen.append) as prod,
+    ):
+        prod.send_many(records(0, 600))
+        assert prod.join(20).done_records == 600
+    assert {o.partition for o in seen} == {0, 1, 2}
+    assert len({(o.partition, o.seq) for o in seen}) == len(seen)
 
 
 def test_partitioning_by_topic_keeps_each_topic_on_one_sink(three, ctx):
@@ -219,6 +256,8 @@ def test_sinks_and_an_endpoint_together_are_refused(three):
         Producer(sinks=three.spec, intake="tcp://127.0.0.1:7000")
     with pytest.raises(ConfigError, match="give sinks or control, not both"):
         Worker(echo, sinks=three.spec, control="tcp://127.0.0.1:7001")
+    with pytest.raises(ConfigError, match="key chooses one of several sinks: give them with sinks"):
+        Producer(key="device")
     with pytest.raises(ConfigError, match="AsyncProducer takes one sink"):
         AsyncProducer(sinks=three.spec)
     with pytest.raises(ConfigError, match="AsyncSubscriber takes one sink"):

@@ -139,3 +139,23 @@ def test_sinks_in_the_settings_file_reach_every_client_and_not_up(tmp_path):
     # ZFAN_SINKS names running sinks for the clients; zfan up counts its own with ZFAN_UP_SINKS.
     listed = run_cli("config", "show", "up", "--json", cwd=str(tmp_path), env={"ZFAN_SINKS": "a,b"}, timeout=30)
     assert json.loads(listed.stdout)["up"]["sinks"] == {"value": 1, "from": "default"}
+
+
+def test_a_record_without_its_key_is_skipped_and_said_or_with_strict_stops_the_run(two, roles):
+    roles("worker", "--sinks", two, "--app", "tests.apps:echo").wait_ready()
+    lines = [json.dumps({"id": i, "key": f"k{i % 20}"}) for i in range(100)]
+    lines.insert(50, json.dumps({"id": "no key"}))
+    res = run_cli("produce", "--sinks", two, "--key", "key", input="\n".join(lines) + "\n", timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "WARNING record of type dict has no field 'key', the key that chooses its sink" in res.stderr
+    last = res.stderr.splitlines()[-1]
+    assert re.fullmatch(
+        r"zfan produce: 100 record\(s\) processed in \d+ batch\(es\), 1 record\(s\) skipped without their --key field",
+        last,
+    ), res.stderr
+
+    strict = run_cli("produce", "--sinks", two, "--key", "key", "--strict", input="\n".join(lines) + "\n", timeout=60)
+    assert strict.returncode == 2, strict.stderr
+    assert strict.stderr.splitlines()[-1].startswith("zfan produce: error: record of type dict has no field 'key'")
+    assert strict.stderr.splitlines()[-1].endswith("; stopped (--strict)")
+    no_traceback(strict.stderr)

@@ -104,3 +104,14 @@ def test_a_router_splits_many_records_as_it_routes_each_keeping_their_order():
     assert by_topic[partition_of("t", 3)] == records and sum(map(len, by_topic)) == len(records)
     with pytest.raises(SerializationError, match="record of type str has no field 'key'"):
         router.split([{"key": 1}, "no key"], "t")
+
+
+def test_equal_keys_of_other_encodings_go_where_a_fresh_router_sends_them_whatever_came_first():
+    # -0.0 == 0.0, True == 1 and (1, True) == (1, 1), and each pair packs to different bytes.
+    pairs = [(0.0, -0.0), (1, True), ((1, 1), (1, True)), (1, 1.0)]
+    for n in (3, 7):
+        for a, b in pairs:
+            router = Router(n, "key")
+            router.of({"key": a}, "t")
+            assert router.of({"key": b}, "t") == partition_of(b, n), (a, b, n)
+            assert router.split([{"key": a}, {"key": b}], "t") == Router(n, "key").split([{"key": a}, {"key": b}], "t")

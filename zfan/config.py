@@ -327,6 +327,8 @@ class ProducerSettings:
         _check_partitions(self, intake=(DEFAULT_INTAKE,), control=(DEFAULT_CONTROL,))
         if self.key is not None:
             check_name("key", self.key, 255)
+            if self.sinks is None:
+                raise ConfigError("key chooses one of several sinks: give them with sinks")
         _check_connect_timeout(self.connect_timeout)
         _positive("batch_size", self.batch_size, integer=True)
         if not isinstance(self.linger_ms, (int, float)) or self.linger_ms < 0:

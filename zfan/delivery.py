@@ -48,6 +48,7 @@ class BatchOutcome(NamedTuple):  # a tuple: made once per batch, on the producer
     records: int
     state: OutcomeState
     error: str | None = None
+    partition: int | None = None  # which of the key-partitioned sinks took it (seqs are each one's)
 
     @property
     def ok(self) -> bool:
@@ -189,8 +190,10 @@ class ProducerCore:
         resend_after: float,
         groups: bool = False,
         rng: random.Random | None = None,
+        partition: int | None = None,
     ) -> None:
         self.session = Session("producer", producer_id, timing, now, rng=rng)
+        self.partition = partition
         # With `groups`, each session asks the sink whether it takes batches in groups; once it
         # says so, `sink_groups` holds the most bytes one frame and one message to it may have.
         self._groups = groups
@@ -261,7 +264,7 @@ class ProducerCore:
         for seq, state, error in told:
             waiting = self._waiting.pop(seq, None)
             if waiting is not None:  # not told twice (a batch resent may be told again)
-                self._ended.append(BatchOutcome(seq, waiting[0], waiting[1], state, error))
+                self._ended.append(BatchOutcome(seq, waiting[0], waiting[1], state, error, self.partition))
         return self.window.ack([seq for seq, _, _ in told])
 
     def tick(self, now: float) -> Event | None:

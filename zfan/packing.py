@@ -69,6 +69,12 @@ class Packing:
             for record in chunk:  # one by one, to name the record at fault or split by size
                 yield self.pack(record), 1
 
+    def check_all(self, records: list[Any]) -> None:
+        """Raise SerializationError, as pack() would, if one of `records` cannot be sent."""
+        if self._pack_all(records) is None:  # (one call for them all, unless one fails or they are big)
+            for record in records:
+                self.pack(record)
+
     def _pack_all(self, records: list[Any]) -> bytes | None:
         """The records packed back to back, or None if one cannot be packed or together they
         would not fit a batch: then they go one by one."""

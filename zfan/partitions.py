@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-import threading
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -57,6 +56,11 @@ def partition_of(key: Any, partitions: int) -> int:
     return jump(key_hash(key_bytes(key)), partitions)
 
 
+# The types of keys whose owner is remembered: equal values of one of these have one msgpack
+# encoding. Not bool (True == 1), float (-0.0 == 0.0) or containers, hashed every time.
+CACHED_KINDS = frozenset({str, bytes, int})
+
+
 class Router:
     """Which partition each record goes to: by its field `key` (a mapping's item), or by its
     topic when `key` is None. Owners of keys seen are remembered (up to CACHED of them), since
@@ -81,13 +85,14 @@ class Router:
                     f"record of type {type(record).__name__} has no field {self.key!r}, the key that "
                     "chooses its sink (give every record one, or partition by topic: no key)"
                 ) from None
-        seen = (value.__class__, value)  # 1, 1.0 and True are equal, and different keys
+        kind = value.__class__
+        if kind not in CACHED_KINDS:  # equal values of other types may differ in msgpack (-0.0 and 0.0)
+            return self._hashed(value)
+        seen = (kind, value)  # "a" and b"a" are different keys
         try:
             return self._owners[seen]
         except KeyError:
             pass
-        except TypeError:  # unhashable (a list): hashed every time
-            return self._hashed(value)
         owner = self._owners[seen] = self._hashed(value)
         if len(self._owners) > self.CACHED:
             self._owners.clear()
@@ -192,8 +197,9 @@ def split(settings: S) -> list[S]:
     if sinks is None:
         return [settings]
     kinds = [kind for kind in KINDS if hasattr(settings, kind)]
+    routed = {"key": None} if hasattr(settings, "key") else {}  # a partition's own producer routes nothing
     return [
-        dataclasses.replace(settings, sinks=None, **{kind: getattr(part, kind) for kind in kinds})  # type: ignore[type-var]
+        dataclasses.replace(settings, sinks=None, **routed, **{kind: getattr(part, kind) for kind in kinds})  # type: ignore[type-var]
         for part in parse_sinks(sinks)
     ]
 
@@ -205,35 +211,3 @@ def unpartitioned(role: str, settings: Any) -> None:
             f"{role} takes one sink (with its standbys), not key-partitioned sinks: "
             f"use the threaded {role.removeprefix('Async')}, or one {role} per sink"
         )
-
-
-class AllWelcomed:
-    """A client's `connected`, set while every partition's sink has welcomed it; each
-    partition's session sets and clears its own flag()."""
-
-    def __init__(self, connected: threading.Event, partitions: int) -> None:
-        self._connected = connected
-        self._welcomed = [False] * partitions
-
-    def flag(self, i: int) -> Welcomed:
-        return Welcomed(self, i)
-
-    def mark(self, i: int, welcomed: bool) -> None:
-        self._welcomed[i] = welcomed
-        if all(self._welcomed):
-            self._connected.set()
-        else:
-            self._connected.clear()
-
-
-class Welcomed:
-    """Partition `i`'s flag, as a threading.Event's set() and clear()."""
-
-    def __init__(self, welcomed: AllWelcomed, i: int) -> None:
-        self._all, self._i = welcomed, i
-
-    def set(self) -> None:
-        self._all.mark(self._i, True)
-
-    def clear(self) -> None:
-        self._all.mark(self._i, False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import logging
 import random
+import threading
 from dataclasses import dataclass
 
 from . import protocol as p
@@ -284,3 +285,35 @@ class Session:
         self.outbox.append(self.hello)
         self._next_beat = now + self._beat
         return Lost(reason, redial=False)
+
+
+class AllWelcomed:
+    """A client's `connected`, set while every partition's sink has welcomed it; each
+    partition's session sets and clears its own flag()."""
+
+    def __init__(self, connected: threading.Event, partitions: int) -> None:
+        self._connected = connected
+        self._welcomed = [False] * partitions
+
+    def flag(self, i: int) -> Welcomed:
+        return Welcomed(self, i)
+
+    def mark(self, i: int, welcomed: bool) -> None:
+        self._welcomed[i] = welcomed
+        if all(self._welcomed):
+            self._connected.set()
+        else:
+            self._connected.clear()
+
+
+class Welcomed:
+    """Partition `i`'s flag, as a threading.Event's set() and clear()."""
+
+    def __init__(self, welcomed: AllWelcomed, i: int) -> None:
+        self._all, self._i = welcomed, i
+
+    def set(self) -> None:
+        self._all.mark(self._i, True)
+
+    def clear(self) -> None:
+        self._all.mark(self._i, False)

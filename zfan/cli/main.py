@@ -11,6 +11,7 @@ import socket
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -19,6 +20,7 @@ import click
 from .. import __version__
 from ..apps import readings
 from ..config import (
+    DEFAULT_CONTROL,
     DEFAULT_CREDIT,
     DEFAULT_WINDOW,
     Curve,
@@ -31,7 +33,7 @@ from ..config import (
     split_http,
 )
 from ..delivery import Outcomes
-from ..errors import BindError, ConfigError, DeliveryTimeout, OutcomeTimeout, ZfanError
+from ..errors import BindError, ConfigError, DeliveryTimeout, OutcomeTimeout, SerializationError, ZfanError
 from ..feeds import JsonLines
 from ..loading import load_app
 from ..nodes import security
@@ -513,8 +515,11 @@ def produce(
         o = node.outcomes
         return Counts(node.sent_records, node.acked_records, o.done_records, o.dead_records + o.unknown_records)
 
-    def skipped() -> int:
-        return int(getattr(source, "skipped", 0))
+    unsent = Counter[str]()  # records the producer refused (one without its --key), skipped
+
+    def skipped() -> tuple[int, int]:
+        """Lines skipped as not JSON, and records skipped without their key."""
+        return int(getattr(source, "skipped", 0)), unsent["refused"]
 
     outcomes: Outcomes | None = None
     timed_out: DeliveryTimeout | OutcomeTimeout | None = None
@@ -524,7 +529,7 @@ def produce(
             try:
                 with stop.interruptible():  # a signal ends a read of stdin, or a wait for room
                     for record in source:
-                        node.send(record)
+                        _send(node, record, strict, unsent)
                 outcomes = _finish(node, stop, timeout, wait)
                 if node.connected.is_set():
                     announcer.join(1.0)  # the ready line before the last one
@@ -539,6 +544,18 @@ def produce(
     finally:
         node.stop()  # whatever was to be waited for has been, or given up on: no flush again
         node.wait(5.0)
+
+
+def _send(node: Producer, record: Any, strict: bool, unsent: Counter[str]) -> None:
+    """Send one record of the input; one the producer refuses (a record without the --key
+    field) is skipped and said, as a line that is not JSON is, or with --strict stops the run."""
+    try:
+        node.send(record)
+    except SerializationError as exc:
+        if strict:
+            raise ConfigError(f"{exc}; stopped (--strict)") from None
+        unsent["refused"] += 1
+        logging.getLogger("zfan").warning("%s; skipped", exc)
 
 
 STEP = 0.2  # seconds of each wait at the end: the signal and the deadline are looked at between
@@ -569,7 +586,7 @@ def _last_line(
     timed_out: DeliveryTimeout | OutcomeTimeout | None,
     timeout: float,
     counts: Counts,
-    skipped: int,
+    skipped: tuple[int, int],
 ) -> tuple[str, int]:
     """What `zfan produce` says last, and its exit code."""
     if isinstance(timed_out, DeliveryTimeout):
@@ -580,10 +597,10 @@ def _last_line(
     if stop.signum is not None:
         return show.interrupted_line(counts.sent, counts.acked, counts.done), stop.code
     if outcomes is None:  # --no-wait
-        return show.acknowledged_line(counts.acked, skipped), RET_OK
+        return show.acknowledged_line(counts.acked, *skipped), RET_OK
     if not outcomes.ok:
         return show.failed_line(outcomes), RET_DEAD
-    return show.processed_line(outcomes, skipped), RET_OK
+    return show.processed_line(outcomes, *skipped), RET_OK
 
 
 def _say_ready(node: Producer, stop: Signals, fields: dict[str, str]) -> None:
@@ -716,6 +733,8 @@ def status(
     """Ask a running sink (with --sinks: every sink) for its workers, batch counts, rates and topics.
 
     With --sinks, exit 6 if a sink did not answer (the others are shown)."""
+    if sinks is not None and control != DEFAULT_CONTROL:
+        raise ConfigError("give --sinks or --control, not both: --sinks names each sink's control endpoint")
     controls = None if sinks is None else [part.control for part in parse_sinks(sinks)]
 
     def ask() -> dict[str, Any]:

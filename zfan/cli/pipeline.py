@@ -159,7 +159,7 @@ def run(
     # The roles' stderr, unnamed: nothing of it is left behind, however this process ends.
     with tempfile.TemporaryFile("w+") as log:
         try:
-            procs += _start(layout, workers=workers, http=http, log=log)
+            _start(procs, layout, workers=workers, http=http, log=log)
             if not _wait_for_workers(procs, layout, workers, log, ctx, stopping):
                 return _nothing_run(producers, workers, sinks)
             try:
@@ -190,11 +190,13 @@ def run(
             shutil.rmtree(layout.folder, ignore_errors=True)
 
 
-def _start(layout: Layout, *, workers: int, http: str | None, log: IO[str]) -> list[subprocess.Popen[bytes]]:
-    """The sinks (the first with the dashboard), then, for several sinks, the workers that span
-    them; one sink runs its workers itself. Each ends when this process does, and the first sink
-    then removes the folder: a `zfan up` killed outright leaves neither a process nor a folder."""
-    procs = []
+def _start(
+    procs: list[subprocess.Popen[bytes]], layout: Layout, *, workers: int, http: str | None, log: IO[str]
+) -> None:
+    """Start the sinks (the first with the dashboard), then, for several sinks, the workers
+    that span them (one sink runs its workers itself), each added to `procs` as it starts.
+    Each ends when this process does, and each sink then removes its folder (the first, the
+    whole run's): a `zfan up` killed outright leaves neither a process nor a folder."""
     spanning = layout.sinks > 1
     for i in range(layout.sinks):
         os.makedirs(layout.part(i), exist_ok=True)
@@ -211,13 +213,13 @@ def _start(layout: Layout, *, workers: int, http: str | None, log: IO[str]) -> l
                 "--drain-timeout",
                 str(SINK_DRAIN),
                 *(["--http", http] if http and i == 0 else []),
-                *(["--remove-folder", layout.folder] if i == 0 else []),
+                "--remove-folder",
+                layout.folder if i == 0 else layout.part(i),
                 log=log,
             )
         )
     for _ in range(workers if spanning else 0):
         procs.append(_child("worker", "--sinks", layout.spec, "--app", "zfan.apps:rollup", log=log))
-    return procs
 
 
 def _child(role: str, *args: str, log: IO[str]) -> subprocess.Popen[bytes]:

@@ -130,12 +130,13 @@ class Bar:
 # --- zfan produce's last line ----------------------------------------------------------------
 
 
-def processed_line(o: Outcomes, skipped: int = 0) -> str:
-    return f"zfan produce: {o.done_records:,} record(s) processed in {o.done_batches:,} batch(es)" + _skipped(skipped)
+def processed_line(o: Outcomes, skipped: int = 0, keyless: int = 0) -> str:
+    done = f"zfan produce: {o.done_records:,} record(s) processed in {o.done_batches:,} batch(es)"
+    return done + _skipped(skipped, keyless)
 
 
-def acknowledged_line(records: int, skipped: int = 0) -> str:
-    return f"zfan produce: {records:,} record(s) sent and acknowledged" + _skipped(skipped)
+def acknowledged_line(records: int, skipped: int = 0, keyless: int = 0) -> str:
+    return f"zfan produce: {records:,} record(s) sent and acknowledged" + _skipped(skipped, keyless)
 
 
 def failed_line(o: Outcomes) -> str:
@@ -170,8 +171,9 @@ def interrupted_line(sent: int, acked: int, processed: int) -> str:
     return f"zfan produce: interrupted: {sent:,} sent, {acked:,} acknowledged, {processed:,} processed"
 
 
-def _skipped(n: int) -> str:
-    return f", {n:,} line(s) skipped as not JSON" if n else ""
+def _skipped(n: int, keyless: int = 0) -> str:
+    said = f", {n:,} line(s) skipped as not JSON" if n else ""
+    return said + (f", {keyless:,} record(s) skipped without their --key field" if keyless else "")
 
 
 # --- stdout that a reader closed -------------------------------------------------------------

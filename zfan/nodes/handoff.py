@@ -33,6 +33,19 @@ class Handoff:
             for batch in self._out.add(topic, packed, count, time.monotonic()):
                 self._enqueue(topic, batch)
 
+    def seal_what_fits(self) -> None:
+        """Seal the open batches the window has room for, now, without waiting."""
+        out = self._out
+        with self._lock:
+            while out.room > 0 and (open_ := out.batcher.take_any()) is not None:
+                out.enqueue(*open_)
+
+    @property
+    def open_records(self) -> int:
+        """Records in batches not yet sealed."""
+        with self._lock:
+            return len(self._out.batcher)
+
     def flush(self, timeout: float) -> None:
         """Seal every open batch and wait until all are acknowledged; DeliveryTimeout if not."""
         deadline = time.monotonic() + timeout

@@ -22,10 +22,10 @@ import zmq
 from .. import protocol as p
 from ..config import ProducerSettings, check_sinks, settings_from, sink_endpoint
 from ..delivery import BatchOutcome, Outcomes, ProducerCore, Sent
-from ..errors import Closed, DeliveryTimeout, OutcomeTimeout, ZfanError
+from ..errors import Closed, DeliveryTimeout, OutcomeTimeout, SerializationError, ZfanError
 from ..packing import Packing
-from ..partitions import AllWelcomed, Router, split
-from ..session import Dial, GaveUp, Joined, Lost, said
+from ..partitions import Router, split
+from ..session import AllWelcomed, Dial, GaveUp, Joined, Lost, said
 from .handoff import Handoff
 from .probe import no_answer
 from .security import Handshakes, HandshakeWatch, check_handshakes, secure_client
@@ -100,13 +100,16 @@ class ProducerLink:
         feed: Feed,
         connected: Flag,
         on_outcome: Callable[[BatchOutcome], None] | None = None,
+        partition: int | None = None,
     ) -> None:
         s = self.settings = settings
         self._ctx = ctx
         self._feed = feed
         self._connected = connected
         self._on_outcome = on_outcome
-        self.core = ProducerCore(s.producer_id, s.timing, time.monotonic(), resend_after=s.resend_after, groups=True)
+        self.core = ProducerCore(
+            s.producer_id, s.timing, time.monotonic(), resend_after=s.resend_after, groups=True, partition=partition
+        )
         self.core.session.connect_timeout = s.connect_timeout
         self.core.session.sinks = check_sinks(intake=s.intake, control=s.control)
         self._handshakes = Handshakes()
@@ -320,15 +323,23 @@ class Producer(Service):
     def send_many(self, records: Iterable[Any], topic: str | None = None) -> None:
         """Queue records, as send() would one by one, for a fraction of the cost per record:
         what fills the open batch is packed in one call. A record that cannot be sent raises
-        SerializationError; those before it are queued (with partitions, records are routed
-        ROUTED_CHUNK at a time: those of the earlier chunks)."""
+        SerializationError; those before it are queued, none after it."""
         topic = self._topic(topic)
         if self._router is None:
             self._queue(0, records, topic)
             return
         it = iter(records)
         while chunk := list(islice(it, ROUTED_CHUNK)):
-            for i, part in enumerate(self._router.split(chunk, topic)):
+            try:
+                parts = self._router.split(chunk, topic)
+                self._packing.check_all(chunk)
+            except SerializationError:
+                # Nothing of the chunk is queued yet: now one at a time, in order, up to the
+                # record at fault, which raises.
+                for record in chunk:
+                    self.send(record, topic)
+                raise
+            for i, part in enumerate(parts):
                 if part:
                     self._queue(i, part, topic)
 
@@ -349,11 +360,16 @@ class Producer(Service):
         if len(self._handoffs) == 1:
             return self._handoffs[0].flush(timeout)
         deadline = time.monotonic() + timeout
-        try:
-            for handoff in self._handoffs:
+        for handoff in self._handoffs:  # every partition's batches on their way first
+            handoff.seal_what_fits()
+        late = False
+        for handoff in self._handoffs:  # then each waited for, a sink that is away not in the way of the rest
+            try:
                 handoff.flush(max(0.0, deadline - time.monotonic()))
-        except DeliveryTimeout:
-            raise DeliveryTimeout(self.unacked, timeout, self._stuck("unacked")) from None
+            except DeliveryTimeout:
+                late = True
+        if late:
+            raise DeliveryTimeout(self.unacked, timeout, self._held("unacked"))
 
     def join(self, timeout: float = 30.0) -> Outcomes:
         """Flush, then wait until every batch sent so far is processed (its results stored) or
@@ -363,23 +379,25 @@ class Producer(Service):
             return self._handoffs[0].join(timeout)
         deadline = time.monotonic() + timeout
         self.flush(timeout)
-        try:
-            for handoff in self._handoffs:
+        late = False
+        for handoff in self._handoffs:
+            try:
                 handoff.join(max(0.0, deadline - time.monotonic()))
-        except OutcomeTimeout:
+            except OutcomeTimeout:
+                late = True
+        if late:
             unended = sum(handoff.unended for handoff in self._handoffs)
-            raise OutcomeTimeout(unended, timeout, self.outcomes, self._stuck("unended")) from None
+            raise OutcomeTimeout(unended, timeout, self.outcomes, self._held("unended"))
         return self.outcomes
 
-    def _stuck(self, count: str) -> str:
-        """Which partitions' sinks hold what is still waiting, said when there are several."""
-        if len(self._parts) == 1:
-            return ""
-        held = [
-            f"partition {i} ({part.control}): {getattr(handoff, count)}"
-            for i, (part, handoff) in enumerate(zip(self._parts, self._handoffs, strict=True))
-            if getattr(handoff, count)
-        ]
+    def _held(self, count: str) -> str:
+        """What each partition's sink still holds back, for a timeout's message."""
+        held = []
+        for i, (part, handoff) in enumerate(zip(self._parts, self._handoffs, strict=True)):
+            n, unsent = getattr(handoff, count), handoff.open_records
+            if n or unsent:
+                also = f", and {unsent} record(s) not yet in a batch" if unsent else ""
+                held.append(f"partition {i} ({part.control}): {n}{also}")
         return "; ".join(held)
 
     @property
@@ -434,7 +452,8 @@ class Producer(Service):
     def _serve(self) -> None:
         welcomed = AllWelcomed(self.connected, len(self._parts))
         for i, (part, handoff) in enumerate(zip(self._parts, self._handoffs, strict=True)):
-            self._links.append(ProducerLink(part, self._ctx, handoff, welcomed.flag(i), self._on_outcome))
+            partition = None if self.settings.sinks is None else i
+            self._links.append(ProducerLink(part, self._ctx, handoff, welcomed.flag(i), self._on_outcome, partition))
         wakeup = self._wakeup.fileno()
         ready: dict[Any, int] = {}
         try:

@@ -67,20 +67,22 @@ def query_partitions(
     "control": its endpoint, and "status" or "error"}, ...]}. Raises the first error only when
     no sink answered."""
     answers: list[dict[str, Any]] = [{"partition": i, "control": control} for i, control in enumerate(controls)]
+    errors: list[ZfanError] = []
 
     def ask_one(i: int, control: str) -> None:
         try:
             answers[i]["status"] = query_status(control, timeout=timeout, context=context, curve=curve)
         except ZfanError as exc:
             answers[i]["error"] = str(exc)
+            errors.append(exc)
 
     threads = [threading.Thread(target=ask_one, args=pair, daemon=True) for pair in enumerate(controls)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    if all("error" in answer for answer in answers):
-        raise NoSink(controls[0], answers[0]["error"])
+    if len(errors) == len(controls):
+        raise errors[0]  # as asking one sink would: NoSink, AuthError...
     return {"partitions": answers}
 
 

@@ -28,8 +28,8 @@ from ..errors import SerializationError
 from ..exporter import WorkerCollector, registry
 from ..jobs import WorkerCore
 from ..metrics import WorkerMetrics
-from ..partitions import AllWelcomed, Welcomed, split
-from ..session import Dial, GaveUp, Joined, Lost, said
+from ..partitions import split
+from ..session import AllWelcomed, Dial, GaveUp, Joined, Lost, Welcomed, said
 from .probe import no_answer
 from .security import Handshakes, HandshakeWatch, secure_client
 from .service import Service
@@ -190,6 +190,7 @@ class SinkLink:
         core.session.sinks = check_sinks(control=settings.control)
         core.session.connect_timeout = settings.connect_timeout
         self.dialled = sink_endpoint(settings.control, 0)  # the sink dialled last
+        self.handshakes = Handshakes()  # (a refused key is told apart from silence per sink)
         self.sock: Sock | None = None
         self.watch: HandshakeWatch | None = None
         # What the function finished of this sink's leases, for the I/O thread to answer.
@@ -225,10 +226,9 @@ class Worker(Service):
         # Leases for the function's thread, each with the index of the sink that leased it (its
         # answers go to that sink's link).
         self._jobs: queue.SimpleQueue[tuple[int, p.Lease] | None] = queue.SimpleQueue()
-        self._handshakes = Handshakes()
         self._links: list[SinkLink] = []  # made by the I/O thread
         self._poll = Poll()
-        self.connected = threading.Event()  # set while a sink has welcomed us
+        self.connected = threading.Event()  # set while every sink has welcomed us
         self.metrics = WorkerMetrics()
         self.http = ""  # the HTTP port's URL, once serving (settings.http)
         self._turned = 0.0  # when the I/O thread's loop last turned
@@ -415,7 +415,7 @@ class Worker(Service):
         s = link.settings
         link.dialled = endpoint = sink_endpoint(s.control, sink)
         sock = socket(self._ctx, zmq.DEALER, max_frame=s.limits.max_frame)
-        link.watch = secure_client(sock, s.curve, endpoint, self._handshakes)
+        link.watch = secure_client(sock, s.curve, endpoint, link.handshakes)
         link.sock = sock
         connect(sock, endpoint, "control endpoint")  # (a failure ends the loop, which closes it)
 
