@@ -69,11 +69,22 @@ class Packing:
             for record in chunk:  # one by one, to name the record at fault or split by size
                 yield self.pack(record), 1
 
-    def check_all(self, records: list[Any]) -> None:
-        """Raise SerializationError, as pack() would, if one of `records` cannot be sent."""
-        if self._pack_all(records) is None:  # (one call for them all, unless one fails or they are big)
-            for record in records:
-                self.pack(record)
+    def planned(self, records: list[Any], topic: str) -> list[tuple[bytes, int]]:
+        """What pieces() would give for `records` if each piece were queued before the next was
+        asked for, all packed before any is queued: a record that cannot be sent raises
+        SerializationError with nothing of them queued."""
+        out: list[tuple[bytes, int]] = []
+        room, start = self.batcher.room(topic), 0
+        while start < len(records):
+            chunk = records[start : start + room]
+            body = self._pack_all(chunk)
+            if body is not None:
+                out.append((body, len(chunk)))
+            else:  # one by one, to name the record at fault or split by size
+                out += [(self.pack(record), 1) for record in chunk]
+            start += len(chunk)
+            room = self.batcher.batch_size  # the pieces after the first fill batches of their own
+        return out
 
     def _pack_all(self, records: list[Any]) -> bytes | None:
         """The records packed back to back, or None if one cannot be packed or together they

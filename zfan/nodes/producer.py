@@ -326,28 +326,26 @@ class Producer(Service):
         SerializationError; those before it are queued, none after it."""
         topic = self._topic(topic)
         if self._router is None:
-            self._queue(0, records, topic)
+            handoff = self._handoffs[0]
+            for packed, count in self._packing.pieces(records, topic):
+                handoff.add(topic, packed, count)
+                self.sent_records += count
             return
         it = iter(records)
         while chunk := list(islice(it, ROUTED_CHUNK)):
-            try:
+            try:  # every partition's share packed before any is queued
                 parts = self._router.split(chunk, topic)
-                self._packing.check_all(chunk)
+                planned = [packing.planned(part, topic) for packing, part in zip(self._packings, parts, strict=True)]
             except SerializationError:
                 # Nothing of the chunk is queued yet: now one at a time, in order, up to the
                 # record at fault, which raises.
                 for record in chunk:
                     self.send(record, topic)
                 raise
-            for i, part in enumerate(parts):
-                if part:
-                    self._queue(i, part, topic)
-
-    def _queue(self, i: int, records: Iterable[Any], topic: str) -> None:
-        handoff = self._handoffs[i]
-        for packed, count in self._packings[i].pieces(records, topic):
-            handoff.add(topic, packed, count)
-            self.sent_records += count
+            for handoff, pieces in zip(self._handoffs, planned, strict=True):
+                for packed, count in pieces:
+                    handoff.add(topic, packed, count)
+                    self.sent_records += count
 
     def _topic(self, topic: str | None) -> str:
         if self._closed:
