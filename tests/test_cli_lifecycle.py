@@ -503,16 +503,22 @@ def wait_streaming(pid: int, tmp_path) -> tuple[int, list[int], str]:
     return sink, workers, folder
 
 
+def interrupted_screen(term: Terminal) -> list[str]:
+    """What `zfan up` left on the terminal, once Ctrl-C stopped it: said plainly, and counted."""
+    screen = term.screen()
+    no_traceback("\n".join(screen))
+    assert "zfan up: interrupted" in screen, screen
+    assert any(re.fullmatch(r"  lost 0, duplicated 0  \(.*\)", line) for line in screen), screen
+    return screen
+
+
 def test_ctrl_c_at_the_terminal_stops_up_in_order(tmp_path):
     with Terminal("up", "--seconds", "60", env=up_env(tmp_path)) as term:
         sink, workers, _ = wait_streaming(term.proc.pid, tmp_path)
         wait_for(lambda: "records/s" in term.raw, what="the progress bar")
         term.ctrl_c()
         assert term.wait(30) == 130, term.raw
-    screen = term.screen()
-    no_traceback("\n".join(screen))
-    assert "zfan up: interrupted" in screen, screen
-    assert any(re.fullmatch(r"  lost 0, duplicated 0  \(.*\)", line) for line in screen), screen
+    screen = interrupted_screen(term)
     assert any(re.search(r"sent [\d,]+  acked [\d,]+  delivered [\d,]+  [\d,]+ records/s", x) for x in screen)
     assert none_running([sink, *workers])
     assert up_folders(str(tmp_path)) == []

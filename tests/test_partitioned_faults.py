@@ -135,60 +135,45 @@ def hosts():
 
 @pytest.mark.timeout(180)
 @pytest.mark.skipif(netns.unavailable() is not None, reason=str(netns.unavailable()))
-def test_a_sinks_host_cut_off_stalls_only_its_keys_and_they_resume_once_healed(hosts, tmp_path):
+def test_a_sinks_host_cut_off_stalls_only_its_keys_and_they_resume_once_healed(hosts, tmp_path, roles):
     # Each sink on its own host, on the default ports; the clients name the hosts alone.
     spec = ",".join(hosts.addr[f"s{i}"] for i in range(3))
     on_client = hosts.on("client")
-    started: list[Role] = []
-
-    def role(*args: str, prefix: tuple[str, ...], **kw) -> Role:
-        r = Role(*args, prefix=prefix, **kw)
-        started.append(r)
-        return r
-
-    try:
-        for i in range(3):
-            role(
-                "sink",
-                "--ledger",
-                str(tmp_path / f"s{i}.db"),
-                "--intake=tcp://*:5557",
-                "--control=tcp://*:5558",
-                "--results=tcp://*:5559",
-                prefix=hosts.on(f"s{i}"),
-            ).wait_ready()
-        sub = role("subscribe", "--sinks", spec, prefix=on_client)
-        sub.wait_ready()
-        role("worker", "--sinks", spec, "--app", "tests.apps:echo", prefix=on_client).wait_ready()
-        prod = role(
-            "produce",
-            "--sinks",
-            spec,
-            "--key",
-            "key",
-            *WINDOW,
-            "--timeout",
-            "60",
-            stdin=subprocess.PIPE,
-            prefix=on_client,
+    sinks = [
+        roles(
+            "sink",
+            "--ledger",
+            str(tmp_path / f"s{i}.db"),
+            "--intake=tcp://*:5557",
+            "--control=tcp://*:5558",
+            "--results=tcp://*:5559",
+            prefix=hosts.on(f"s{i}"),
         )
-        prod.wait_ready()
-        feed = Feed(prod.proc, rate=RATE, record=keyed)
-        stream = Stream(sub)
-        away = 1
-        wait_for(lambda: stream.records_of(away) >= 500, 20, what="records through the host to be cut")
+        for i in range(3)
+    ]
+    for sink in sinks:
+        sink.wait_ready()
+    sub = roles("subscribe", "--sinks", spec, prefix=on_client)
+    sub.wait_ready()
+    worker = roles("worker", "--sinks", spec, "--app", "tests.apps:echo", prefix=on_client)
+    worker.wait_ready()
+    prod = roles(
+        "produce", "--sinks", spec, "--key", "key", *WINDOW, "--timeout", "60", stdin=subprocess.PIPE, prefix=on_client
+    )
+    prod.wait_ready()
+    feed = Feed(prod.proc, rate=RATE, record=keyed)
+    stream = Stream(sub)
+    away = 1
+    wait_for(lambda: stream.records_of(away) >= 500, 20, what="records through the host to be cut")
 
-        hosts.blackhole(f"s{away}")  # nothing in or out, and no error at either end
-        keep_flowing(stream, away, DOWN)
-        held = stream.records_of(away)
-        hosts.unblackhole(f"s{away}")
-        wait_for(lambda: stream.records_of(away) > held, 30, what="the healed sink's keys to flow again")
+    hosts.blackhole(f"s{away}")  # nothing in or out, and no error at either end
+    keep_flowing(stream, away, DOWN)
+    held = stream.records_of(away)
+    hosts.unblackhole(f"s{away}")
+    wait_for(lambda: stream.records_of(away) > held, 30, what="the healed sink's keys to flow again")
 
-        total = feed.finish()
-        assert prod.wait(90) == 0, prod.stderr
-        wait_for(lambda: stream.records_of() >= total, 60, what=f"{total} records at the subscriber")
-        stream.check(total)
-        assert "dead-lettered" not in "".join(r.stderr for r in started)
-    finally:
-        for r in reversed(started):
-            r.kill()
+    total = feed.finish()
+    assert prod.wait(90) == 0, prod.stderr
+    wait_for(lambda: stream.records_of() >= total, 60, what=f"{total} records at the subscriber")
+    stream.check(total)
+    assert "dead-lettered" not in "".join(r.stderr for r in (*sinks, worker, prod))
