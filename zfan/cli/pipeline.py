@@ -1,13 +1,15 @@
 """`zfan up`: a whole local pipeline in one command, counted end to end.
 
-A sink (its ledger in a temporary folder) with local workers runs as a child process;
-producers stream synthetic sensor readings from threads of this process; a subscriber takes
-every roll-up. At the end the records each sensor sent are compared with the counts the
-roll-ups report for it: records lost and duplicated are counted, not assumed.
+A sink (its ledger in a temporary folder) with local workers runs as a child process, or
+with `sinks` > 1, that many key-partitioned sinks and worker processes that span them;
+producers stream synthetic sensor readings from threads of this process (with partitions,
+each sensor's to the sink that owns it); a subscriber takes every roll-up. At the end the
+records each sensor sent are compared with the counts the roll-ups report for it: records lost
+and duplicated are counted, not assumed.
 
 Asked to stop (`stopping`), the producers stop, what they sent is left to drain through the
-pipeline, and the report says it was interrupted. The sink child ends with this process, even
-one killed outright, and removes the temporary folder as it ends.
+pipeline, and the report says it was interrupted. The children end with this process, even
+one killed outright, and the sinks remove the temporary folder as they end.
 """
 
 from __future__ import annotations
