@@ -5,7 +5,7 @@ sealed batch numbered and encoded. The threaded producer and the asyncio one bot
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import Any
 
@@ -60,31 +60,23 @@ class Packing:
         """send_many's records as (packed, count): each piece is at most what fills the open
         batch of `topic` when it is asked for, so queue one before asking for the next. A
         record that cannot be sent raises SerializationError; the pieces before it are given."""
-        it = iter(records)
-        while chunk := list(islice(it, self.batcher.room(topic))):
+        return self._pieces(iter(records), lambda: self.batcher.room(topic))
+
+    def planned(self, records: list[Any], topic: str) -> list[tuple[bytes, int]]:
+        """What pieces() would give for `records` if each piece were queued before the next was
+        asked for, all packed before any is queued: a record that cannot be sent raises
+        SerializationError with nothing of them queued."""
+        first = [self.batcher.room(topic)]  # the pieces after the first fill batches of their own
+        return list(self._pieces(iter(records), lambda: first.pop() if first else self.batcher.batch_size))
+
+    def _pieces(self, it: Iterator[Any], room: Callable[[], int]) -> Iterator[tuple[bytes, int]]:
+        while chunk := list(islice(it, room())):
             body = self._pack_all(chunk)
             if body is not None:
                 yield body, len(chunk)
                 continue
             for record in chunk:  # one by one, to name the record at fault or split by size
                 yield self.pack(record), 1
-
-    def planned(self, records: list[Any], topic: str) -> list[tuple[bytes, int]]:
-        """What pieces() would give for `records` if each piece were queued before the next was
-        asked for, all packed before any is queued: a record that cannot be sent raises
-        SerializationError with nothing of them queued."""
-        out: list[tuple[bytes, int]] = []
-        room, start = self.batcher.room(topic), 0
-        while start < len(records):
-            chunk = records[start : start + room]
-            body = self._pack_all(chunk)
-            if body is not None:
-                out.append((body, len(chunk)))
-            else:  # one by one, to name the record at fault or split by size
-                out += [(self.pack(record), 1) for record in chunk]
-            start += len(chunk)
-            room = self.batcher.batch_size  # the pieces after the first fill batches of their own
-        return out
 
     def _pack_all(self, records: list[Any]) -> bytes | None:
         """The records packed back to back, or None if one cannot be packed or together they
